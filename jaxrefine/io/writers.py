@@ -1,0 +1,209 @@
+"""Writers: models (mmCIF/PDB), reflections + extra columns (MTZ), JSON, text.
+
+Every writer goes through :func:`atomic_write`: a temporary file in the target folder, then
+``os.replace``.  Writing onto an input file is refused (``protect`` lists the inputs).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+
+import gemmi
+import numpy as np
+
+from ..errors import InputError
+from .crystal_io import gemmi_cell, gemmi_space_group
+
+_PROTECTED: set[str] = set()
+
+
+def protect(*paths) -> None:
+    """Register input files that no writer may overwrite."""
+    for p in paths:
+        if p:
+            _PROTECTED.add(os.path.realpath(os.fspath(p)))
+
+
+def _check_target(path: str) -> None:
+    if os.path.realpath(path) in _PROTECTED:
+        raise InputError(f"{path}: refusing to overwrite an input file; choose another output folder")
+
+
+@contextlib.contextmanager
+def atomic_write(path, suffix: str = ""):
+    """Yield a temporary path in the same folder; on success rename it onto ``path``."""
+    path = os.fspath(path)
+    _check_target(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix or os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text: str) -> None:
+    with atomic_write(path) as tmp:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+
+
+def write_json(path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.floating, np.integer, np.bool_)):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def updated_structure(model, xyz_cart=None, b_iso=None, occ=None, u_aniso=None, remarks=None) -> gemmi.Structure:
+    """A clone of ``model.structure`` with new coordinates/B/occupancies (arrays in model order).
+
+    Args:
+        model: :class:`jaxrefine.io.model.Model` that was read (its ``structure`` is the template).
+        xyz_cart: (n, 3) Å; b_iso: (n,) Å²; occ: (n,).
+        u_aniso: (n, 6) Cartesian U or None; when B is given without U, anisotropic records are
+            dropped (an isotropic refinement makes them stale).
+        remarks: dict of refinement statistics for the header (r_work, r_free, d_min, rms_bond,
+            rms_angle, program).
+    """
+    if model.structure is None:
+        raise InputError(f"{model.source}: this model has no gemmi structure to write from")
+    st = model.structure.clone()
+    xyz = model.xyz_cart if xyz_cart is None else np.asarray(xyz_cart, float)
+    b = None if b_iso is None else np.asarray(b_iso, float)
+    q = None if occ is None else np.asarray(occ, float)
+    i = 0
+    for ch in st[0]:
+        for res in ch:
+            for a in res:
+                a.pos = gemmi.Position(*xyz[i])
+                if b is not None:
+                    a.b_iso = float(b[i])
+                    if u_aniso is None:
+                        a.aniso = gemmi.SMat33f(0, 0, 0, 0, 0, 0)
+                if u_aniso is not None:
+                    u = u_aniso[i]
+                    a.aniso = gemmi.SMat33f(*[float(v) for v in u])
+                if q is not None:
+                    a.occ = float(q[i])
+                i += 1
+    if i != model.n_atoms:
+        raise InputError(f"{model.source}: structure has {i} atoms but the arrays have {model.n_atoms}")
+    st.cell = gemmi_cell(model.crystal)
+    st.spacegroup_hm = gemmi_space_group(model.crystal).hm
+    if remarks:
+        _set_refinement_meta(st, remarks)
+    return st
+
+
+def _set_refinement_meta(st: gemmi.Structure, r: dict) -> None:
+    st.meta.software = [s for s in st.meta.software if s.name.lower() != "jaxrefine"]
+    sw = gemmi.SoftwareItem()
+    sw.name = "jaxrefine"
+    sw.version = str(r.get("version", ""))
+    sw.classification = gemmi.SoftwareItem.Classification.Refinement
+    st.meta.software.append(sw)
+    ref = gemmi.RefinementInfo()
+    ref.id = "1"
+    if r.get("r_work") is not None:
+        ref.r_work = float(r["r_work"])
+    if r.get("r_free") is not None:
+        ref.r_free = float(r["r_free"])
+    if r.get("d_min") is not None:
+        ref.resolution_high = float(r["d_min"])
+    if r.get("d_max") is not None:
+        ref.resolution_low = float(r["d_max"])
+    restr = []
+    for key, name in (("rms_bond", "r_bond_refined_d"), ("rms_angle", "r_angle_refined_deg")):
+        if r.get(key) is not None:
+            item = gemmi.RefinementInfo.Restr(name)
+            item.dev_ideal = float(r[key])
+            if r.get("n_" + key[4:] + "s") is not None:
+                item.count = int(r["n_" + key[4:] + "s"])
+            restr.append(item)
+    ref.restr_stats = restr
+    st.meta.refinement = [ref]
+    if r.get("d_min") is not None:
+        st.resolution = float(r["d_min"])
+    st.raw_remarks = _pdb_remarks(r)
+
+
+def _pdb_remarks(r: dict) -> list:
+    """REMARK 2/3 lines (PDB format v3.3, REMARK 3 refinement template) with jaxrefine's statistics."""
+    lines = []
+    if r.get("d_min") is not None:
+        lines += ["REMARK   2", f"REMARK   2 RESOLUTION. {r['d_min']:7.2f} ANGSTROMS."]
+    lines += ["REMARK   3", "REMARK   3 REFINEMENT.", f"REMARK   3   PROGRAM     : JAXREFINE {r.get('version', '')}".rstrip()]
+    fmt = {
+        "d_min": "REMARK   3   RESOLUTION RANGE HIGH (ANGSTROMS) : {:.2f}",
+        "d_max": "REMARK   3   RESOLUTION RANGE LOW  (ANGSTROMS) : {:.2f}",
+        "r_work": "REMARK   3   R VALUE            (WORKING SET) : {:.4f}",
+        "r_free": "REMARK   3   FREE R VALUE                     : {:.4f}",
+        "rms_bond": "REMARK   3   BOND LENGTHS REFINED ATOMS        (A) : {:.4f}",
+        "rms_angle": "REMARK   3   BOND ANGLES REFINED ATOMS   (DEGREES) : {:.3f}",
+    }
+    for key, f in fmt.items():
+        if r.get(key) is not None:
+            lines.append(f.format(float(r[key])))
+    return [ln.ljust(80) + "\n" for ln in lines]
+
+
+def write_structure(st: gemmi.Structure, path) -> None:
+    """Write mmCIF (``.cif``) or PDB (``.pdb``) atomically."""
+    path = os.fspath(path)
+    low = path.lower().removesuffix(".gz")
+    with atomic_write(path, suffix=".cif" if low.endswith(".cif") else ".pdb") as tmp:
+        if low.endswith((".cif", ".mmcif")):
+            st.setup_entities()
+            doc = st.make_mmcif_document()
+            doc.write_file(tmp)
+        else:
+            st.write_pdb(tmp)
+
+
+def write_model(model, path, **updates) -> None:
+    """Write ``model`` (with optional updated arrays, see :func:`updated_structure`) to mmCIF or PDB."""
+    write_structure(updated_structure(model, **updates), path)
+
+
+def write_mtz(path, crystal, hkl, columns: dict, title: str = "jaxrefine") -> None:
+    """Write an MTZ with H K L and the given columns.
+
+    Args:
+        crystal: :class:`jaxrefine.crystal.Crystal`.
+        hkl: (n, 3) int.
+        columns: ordered mapping label -> (type, (n,) array); types as in MTZ ('F', 'Q', 'P' in
+            degrees, 'I', 'W', 'J').  Complex arrays given with type 'FP' are split into an
+            amplitude column ``label`` and a phase column ``PH`` + label (or the label given as
+            ``"FWT/PHWT"``).
+    """
+    mtz = gemmi.Mtz(with_base=True)
+    mtz.title = title
+    mtz.spacegroup = gemmi_space_group(crystal)
+    mtz.set_cell_for_all(gemmi_cell(crystal))
+    mtz.add_dataset("jaxrefine")
+    data = [np.asarray(hkl, float)]
+    for label, (ctype, arr) in columns.items():
+        arr = np.asarray(arr)
+        if ctype == "FP":
+            lab_f, lab_p = label.split("/") if "/" in label else (label, "PH" + label)
+            mtz.add_column(lab_f, "F")
+            mtz.add_column(lab_p, "P")
+            data += [np.abs(arr)[:, None], np.degrees(np.angle(arr))[:, None]]
+        else:
+            mtz.add_column(label, ctype)
+            data.append(np.asarray(arr, float)[:, None])
+    mtz.set_data(np.hstack(data).astype(np.float32))
+    with atomic_write(path, suffix=".mtz") as tmp:
+        mtz.write_to_file(tmp)

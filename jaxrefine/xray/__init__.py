@@ -1,0 +1,1 @@
+"""X-ray model: form factors, structure factors, bulk solvent, scaling, targets, maps (pure JAX)."""

@@ -1,0 +1,41 @@
+"""Shared fixtures: the real datasets under $JAXREFINE_DATA (default ../shared/data)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import pytest
+
+jax.config.update("jax_enable_x64", True)  # numerical references are checked in float64
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("JAXREFINE_DATA", REPO.parent / "shared" / "data"))
+XRAY = DATA / "xray"
+MONOMERS = DATA / "monomers"
+DATASETS = ("5e5z", "4xof", "1l2h", "5orl", "4iid", "1va7", "5kzb")
+SMALL_DATASETS = ("5e5z", "1va7", "5kzb")
+
+_SKIP_REASON = f"real data not found at {DATA} (set JAXREFINE_DATA to the shared data folder)"
+
+
+def dataset_paths(pdb_id: str):
+    """(model path, reflection path) of a shared dataset; skips when the data are absent."""
+    folder = XRAY / pdb_id
+    if not folder.is_dir():
+        pytest.skip(_SKIP_REASON)
+    model = next(p for p in sorted(folder.iterdir()) if p.name.startswith(pdb_id) and (".pdb" in p.name or ".cif" in p.name))
+    data = next(p for p in sorted(folder.iterdir()) if ".mtz" in p.name)
+    return model, data
+
+
+def monomer_dir():
+    if not MONOMERS.is_dir():
+        pytest.skip(_SKIP_REASON)
+    return MONOMERS
+
+
+@pytest.fixture(params=DATASETS)
+def dataset(request):
+    """(pdb_id, model path, data path) for every shared dataset."""
+    return (request.param, *dataset_paths(request.param))
