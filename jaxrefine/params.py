@@ -1,0 +1,169 @@
+"""Refinable parameters (a pytree) and their map to atomic quantities.
+
+``Params`` holds what a minimiser changes; everything else lives in the static problem.
+
+- ``xyz_frac`` (n, 3): fractional coordinates, the primary positional variables.
+- ``b_raw`` (n,): unconstrained B parameter, B = b_min + softplus(b_raw) (Å²), so B stays positive
+  and the map is smooth (softplus(x) = log(1 + e^x) ≈ x for large x).
+- ``occ_raw`` (n_groups,): occupancy logits of the refinable occupancy groups (altloc conformers,
+  partially occupied ligands).  Conformers of one residue form a set whose occupancies keep their
+  starting sum (softmax); a set with a single group uses a sigmoid.
+- ``rot`` (n_bodies, 3): rotation vectors (axis × angle, radians) of rigid bodies about their centres.
+- ``trans`` (n_bodies, 3): rigid-body translations (Å).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Params(NamedTuple):
+    xyz_frac: jax.Array
+    b_raw: jax.Array
+    occ_raw: jax.Array
+    rot: jax.Array
+    trans: jax.Array
+
+
+class AtomMaps(NamedTuple):
+    """Static arrays that turn Params into per-atom quantities (part of the problem pytree).
+
+    Attributes:
+        orth, frac: (3, 3) cell matrices.
+        body_index: (n,) int rigid body of each atom.
+        body_centre: (n_bodies, 3) Cartesian centre (Å) of each body.
+        body_radius: (n_bodies,) radius of gyration (Å); rotations are optimised as arcs
+            (radius × angle, Å) so they are on the scale of translations.
+        occ0: (n,) starting occupancies (used for atoms outside any occupancy group).
+        occ_group: (n,) int group of each atom, -1 when its occupancy is fixed.
+        group_set: (n_groups,) int set of each group (conformers of one residue share a set).
+        set_total: (n_sets,) occupancy sum each set keeps.
+        set_size: (n_sets,) number of groups in each set.
+        b_min: scalar floor of B (Å²).
+    """
+
+    orth: jax.Array
+    frac: jax.Array
+    body_index: jax.Array
+    body_centre: jax.Array
+    body_radius: jax.Array
+    occ0: jax.Array
+    occ_group: jax.Array
+    group_set: jax.Array
+    set_total: jax.Array
+    set_size: jax.Array
+    b_min: jax.Array
+
+
+def b_to_raw(b_iso, b_min):
+    """Inverse of ``b_min + softplus(raw)`` (numpy), clamped so B > b_min."""
+    x = np.maximum(np.asarray(b_iso, float) - float(b_min), 1e-3)
+    return np.where(x > 30, x, np.log(np.expm1(x)))
+
+
+def b_of(b_raw, b_min):
+    """B (Å²) from the unconstrained parameter."""
+    return b_min + jax.nn.softplus(b_raw)
+
+
+def rotation_matrix(rotvec):
+    """Rodrigues' formula, (..., 3) rotation vectors (rad) -> (..., 3, 3), smooth at zero.
+
+    Reference: e.g. Murray, Li & Sastry, A Mathematical Introduction to Robotic Manipulation
+    (1994), eq. 2.14.  Near θ = 0 the Taylor series of sin θ/θ and (1 − cos θ)/θ² are used.
+    """
+    th2 = jnp.sum(rotvec * rotvec, axis=-1)[..., None, None]
+    small = th2 < 1e-8
+    th2s = jnp.where(small, 1.0, th2)
+    th = jnp.sqrt(th2s)
+    a = jnp.where(small, 1.0 - th2 / 6.0, jnp.sin(th) / th)
+    b = jnp.where(small, 0.5 - th2 / 24.0, (1.0 - jnp.cos(th)) / th2s)
+    x, y, z = rotvec[..., 0], rotvec[..., 1], rotvec[..., 2]
+    zero = jnp.zeros_like(x)
+    k = jnp.stack([jnp.stack([zero, -z, y], -1), jnp.stack([z, zero, -x], -1), jnp.stack([-y, x, zero], -1)], -2)
+    eye = jnp.eye(3, dtype=rotvec.dtype)
+    return eye + a * k + b * (k @ k)
+
+
+def atom_xyz(params: Params, maps: AtomMaps):
+    """Cartesian (Å) and fractional coordinates after the rigid-body transforms.
+
+    Returns:
+        xyz_cart (n, 3), xyz_frac (n, 3)
+    """
+    cart0 = params.xyz_frac @ maps.orth.T
+    r = rotation_matrix(params.rot)[maps.body_index]  # (n, 3, 3)
+    c = maps.body_centre[maps.body_index]
+    cart = jnp.einsum("nij,nj->ni", r, cart0 - c) + c + params.trans[maps.body_index]
+    return cart, cart @ maps.frac.T
+
+
+def atom_occ(params: Params, maps: AtomMaps):
+    """(n,) occupancies: fixed atoms keep occ0; grouped atoms follow their logits."""
+    if params.occ_raw.shape[0] == 0:
+        return maps.occ0
+    n_sets = maps.set_total.shape[0]
+    logits = params.occ_raw
+    set_max = jax.ops.segment_max(logits, maps.group_set, num_segments=n_sets)
+    e = jnp.exp(logits - set_max[maps.group_set])
+    denom = jax.ops.segment_sum(e, maps.group_set, num_segments=n_sets)[maps.group_set]
+    single = maps.set_size[maps.group_set] == 1
+    frac_in_set = jnp.where(single, jax.nn.sigmoid(logits), e / denom)
+    group_occ = frac_in_set * jnp.where(single, 1.0, maps.set_total[maps.group_set])
+    g = jnp.maximum(maps.occ_group, 0)
+    return jnp.where(maps.occ_group >= 0, group_occ[g], maps.occ0)
+
+
+def atom_b(params: Params, maps: AtomMaps):
+    return b_of(params.b_raw, maps.b_min)
+
+
+def occupancy_groups(model, refine_partial: bool = True):
+    """Occupancy groups from altlocs (and partially occupied residues).
+
+    Conformers (altloc letters) of one residue are groups of one set, whose occupancies keep their
+    starting sum.  A residue without altlocs whose atoms have occupancy < 1 is a one-group set
+    (refined in (0, 1) by a sigmoid) when ``refine_partial``.
+
+    Returns:
+        occ_group (n,) int (-1 = fixed), group_set (n_groups,), set_total (n_sets,), set_size (n_sets,),
+        group_start (n_groups,) starting occupancy of each group.
+    """
+    n = model.n_atoms
+    occ_group = -np.ones(n, np.int32)
+    group_set, set_total, set_size, group_start = [], [], [], []
+    keys = {}
+    for i in range(n):
+        res = model.res_index[i]
+        alt = model.altloc[i]
+        if alt:
+            key = (res, alt)
+        elif refine_partial and model.occ[i] < 0.999 and model.kind[i] != "water":
+            key = (res, "")
+        else:
+            continue
+        if key not in keys:
+            keys[key] = len(keys)
+            group_start.append(model.occ[i])
+        occ_group[i] = keys[key]
+    sets = {}
+    for (res, alt), g in sorted(keys.items(), key=lambda kv: kv[1]):
+        s = sets.setdefault(res, len(sets))
+        group_set.append(s)
+    group_set = np.array(group_set, np.int32)
+    group_start = np.array(group_start, float)
+    n_sets = len(sets)
+    set_size = np.bincount(group_set, minlength=n_sets).astype(np.int32) if n_sets else np.zeros(0, np.int32)
+    set_total = np.minimum(np.bincount(group_set, weights=group_start, minlength=n_sets), 1.0) if n_sets else np.zeros(0)
+    return occ_group, group_set, set_total, set_size, group_start
+
+
+def occ_to_raw(group_start, group_set, set_total, set_size):
+    """Logits that reproduce the starting group occupancies."""
+    p = np.clip(group_start, 1e-3, 1 - 1e-3)
+    single = set_size[group_set] == 1 if len(group_set) else np.zeros(0, bool)
+    share = np.clip(group_start / np.maximum(set_total[group_set], 1e-6), 1e-3, 1.0) if len(group_set) else p
+    return np.where(single, np.log(p / (1 - p)), np.log(share))

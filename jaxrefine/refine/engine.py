@@ -1,0 +1,327 @@
+"""Macrocycles: update mask, scales, σA, neighbours and w_A (outside jit), then minimise (inside jit).
+
+    setup = build_setup(model_path, data_path, config)
+    result = refine(setup)                      # RefinementResult(params, history, best_cycle, ...)
+    write_outputs(result, setup, "out/")
+
+One line per macrocycle is logged at INFO: R-work, R-free, RMS bond/angle, w_A and time.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import Config
+from ..crystal import resolution_bins
+from ..io.formfactor_io import it92_form_factors
+from ..io.mask import mask_grid_shape, solvent_mask
+from ..io.topology import build_nonbonded, build_restraints, find_monlib
+from ..params import AtomMaps, Params, atom_b, atom_occ, atom_xyz, occupancy_groups
+from ..problem import Problem, Setup, XrayData, initial_params, load_inputs, n_bins_for, rigid_bodies
+from ..restraints import GeometryWeights, geometry_report
+from ..xray.fmodel import fit_scales, f_model
+from ..xray.solvent import f_mask_from_grid
+from ..xray.stats import r_factors
+from ..xray.structure_factors import make_sf_setup, structure_factors
+from ..xray.targets import estimate_sigma_a
+from . import weights as wmod
+from .energy import BLOCK_ENERGY, apply_block, block_start, xray_energy
+from .optimize import minimise
+
+log = logging.getLogger("jaxrefine")
+
+STRATEGY_BLOCKS = {
+    "rigid": ("rigid",),
+    "xyz": ("xyz",),
+    "b": ("b",),
+    "xyz_b": ("xyz", "b"),
+    "xyz_b_occ": ("xyz", "b", "occ"),
+}
+
+
+class CycleStats(NamedTuple):
+    cycle: int
+    r_work: float
+    r_free: float
+    rms_bond: float
+    rms_angle: float
+    rmsz_bond: float
+    w_a: float
+    k_sol: float
+    b_sol: float
+    time_s: float
+
+    def as_dict(self):
+        return {k: (float(v) if k != "cycle" else int(v)) for k, v in self._asdict().items()}
+
+
+class RefinementResult(NamedTuple):
+    """What :func:`refine` returns.
+
+    Attributes:
+        params: the kept parameters (lowest R-free when the guard keeps the best).
+        problem: the problem state that goes with them (scales, mask, σA).
+        history: list of CycleStats, cycle 0 = the input model.
+        best_cycle: index into history of the kept model.
+        warnings: overfitting-guard and water messages.
+        wall_s: total time (s).
+        removed_waters: labels of waters removed.
+    """
+
+    params: Params
+    problem: Problem
+    history: list
+    best_cycle: int
+    warnings: list
+    wall_s: float
+    removed_waters: list
+
+
+# ----------------------------------------------------------------------------- setup
+def _dtype():
+    return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+
+
+def geometry_weights(cfg: Config, dtype) -> GeometryWeights:
+    w = cfg.weights
+    return GeometryWeights(**{f: jnp.asarray(getattr(w, f, 1.0), dtype) for f in GeometryWeights._fields})
+
+
+def build_setup(model_path, data_path, cfg: Config | None = None, model=None, refl=None) -> Setup:
+    """Read the inputs and build the problem and starting parameters.
+
+    Args:
+        model_path, data_path: files (ignored when ``model``/``refl`` are given).
+        cfg: configuration (defaults when None).
+        model, refl: already-read inputs (for notebooks and tests).
+    """
+    cfg = cfg or Config()
+    if model is None or refl is None:
+        model, refl = load_inputs(model_path, data_path, cfg)
+    dtype = _dtype()
+    monlib = find_monlib(cfg.model.monlib)
+    restraints = build_restraints(model, monlib=monlib, ligands=cfg.model.ligands)
+    nonbonded = build_nonbonded(model, restraints, model.crystal)
+    idx, centres = rigid_bodies(model, cfg.refine.rigid_bodies)
+    radii = np.array([np.sqrt(((model.xyz_cart[idx == b] - c) ** 2).sum(1).mean()) + 1.0 for b, c in enumerate(centres)])
+    refine_occ = cfg.refine.strategy == "xyz_b_occ"
+    occ_group, group_set, set_total, set_size, group_start = occupancy_groups(model, refine_partial=refine_occ)
+    if not refine_occ:
+        occ_group = -np.ones(model.n_atoms, np.int32)
+        group_set = group_start = np.zeros(0)
+        set_total = set_size = np.zeros(0)
+    maps = AtomMaps(
+        orth=jnp.asarray(model.crystal.orth, dtype),
+        frac=jnp.asarray(model.crystal.frac, dtype),
+        body_index=jnp.asarray(idx),
+        body_centre=jnp.asarray(centres, dtype),
+        body_radius=jnp.asarray(radii, dtype),
+        occ0=jnp.asarray(model.occ, dtype),
+        occ_group=jnp.asarray(occ_group, jnp.int32),
+        group_set=jnp.asarray(group_set, jnp.int32),
+        set_total=jnp.asarray(set_total, dtype),
+        set_size=jnp.asarray(set_size, jnp.int32),
+        b_min=jnp.asarray(cfg.refine.b_min, dtype),
+    )
+    params = initial_params(model, maps, np.asarray(group_start, float), np.asarray(group_set, np.int32),
+                            np.asarray(set_total, float), np.asarray(set_size, np.int32), dtype)
+    ff = it92_form_factors(model.element, model.source)
+    sf = make_sf_setup(model.crystal, refl.hkl, ff, d_min=refl.d_min)
+    bins = resolution_bins(refl.d, n_bins_for(refl.n, refl.n_free))
+    xray = XrayData(
+        hkl=jnp.asarray(refl.hkl), s2=jnp.asarray(refl.s2, dtype), f_obs=jnp.asarray(refl.f_obs, dtype),
+        sig_f_obs=jnp.asarray(refl.sig_f_obs, dtype), work=jnp.asarray(~refl.free), free=jnp.asarray(refl.free),
+        centric=jnp.asarray(refl.centric), epsilon=jnp.asarray(refl.epsilon, dtype), bins=jnp.asarray(bins),
+        f_mask=jnp.zeros(refl.n, jnp.complex128 if dtype == jnp.float64 else jnp.complex64), scales=None, sigma_a=None,
+    )
+    problem = Problem(
+        maps=maps, sf=sf, xray=xray, restraints=restraints, nonbonded=nonbonded,
+        geo_weights=geometry_weights(cfg, dtype), w_a=jnp.asarray(1.0, dtype), w_b=jnp.asarray(cfg.weights.w_b, dtype),
+    )
+    setup = Setup(problem=problem, params=params, model=model, refl=refl, config=cfg, monlib=monlib)
+    problem = update_xray_state(setup, problem, params)
+    return setup._replace(problem=problem)
+
+
+# ------------------------------------------------------------------ per-macrocycle updates
+def current_model_arrays(params: Params, problem: Problem):
+    """numpy (xyz_cart, b_iso, occ) for the parameters."""
+    xyz_cart, _ = atom_xyz(params, problem.maps)
+    return np.asarray(xyz_cart, float), np.asarray(atom_b(params, problem.maps), float), np.asarray(atom_occ(params, problem.maps), float)
+
+
+def f_calc_of(params: Params, problem: Problem):
+    _, xyz_frac = atom_xyz(params, problem.maps)
+    return structure_factors(xyz_frac, atom_b(params, problem.maps), atom_occ(params, problem.maps), problem.sf)
+
+
+_f_calc_jit = jax.jit(f_calc_of)
+
+
+def update_xray_state(setup: Setup, problem: Problem, params: Params, rebuild_mask: bool = True) -> Problem:
+    """Rebuild the solvent mask (F_mask), refit scales on the work set and re-estimate σA."""
+    cfg, refl, model = setup.config, setup.refl, setup.model
+    x = problem.xray
+    xyz, _, occ = current_model_arrays(params, problem)
+    f_mask = x.f_mask
+    if rebuild_mask:
+        grid = mask_grid_shape(model.crystal, refl.d_min)
+        mask = solvent_mask(model, model.crystal, grid, r_probe=cfg.solvent.r_probe, r_shrink=cfg.solvent.r_shrink, xyz_cart=xyz)
+        f_mask = f_mask_from_grid(jnp.asarray(mask, x.s2.dtype), x.hkl, model.crystal.volume).astype(x.f_mask.dtype)
+    f_calc = _f_calc_jit(params, problem)
+    scales = fit_scales(np.asarray(x.f_obs), np.asarray(f_calc), np.asarray(f_mask), np.asarray(x.work),
+                        s2=np.asarray(x.s2), hkl=refl.hkl, crystal=model.crystal)
+    fm = f_model(f_calc, f_mask, x.s2, x.hkl, scales)
+    sigma_a = estimate_sigma_a(x.f_obs, fm, x.free, x.bins, x.centric, x.epsilon)
+    return problem._replace(xray=x._replace(f_mask=f_mask, scales=scales, sigma_a=sigma_a))
+
+
+def _f_model_now(params, problem):
+    x = problem.xray
+    return f_model(_f_calc_jit(params, problem), x.f_mask, x.s2, x.hkl, x.scales)
+
+
+def cycle_statistics(cycle: int, params: Params, problem: Problem, setup: Setup, t0: float) -> CycleStats:
+    fm = np.asarray(_f_model_now(params, problem))
+    x = problem.xray
+    r = r_factors(np.asarray(x.f_obs), fm, np.asarray(x.free))
+    xyz, _, _ = current_model_arrays(params, problem)
+    geo = geometry_report(jnp.asarray(xyz), problem.restraints, problem.nonbonded)
+    sc = x.scales
+    return CycleStats(
+        cycle=cycle, r_work=float(r["r_work"]), r_free=float(r["r_free"]), rms_bond=float(geo.rms_bond),
+        rms_angle=float(geo.rms_angle), rmsz_bond=float(geo.rmsz_bond), w_a=float(problem.w_a),
+        k_sol=float(sc.k_sol), b_sol=float(sc.b_sol), time_s=time.perf_counter() - t0,
+    )
+
+
+def _grad_norm_xray_xyz(params, problem, target):
+    fn = BLOCK_ENERGY[("xyz", target)]
+
+    def e_x(u):
+        p = apply_block("xyz", u, params, problem, None)
+        return xray_energy(p, problem, target)
+
+    g = jax.grad(e_x)(jnp.zeros_like(params.xyz_frac))
+    del fn
+    return float(jnp.linalg.norm(g))
+
+
+def choose_initial_w_a(setup: Setup, problem: Problem, params: Params) -> float:
+    cfg = setup.config
+    if cfg.weights.w_a != "auto":
+        return float(cfg.weights.w_a)
+    gx = _grad_norm_xray_xyz(params, problem, cfg.refine.target)
+    return wmod.initial_w_a(gx, problem.restraints, setup.model.n_atoms, cfg.weights.target_rmsz_bond)
+
+
+def _block_scale(block, problem):
+    """Per-body radius (Å): the rigid rotation variable is an arc length (Å)."""
+    return problem.maps.body_radius
+
+
+def minimise_block(block: str, params: Params, problem: Problem, cfg: Config, n_steps: int) -> Params:
+    """Minimise E_total over one parameter block (jit-compiled loop)."""
+    if n_steps <= 0:
+        return params
+    if block == "occ" and params.occ_raw.shape[0] == 0:
+        return params
+    fn = BLOCK_ENERGY[(block, cfg.refine.target)]
+    scale = _block_scale(block, problem)
+    x0 = block_start(block, params)
+    lr = jnp.asarray(cfg.refine.learning_rate, problem.maps.orth.dtype)
+    x, _ = minimise(fn, x0, (params, problem, scale), n_steps=n_steps, method=cfg.refine.optimizer, learning_rate=lr)
+    return apply_block(block, x, params, problem, scale)
+
+
+def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = None, callback=None) -> RefinementResult:
+    """Run macrocycles on ``setup`` (see module docstring).
+
+    Args:
+        setup: from :func:`build_setup`.
+        n_cycles: macrocycles (default from the config).
+        strategy: rigid | xyz | b | xyz_b | xyz_b_occ (default from the config).
+        callback: called with each CycleStats (progress display).
+    """
+    cfg = setup.config
+    n_cycles = cfg.refine.n_cycles if n_cycles is None else n_cycles
+    strategy = strategy or cfg.refine.strategy
+    t0 = time.perf_counter()
+    problem, params = setup.problem, setup.params
+    w_a = choose_initial_w_a(setup, problem, params)
+    problem = problem._replace(w_a=jnp.asarray(w_a, problem.maps.orth.dtype))
+    history = [cycle_statistics(0, params, problem, setup, t0)]
+    _log_cycle(history[-1], callback)
+    best = (history[0].r_free, 0, params, problem)
+    warnings = []
+    steps = {"xyz": cfg.refine.steps_xyz, "b": cfg.refine.steps_b, "occ": cfg.refine.steps_occ, "rigid": cfg.refine.steps_rigid}
+    plan = []
+    if cfg.refine.rigid_first and strategy != "rigid":
+        plan += [("rigid",)] * cfg.refine.n_rigid_cycles
+    plan += [STRATEGY_BLOCKS[strategy]] * n_cycles
+    for cycle, blocks in enumerate(plan, start=1):
+        if cycle > 1:
+            rebuild = (cycle - 1) % max(cfg.solvent.update_every, 1) == 0
+            problem = update_xray_state(setup, problem, params, rebuild_mask=rebuild)
+            xyz, _, _ = current_model_arrays(params, problem)
+            problem = problem._replace(nonbonded=build_nonbonded(xyz, problem.restraints, setup.model.crystal, like=problem.nonbonded))
+        for block in blocks:
+            params = minimise_block(block, params, problem, cfg, steps[block])
+        problem = update_xray_state(setup, problem, params, rebuild_mask=False)
+        st = cycle_statistics(cycle, params, problem, setup, t0)
+        history.append(st)
+        _log_cycle(st, callback)
+        warnings += _guard(history, cfg)
+        if st.r_free < best[0] - 1e-6 or not cfg.guard.keep_best:
+            best = (st.r_free, cycle, params, problem)
+        if cfg.weights.w_a == "auto" and "xyz" in blocks:
+            problem = problem._replace(w_a=jnp.asarray(wmod.adjust_w_a(float(problem.w_a), st.rmsz_bond, cfg.weights.target_rmsz_bond), problem.maps.orth.dtype))
+    _, best_cycle, params, problem = best
+    if best_cycle != len(history) - 1:
+        msg = (f"keeping the model of cycle {best_cycle} (R-free {history[best_cycle].r_free:.4f}) rather than the last "
+               f"(R-free {history[-1].r_free:.4f})")
+        log.info(msg)
+        warnings.append(msg)
+    return RefinementResult(params=params, problem=problem, history=history, best_cycle=best_cycle, warnings=warnings,
+                            wall_s=time.perf_counter() - t0, removed_waters=[])
+
+
+def _guard(history, cfg) -> list:
+    """Overfitting guard messages for the latest cycle."""
+    out = []
+    cur, prev = history[-1], history[-2]
+    if cur.r_free > prev.r_free + 1e-4 and cur.r_work < prev.r_work - 1e-4:
+        out.append(
+            f"cycle {cur.cycle}: R-free rose ({prev.r_free:.4f} -> {cur.r_free:.4f}) while R-work fell "
+            f"({prev.r_work:.4f} -> {cur.r_work:.4f}): the model is fitting noise; raise w_A (weights.w_a) or refine fewer parameters"
+        )
+    gap = cur.r_free - cur.r_work
+    if gap > cfg.guard.max_gap:
+        out.append(
+            f"cycle {cur.cycle}: R-free - R-work = {gap:.3f} exceeds {cfg.guard.max_gap:.3f}; likely overfitting: "
+            f"raise w_A or restrain B more (weights.w_b)"
+        )
+    for m in out:
+        log.warning(m)
+    return out
+
+
+HEADER = "cycle  R-work  R-free  rms_bond  rms_angle  rmsZ_bond     w_A   k_sol   B_sol   time_s"
+
+
+def format_cycle(st: CycleStats) -> str:
+    return (f"{st.cycle:5d}  {st.r_work:.4f}  {st.r_free:.4f}  {st.rms_bond:8.4f}  {st.rms_angle:9.3f}  {st.rmsz_bond:9.3f}"
+            f"  {st.w_a:6.3g}  {st.k_sol:6.3f}  {st.b_sol:6.1f}  {st.time_s:7.1f}")
+
+
+def _log_cycle(st: CycleStats, callback):
+    if st.cycle == 0:
+        log.info(HEADER)
+    log.info(format_cycle(st))
+    if callback is not None:
+        callback(st)

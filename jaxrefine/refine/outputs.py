@@ -1,0 +1,77 @@
+"""Everything a refinement writes into its output folder, each file atomically.
+
+refined.cif, refined.pdb  model with R-work/R-free, resolution, RMS deviations and program in the header
+maps.mtz                  FP SIGFP FREE, FMODEL/PHIFMODEL, 2FOFCWT/PH2FOFCWT, FOFCWT/PHFOFCWT
+metrics.json              r_work r_free rms_bond rms_angle w_a k_sol b_sol wall_s + cycles (cycle 0 = input)
+config.yaml               the resolved configuration (rerun with --config DIR/config.yaml)
+run.json                  versions, git commit, command line, inputs
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import numpy as np
+
+from .. import __version__
+from ..config import dump_config
+from ..io.writers import write_json, write_model, write_mtz, write_text
+from ..xray.maps import map_coefficients
+from .engine import RefinementResult, _f_model_now, current_model_arrays
+
+
+def git_commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except Exception:  # git missing or not a checkout
+        return None
+
+
+def metrics(result: RefinementResult) -> dict:
+    """The metrics.json content: final (kept) model and one entry per cycle."""
+    kept = result.history[result.best_cycle]
+    out = {k: kept.as_dict()[k] for k in ("r_work", "r_free", "rms_bond", "rms_angle", "w_a", "k_sol", "b_sol")}
+    out["wall_s"] = float(result.wall_s)
+    out["best_cycle"] = int(result.best_cycle)
+    out["cycles"] = [dict(st.as_dict()) for st in result.history]
+    out["warnings"] = list(result.warnings)
+    out["removed_waters"] = list(result.removed_waters)
+    return out
+
+
+def write_outputs(result: RefinementResult, setup, out_dir, argv=None) -> dict:
+    """Write the refined model, maps, metrics, config and run record into ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    model, refl, cfg = setup.model, setup.refl, setup.config
+    params, problem = result.params, result.problem
+    xyz, b, occ = current_model_arrays(params, problem)
+    m = metrics(result)
+    remarks = {"r_work": m["r_work"], "r_free": m["r_free"], "d_min": refl.d_min, "d_max": refl.d_max,
+               "rms_bond": m["rms_bond"], "rms_angle": m["rms_angle"], "version": __version__}
+    write_model(model, os.path.join(out_dir, "refined.cif"), xyz_cart=xyz, b_iso=b, occ=occ, remarks=remarks)
+    if cfg.output.write_pdb:
+        write_model(model, os.path.join(out_dir, "refined.pdb"), xyz_cart=xyz, b_iso=b, occ=occ, remarks=remarks)
+    x = problem.xray
+    fm = np.asarray(_f_model_now(params, problem))
+    two, one = map_coefficients(np.asarray(x.f_obs), fm, x.sigma_a, np.asarray(x.centric))
+    write_mtz(os.path.join(out_dir, "maps.mtz"), refl.crystal, refl.hkl, {
+        "FP": ("F", refl.f_obs), "SIGFP": ("Q", refl.sig_f_obs), "FREE": ("I", np.where(refl.free, 0, 1)),
+        "FMODEL/PHIFMODEL": ("FP", fm), "2FOFCWT/PH2FOFCWT": ("FP", np.asarray(two)), "FOFCWT/PHFOFCWT": ("FP", np.asarray(one)),
+    })
+    write_json(os.path.join(out_dir, "metrics.json"), m)
+    write_text(os.path.join(out_dir, "config.yaml"), dump_config(cfg))
+    import gemmi
+    import jax
+    import optax
+
+    write_json(os.path.join(out_dir, "run.json"), {
+        "jaxrefine": __version__, "git_commit": git_commit(), "python": sys.version.split()[0],
+        "jax": jax.__version__, "optax": optax.__version__, "gemmi": gemmi.__version__, "numpy": np.__version__,
+        "platform": platform.platform(), "device": str(jax.devices()[0]), "argv": list(argv or sys.argv),
+        "model": model.source, "data": refl.source, "monlib": setup.monlib,
+    })
+    return m

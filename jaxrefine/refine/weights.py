@@ -1,0 +1,47 @@
+"""Automatic choice of w_A, the weight of E_geometry against E_xray.
+
+Start: the balance of gradient norms (Brünger, Karplus & Petsko 1989; Adams et al. 1997,
+phenix/CNS "wa"): w_A = ‖∇E_xray‖ / ‖∇E_geometry‖, where the geometry gradient norm is the one
+expected for a model whose restraint Z-scores are at the target RMS Z (so the start does not
+depend on how distorted the input model is).  Then, every macrocycle, w_A moves toward the
+target RMS Z of bond lengths (as REFMAC/servalcat's weight adjustment does): up when the bonds
+are looser than the target range, down when tighter.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+RMSZ_RANGE = (0.35, 0.9)  # acceptable RMS Z(bond); the adjustment aims at its centre (servalcat uses 0.5–1.0)
+MAX_FACTOR = 2.5  # largest change of w_A per macrocycle
+W_A_LIMITS = (1e-4, 1e3)
+
+
+def expected_geometry_grad_norm(restraints, n_atoms: int, rmsz: float) -> float:
+    """‖∇E_geometry‖ (per Å) of a model whose bond and angle Z-scores are all ``rmsz``.
+
+    For a term (d − d0)²/σ², |∂E/∂x| = 2|z|/σ on each of its atoms (bonds; angles similarly with
+    the lever arm ~1.5 Å).  Summing the squares over restraints gives the expected norm.
+    """
+    tot = 0.0
+    b = restraints.bond
+    tot += float(np.sum(np.asarray(b.mask) * 2 * (2 * rmsz / np.asarray(b.sigma)) ** 2))
+    a = restraints.angle
+    lever = 1.5  # Å: bond length, converts an angle force into a positional one
+    tot += float(np.sum(np.asarray(a.mask) * 3 * (2 * rmsz / (np.asarray(a.sigma) * lever)) ** 2))
+    return float(np.sqrt(max(tot, 1e-12)))
+
+
+def initial_w_a(grad_xray_norm: float, restraints, n_atoms: int, target_rmsz: float) -> float:
+    w = grad_xray_norm / expected_geometry_grad_norm(restraints, n_atoms, target_rmsz)
+    return float(np.clip(w, *W_A_LIMITS))
+
+
+def adjust_w_a(w_a: float, rmsz_bond: float, target_rmsz: float) -> float:
+    """New w_A after a macrocycle that ended with RMS Z(bond) = ``rmsz_bond``."""
+    lo, hi = RMSZ_RANGE
+    lo, hi = min(lo, target_rmsz), max(hi, target_rmsz)
+    if lo <= rmsz_bond <= hi or not np.isfinite(rmsz_bond):
+        return w_a
+    factor = (rmsz_bond / target_rmsz) ** 2
+    factor = float(np.clip(factor, 1 / MAX_FACTOR, MAX_FACTOR))
+    return float(np.clip(w_a * factor, *W_A_LIMITS))
