@@ -1,0 +1,189 @@
+"""F_model: the model structure factors compared with the data.
+
+F_model(h) = k_total(h) · (F_calc(h) + k_sol · exp(−B_sol s²/4) · F_mask(h)),
+k_total(h) = k_overall · exp(−¼ sᵀ B_cart s)
+
+(Afonine et al. 2013, Acta Cryst. D69, 625; Jiang & Brünger 1994, J. Mol. Biol. 243, 100).
+
+:func:`f_model` is pure JAX (used inside the refinement's jit); :func:`compute_fmodel` /
+:func:`fmodel_statistics` are the outside-jit pipeline behind ``jaxrefine rfactors``: F_calc,
+solvent mask, scale fit, σA and R-factors.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from .scaling import Scales, aniso_basis, fit_scales, k_total, reciprocal_vectors  # noqa: F401 (re-exported API)
+from .solvent import bulk_solvent
+from .stats import r_factor_best_scale, r_factors
+from .targets import MIN_PER_BIN, SigmaA, estimate_sigma_a, sigma_a_bins
+
+log = logging.getLogger(__name__)
+
+
+def f_model(f_calc, f_mask, s_cart, scales: Scales):
+    """k_total(s) · (F_calc + k_sol exp(−B_sol s²/4) F_mask); pure JAX.
+
+    Args:
+        f_calc: (n,) complex atomic-model structure factors.
+        f_mask: (n,) complex solvent-mask structure factors.
+        s_cart: (n, 3) Cartesian reciprocal vectors (Å⁻¹), :func:`reciprocal_vectors`.
+        scales: :class:`Scales`.
+
+    Returns:
+        (n,) complex F_model.
+    """
+    s_cart = jnp.asarray(s_cart)
+    s2 = jnp.sum(s_cart**2, axis=1)
+    return k_total(scales, s_cart) * (f_calc + bulk_solvent(f_mask, scales.k_sol, scales.b_sol, s2))
+
+
+class FmodelResult(NamedTuple):
+    """Everything computed for a model against its data (arrays in the data's reflection order).
+
+    Attributes:
+        f_calc, f_mask, f_model: (n,) complex.
+        s_cart: (n, 3) Å⁻¹.
+        scales: fitted :class:`Scales`.
+        sigma_a: :class:`SigmaA` (D, S per bin).
+        sigma_a_set: "free" or "work" (the reflections σA was estimated from).
+        mask_grid_shape: (3,) solvent-mask grid.
+        solvent_fraction: fraction of the cell that is bulk solvent.
+        timings: seconds per step.
+    """
+
+    f_calc: np.ndarray
+    f_mask: np.ndarray
+    f_model: np.ndarray
+    s_cart: np.ndarray
+    scales: Scales
+    sigma_a: SigmaA
+    sigma_a_set: str
+    mask_grid_shape: tuple
+    solvent_fraction: float
+    timings: dict
+
+
+def model_f_calc(model, crystal, hkl, method: str = "fft"):
+    """F_calc of a :class:`jaxrefine.io.model.Model` at hkl (anisotropic ADPs included)."""
+    from ..io.formfactor_io import it92_form_factors
+    from .structure_factors import make_sf_setup, split_adp, structure_factors
+
+    ff = it92_form_factors(model.element, model.source)
+    b_iso, u_aniso = split_adp(model.b_iso, model.u_aniso, model.has_aniso)
+    u = u_aniso if np.any(model.has_aniso) else None
+    setup = make_sf_setup(crystal, hkl, ff, method=method, b_iso=model.b_iso, u_aniso=u)
+    xyz_frac = jnp.asarray(crystal.to_frac(model.xyz_cart))
+    f = structure_factors(xyz_frac, jnp.asarray(b_iso), jnp.asarray(model.occ), setup, None if u is None else jnp.asarray(u))
+    return np.asarray(f)
+
+
+def model_f_mask(model, crystal, hkl, d_min: float, r_probe: float = 1.0, r_shrink: float = 0.8, xyz_cart=None):
+    """(F_mask (n,) complex, grid shape, solvent fraction) of the model's bulk-solvent mask."""
+    from ..io.mask import mask_grid_shape, solvent_mask
+    from .structure_factors import f_from_grid
+
+    shape = mask_grid_shape(crystal, d_min)
+    hmax = np.abs(np.asarray(hkl)).max(axis=0)
+    shape = tuple(int(max(n, 2 * h + 2)) for n, h in zip(shape, hmax))
+    grid = solvent_mask(model, crystal, shape, r_probe=r_probe, r_shrink=r_shrink, xyz_cart=xyz_cart)
+    return np.asarray(f_from_grid(jnp.asarray(grid), jnp.asarray(hkl), crystal)), shape, float(grid.mean())
+
+
+def choose_sigma_a_set(free, min_per_bin: int = MIN_PER_BIN):
+    """The free set when it has at least 2 bins' worth of reflections, else the work set (as servalcat)."""
+    free = np.asarray(free, bool)
+    if free.sum() >= 2 * min_per_bin:
+        return free, "free"
+    return ~free, "work"
+
+
+def compute_fmodel(model, refl, f_calc=None, f_mask=None, sf_method: str = "fft", r_probe: float = 1.0,
+                   r_shrink: float = 0.8, use_solvent: bool = True) -> FmodelResult:
+    """F_calc, bulk solvent, scales and σA for a model and its data (outside jit).
+
+    Args:
+        model: :class:`jaxrefine.io.model.Model` (hydrogens as read: keep or drop them when reading).
+        refl: :class:`jaxrefine.io.reflections.Reflections`.
+        f_calc: (n,) complex precomputed F_calc at ``refl.hkl`` (computed when None).
+        f_mask: (n,) complex precomputed F_mask (computed when None).
+        sf_method: "fft" or "direct" for F_calc.
+        r_probe, r_shrink: solvent-mask radii (Å).
+        use_solvent: False: no bulk solvent (k_sol = 0).
+    """
+    t = {}
+    crystal = refl.crystal
+    t0 = time.perf_counter()
+    if f_calc is None:
+        f_calc = model_f_calc(model, crystal, refl.hkl, sf_method)
+    t["f_calc"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    shape, frac_solvent = (), float("nan")
+    if f_mask is None and use_solvent:
+        f_mask, shape, frac_solvent = model_f_mask(model, crystal, refl.hkl, refl.d_min, r_probe, r_shrink)
+    if f_mask is None:
+        f_mask = np.zeros_like(f_calc)
+    t["f_mask"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    s_cart = reciprocal_vectors(refl.hkl, crystal)
+    work = ~np.asarray(refl.free, bool)
+    scales = fit_scales(refl.f_obs, f_calc, f_mask, s_cart, work, crystal, use_solvent=use_solvent)
+    fm = np.asarray(f_model(jnp.asarray(f_calc), jnp.asarray(f_mask), s_cart, scales))
+    t["scales"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    use, which = choose_sigma_a_set(refl.free)
+    bins = sigma_a_bins(refl.d, use)
+    sig_a = estimate_sigma_a(refl.f_obs, fm, use, bins, refl.centric, refl.epsilon, refl.sig_f_obs)
+    t["sigma_a"] = time.perf_counter() - t0
+    return FmodelResult(
+        f_calc=np.asarray(f_calc), f_mask=np.asarray(f_mask), f_model=fm, s_cart=s_cart, scales=scales,
+        sigma_a=sig_a, sigma_a_set=which, mask_grid_shape=shape, solvent_fraction=frac_solvent, timings=t,
+    )
+
+
+def scales_summary(scales: Scales) -> dict:
+    """Plain-float view of :class:`Scales`: k_overall, B_iso (trace/3) and the anisotropic remainder."""
+    b = np.asarray(scales.b_aniso, float)
+    b_iso = float(b[:3].mean())
+    return {
+        "k_overall": float(scales.k_overall),
+        "b_iso_overall": b_iso,
+        "b_cart": b.tolist(),
+        "b_aniso": (b - np.array([b_iso, b_iso, b_iso, 0, 0, 0])).tolist(),
+        "k_sol": float(scales.k_sol),
+        "b_sol": float(scales.b_sol),
+    }
+
+
+def fmodel_statistics(model, refl, n_bins: int = 10, result: FmodelResult | None = None, **kwargs) -> dict:
+    """What ``jaxrefine rfactors`` reports: R-work/R-free overall and per bin, scales, σA.
+
+    Args:
+        model, refl: as for :func:`compute_fmodel`.
+        n_bins: resolution bins of the table.
+        result: a precomputed :class:`FmodelResult` (computed when None; kwargs go to
+            :func:`compute_fmodel`).
+
+    Returns:
+        dict with r_work, r_free, n_work, n_free, cc_work, cc_free, bins (table), k_sol, b_sol,
+        k_overall, b_iso_overall, b_cart, b_aniso, r_work_no_solvent_best_k (R of k|F_calc| with
+        the analytic scale), sigma_a (per-bin D, S), solvent_fraction, timings.
+    """
+    res = result if result is not None else compute_fmodel(model, refl, **kwargs)
+    out = r_factors(refl.f_obs, res.f_model, refl.free, refl.d, n_bins=n_bins)
+    out.update(scales_summary(res.scales))
+    work = ~np.asarray(refl.free, bool)
+    out["r_work_fcalc_best_k"] = r_factor_best_scale(refl.f_obs, res.f_calc, work)
+    out["r_free_fcalc_best_k"] = r_factor_best_scale(refl.f_obs, res.f_calc, ~work)
+    out["d_min"], out["d_max"] = refl.d_min, refl.d_max
+    out["n_atoms"] = int(model.n_atoms) if model is not None else None
+    out["solvent_fraction"] = res.solvent_fraction
+    out["mask_grid"] = list(res.mask_grid_shape)
+    out["sigma_a"] = {"set": res.sigma_a_set, "d": res.sigma_a.bin_d.tolist(), "s": res.sigma_a.bin_s.tolist()}
+    out["timings"] = {k: round(v, 3) for k, v in res.timings.items()}
+    return out

@@ -1,0 +1,219 @@
+"""Overall, anisotropic and bulk-solvent scaling of F_model to F_obs.
+
+F_model(h) = k_total(h) · (F_calc + k_sol exp(−B_sol s²/4) F_mask),
+k_total(h) = k_overall · exp(−¼ sᵀ B_cart s),   s = reciprocal-lattice vector in Cartesian Å⁻¹
+
+(Afonine et al. 2013, Acta Cryst. D69, 625, eqs. 1–3; Grosse-Kunstleve & Adams 2002,
+J. Appl. Cryst. 35, 477 for the symmetry constraints on B_cart). B_cart here holds the isotropic
+part too (B_iso = trace/3); B11 B22 B33 B12 B13 B23 in Å².
+
+Fitting (outside jit, numpy + small jitted Jacobians): a grid search over (k_sol, B_sol) with
+k_overall and B_cart from a log-linear least-squares fit at each point, then Levenberg–Marquardt
+on Σ_work (|F_obs| − |F_model|)² over all parameters together.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .solvent import bulk_solvent_factor
+
+K_SOL_GRID = np.arange(0.0, 0.61, 0.05)  # e/Å³ relative to the mask; typical 0.3–0.45 (Fokine & Urzhumtsev 2002)
+B_SOL_GRID = np.arange(10.0, 131.0, 10.0)  # Å²; typical 30–80
+B_SOL_BOUNDS = (10.0, 300.0)  # as servalcat; B_sol and the overall B are strongly correlated at low resolution
+K_SOL_BOUNDS = (0.0, 1.5)
+
+
+class Scales(NamedTuple):
+    """Scale parameters of F_model (a pytree of JAX arrays).
+
+    Attributes:
+        k_overall: () overall scale.
+        b_aniso: (6,) Cartesian B tensor B11 B22 B33 B12 B13 B23 (Å²), isotropic part included.
+        k_sol: () bulk-solvent scale.
+        b_sol: () bulk-solvent B (Å²).
+    """
+
+    k_overall: jax.Array
+    b_aniso: jax.Array
+    k_sol: jax.Array
+    b_sol: jax.Array
+
+
+def reciprocal_vectors(hkl, crystal) -> np.ndarray:
+    """(n, 3) Cartesian reciprocal vectors s = frac^T h (Å⁻¹), |s|² = 1/d²."""
+    return np.asarray(hkl, float) @ np.asarray(crystal.frac)
+
+
+def _sym_to_mat(b):
+    b11, b22, b33, b12, b13, b23 = b
+    return np.array([[b11, b12, b13], [b12, b22, b23], [b13, b23, b33]])
+
+
+def _mat_to_sym(m):
+    return np.array([m[0, 0], m[1, 1], m[2, 2], m[0, 1], m[0, 2], m[1, 2]])
+
+
+def aniso_basis(crystal) -> np.ndarray:
+    """Basis of Cartesian B tensors allowed by the point group, (n_par, 6).
+
+    A tensor is allowed when R_c B R_cᵀ = B for every operator, R_c = orth · R · frac
+    (Grosse-Kunstleve & Adams 2002). The basis spans the null space of the stacked linear maps
+    B ↦ R_c B R_cᵀ − B; it is orthonormal in the 6-vector space.
+    """
+    orth, frac = np.asarray(crystal.orth), np.asarray(crystal.frac)
+    rows = []
+    for r in np.asarray(crystal.rot):
+        rc = orth @ r @ frac
+        m = np.zeros((6, 6))
+        for j in range(6):
+            e = np.zeros(6)
+            e[j] = 1.0
+            m[:, j] = _mat_to_sym(rc @ _sym_to_mat(e) @ rc.T) - e
+        rows.append(m)
+    a = np.vstack(rows)
+    _, sv, vt = np.linalg.svd(a)
+    null = vt[np.sum(sv > 1e-6 * max(sv.max(), 1.0)):]
+    return null
+
+
+def aniso_quadratic(s_cart):
+    """(n, 6) products such that sᵀ B s = q · (B11 B22 B33 B12 B13 B23)."""
+    s = jnp.asarray(s_cart)
+    x, y, z = s[:, 0], s[:, 1], s[:, 2]
+    return jnp.stack([x * x, y * y, z * z, 2 * x * y, 2 * x * z, 2 * y * z], axis=1)
+
+
+def k_total(scales: Scales, s_cart):
+    """k_overall · exp(−¼ sᵀ B_cart s) per reflection; s_cart (n, 3) Å⁻¹ -> (n,)."""
+    return scales.k_overall * jnp.exp(-0.25 * aniso_quadratic(s_cart) @ scales.b_aniso)
+
+
+def _loglinear_k_b(f_obs, f_abs, q, basis, w):
+    """Closed-form fit of ln F_obs − ln |F| = ln k − ¼ q·(basisᵀ p) (weighted LS). Returns (k, b6)."""
+    ok = (f_obs > 0) & (f_abs > 0) & (w > 0)
+    y = np.log(f_obs[ok]) - np.log(f_abs[ok])
+    a = np.hstack([np.ones((ok.sum(), 1)), -0.25 * q[ok] @ basis.T])
+    sw = np.sqrt(w[ok])
+    p, *_ = np.linalg.lstsq(a * sw[:, None], y * sw, rcond=None)
+    return float(np.exp(p[0])), basis.T @ p[1:]
+
+
+def _amp_model(x, f_calc, f_mask, q, s2, basis):
+    k, p, k_sol, b_sol = x[0], x[1:-2], x[-2], x[-1]
+    f = f_calc + bulk_solvent_factor(k_sol, b_sol, s2) * f_mask
+    f_abs = jnp.sqrt(f.real**2 + f.imag**2 + 1e-30)
+    return k * jnp.exp(-0.25 * q @ (basis.T @ p)) * f_abs
+
+
+@jax.jit
+def _lm_pieces(x, f_obs, f_calc, f_mask, q, s2, basis, w):
+    r_fun = lambda xx: jnp.sqrt(w) * (f_obs - _amp_model(xx, f_calc, f_mask, q, s2, basis))  # noqa: E731
+    r = r_fun(x)
+    jac = jax.jacfwd(r_fun)(x)
+    return r, jac
+
+
+@jax.jit
+def _lm_cost(x, f_obs, f_calc, f_mask, q, s2, basis, w):
+    return jnp.sum(w * (f_obs - _amp_model(x, f_calc, f_mask, q, s2, basis)) ** 2)
+
+
+def _levenberg_marquardt(x, args, n_iter=30, fix_solvent=False):
+    lam = 1e-3
+    cost = float(_lm_cost(x, *args))
+    for _ in range(n_iter):
+        r, jac = (np.asarray(v) for v in _lm_pieces(x, *args))
+        if fix_solvent:
+            jac = jac.copy()
+            jac[:, -2:] = 0.0
+        jtj = jac.T @ jac
+        g = jac.T @ r
+        improved = False
+        for _ in range(10):
+            a = jtj + lam * np.diag(np.diag(jtj) + 1e-12)
+            step = -np.linalg.lstsq(a, g, rcond=None)[0]
+            x_new = x + step
+            x_new[-2] = np.clip(x_new[-2], *K_SOL_BOUNDS)
+            x_new[-1] = np.clip(x_new[-1], *B_SOL_BOUNDS)
+            x_new[0] = max(x_new[0], 1e-6 * abs(x[0]) + 1e-12)
+            c_new = float(_lm_cost(x_new, *args))
+            if c_new < cost:
+                improved = True
+                rel = (cost - c_new) / max(cost, 1e-300)
+                x, cost, lam = x_new, c_new, max(lam / 10, 1e-9)
+                break
+            lam *= 10
+        if not improved or rel < 1e-9:
+            break
+    return x, cost
+
+
+def fit_scales(
+    f_obs,
+    f_calc,
+    f_mask,
+    s_cart,
+    work,
+    crystal,
+    k_sol_grid=K_SOL_GRID,
+    b_sol_grid=B_SOL_GRID,
+    refine: bool = True,
+    use_solvent: bool = True,
+) -> Scales:
+    """Fit k_overall, the symmetry-constrained B_cart, k_sol and B_sol on the work set.
+
+    Args:
+        f_obs: (n,) observed amplitudes.
+        f_calc: (n,) complex atomic-model structure factors.
+        f_mask: (n,) complex mask structure factors (see :func:`jaxrefine.xray.solvent.f_mask_from_grid`);
+            None for no bulk solvent.
+        s_cart: (n, 3) Cartesian reciprocal vectors (Å⁻¹), :func:`reciprocal_vectors`.
+        work: (n,) bool, reflections used for the fit (the work set).
+        crystal: :class:`jaxrefine.crystal.Crystal` (for the anisotropy constraints).
+        k_sol_grid, b_sol_grid: grid searched before the joint refinement.
+        refine: run the joint least-squares refinement after the grid search.
+        use_solvent: False fits k_overall and B_cart only (k_sol = 0).
+
+    Returns:
+        :class:`Scales` minimising Σ_work (F_obs − |F_model|)² (Afonine et al. 2013).
+    """
+    f_obs = np.asarray(f_obs, float)
+    f_calc = np.asarray(f_calc, complex)
+    s_cart = np.asarray(s_cart, float)
+    work = np.asarray(work, bool) & (f_obs > 0)
+    if f_mask is None or not use_solvent:
+        f_mask = np.zeros_like(f_calc)
+        k_sol_grid, b_sol_grid = np.array([0.0]), np.array([0.0])
+    f_mask = np.asarray(f_mask, complex)
+    s2 = np.sum(s_cart**2, axis=1)
+    q = np.asarray(aniso_quadratic(s_cart))
+    basis = aniso_basis(crystal)
+    fo, fc, fm, qw, s2w = f_obs[work], f_calc[work], f_mask[work], q[work], s2[work]
+    ones = np.ones_like(fo)
+    best = None
+    for k_sol in k_sol_grid:
+        for b_sol in b_sol_grid:
+            f_abs = np.abs(fc + k_sol * np.exp(-b_sol * s2w / 4) * fm)
+            k, b6 = _loglinear_k_b(fo, f_abs, qw, basis, ones)
+            calc = k * np.exp(-0.25 * qw @ b6) * f_abs
+            # best LS scale on top of the log-linear fit, then score by R
+            kk = np.sum(fo * calc) / max(np.sum(calc * calc), 1e-300)
+            r = np.sum(np.abs(fo - kk * calc)) / np.sum(fo)
+            if best is None or r < best[0]:
+                best = (r, k * kk, b6, k_sol, b_sol)
+    _, k, b6, k_sol, b_sol = best
+    x = np.concatenate([[k], basis @ b6, [k_sol, b_sol]])
+    if refine:
+        args = tuple(jnp.asarray(a) for a in (fo, fc, fm, qw, s2w, basis, ones))
+        x, _ = _levenberg_marquardt(x, args, fix_solvent=not use_solvent)
+    b_cart = basis.T @ x[1:-2]
+    return Scales(
+        k_overall=jnp.asarray(x[0]),
+        b_aniso=jnp.asarray(b_cart),
+        k_sol=jnp.asarray(x[-2] if use_solvent else 0.0),
+        b_sol=jnp.asarray(x[-1] if use_solvent else 0.0),
+    )
