@@ -1,0 +1,385 @@
+"""Restraint topology through gemmi: monomer library -> padded numpy restraint arrays.
+
+The CCP4 monomer library (Vagin et al. 2004, Acta Cryst. D60, 2184) is read with
+``gemmi.read_monomer_lib`` and applied with ``gemmi.prepare_topology`` (links between residues,
+modifications and alternative conformations resolved by gemmi as in servalcat).  The result is
+converted once into static index arrays (:class:`jaxrefine.restraints.Restraints`).  Without a
+library the built-in protein dictionary (:mod:`jaxrefine.restraints.builtin`) is used.
+
+The non-bonded neighbour list (:func:`build_nonbonded`) is built here too, outside jit, with
+symmetry mates, and padded to a fixed capacity so that rebuilding it does not recompile.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import NamedTuple
+
+import gemmi
+import numpy as np
+
+from ..errors import InputError, RestraintError
+from ..restraints.terms import (
+    AdpTerm,
+    AngleTerm,
+    BondTerm,
+    ChiralTerm,
+    PlaneTerm,
+    Restraints,
+    TorsionTerm,
+    pad_rows,
+    padded_length,
+)
+
+log = logging.getLogger(__name__)
+
+CHIRAL_SIGMA = 0.2  # Å³; REFMAC5/servalcat default esd of chiral volumes (Murshudov et al. 2011)
+ADP_SIGMA_12 = 1.5  # Å²; B difference allowed between bonded atoms (REFMAC5 BFAC defaults)
+ADP_SIGMA_13 = 2.0  # Å²; ... between 1-3 (angle) neighbours
+# Bondi (1964) J. Phys. Chem. 68, 441 van der Waals radii (Å), fallback when ener_lib lacks a type
+BONDI_RADIUS = {"H": 1.20, "C": 1.70, "N": 1.55, "O": 1.52, "F": 1.47, "P": 1.80, "S": 1.80, "CL": 1.75, "SE": 1.90}
+HB_CODE = {"D": 1, "A": 2, "B": 3}
+
+HELP_FIX = "supply its dictionary with --ligand FILE.cif (e.g. from acedrg or grade), or point --monlib DIR / $CLIBD_MON at a full CCP4 monomer library"
+
+
+def find_monlib(monlib=None) -> str | None:
+    """The monomer library directory: the argument, else ``$CLIBD_MON``, else None (built-in set).
+
+    Raises:
+        InputError: the directory given (or in ``$CLIBD_MON``) does not exist.
+    """
+    for source, path in (("--monlib", monlib), ("$CLIBD_MON", os.environ.get("CLIBD_MON"))):
+        if path:
+            path = os.fspath(path)
+            if not os.path.isdir(path):
+                raise InputError(f"{path}: monomer library directory ({source}) not found; pass --monlib DIR")
+            return path
+    return None
+
+
+def _read_monlib(monlib_dir, resnames, ligands, source) -> gemmi.MonLib:
+    """gemmi MonLib with the residues of the model; the built-in set when ``monlib_dir`` is None."""
+    from ..restraints.builtin import builtin_monlib_cif, BUILTIN_RESIDUES
+
+    ligands = [os.fspath(p) for p in ligands]
+    for p in ligands:
+        if not os.path.exists(p):
+            raise InputError(f"{p}: ligand dictionary not found (--ligand)")
+    if monlib_dir is not None:
+        lib = gemmi.read_monomer_lib(monlib_dir, list(resnames), libin=ligands[0] if ligands else "", ignore_missing=True)
+        for p in ligands[1:]:
+            lib.read_monomer_cif(p)
+    else:
+        lib = gemmi.MonLib()
+        lib.read_monomer_doc(gemmi.cif.read_string(builtin_monlib_cif()))
+        for p in ligands:
+            lib.read_monomer_cif(p)
+    missing = sorted(r for r in set(resnames) if r not in lib.monomers)
+    if missing:
+        where = f"monomer library {monlib_dir}" if monlib_dir else (
+            f"built-in dictionary (only {len(BUILTIN_RESIDUES)} standard residues; no --monlib or $CLIBD_MON given)"
+        )
+        raise RestraintError(f"{source}: no restraint dictionary for residue(s) {', '.join(missing)} in the {where}; {HELP_FIX}")
+    return lib
+
+
+def _topology(st: gemmi.Structure, lib: gemmi.MonLib, source: str) -> gemmi.Topo:
+    warnings = []
+
+    class _Log:
+        def write(self, text):  # gemmi writes warnings to this object
+            warnings.append(text.strip())
+
+        def flush(self):
+            pass
+
+    try:
+        topo = gemmi.prepare_topology(st, lib, h_change=gemmi.HydrogenChange.NoChange, warnings=_Log())
+    except (RuntimeError, ValueError) as exc:
+        raise RestraintError(f"{source}: gemmi.prepare_topology failed ({exc}); {HELP_FIX}") from exc
+    for w in filter(None, warnings):
+        log.warning("%s: topology: %s", source, w)
+    return topo
+
+
+def _energy_types(st, lib):
+    """(n_atoms,) vdW radius (Å) and hb type code from ener_lib via each atom's chem_type."""
+    ener = lib.ener_lib.atoms
+    radii, hb = [], []
+    for ch in st[0]:
+        for res in ch:
+            cc = lib.monomers[res.name] if res.name in lib.monomers else None
+            types = {a.id: a.chem_type for a in cc.atoms} if cc is not None else {}
+            for a in res:
+                t = ener.get(types.get(a.name, ""))
+                el = a.element.name.upper()
+                if t is not None and t.vdw_radius > 0:
+                    # vdwh (radius of the atom with its hydrogens) where defined, as servalcat does
+                    r = t.vdwh_radius if t.vdwh_radius > 0 else t.vdw_radius
+                    code = HB_CODE.get(t.hb_type, 0)
+                else:
+                    r = BONDI_RADIUS.get(el, 1.8)
+                    code = 0
+                radii.append(r)
+                hb.append(code)
+    return np.array(radii, float), np.array(hb, np.int32)
+
+
+def _idx(atoms):
+    return [a.serial - 1 for a in atoms]
+
+
+def build_restraints(model, monlib=None, ligands=(), hydrogens=False, pad_quantum: int | None = None) -> Restraints:
+    """Restraint arrays for a model, from the monomer library (or the built-in protein set).
+
+    Args:
+        model: :class:`jaxrefine.io.model.Model` (its gemmi structure is used, not modified).
+        monlib: monomer library directory; None: ``$CLIBD_MON``, else the built-in dictionary.
+        ligands: extra dictionary files (mmCIF) for ligands absent from the library.
+        hydrogens: keep restraints involving hydrogens (when the model has them).  With False the
+            model should already be read without hydrogens (``read_model(..., hydrogens=False)``);
+            restraints to any hydrogen left are dropped.
+        pad_quantum: pad every list to a multiple of this (default ``terms.PAD_QUANTUM``).
+
+    Returns:
+        :class:`Restraints`, atom indices in the order of ``model`` arrays.
+
+    Raises:
+        RestraintError: a residue has no dictionary (named, with how to supply one).
+    """
+    if model.structure is None:
+        raise InputError(f"{model.source}: model has no gemmi structure; read it with read_model()")
+    source = model.source or "model"
+    st = model.structure.clone()
+    n = 0
+    for res in st[0].all():
+        res.atom.serial = n + 1
+        n += 1
+    if n != model.n_atoms:
+        raise InputError(f"{source}: structure has {n} atoms but the model arrays {model.n_atoms}")
+    lib = _read_monlib(find_monlib(monlib), st[0].get_all_residue_names(), ligands, source)
+    topo = _topology(st, lib, source)
+    is_h = np.asarray(model.is_hydrogen, bool)
+
+    def keep(ix):
+        return hydrogens or not is_h[ix].any()
+
+    q = {} if pad_quantum is None else {"quantum": pad_quantum}
+
+    bonds = []
+    for b in topo.bonds:
+        ix = np.array(_idx(b.atoms))
+        if keep(ix):
+            bonds.append({"idx": ix, "ideal": b.restr.value, "sigma": b.restr.esd})
+    angles = []
+    for a in topo.angles:
+        ix = np.array(_idx(a.atoms))
+        if keep(ix):
+            angles.append({"idx": ix, "ideal": math.radians(a.restr.value), "sigma": math.radians(a.restr.esd)})
+    tors = []
+    for t in topo.torsions:
+        ix = np.array(_idx(t.atoms))
+        if keep(ix) and t.restr.esd > 0:
+            tors.append({"idx": ix, "ideal": math.radians(t.restr.value), "sigma": math.radians(t.restr.esd), "period": max(int(t.restr.period), 1)})
+    chirs = []
+    sign_code = {gemmi.ChiralityType.Positive: 1, gemmi.ChiralityType.Negative: -1, gemmi.ChiralityType.Both: 0}
+    for c in topo.chirs:
+        ix = np.array(_idx(c.atoms))
+        if keep(ix):
+            chirs.append({"idx": ix, "ideal": topo.ideal_chiral_abs_volume(c), "sigma": CHIRAL_SIGMA, "sign": sign_code[c.restr.sign]})
+    planes = []
+    for p in topo.planes:
+        ix = [i for i in _idx(p.atoms) if hydrogens or not is_h[i]]
+        if len(ix) >= 4:
+            planes.append((ix, p.restr.esd))
+
+    bt = _padded(bonds, 2, q)
+    at = _padded(angles, 3, q)
+    tt = _padded(tors, 4, q, extra={"period": (1, np.int32)})
+    ct = _padded(chirs, 4, q, extra={"sign": (0, np.int32)})
+    max_pl = max([len(ix) for ix, _ in planes], default=4)
+    m = padded_length(len(planes), **q)
+    pl_idx = np.zeros((m, max_pl), np.int32)
+    pl_am = np.zeros((m, max_pl))
+    pl_sig = np.ones(m)
+    for k, (ix, esd) in enumerate(planes):
+        pl_idx[k, : len(ix)] = ix
+        pl_am[k, : len(ix)] = 1.0
+        pl_sig[k] = esd
+    pl_mask = pad_rows(np.ones(len(planes)), m, 0.0)
+
+    adp_pairs = {}
+    for r in bonds:
+        adp_pairs.setdefault(tuple(sorted(r["idx"].tolist())), ADP_SIGMA_12)
+    for r in angles:
+        adp_pairs.setdefault(tuple(sorted((int(r["idx"][0]), int(r["idx"][2])))), ADP_SIGMA_13)
+    adp_rows = [{"idx": np.array(k), "sigma": s} for k, s in sorted(adp_pairs.items())]
+    m = padded_length(len(adp_rows), **q)
+    adp = AdpTerm(
+        idx=pad_rows(np.array([r["idx"] for r in adp_rows], np.int32).reshape(-1, 2), m, 0),
+        sigma=pad_rows(np.array([r["sigma"] for r in adp_rows], float), m, 1.0),
+        mask=pad_rows(np.ones(len(adp_rows)), m, 0.0),
+    )
+    radii, hb = _energy_types(st, lib)
+    dinc14 = np.array([DINC_14.get(e.upper(), DINC_14_OTHER) for e in model.element])
+    altloc = np.array([ord(a) if a else 0 for a in model.altloc], np.int32)
+    return Restraints(
+        bond=BondTerm(**bt),
+        angle=AngleTerm(**at),
+        torsion=TorsionTerm(**tt),
+        plane=PlaneTerm(idx=pl_idx, atom_mask=pl_am, sigma=pl_sig, mask=pl_mask),
+        chiral=ChiralTerm(**ct),
+        adp=adp,
+        vdw_radius=radii,
+        hb_type=hb,
+        altloc=altloc,
+        dinc14=dinc14,
+    )
+
+
+def _padded(rows, width, q, extra=None):
+    """Columns idx/ideal/sigma(/extra) of restraint rows padded to a multiple of the quantum."""
+    m = padded_length(len(rows), **q)
+    out = {
+        "idx": pad_rows(np.array([r["idx"] for r in rows], np.int32).reshape(-1, width), m, 0),
+        "ideal": pad_rows(np.array([r["ideal"] for r in rows], float), m, 0.0),
+        "sigma": pad_rows(np.array([r["sigma"] for r in rows], float), m, 1.0),
+        "mask": pad_rows(np.ones(len(rows)), m, 0.0),
+    }
+    for k, (fill, dtype) in (extra or {}).items():
+        out[k] = pad_rows(np.array([r[k] for r in rows], dtype), m, fill)
+    return out
+
+
+# ----------------------------------------------------------------------------- non-bonded pairs
+# d_min increments (Å) of REFMAC5 (VDWR INCR keywords) as used by servalcat: each atom of a 1-4
+# pair adds its element's value; H-bond donor-acceptor pairs add HBOND (Murshudov et al. 2011).
+DINC_14 = {"O": -0.1, "N": -0.1, "C": -0.15}
+DINC_14_OTHER = -0.15
+DINC_HBOND = -0.3
+NONBONDED_SLACK = 1.0  # Å; pairs up to d_min + slack are listed so atoms may move between rebuilds
+
+
+def _bond_graph(restraints: Restraints):
+    """(1-2 and 1-3 pairs as a set, 1-4 pairs as a set) from the bond and angle lists."""
+    b = np.asarray(restraints.bond.idx)[np.asarray(restraints.bond.mask) > 0]
+    a = np.asarray(restraints.angle.idx)[np.asarray(restraints.angle.mask) > 0]
+    nbrs = {}
+    for i, j in b.tolist():
+        nbrs.setdefault(i, set()).add(j)
+        nbrs.setdefault(j, set()).add(i)
+    excl = {(min(i, j), max(i, j)) for i, j in b.tolist()}
+    excl |= {(min(i, k), max(i, k)) for i, _, k in a.tolist()}
+    for i, js in nbrs.items():  # 1-3 through the bond graph (links without angle restraints)
+        js = sorted(js)
+        excl |= {(min(p, q), max(p, q)) for x, p in enumerate(js) for q in js[x + 1 :]}
+    one4 = set()
+    for i, j in b.tolist():
+        for c in nbrs[i] - {j}:
+            for d in nbrs[j] - {i}:
+                if c != d:
+                    one4.add((min(c, d), max(c, d)))
+    return excl, one4 - excl
+
+
+def _symmetry_candidates(xyz_cart, crystal, cutoff):
+    """Symmetry/lattice images of all atoms that can come within ``cutoff`` of the model.
+
+    Returns (j, op, shift_frac, xyz_cart_of_image) for every candidate image."""
+    frac, orth = np.asarray(crystal.frac), np.asarray(crystal.orth)
+    xf = xyz_cart @ frac.T
+    margin = cutoff * np.linalg.norm(frac, axis=1)  # fractional extent of a cutoff sphere
+    lo, hi = xf.min(0) - margin, xf.max(0) + margin
+    js, ops, shifts, pos = [], [], [], []
+    for k, (r, t) in enumerate(zip(np.asarray(crystal.rot, float), np.asarray(crystal.trans, float))):
+        m = xf @ r.T + t
+        rng = [np.arange(np.floor(lo[a] - m[:, a].max()), np.ceil(hi[a] - m[:, a].min()) + 1) for a in range(3)]
+        for s in np.stack(np.meshgrid(*rng, indexing="ij"), -1).reshape(-1, 3):
+            ms = m + s
+            inside = np.all((ms >= lo) & (ms <= hi), axis=1)
+            if inside.any():
+                sel = np.nonzero(inside)[0]
+                js.append(sel)
+                ops.append(np.full(sel.size, k))
+                shifts.append(np.broadcast_to(t + s, (sel.size, 3)))
+                pos.append(ms[sel] @ orth.T)
+    return np.concatenate(js), np.concatenate(ops), np.concatenate(shifts), np.concatenate(pos)
+
+
+def build_nonbonded(model_or_xyz, restraints: Restraints, crystal=None, cutoff: float | None = None, max_pairs: int | None = None, slack: float = NONBONDED_SLACK):
+    """Padded list of non-bonded pairs that are (nearly) in contact, symmetry mates included.
+
+    Pairs related by a bond or an angle (1-2, 1-3) and pairs of different alternative
+    conformations are excluded; 1-4 pairs and H-bond donor/acceptor pairs get a reduced d_min.
+    Outside jit; call it again between macrocycles with the same ``max_pairs`` to keep shapes.
+
+    Args:
+        model_or_xyz: a Model, or (n, 3) Cartesian coordinates (Å) (then ``crystal`` is required).
+        restraints: from :func:`build_restraints` (radii, altlocs, bonded pairs).
+        crystal: :class:`jaxrefine.crystal.Crystal`; default the model's.
+        cutoff: search radius (Å); default the largest possible d_min + ``slack``.
+        max_pairs: padded capacity; default 1.5 × the pairs found now (+64).  If more pairs are
+            found the most distant are dropped with a warning.
+        slack: list pairs with d < d_min + slack.
+
+    Returns:
+        :class:`jaxrefine.restraints.nonbonded.NonbondedList`.
+    """
+    from scipy.spatial import cKDTree
+
+    from ..restraints.nonbonded import NonbondedList
+
+    if hasattr(model_or_xyz, "xyz_cart"):
+        crystal = crystal if crystal is not None else model_or_xyz.crystal
+        xyz = np.asarray(model_or_xyz.xyz_cart, float)
+    else:
+        xyz = np.asarray(model_or_xyz, float)
+    if crystal is None:
+        raise InputError("build_nonbonded: coordinates given without a crystal (cell and symmetry)")
+    radius = np.asarray(restraints.vdw_radius, float)
+    cutoff = float(2 * radius.max() + slack) if cutoff is None else float(cutoff)
+    js, ops, shifts, pos = _symmetry_candidates(xyz, crystal, cutoff)
+    pairs = cKDTree(xyz).sparse_distance_matrix(cKDTree(pos), cutoff, output_type="ndarray")
+    i, c, d = pairs["i"].astype(np.int64), pairs["j"].astype(np.int64), pairs["v"]
+    j, op, shift = js[c], ops[c], shifts[c]
+    rot = np.asarray(crystal.rot, float)
+    ident = np.array([np.allclose(r, np.eye(3)) for r in rot])[op] & np.all(np.abs(shift) < 1e-9, axis=1)
+    keep = np.where(ident, i < j, True) & ~((i == j) & (d < 0.5))  # once per pair; not special-position self images
+    alt = np.asarray(restraints.altloc)
+    keep &= ~((alt[i] != 0) & (alt[j] != 0) & (alt[i] != alt[j]))
+    excl, one4 = _bond_graph(restraints)
+    lo_, hi_ = np.minimum(i, j), np.maximum(i, j)
+    key = lo_ * xyz.shape[0] + hi_
+    n = xyz.shape[0]
+    excl_keys = np.array([p * n + q for p, q in excl], np.int64)
+    one4_keys = np.array([p * n + q for p, q in one4], np.int64)
+    keep &= ~(ident & np.isin(key, excl_keys))
+    d_min = radius[i] + radius[j]
+    is14 = ident & np.isin(key, one4_keys)
+    dinc = np.asarray(restraints.dinc14, float)
+    hb = np.asarray(restraints.hb_type)
+    donor_acc = (((hb[i] & 1) & (hb[j] >> 1)) | ((hb[j] & 1) & (hb[i] >> 1))) > 0
+    d_min = d_min + np.where(is14, dinc[i] + dinc[j], np.where(donor_acc, DINC_HBOND, 0.0))
+    kind = np.where(is14, 1, np.where(donor_acc, 2, 0))
+    keep &= d < d_min + slack
+    i, j, op, shift, d, d_min, ident, kind = (x[keep] for x in (i, j, op, shift, d, d_min, ident, kind))
+    order = np.argsort(d - d_min, kind="stable")  # most violating first
+    cap = padded_length(int(1.5 * order.size) + 64) if max_pairs is None else int(max_pairs)
+    if order.size > cap:
+        log.warning("non-bonded list: %d pairs found, capacity %d; the %d most distant are dropped", order.size, cap, order.size - cap)
+        order = order[:cap]
+    weight = np.where(ident[order], 1.0, 0.5)
+    return NonbondedList(
+        i=pad_rows(i[order].astype(np.int32), cap),
+        j=pad_rows(j[order].astype(np.int32), cap),
+        op=pad_rows(op[order].astype(np.int32), cap),
+        shift=pad_rows(shift[order], cap, 0.0),
+        d_min=pad_rows(d_min[order], cap, 0.0),
+        weight=pad_rows(weight, cap, 0.0),
+        kind=pad_rows(kind[order].astype(np.int32), cap),
+        rot=rot,
+        orth=np.asarray(crystal.orth, float),
+        frac=np.asarray(crystal.frac, float),
+    )

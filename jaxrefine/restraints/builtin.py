@@ -1,0 +1,4 @@
+"""placeholder"""
+BUILTIN_RESIDUES = ()
+def builtin_monlib_cif():
+    return ""
