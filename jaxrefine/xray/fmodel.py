@@ -187,3 +187,62 @@ def fmodel_statistics(model, refl, n_bins: int = 10, result: FmodelResult | None
     out["sigma_a"] = {"set": res.sigma_a_set, "d": res.sigma_a.bin_d.tolist(), "s": res.sigma_a.bin_s.tolist()}
     out["timings"] = {k: round(v, 3) for k, v in res.timings.items()}
     return out
+
+
+def _expand_bins(sigma_a: SigmaA, d_obs, d_new) -> np.ndarray:
+    """Bin of each new reflection: the bin of the observed reflection nearest in d."""
+    d_obs = np.asarray(d_obs, float)
+    order = np.argsort(d_obs)
+    pos = np.clip(np.searchsorted(d_obs[order], d_new), 0, len(d_obs) - 1)
+    return np.asarray(sigma_a.bins)[order[pos]]
+
+
+def fmodel_maps(model, refl, result: FmodelResult, fill_missing: bool = True, sf_method: str = "fft"):
+    """σA-weighted 2mFo−DFc and mFo−DFc coefficients for a model and its data.
+
+    With ``fill_missing`` the coefficients cover every unique reflection between the data's
+    d_max and d_min; unobserved ones get D·F_model (2mFo−DFc) and 0 (mFo−DFc).
+
+    Returns:
+        (hkl (m, 3) int, two_fofc (m,) complex, fofc (m,) complex).
+    """
+    from ..crystal import d_spacing
+    from ..io.maps_io import complete_hkl
+    from .maps import map_coefficients
+
+    crystal = refl.crystal
+    sig_a = result.sigma_a
+    if not fill_missing:
+        two, diff = map_coefficients(refl.f_obs, result.f_model, sig_a, refl.centric, refl.epsilon)
+        return refl.hkl, np.asarray(two), np.asarray(diff)
+    from ..crystal import centric_flags, epsilon_factors
+
+    hkl_all = complete_hkl(crystal, refl.d_min - 1e-6)
+    d_all = d_spacing(hkl_all, crystal)
+    hkl_all = hkl_all[d_all <= refl.d_max + 1e-6]
+    d_all = d_all[d_all <= refl.d_max + 1e-6]
+    index = {tuple(h): i for i, h in enumerate(hkl_all.tolist())}
+    obs_pos = np.array([index.get(tuple(h), -1) for h in refl.hkl.tolist()])
+    missing_obs = obs_pos < 0  # observed reflections outside gemmi's asu (should not happen)
+    observed = np.zeros(len(hkl_all), bool)
+    observed[obs_pos[~missing_obs]] = True
+    f_obs = np.zeros(len(hkl_all))
+    f_obs[obs_pos[~missing_obs]] = refl.f_obs[~missing_obs]
+    f_calc = np.zeros(len(hkl_all), complex)
+    f_mask = np.zeros(len(hkl_all), complex)
+    f_calc[obs_pos[~missing_obs]] = result.f_calc[~missing_obs]
+    f_mask[obs_pos[~missing_obs]] = result.f_mask[~missing_obs]
+    new = ~observed
+    if new.any():
+        f_calc[new] = model_f_calc(model, crystal, hkl_all[new], sf_method)
+        if np.any(result.f_mask != 0):
+            f_mask[new] = model_f_mask(model, crystal, hkl_all[new], refl.d_min)[0]
+    fm = np.asarray(f_model(jnp.asarray(f_calc), jnp.asarray(f_mask), reciprocal_vectors(hkl_all, crystal), result.scales))
+    bins = np.zeros(len(hkl_all), np.int32)
+    bins[obs_pos[~missing_obs]] = np.asarray(sig_a.bins)[~missing_obs]
+    bins[new] = _expand_bins(sig_a, refl.d, d_all[new])
+    sig_all = SigmaA(d=jnp.asarray(sig_a.bin_d[bins]), s=jnp.asarray(sig_a.bin_s[bins]), bins=bins,
+                     bin_d=sig_a.bin_d, bin_s=sig_a.bin_s)
+    two, diff = map_coefficients(f_obs, fm, sig_all, centric_flags(hkl_all, crystal), epsilon_factors(hkl_all, crystal),
+                                 observed=observed)
+    return hkl_all, np.asarray(two), np.asarray(diff)
