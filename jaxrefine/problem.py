@@ -38,13 +38,15 @@ class XrayData(NamedTuple):
 
     hkl: jax.Array  # (n, 3) int
     s2: jax.Array  # 1/d² (Å⁻²)
+    s_cart: jax.Array  # (n, 3) Cartesian reciprocal vectors (Å⁻¹)
+    sigma_a_use: jax.Array  # bool, reflections σA is estimated from (free set, or work if too few)
     f_obs: jax.Array
     sig_f_obs: jax.Array
     work: jax.Array  # bool, reflections used in the target
     free: jax.Array  # bool
     centric: jax.Array  # bool
     epsilon: jax.Array  # float
-    bins: jax.Array  # int resolution bin
+    bins: jax.Array  # int resolution bin of σA
     f_mask: jax.Array  # complex, F of the bulk-solvent mask (refreshed per macrocycle)
     scales: Any  # xray.fmodel.Scales
     sigma_a: Any  # xray.targets.SigmaA
@@ -62,8 +64,6 @@ class Problem(NamedTuple):
         geo_weights: per-term geometry weights.
         w_a: weight of E_geometry (scalar array).
         w_b: weight of the ADP restraints (scalar array).
-        x_scale: scale of E_xray (scalar array): 1 / number of work reflections · n_atoms, so that
-            w_a has a meaning independent of data size.
     """
 
     maps: AtomMaps

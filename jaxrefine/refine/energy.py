@@ -37,7 +37,7 @@ def model_f(params: Params, problem: Problem):
     _, xyz_frac = atom_xyz(params, problem.maps)
     f_calc = structure_factors(xyz_frac, atom_b(params, problem.maps), atom_occ(params, problem.maps), problem.sf)
     x = problem.xray
-    return f_model(f_calc, x.f_mask, x.s2, x.hkl, x.scales)
+    return f_model(f_calc, x.f_mask, x.s_cart, x.scales)
 
 
 def xray_energy(params: Params, problem: Problem, target: str = "ml"):
@@ -71,53 +71,49 @@ def total_energy(params: Params, problem: Problem, target: str = "ml"):
 
 
 # ------------------------------------------------------------------- parameter blocks
-# Each block minimises over one kind of parameter with the others fixed, in well-scaled
-# variables: coordinate shifts in Å (not fractions of a cell edge), B parameters, occupancy
-# logits, rigid-body rotations scaled by the body radius (Å of arc) and translations (Å).
+# The minimiser works on shifts in well-scaled variables: coordinates in Å (not fractions of a
+# cell edge), B parameters, occupancy logits, rigid-body rotations as arcs (radius × angle, Å) and
+# translations (Å).  A block mask (arrays of 0/1, traced) selects which shifts are free, so one
+# compiled function serves every block: coordinates, B, occupancies, rigid bodies or any mix.
 BLOCKS = ("xyz", "b", "occ", "rigid")
 
 
-def _apply_block(block: str, x, params: Params, problem: Problem, scale) -> Params:
-    if block == "xyz":
-        return params._replace(xyz_frac=params.xyz_frac + x @ problem.maps.frac.T)
-    if block == "b":
-        return params._replace(b_raw=x)
-    if block == "occ":
-        return params._replace(occ_raw=x)
-    if block == "rigid":
-        rot, trans = x
-        return params._replace(rot=params.rot + rot / scale[:, None], trans=params.trans + trans)
-    raise ValueError(block)
+def zero_shifts(params: Params) -> Params:
+    """Shifts of every parameter, all zero (the minimiser's starting point)."""
+    return jax.tree_util.tree_map(jnp.zeros_like, params)
 
 
-def block_start(block: str, params: Params):
-    """The block variable at the current parameters (its starting point)."""
-    if block == "xyz":
-        return jnp.zeros_like(params.xyz_frac)
-    if block == "b":
-        return params.b_raw
-    if block == "occ":
-        return params.occ_raw
-    return (jnp.zeros_like(params.rot), jnp.zeros_like(params.trans))
+def block_mask(params: Params, blocks) -> Params:
+    """0/1 arrays shaped like ``params`` that free the given blocks."""
+    on = lambda a, flag: jnp.full_like(a, 1.0 if flag else 0.0)  # noqa: E731
+    return Params(
+        xyz_frac=on(params.xyz_frac, "xyz" in blocks),
+        b_raw=on(params.b_raw, "b" in blocks),
+        occ_raw=on(params.occ_raw, "occ" in blocks),
+        rot=on(params.rot, "rigid" in blocks),
+        trans=on(params.trans, "rigid" in blocks),
+    )
 
 
-def _make_block_energy(block: str, target: str):
-    if block in ("b", "occ"):  # geometry does not depend on B/occupancy: skip it
-        def fn(x, params, problem, scale):
-            p = _apply_block(block, x, params, problem, scale)
-            e = xray_energy(p, problem, target)
-            return e + problem.w_b * adp_term(p, problem) if block == "b" else e
-    else:
-        def fn(x, params, problem, scale):
-            p = _apply_block(block, x, params, problem, scale)
-            return xray_energy(p, problem, target) + problem.w_a * geometry_term(p, problem)
-    fn.__name__ = f"energy_{block}_{target}"
+def apply_shifts(shifts: Params, mask: Params, params: Params, problem: Problem) -> Params:
+    """Parameters after the (masked) shifts."""
+    z = jax.tree_util.tree_map(lambda a, m: a * m, shifts, mask)
+    return Params(
+        xyz_frac=params.xyz_frac + z.xyz_frac @ problem.maps.frac.T,
+        b_raw=params.b_raw + z.b_raw,
+        occ_raw=params.occ_raw + z.occ_raw,
+        rot=params.rot + z.rot / problem.maps.body_radius[:, None],
+        trans=params.trans + z.trans,
+    )
+
+
+def _make_shift_energy(target: str):
+    def fn(shifts, mask, params, problem):
+        return total_energy(apply_shifts(shifts, mask, params, problem), problem, target)
+
+    fn.__name__ = f"shift_energy_{target}"
     return fn
 
 
 # module-level function objects: stable identities, so jit caches them across calls
-BLOCK_ENERGY = {(b, t): _make_block_energy(b, t) for b in BLOCKS for t in TARGETS}
-
-
-def apply_block(block: str, x, params: Params, problem: Problem, scale) -> Params:
-    return _apply_block(block, x, params, problem, scale)
+SHIFT_ENERGY = {t: _make_shift_energy(t) for t in TARGETS}

@@ -19,21 +19,21 @@ import numpy as np
 from ..config import Config
 from ..crystal import resolution_bins
 from ..io.formfactor_io import it92_form_factors
-from ..io.mask import mask_grid_shape, solvent_mask
 from ..io.topology import build_nonbonded, build_restraints, find_monlib
 from ..params import AtomMaps, Params, atom_b, atom_occ, atom_xyz, occupancy_groups
 from ..problem import Problem, Setup, XrayData, initial_params, load_inputs, n_bins_for, rigid_bodies
 from ..restraints import GeometryWeights, geometry_report
-from ..xray.fmodel import fit_scales, f_model
-from ..xray.solvent import f_mask_from_grid
+from ..xray.fmodel import choose_sigma_a_set, f_model, fit_scales, model_f_mask, reciprocal_vectors
 from ..xray.stats import r_factors
 from ..xray.structure_factors import make_sf_setup, structure_factors
-from ..xray.targets import estimate_sigma_a
+from ..xray.targets import estimate_sigma_a, sigma_a_bins
 from . import weights as wmod
-from .energy import BLOCK_ENERGY, apply_block, block_start, xray_energy
+from .energy import SHIFT_ENERGY, apply_shifts, block_mask, xray_energy, zero_shifts
 from .optimize import minimise
 
 log = logging.getLogger("jaxrefine")
+
+SF_B_MARGIN = 25.0  # Å²: the FFT spreading boxes hold Gaussians up to the starting B + this (room for B refinement)
 
 STRATEGY_BLOCKS = {
     "rigid": ("rigid",),
@@ -92,6 +92,12 @@ def geometry_weights(cfg: Config, dtype) -> GeometryWeights:
     return GeometryWeights(**{f: jnp.asarray(getattr(w, f, 1.0), dtype) for f in GeometryWeights._fields})
 
 
+def refine_hkl_free(refl):
+    """The σA reflection set: the free set when large enough, else the work set (as servalcat)."""
+    use, _ = choose_sigma_a_set(refl.free)
+    return use
+
+
 def build_setup(model_path, data_path, cfg: Config | None = None, model=None, refl=None) -> Setup:
     """Read the inputs and build the problem and starting parameters.
 
@@ -131,10 +137,12 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
     params = initial_params(model, maps, np.asarray(group_start, float), np.asarray(group_set, np.int32),
                             np.asarray(set_total, float), np.asarray(set_size, np.int32), dtype)
     ff = it92_form_factors(model.element, model.source)
-    sf = make_sf_setup(model.crystal, refl.hkl, ff, d_min=refl.d_min)
-    bins = resolution_bins(refl.d, n_bins_for(refl.n, refl.n_free))
+    sf = make_sf_setup(model.crystal, refl.hkl, ff, d_min=refl.d_min, b_iso=model.b_iso, b_margin=SF_B_MARGIN)
+    use = refine_hkl_free(refl)
+    bins = sigma_a_bins(refl.d, use)
     xray = XrayData(
-        hkl=jnp.asarray(refl.hkl), s2=jnp.asarray(refl.s2, dtype), f_obs=jnp.asarray(refl.f_obs, dtype),
+        hkl=jnp.asarray(refl.hkl), s2=jnp.asarray(refl.s2, dtype), s_cart=jnp.asarray(reciprocal_vectors(refl.hkl, refl.crystal), dtype),
+        sigma_a_use=jnp.asarray(use), f_obs=jnp.asarray(refl.f_obs, dtype),
         sig_f_obs=jnp.asarray(refl.sig_f_obs, dtype), work=jnp.asarray(~refl.free), free=jnp.asarray(refl.free),
         centric=jnp.asarray(refl.centric), epsilon=jnp.asarray(refl.epsilon, dtype), bins=jnp.asarray(bins),
         f_mask=jnp.zeros(refl.n, jnp.complex128 if dtype == jnp.float64 else jnp.complex64), scales=None, sigma_a=None,
@@ -170,20 +178,23 @@ def update_xray_state(setup: Setup, problem: Problem, params: Params, rebuild_ma
     xyz, _, occ = current_model_arrays(params, problem)
     f_mask = x.f_mask
     if rebuild_mask:
-        grid = mask_grid_shape(model.crystal, refl.d_min)
-        mask = solvent_mask(model, model.crystal, grid, r_probe=cfg.solvent.r_probe, r_shrink=cfg.solvent.r_shrink, xyz_cart=xyz)
-        f_mask = f_mask_from_grid(jnp.asarray(mask, x.s2.dtype), x.hkl, model.crystal.volume).astype(x.f_mask.dtype)
+        fmask, _, _ = model_f_mask(model, model.crystal, refl.hkl, refl.d_min, r_probe=cfg.solvent.r_probe,
+                                   r_shrink=cfg.solvent.r_shrink, xyz_cart=xyz)
+        f_mask = jnp.asarray(fmask, x.f_mask.dtype)
     f_calc = _f_calc_jit(params, problem)
-    scales = fit_scales(np.asarray(x.f_obs), np.asarray(f_calc), np.asarray(f_mask), np.asarray(x.work),
-                        s2=np.asarray(x.s2), hkl=refl.hkl, crystal=model.crystal)
-    fm = f_model(f_calc, f_mask, x.s2, x.hkl, scales)
-    sigma_a = estimate_sigma_a(x.f_obs, fm, x.free, x.bins, x.centric, x.epsilon)
+    scales = fit_scales(np.asarray(x.f_obs), np.asarray(f_calc), np.asarray(f_mask), np.asarray(x.s_cart),
+                        np.asarray(x.work), model.crystal)
+    scales = jax.tree_util.tree_map(lambda a: jnp.asarray(a, x.s2.dtype), scales)
+    fm = f_model(f_calc, f_mask, x.s_cart, scales)
+    sigma_a = estimate_sigma_a(np.asarray(x.f_obs), np.asarray(fm), np.asarray(x.sigma_a_use), np.asarray(x.bins),
+                               np.asarray(x.centric), np.asarray(x.epsilon), np.asarray(x.sig_f_obs))
+    sigma_a = sigma_a._replace(d=jnp.asarray(sigma_a.d, x.s2.dtype), s=jnp.asarray(sigma_a.s, x.s2.dtype))
     return problem._replace(xray=x._replace(f_mask=f_mask, scales=scales, sigma_a=sigma_a))
 
 
 def _f_model_now(params, problem):
     x = problem.xray
-    return f_model(_f_calc_jit(params, problem), x.f_mask, x.s2, x.hkl, x.scales)
+    return f_model(_f_calc_jit(params, problem), x.f_mask, x.s_cart, x.scales)
 
 
 def cycle_statistics(cycle: int, params: Params, problem: Problem, setup: Setup, t0: float) -> CycleStats:
@@ -191,25 +202,24 @@ def cycle_statistics(cycle: int, params: Params, problem: Problem, setup: Setup,
     x = problem.xray
     r = r_factors(np.asarray(x.f_obs), fm, np.asarray(x.free))
     xyz, _, _ = current_model_arrays(params, problem)
-    geo = geometry_report(jnp.asarray(xyz), problem.restraints, problem.nonbonded)
+    geo = geometry_report(xyz, problem.restraints, None)
     sc = x.scales
     return CycleStats(
         cycle=cycle, r_work=float(r["r_work"]), r_free=float(r["r_free"]), rms_bond=float(geo.rms_bond),
-        rms_angle=float(geo.rms_angle), rmsz_bond=float(geo.rmsz_bond), w_a=float(problem.w_a),
+        rms_angle=float(geo.rms_angle), rmsz_bond=float(geo.rms_z_bond), w_a=float(problem.w_a),
         k_sol=float(sc.k_sol), b_sol=float(sc.b_sol), time_s=time.perf_counter() - t0,
     )
 
 
 def _grad_norm_xray_xyz(params, problem, target):
-    fn = BLOCK_ENERGY[("xyz", target)]
+    """‖∂E_xray/∂x‖ over Cartesian shifts (Å) at the current parameters."""
+    mask = block_mask(params, ("xyz",))
 
-    def e_x(u):
-        p = apply_block("xyz", u, params, problem, None)
-        return xray_energy(p, problem, target)
+    def e_x(shifts):
+        return xray_energy(apply_shifts(shifts, mask, params, problem), problem, target)
 
-    g = jax.grad(e_x)(jnp.zeros_like(params.xyz_frac))
-    del fn
-    return float(jnp.linalg.norm(g))
+    g = jax.jit(jax.grad(e_x))(zero_shifts(params))
+    return float(jnp.linalg.norm(g.xyz_frac))
 
 
 def choose_initial_w_a(setup: Setup, problem: Problem, params: Params) -> float:
@@ -220,23 +230,16 @@ def choose_initial_w_a(setup: Setup, problem: Problem, params: Params) -> float:
     return wmod.initial_w_a(gx, problem.restraints, setup.model.n_atoms, cfg.weights.target_rmsz_bond)
 
 
-def _block_scale(block, problem):
-    """Per-body radius (Å): the rigid rotation variable is an arc length (Å)."""
-    return problem.maps.body_radius
-
-
-def minimise_block(block: str, params: Params, problem: Problem, cfg: Config, n_steps: int) -> Params:
-    """Minimise E_total over one parameter block (jit-compiled loop)."""
+def minimise_blocks(blocks, params: Params, problem: Problem, cfg: Config, n_steps: int) -> Params:
+    """Minimise E_total over the given parameter blocks (one jit-compiled optax loop for all blocks)."""
     if n_steps <= 0:
         return params
-    if block == "occ" and params.occ_raw.shape[0] == 0:
-        return params
-    fn = BLOCK_ENERGY[(block, cfg.refine.target)]
-    scale = _block_scale(block, problem)
-    x0 = block_start(block, params)
+    fn = SHIFT_ENERGY[cfg.refine.target]
+    mask = block_mask(params, blocks)
     lr = jnp.asarray(cfg.refine.learning_rate, problem.maps.orth.dtype)
-    x, _ = minimise(fn, x0, (params, problem, scale), n_steps=n_steps, method=cfg.refine.optimizer, learning_rate=lr)
-    return apply_block(block, x, params, problem, scale)
+    shifts, _ = minimise(fn, zero_shifts(params), (mask, params, problem), n_steps=n_steps,
+                         method=cfg.refine.optimizer, learning_rate=lr)
+    return apply_shifts(shifts, mask, params, problem)
 
 
 def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = None, callback=None) -> RefinementResult:
@@ -269,9 +272,12 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
             rebuild = (cycle - 1) % max(cfg.solvent.update_every, 1) == 0
             problem = update_xray_state(setup, problem, params, rebuild_mask=rebuild)
             xyz, _, _ = current_model_arrays(params, problem)
-            problem = problem._replace(nonbonded=build_nonbonded(xyz, problem.restraints, setup.model.crystal, like=problem.nonbonded))
+            problem = problem._replace(nonbonded=build_nonbonded(xyz, problem.restraints, setup.model.crystal,
+                                                                 max_pairs=int(problem.nonbonded.i.shape[0])))
         for block in blocks:
-            params = minimise_block(block, params, problem, cfg, steps[block])
+            if block == "occ" and params.occ_raw.shape[0] == 0:
+                continue
+            params = minimise_blocks((block,), params, problem, cfg, steps[block])
         problem = update_xray_state(setup, problem, params, rebuild_mask=False)
         st = cycle_statistics(cycle, params, problem, setup, t0)
         history.append(st)
