@@ -106,6 +106,8 @@ def _topology(st: gemmi.Structure, lib: gemmi.MonLib, source: str) -> gemmi.Topo
 
 def _energy_types(st, lib):
     """(n_atoms,) vdW radius (Å) and hb type code from ener_lib via each atom's chem_type."""
+    from ..restraints.builtin import BUILTIN_VDW
+
     ener = lib.ener_lib.atoms
     radii, hb = [], []
     for ch in st[0]:
@@ -113,12 +115,15 @@ def _energy_types(st, lib):
             cc = lib.monomers[res.name] if res.name in lib.monomers else None
             types = {a.id: a.chem_type for a in cc.atoms} if cc is not None else {}
             for a in res:
-                t = ener.get(types.get(a.name, ""))
+                ctype = types.get(a.name, "")
+                t = ener.get(ctype)
                 el = a.element.name.upper()
                 if t is not None and t.vdw_radius > 0:
                     # vdwh (radius of the atom with its hydrogens) where defined, as servalcat does
                     r = t.vdwh_radius if t.vdwh_radius > 0 else t.vdw_radius
                     code = HB_CODE.get(t.hb_type, 0)
+                elif ctype in BUILTIN_VDW:  # built-in dictionary (no ener_lib)
+                    r, code = BUILTIN_VDW[ctype][0], HB_CODE.get(BUILTIN_VDW[ctype][1], 0)
                 else:
                     r = BONDI_RADIUS.get(el, 1.8)
                     code = 0

@@ -56,9 +56,10 @@ def pair_distances(xyz_cart, nb: NonbondedList, orth=None, frac=None):
     """(P,) distances (Å) between atom i and the symmetry mate of atom j."""
     orth = nb.orth if orth is None else orth
     frac = nb.frac if frac is None else frac
-    xj_frac = xyz_cart[nb.j] @ frac.T
-    mate_frac = jnp.einsum("pij,pj->pi", nb.rot[nb.op], xj_frac) + nb.shift
-    diff = xyz_cart[nb.i] - mate_frac @ orth.T
+    # rotate all atoms once per operator, then gather one image per pair (cheaper than per-pair matrices)
+    rot_cart = jnp.einsum("ij,ojk,kl->oil", orth, nb.rot, frac)  # (n_ops, 3, 3)
+    images = jnp.einsum("oij,nj->oni", rot_cart, xyz_cart)  # (n_ops, n, 3)
+    diff = xyz_cart[nb.i] - images[nb.op, nb.j] - nb.shift @ orth.T
     pad = (nb.weight == 0).astype(diff.dtype)
     return jnp.sqrt(jnp.sum(diff * diff, axis=-1) + pad)  # padding: d = 1, gradient finite
 
