@@ -132,6 +132,12 @@ def _energy_types(st, lib):
     return np.array(radii, float), np.array(hb, np.int32)
 
 
+def _torsion_used(label: str, in_peptide: bool) -> bool:
+    """servalcat's default torsion rules (as REFMAC5): χ of peptide residues, ω of links and
+    every sp2–sp2 torsion; other dictionary torsions (ligand sp3 rotors, ψ/φ) are not restrained."""
+    return (label.startswith("chi") and in_peptide) or label == "omega" or label.startswith("sp2_sp2")
+
+
 def _idx(atoms):
     return [a.serial - 1 for a in atoms]
 
@@ -184,9 +190,11 @@ def build_restraints(model, monlib=None, ligands=(), hydrogens=False, pad_quantu
         if keep(ix):
             angles.append({"idx": ix, "ideal": math.radians(a.restr.value), "sigma": math.radians(a.restr.esd)})
     tors = []
+    peptide = {gemmi.ChemComp.Group.Peptide}  # servalcat matches group "peptide" only (not P-peptide)
+    res_group = {name: lib.monomers[name].group for name in set(model.res_name.tolist()) if name in lib.monomers}
     for t in topo.torsions:
         ix = np.array(_idx(t.atoms))
-        if keep(ix) and t.restr.esd > 0:
+        if keep(ix) and t.restr.esd > 0 and _torsion_used(t.restr.label, res_group.get(model.res_name[ix[1]]) in peptide):
             tors.append({"idx": ix, "ideal": math.radians(t.restr.value), "sigma": math.radians(t.restr.esd), "period": max(int(t.restr.period), 1)})
     chirs = []
     sign_code = {gemmi.ChiralityType.Positive: 1, gemmi.ChiralityType.Negative: -1, gemmi.ChiralityType.Both: 0}
