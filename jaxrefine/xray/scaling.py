@@ -9,7 +9,9 @@ part too (B_iso = trace/3); B11 B22 B33 B12 B13 B23 in Å².
 
 Fitting (outside jit, numpy + small jitted Jacobians): a grid search over (k_sol, B_sol) with
 k_overall and B_cart from a log-linear least-squares fit at each point, then Levenberg–Marquardt
-on Σ_work (|F_obs| − |F_model|)² over all parameters together.
+on Σ_work (|F_obs| − |F_model|)² over all parameters together, alternating with a
+resolution-dependent isotropic scale k_iso(s²) (piecewise linear in s², linear least squares;
+the binned k_isotropic of Afonine et al. 2013) that absorbs what the smooth model misses.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from .solvent import bulk_solvent_factor
 
 K_SOL_GRID = np.arange(0.0, 0.61, 0.05)  # e/Å³ relative to the mask; typical 0.3–0.45 (Fokine & Urzhumtsev 2002)
 B_SOL_GRID = np.arange(10.0, 131.0, 10.0)  # Å²; typical 30–80
+K_ISO_PER_NODE = 500  # work reflections per node of the resolution-dependent scale
+K_ISO_MAX_NODES = 20
 B_SOL_BOUNDS = (10.0, 300.0)  # as servalcat; B_sol and the overall B are strongly correlated at low resolution
 K_SOL_BOUNDS = (0.0, 1.5)
 
@@ -35,12 +39,17 @@ class Scales(NamedTuple):
         b_aniso: (6,) Cartesian B tensor B11 B22 B33 B12 B13 B23 (Å²), isotropic part included.
         k_sol: () bulk-solvent scale.
         b_sol: () bulk-solvent B (Å²).
+        k_iso_s2: (n_nodes,) s² (Å⁻²) of the nodes of the resolution-dependent isotropic scale, or None.
+        k_iso: (n_nodes,) its values; k_total is multiplied by their linear interpolation in s²
+            (constant beyond the end nodes), the binned k_isotropic of Afonine et al. 2013. None: 1.
     """
 
     k_overall: jax.Array
     b_aniso: jax.Array
     k_sol: jax.Array
     b_sol: jax.Array
+    k_iso_s2: jax.Array | None = None
+    k_iso: jax.Array | None = None
 
 
 def reciprocal_vectors(hkl, crystal) -> np.ndarray:
@@ -88,18 +97,53 @@ def aniso_quadratic(s_cart):
 
 
 def k_total(scales: Scales, s_cart):
-    """k_overall · exp(−¼ sᵀ B_cart s) per reflection; s_cart (n, 3) Å⁻¹ -> (n,)."""
-    return scales.k_overall * jnp.exp(-0.25 * aniso_quadratic(s_cart) @ scales.b_aniso)
+    """k_overall · k_iso(s²) · exp(−¼ sᵀ B_cart s) per reflection; s_cart (n, 3) Å⁻¹ -> (n,)."""
+    k = scales.k_overall * jnp.exp(-0.25 * aniso_quadratic(s_cart) @ scales.b_aniso)
+    if scales.k_iso is not None:
+        s2 = jnp.sum(jnp.asarray(s_cart) ** 2, axis=1)
+        k = k * jnp.interp(s2, scales.k_iso_s2, scales.k_iso)
+    return k
 
 
-def _loglinear_k_b(f_obs, f_abs, q, basis, w):
-    """Closed-form fit of ln F_obs − ln |F| = ln k − ¼ q·(basisᵀ p) (weighted LS). Returns (k, b6)."""
-    ok = (f_obs > 0) & (f_abs > 0) & (w > 0)
-    y = np.log(f_obs[ok]) - np.log(f_abs[ok])
-    a = np.hstack([np.ones((ok.sum(), 1)), -0.25 * q[ok] @ basis.T])
-    sw = np.sqrt(w[ok])
-    p, *_ = np.linalg.lstsq(a * sw[:, None], y * sw, rcond=None)
-    return float(np.exp(p[0])), basis.T @ p[1:]
+def _hat_weights(s2, nodes):
+    """(n, n_nodes) linear-interpolation weights in s² (rows sum to 1; constant outside the nodes)."""
+    s2 = np.clip(s2, nodes[0], nodes[-1])
+    j = np.clip(np.searchsorted(nodes, s2, side="right") - 1, 0, len(nodes) - 1)
+    w = np.zeros((len(s2), len(nodes)))
+    if len(nodes) == 1:
+        w[:, 0] = 1.0
+        return w
+    j = np.minimum(j, len(nodes) - 2)
+    t = (s2 - nodes[j]) / (nodes[j + 1] - nodes[j])
+    w[np.arange(len(s2)), j] = 1 - t
+    w[np.arange(len(s2)), j + 1] = t
+    return w
+
+
+def fit_k_iso(f_obs, f_amp, s2, n_per_node: int = K_ISO_PER_NODE, max_nodes: int = K_ISO_MAX_NODES):
+    """Nodes and values of the resolution-dependent isotropic scale (linear least squares).
+
+    Minimises Σ (Fo − k_iso(s²)|F|)² with k_iso linear in s² between nodes placed at the mean s²
+    of equal-count bins of ``n_per_node`` reflections (Afonine et al. 2013, k_isotropic).
+
+    Args:
+        f_obs: (n,) amplitudes; f_amp: (n,) |F_model| before k_iso; s2: (n,) 1/d² — all of the work set.
+
+    Returns:
+        (nodes (m,) s², values (m,)).
+    """
+    order = np.argsort(s2)
+    n_nodes = int(np.clip(len(s2) // n_per_node, 1, max_nodes))
+    groups = np.array_split(order, n_nodes)
+    nodes = np.array([s2[g].mean() for g in groups])
+    a = _hat_weights(s2, nodes) * f_amp[:, None]
+    vals, *_ = np.linalg.lstsq(a, f_obs, rcond=None)
+    return nodes, np.clip(vals, 0.05, 20.0)
+
+
+def _loglinear_design(q, basis):
+    """Design matrix of ln F_obs − ln |F| = ln k − ¼ q·(basisᵀ p): columns ln k, p."""
+    return np.hstack([np.ones((q.shape[0], 1)), -0.25 * q @ basis.T])
 
 
 def _amp_model(x, f_calc, f_mask, q, s2, basis):
@@ -110,16 +154,16 @@ def _amp_model(x, f_calc, f_mask, q, s2, basis):
 
 
 @jax.jit
-def _lm_pieces(x, f_obs, f_calc, f_mask, q, s2, basis, w):
-    r_fun = lambda xx: jnp.sqrt(w) * (f_obs - _amp_model(xx, f_calc, f_mask, q, s2, basis))  # noqa: E731
+def _lm_pieces(x, f_obs, f_calc, f_mask, q, s2, basis, w, mult):
+    r_fun = lambda xx: jnp.sqrt(w) * (f_obs - mult * _amp_model(xx, f_calc, f_mask, q, s2, basis))  # noqa: E731
     r = r_fun(x)
     jac = jax.jacfwd(r_fun)(x)
     return r, jac
 
 
 @jax.jit
-def _lm_cost(x, f_obs, f_calc, f_mask, q, s2, basis, w):
-    return jnp.sum(w * (f_obs - _amp_model(x, f_calc, f_mask, q, s2, basis)) ** 2)
+def _lm_cost(x, f_obs, f_calc, f_mask, q, s2, basis, w, mult):
+    return jnp.sum(w * (f_obs - mult * _amp_model(x, f_calc, f_mask, q, s2, basis)) ** 2)
 
 
 def _levenberg_marquardt(x, args, n_iter=30, fix_solvent=False):
@@ -163,6 +207,8 @@ def fit_scales(
     b_sol_grid=B_SOL_GRID,
     refine: bool = True,
     use_solvent: bool = True,
+    resolution_scale: bool = True,
+    n_macro: int = 2,
 ) -> Scales:
     """Fit k_overall, the symmetry-constrained B_cart, k_sol and B_sol on the work set.
 
@@ -177,6 +223,9 @@ def fit_scales(
         k_sol_grid, b_sol_grid: grid searched before the joint refinement.
         refine: run the joint least-squares refinement after the grid search.
         use_solvent: False fits k_overall and B_cart only (k_sol = 0).
+        resolution_scale: also fit the resolution-dependent isotropic scale k_iso(s²)
+            (:func:`fit_k_iso`), alternating with the joint refinement ``n_macro`` times.
+        n_macro: rounds of (joint refinement, k_iso fit).
 
     Returns:
         :class:`Scales` minimising Σ_work (F_obs − |F_model|)² (Afonine et al. 2013).
@@ -194,26 +243,42 @@ def fit_scales(
     basis = aniso_basis(crystal)
     fo, fc, fm, qw, s2w = f_obs[work], f_calc[work], f_mask[work], q[work], s2[work]
     ones = np.ones_like(fo)
+    # |Fc + a Fm|² = |Fc|² + 2a Re(Fc Fm*) + a²|Fm|², a = k_sol exp(−B_sol s²/4); the log-linear
+    # design matrix does not depend on (k_sol, B_sol), so its pseudo-inverse is computed once.
+    fc2, cross, fm2 = np.abs(fc) ** 2, 2 * (fc * np.conj(fm)).real, np.abs(fm) ** 2
+    log_fo = np.log(fo)
+    design = _loglinear_design(qw, basis)
+    pinv = np.linalg.pinv(design)
     best = None
-    for k_sol in k_sol_grid:
-        for b_sol in b_sol_grid:
-            f_abs = np.abs(fc + k_sol * np.exp(-b_sol * s2w / 4) * fm)
-            k, b6 = _loglinear_k_b(fo, f_abs, qw, basis, ones)
-            calc = k * np.exp(-0.25 * qw @ b6) * f_abs
-            # best LS scale on top of the log-linear fit, then score by R
-            kk = np.sum(fo * calc) / max(np.sum(calc * calc), 1e-300)
+    for b_sol in b_sol_grid:
+        e = np.exp(-b_sol * s2w / 4)
+        for k_sol in k_sol_grid:
+            a = k_sol * e
+            f_abs = np.sqrt(np.maximum(fc2 + a * cross + a * a * fm2, 1e-30))
+            p = pinv @ (log_fo - np.log(f_abs))
+            calc = np.exp(design @ p) * f_abs
+            kk = np.sum(fo * calc) / max(np.sum(calc * calc), 1e-300)  # LS scale on top of the log fit
             r = np.sum(np.abs(fo - kk * calc)) / np.sum(fo)
             if best is None or r < best[0]:
-                best = (r, k * kk, b6, k_sol, b_sol)
+                best = (r, np.exp(p[0]) * kk, basis.T @ p[1:], k_sol, b_sol)
     _, k, b6, k_sol, b_sol = best
     x = np.concatenate([[k], basis @ b6, [k_sol, b_sol]])
-    if refine:
-        args = tuple(jnp.asarray(a) for a in (fo, fc, fm, qw, s2w, basis, ones))
-        x, _ = _levenberg_marquardt(x, args, fix_solvent=not use_solvent)
+    mult = np.ones_like(fo)
+    nodes = vals = None
+    fo_j, fc_j, fm_j, q_j, s2_j, basis_j, w_j = (jnp.asarray(a) for a in (fo, fc, fm, qw, s2w, basis, ones))
+    for _ in range(n_macro if resolution_scale else 1):
+        if refine:
+            x, _ = _levenberg_marquardt(x, (fo_j, fc_j, fm_j, q_j, s2_j, basis_j, w_j, jnp.asarray(mult)), fix_solvent=not use_solvent)
+        if resolution_scale:
+            amp = np.asarray(_amp_model(jnp.asarray(x), fc_j, fm_j, q_j, s2_j, basis_j))
+            nodes, vals = fit_k_iso(fo, amp, s2w)
+            mult = _hat_weights(s2w, nodes) @ vals
     b_cart = basis.T @ x[1:-2]
     return Scales(
         k_overall=jnp.asarray(x[0]),
         b_aniso=jnp.asarray(b_cart),
         k_sol=jnp.asarray(x[-2] if use_solvent else 0.0),
         b_sol=jnp.asarray(x[-1] if use_solvent else 0.0),
+        k_iso_s2=None if nodes is None else jnp.asarray(nodes),
+        k_iso=None if vals is None else jnp.asarray(vals),
     )
