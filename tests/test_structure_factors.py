@@ -37,7 +37,7 @@ TOL_FFT_SINGLE = 2e-3
 # float64 autodiff vs central differences of the same function
 TOL_FD = 1e-4
 # FFT gradient vs direct gradient: limited by the FFT's accuracy (~1e-4 in F), amplified in dT/dx
-TOL_GRAD_FFT_VS_DIRECT = 2e-2
+TOL_GRAD_FFT_VS_DIRECT = 1e-2
 # float32 vs float64 (the limit)
 TOL_F32 = 2e-3
 N_SUBSET = 1000  # reflections for the direct reference on real data (keeps the file within budget)
@@ -144,6 +144,7 @@ def test_direct_matches_gemmi(pdb_id):
     setup = make_sf_setup(model.crystal, hkl, it92_form_factors(model.element), "direct")
     f = np.asarray(jax.jit(structure_factors)(x, b, q, setup, u))
     f_ref = gemmi_fcalc(model_path, hkl)
+    print(f"{pdb_id}: direct vs gemmi R {r_amp(f, f_ref):.2e}, phase {phase_diff_deg(f, f_ref):.2e} deg")
     assert r_amp(f, f_ref) < TOL_GEMMI_R
     assert phase_diff_deg(f, f_ref) < 0.05
 
@@ -164,6 +165,7 @@ def test_fft_matches_direct(pdb_id):
     pick = subset(np.arange(refl.n), N_SUBSET)
     direct = make_sf_setup(model.crystal, refl.hkl[pick], ff, "direct")
     f_dir = np.asarray(jax.jit(structure_factors)(x, b, q, direct, u))
+    print(f"{pdb_id}: FFT vs direct R {r_amp(f_fft[pick], f_dir):.2e}, phase {phase_diff_deg(f_fft[pick], f_dir):.4f} deg")
     assert r_amp(f_fft[pick], f_dir) < TOL_FFT_R
     assert phase_diff_deg(f_fft[pick], f_dir) < TOL_FFT_PHASE_DEG
 
@@ -217,6 +219,7 @@ def test_fft_gradient_matches_direct_gradient(small_problem):
     g = {m: jax.jit(jax.grad(_ls_target(setups[m], f_obs), argnums=(0, 1, 2)))(x, b, q) for m in setups}
     for k in range(3):
         gd, gf = np.asarray(g["direct"][k]), np.asarray(g["fft"][k])
+        print(f"gradient {k}: |g_fft - g_direct| / |g_direct| = {np.linalg.norm(gf - gd) / np.linalg.norm(gd):.2e}")
         assert np.linalg.norm(gf - gd) / np.linalg.norm(gd) < TOL_GRAD_FFT_VS_DIRECT
 
 
@@ -259,7 +262,7 @@ def test_translation_changes_only_phases(method):
 
 def test_float32_close_to_float64(small_problem):
     model, refl, (x, b, q), setups = small_problem
-    f64 = np.asarray(structure_factors(x, b, q, setups["fft"]))
+    f64 = np.asarray(jax.jit(structure_factors)(x, b, q, setups["fft"]))
     s32 = make_sf_setup(model.crystal, refl.hkl, it92_form_factors(model.element), "fft", b_iso=b, dtype=jnp.float32)
     f32 = jax.jit(structure_factors)(x.astype(jnp.float32), b.astype(jnp.float32), q.astype(jnp.float32), s32)
     assert f32.dtype == jnp.complex64

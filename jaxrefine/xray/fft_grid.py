@@ -24,14 +24,17 @@ PAIRS = ((0, 1), (0, 2), (1, 2))
 def box_offsets(p, n_box: int):
     """First grid index of a box of n_box points around grid coordinate p, and the offsets.
 
+    The box starts at floor(p − n_box/2 + 1), so that the nearest point left out on either side
+    is at least n_box/2 steps away, for even and odd n_box alike.
+
     Args:
         p: (m,) grid coordinates (grid steps, any real number).
-        n_box: points in the box (even; the atom lies between the two central points).
+        n_box: points in the box.
 
     Returns:
         (m,) int32 first index (unwrapped) and (m, n_box) offsets (index − p, grid steps).
     """
-    start = jnp.floor(p).astype(jnp.int32) - (n_box // 2 - 1)
+    start = jnp.floor(p - (0.5 * n_box - 1.0)).astype(jnp.int32)
     idx = start[:, None] + jnp.arange(n_box, dtype=jnp.int32)[None, :]
     return start, idx.astype(p.dtype) - p[:, None]
 
