@@ -143,11 +143,10 @@ def make_demo_crystal(seed: int = 0):
     """(true Model, Reflections) of the synthetic crystal: ideal peptide, simulated data."""
     from .crystal import d_spacing
     from .io.build import model_from_atoms, unique_hkl
-    from .io.mask import mask_grid_shape, solvent_mask
     from .io.reflections import Reflections, generate_free_flags
     from .crystal import centric_flags, epsilon_factors
     from .io.formfactor_io import it92_form_factors
-    from .xray.solvent import f_mask_from_grid
+    from .xray.fmodel import model_f_mask
     from .xray.structure_factors import make_sf_setup, structure_factors
 
     atoms = build_peptide()
@@ -173,8 +172,7 @@ def make_demo_crystal(seed: int = 0):
     ff = it92_form_factors(model.element)
     setup = make_sf_setup(crystal, hkl, ff, d_min=DEMO_D_MIN)
     f_calc = np.asarray(structure_factors(model.xyz_frac, model.b_iso, model.occ, setup))
-    mask = solvent_mask(model, crystal, mask_grid_shape(crystal, DEMO_D_MIN))
-    f_mask = np.asarray(f_mask_from_grid(mask, hkl, crystal.volume))
+    f_mask, _, _ = model_f_mask(model, crystal, hkl, DEMO_D_MIN)
     f_true = np.abs((f_calc + K_SOL * np.exp(-B_SOL * s2 / 4) * f_mask) * np.exp(-B_OVERALL * s2 / 4))
     rng = np.random.default_rng(seed)
     sig = NOISE_REL * f_true + NOISE_ABS * f_true.mean()
@@ -188,7 +186,7 @@ def make_demo_crystal(seed: int = 0):
     return model, refl
 
 
-def regularise(model, n_steps: int = 300):
+def regularise(model, n_steps: int = 150):
     """Minimise E_geometry alone (built-in or library restraints) so the peptide is ideal."""
     import jax
     import jax.numpy as jnp
@@ -234,8 +232,12 @@ def perturb(model, seed: int = 0):
     return with_coordinates(model, xyz_cart=xyz, b_iso=b)
 
 
-def run_demo(out_dir: str, n_cycles: int = 6, progress=print, plots: bool = True, seed: int = 0) -> dict:
+def run_demo(out_dir: str, n_cycles: int = 6, progress=print, plots: bool = True, seed: int = 0, cycle_progress=print) -> dict:
     """Build, perturb and refine the synthetic crystal; write everything into ``out_dir``.
+
+    Args:
+        progress: callable for the demo's own lines; cycle_progress: for the per-cycle table
+            (None when logging already shows it, as in the CLI).
 
     Returns the metrics dict of the refinement, plus ``rmsd_start``/``rmsd_final`` (Å, to the true model).
     """
@@ -257,7 +259,8 @@ def run_demo(out_dir: str, n_cycles: int = 6, progress=print, plots: bool = True
               title="jaxrefine SYNTHETIC demo data")
     cfg: Config = load_config(None, [f"refine.n_cycles={n_cycles}", f"output.plots={'true' if plots else 'false'}"])
     metrics = run_refinement(os.path.join(out_dir, "synthetic_start.pdb"), os.path.join(out_dir, "synthetic_data.mtz"),
-                             os.path.join(out_dir, "refined"), cfg, progress=progress)
+                             os.path.join(out_dir, "refined"), cfg, progress=cycle_progress,
+                             plot_title="SYNTHETIC demo crystal: R per macrocycle")
     from .io.model import read_model
 
     final = read_model(os.path.join(out_dir, "refined", "refined.pdb"))

@@ -24,7 +24,7 @@ def run(args) -> int:
         except ImportError:
             print("matplotlib not installed: skipping the plot (pip install 'jaxrefine[plots]')")
             plots = False
-    m = run_demo(args.out, n_cycles=args.cycles, plots=plots, seed=args.seed)
+    m = run_demo(args.out, n_cycles=args.cycles, plots=plots, seed=args.seed, cycle_progress=None)
     print(f"SYNTHETIC demo done: R-work {m['r_work']:.4f}  R-free {m['r_free']:.4f}  rms bond {m['rms_bond']:.4f} Å  "
           f"({m['wall_s']:.0f} s); results in {args.out}/refined/" + (" (r_vs_cycle.png)" if plots else ""))
     return 0

@@ -46,7 +46,7 @@ def run(args) -> int:
     from ..refine.run import run_refinement
 
     cfg = load_config(args.config, _overrides(args))
-    metrics = run_refinement(args.model, args.data, args.out, cfg, progress=print)
+    metrics = run_refinement(args.model, args.data, args.out, cfg)
     print(f"final: R-work {metrics['r_work']:.4f}  R-free {metrics['r_free']:.4f}  "
           f"rms bond {metrics['rms_bond']:.4f} Å  rms angle {metrics['rms_angle']:.2f}°  ({metrics['wall_s']:.1f} s)")
     print(f"wrote {args.out}/refined.cif, refined.pdb, maps.mtz, metrics.json, config.yaml, refine.log")

@@ -57,7 +57,7 @@ def write_outputs(result: RefinementResult, setup, out_dir, argv=None) -> dict:
         write_model(model, os.path.join(out_dir, "refined.pdb"), xyz_cart=xyz, b_iso=b, occ=occ, remarks=remarks)
     x = problem.xray
     fm = np.asarray(_f_model_now(params, problem))
-    two, one = map_coefficients(np.asarray(x.f_obs), fm, x.sigma_a, np.asarray(x.centric))
+    two, one = map_coefficients(np.asarray(x.f_obs), fm, x.sigma_a, np.asarray(x.centric), np.asarray(x.epsilon))
     write_mtz(os.path.join(out_dir, "maps.mtz"), refl.crystal, refl.hkl, {
         "FP": ("F", refl.f_obs), "SIGFP": ("Q", refl.sig_f_obs), "FREE": ("I", np.where(refl.free, 0, 1)),
         "FMODEL/PHIFMODEL": ("FP", fm), "2FOFCWT/PH2FOFCWT": ("FP", np.asarray(two)), "FOFCWT/PHFOFCWT": ("FP", np.asarray(one)),

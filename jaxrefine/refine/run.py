@@ -12,11 +12,13 @@ from .outputs import write_outputs
 log = logging.getLogger("jaxrefine")
 
 
-def run_refinement(model_path, data_path, out_dir, cfg: Config | None = None, progress=None) -> dict:
+def run_refinement(model_path, data_path, out_dir, cfg: Config | None = None, progress=None, plot_title: str | None = None) -> dict:
     """Read, refine, write.  Returns the metrics dict (as in metrics.json).
 
     Args:
-        progress: callable taking one line of text per macrocycle (``print`` in the CLI).
+        progress: callable taking one line of text per macrocycle (e.g. ``print`` in a notebook; the
+            CLI leaves it None because its logging already shows the lines).
+        plot_title: title of the R-vs-cycle plot (``output.plots``).
     """
     cfg = cfg or Config()
     protect(model_path, data_path)
@@ -46,7 +48,8 @@ def run_refinement(model_path, data_path, out_dir, cfg: Config | None = None, pr
         if cfg.output.plots:
             from ..plots import plot_r_vs_cycle
 
-            plot_r_vs_cycle(metrics["cycles"], os.path.join(out_dir, "r_vs_cycle.png"))
+            kw = {"title": plot_title} if plot_title else {}
+            plot_r_vs_cycle(metrics["cycles"], os.path.join(out_dir, "r_vs_cycle.png"), **kw)
         return metrics
     finally:
         root.removeHandler(handler)

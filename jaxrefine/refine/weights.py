@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 RMSZ_RANGE = (0.35, 0.9)  # acceptable RMS Z(bond); the adjustment aims at its centre (servalcat uses 0.5–1.0)
-MAX_FACTOR = 2.5  # largest change of w_A per macrocycle
+MAX_FACTOR = 1.6  # largest change of w_A per macrocycle (larger steps make w_A oscillate)
 W_A_LIMITS = (1e-4, 1e3)
 
 
@@ -42,6 +42,6 @@ def adjust_w_a(w_a: float, rmsz_bond: float, target_rmsz: float) -> float:
     lo, hi = min(lo, target_rmsz), max(hi, target_rmsz)
     if lo <= rmsz_bond <= hi or not np.isfinite(rmsz_bond):
         return w_a
-    factor = (rmsz_bond / target_rmsz) ** 2
+    factor = rmsz_bond / target_rmsz
     factor = float(np.clip(factor, 1 / MAX_FACTOR, MAX_FACTOR))
     return float(np.clip(w_a * factor, *W_A_LIMITS))
