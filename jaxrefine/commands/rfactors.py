@@ -20,7 +20,7 @@ def add_arguments(p):
     p.add_argument("--no-hydrogens", action="store_true", help="drop hydrogen atoms of the model")
     p.add_argument("--no-solvent", action="store_true", help="no bulk-solvent model (k_sol = 0)")
     p.add_argument("--bins", type=int, default=10, help="resolution bins in the table (default 10)")
-    p.add_argument("--sf-method", default="fft", choices=("fft", "direct"), help="structure-factor method")
+    p.add_argument("--sf-method", default="auto", choices=("auto", "fft", "direct"), help="structure-factor method (auto: direct sum for small problems)")
     p.add_argument("--mtz-out", help="write FP/SIGFP/FREE, FMODEL, 2FOFCWT/PH2FOFCWT, FOFCWT/PHFOFCWT to this MTZ")
     p.add_argument("--map-out", help="write PREFIX_2fofc.ccp4 and PREFIX_fofc.ccp4 maps")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -55,7 +55,8 @@ def run(args) -> int:
     model = read_model(args.model, hydrogens=not args.no_hydrogens)
     refl = read_reflections(args.data, labin=args.labin, free_value=args.free_value, d_min=args.d_min, d_max=args.d_max)
     check_compatible(model.crystal, refl.crystal, args.model, args.data)
-    res = compute_fmodel(model, refl, sf_method=args.sf_method, use_solvent=not args.no_solvent)
+    maps = bool(args.mtz_out or args.map_out)
+    res = compute_fmodel(model, refl, sf_method=args.sf_method, use_solvent=not args.no_solvent, complete=maps)
     stats = fmodel_statistics(model, refl, n_bins=args.bins, result=res)
     stats["model"], stats["data"] = str(args.model), str(args.data)
     stats["deposited"] = {k: model.meta.get(k) for k in ("r_work", "r_free", "resolution")}

@@ -67,13 +67,44 @@ class FmodelResult(NamedTuple):
     mask_grid_shape: tuple
     solvent_fraction: float
     timings: dict
+    complete: tuple | None = None  # (hkl_all (m, 3), f_calc_all, f_mask_all, obs_pos (n,)) when computed
 
 
-def model_f_calc(model, crystal, hkl, method: str = "fft"):
-    """F_calc of a :class:`jaxrefine.io.model.Model` at hkl (anisotropic ADPs included)."""
+def complete_set(refl):
+    """All unique reflections in the data's resolution range, and the position of each observed one.
+
+    Returns:
+        (hkl_all (m, 3) int, obs_pos (n,) int index of ``refl.hkl[i]`` in hkl_all, or −1).
+    """
+    from ..crystal import d_spacing
+    from ..io.maps_io import complete_hkl
+
+    hkl_all = complete_hkl(refl.crystal, refl.d_min - 1e-6)
+    hkl_all = hkl_all[d_spacing(hkl_all, refl.crystal) <= refl.d_max + 1e-6]
+    index = {tuple(h): i for i, h in enumerate(hkl_all.tolist())}
+    obs_pos = np.array([index.get(tuple(h), -1) for h in refl.hkl.tolist()], dtype=np.int64)
+    if np.any(obs_pos < 0):  # observed reflections outside gemmi's asymmetric unit: keep them too
+        extra = refl.hkl[obs_pos < 0]
+        obs_pos[obs_pos < 0] = len(hkl_all) + np.arange(len(extra))
+        hkl_all = np.concatenate([hkl_all, extra])
+    return hkl_all, obs_pos
+
+
+DIRECT_WORK_LIMIT = 3e7  # atoms × operators × reflections below which "auto" sums directly (no FFT compile)
+
+
+def model_f_calc(model, crystal, hkl, method: str = "auto"):
+    """F_calc of a :class:`jaxrefine.io.model.Model` at hkl (anisotropic ADPs included).
+
+    ``method``: "fft", "direct", or "auto" (direct summation for small problems, where it is
+    faster than compiling the FFT path; see DIRECT_WORK_LIMIT).
+    """
     from ..io.formfactor_io import it92_form_factors
     from .structure_factors import make_sf_setup, split_adp, structure_factors
 
+    if method == "auto":
+        work = float(model.n_atoms) * crystal.n_ops * len(hkl)
+        method = "direct" if work < DIRECT_WORK_LIMIT else "fft"
     ff = it92_form_factors(model.element, model.source)
     b_iso, u_aniso = split_adp(model.b_iso, model.u_aniso, model.has_aniso)
     u = u_aniso if np.any(model.has_aniso) else None
@@ -103,8 +134,8 @@ def choose_sigma_a_set(free, min_per_bin: int = MIN_PER_BIN):
     return ~free, "work"
 
 
-def compute_fmodel(model, refl, f_calc=None, f_mask=None, sf_method: str = "fft", r_probe: float = 1.0,
-                   r_shrink: float = 0.8, use_solvent: bool = True) -> FmodelResult:
+def compute_fmodel(model, refl, f_calc=None, f_mask=None, sf_method: str = "auto", r_probe: float = 1.0,
+                   r_shrink: float = 0.8, use_solvent: bool = True, complete: bool = False) -> FmodelResult:
     """F_calc, bulk solvent, scales and σA for a model and its data (outside jit).
 
     Args:
@@ -112,22 +143,30 @@ def compute_fmodel(model, refl, f_calc=None, f_mask=None, sf_method: str = "fft"
         refl: :class:`jaxrefine.io.reflections.Reflections`.
         f_calc: (n,) complex precomputed F_calc at ``refl.hkl`` (computed when None).
         f_mask: (n,) complex precomputed F_mask (computed when None).
-        sf_method: "fft" or "direct" for F_calc.
+        sf_method: "fft", "direct" or "auto" for F_calc (see :func:`model_f_calc`).
         r_probe, r_shrink: solvent-mask radii (Å).
         use_solvent: False: no bulk solvent (k_sol = 0).
+        complete: compute F_calc and F_mask on every unique reflection to the data's limits
+            (one structure-factor call), for map coefficients with fill-in (:func:`fmodel_maps`).
     """
     t = {}
     crystal = refl.crystal
+    hkl, full = refl.hkl, None
+    if complete and f_calc is None and f_mask is None:
+        hkl, obs_pos = complete_set(refl)
     t0 = time.perf_counter()
     if f_calc is None:
-        f_calc = model_f_calc(model, crystal, refl.hkl, sf_method)
+        f_calc = model_f_calc(model, crystal, hkl, sf_method)
     t["f_calc"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     shape, frac_solvent = (), float("nan")
     if f_mask is None and use_solvent:
-        f_mask, shape, frac_solvent = model_f_mask(model, crystal, refl.hkl, refl.d_min, r_probe, r_shrink)
+        f_mask, shape, frac_solvent = model_f_mask(model, crystal, hkl, refl.d_min, r_probe, r_shrink)
     if f_mask is None:
         f_mask = np.zeros_like(f_calc)
+    if hkl is not refl.hkl:
+        full = (hkl, np.asarray(f_calc), np.asarray(f_mask), obs_pos)
+        f_calc, f_mask = full[1][obs_pos], full[2][obs_pos]
     t["f_mask"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     s_cart = reciprocal_vectors(refl.hkl, crystal)
@@ -143,6 +182,7 @@ def compute_fmodel(model, refl, f_calc=None, f_mask=None, sf_method: str = "fft"
     return FmodelResult(
         f_calc=np.asarray(f_calc), f_mask=np.asarray(f_mask), f_model=fm, s_cart=s_cart, scales=scales,
         sigma_a=sig_a, sigma_a_set=which, mask_grid_shape=shape, solvent_fraction=frac_solvent, timings=t,
+        complete=full,
     )
 
 
@@ -197,7 +237,7 @@ def _expand_bins(sigma_a: SigmaA, d_obs, d_new) -> np.ndarray:
     return np.asarray(sigma_a.bins)[order[pos]]
 
 
-def fmodel_maps(model, refl, result: FmodelResult, fill_missing: bool = True, sf_method: str = "fft"):
+def fmodel_maps(model, refl, result: FmodelResult, fill_missing: bool = True, sf_method: str = "auto"):
     """σA-weighted 2mFo−DFc and mFo−DFc coefficients for a model and its data.
 
     With ``fill_missing`` the coefficients cover every unique reflection between the data's
@@ -207,7 +247,6 @@ def fmodel_maps(model, refl, result: FmodelResult, fill_missing: bool = True, sf
         (hkl (m, 3) int, two_fofc (m,) complex, fofc (m,) complex).
     """
     from ..crystal import d_spacing
-    from ..io.maps_io import complete_hkl
     from .maps import map_coefficients
 
     crystal = refl.crystal
@@ -217,29 +256,27 @@ def fmodel_maps(model, refl, result: FmodelResult, fill_missing: bool = True, sf
         return refl.hkl, np.asarray(two), np.asarray(diff)
     from ..crystal import centric_flags, epsilon_factors
 
-    hkl_all = complete_hkl(crystal, refl.d_min - 1e-6)
+    if result.complete is not None:
+        hkl_all, f_calc, f_mask, obs_pos = result.complete
+    else:
+        hkl_all, obs_pos = complete_set(refl)
     d_all = d_spacing(hkl_all, crystal)
-    hkl_all = hkl_all[d_all <= refl.d_max + 1e-6]
-    d_all = d_all[d_all <= refl.d_max + 1e-6]
-    index = {tuple(h): i for i, h in enumerate(hkl_all.tolist())}
-    obs_pos = np.array([index.get(tuple(h), -1) for h in refl.hkl.tolist()])
-    missing_obs = obs_pos < 0  # observed reflections outside gemmi's asu (should not happen)
     observed = np.zeros(len(hkl_all), bool)
-    observed[obs_pos[~missing_obs]] = True
-    f_obs = np.zeros(len(hkl_all))
-    f_obs[obs_pos[~missing_obs]] = refl.f_obs[~missing_obs]
-    f_calc = np.zeros(len(hkl_all), complex)
-    f_mask = np.zeros(len(hkl_all), complex)
-    f_calc[obs_pos[~missing_obs]] = result.f_calc[~missing_obs]
-    f_mask[obs_pos[~missing_obs]] = result.f_mask[~missing_obs]
+    observed[obs_pos] = True
     new = ~observed
-    if new.any():
-        f_calc[new] = model_f_calc(model, crystal, hkl_all[new], sf_method)
-        if np.any(result.f_mask != 0):
-            f_mask[new] = model_f_mask(model, crystal, hkl_all[new], refl.d_min)[0]
+    f_obs = np.zeros(len(hkl_all))
+    f_obs[obs_pos] = refl.f_obs
+    if result.complete is None:
+        f_calc = np.zeros(len(hkl_all), complex)
+        f_mask = np.zeros(len(hkl_all), complex)
+        f_calc[obs_pos], f_mask[obs_pos] = result.f_calc, result.f_mask
+        if new.any():
+            f_calc[new] = model_f_calc(model, crystal, hkl_all[new], sf_method)
+            if np.any(result.f_mask != 0):
+                f_mask[new] = model_f_mask(model, crystal, hkl_all[new], refl.d_min)[0]
     fm = np.asarray(f_model(jnp.asarray(f_calc), jnp.asarray(f_mask), reciprocal_vectors(hkl_all, crystal), result.scales))
     bins = np.zeros(len(hkl_all), np.int32)
-    bins[obs_pos[~missing_obs]] = np.asarray(sig_a.bins)[~missing_obs]
+    bins[obs_pos] = np.asarray(sig_a.bins)
     bins[new] = _expand_bins(sig_a, refl.d, d_all[new])
     sig_all = SigmaA(d=jnp.asarray(sig_a.bin_d[bins]), s=jnp.asarray(sig_a.bin_s[bins]), bins=bins,
                      bin_d=sig_a.bin_d, bin_s=sig_a.bin_s)
