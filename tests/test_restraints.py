@@ -125,6 +125,13 @@ def small():
     return model, r, build_nonbonded(model, r)
 
 
+@pytest.fixture(scope="module")
+def small_energy(small):
+    """One jitted E_geometry(x, weights) for 5e5z, shared by the tests (weights are traced)."""
+    _, r, nb = small
+    return jax.jit(lambda x, w: geometry_energy(x, r, nb, w))
+
+
 # ---------------------------------------------------------------- topology vs gemmi / README
 @pytest.mark.parametrize("pdb_id", DATA_PARAMS)
 def test_counts_and_rms_match_gemmi(pdb_id):
@@ -226,9 +233,8 @@ def test_nonbonded_symmetry_mate_clash():
     nb = build_nonbonded(model, r)
     assert nb.n_pairs == 1 and int(nb.i[0]) == 0 and int(nb.j[0]) == 0 and float(nb.weight[0]) == 0.5
     d_min = float(nb.d_min[0])
-    e = geometry_energy(jnp.asarray(model.xyz_cart), r, nb, GeometryWeights.make())
+    e, g = jax.jit(jax.value_and_grad(geometry_energy))(jnp.asarray(model.xyz_cart), r, nb, GeometryWeights.make())
     assert float(e) == pytest.approx(0.5 * ((d_min - 1.8) / 0.2) ** 2)
-    g = jax.grad(geometry_energy)(jnp.asarray(model.xyz_cart), r, nb, GeometryWeights.make())
     assert float(g[0, 0]) < 0  # moving away from the axis (+x) lowers the energy
     rep = geometry_report(model.xyz_cart, r, nb, model)
     assert rep.n_clashes == 1 and rep.clashes[0]["symmetry"]
@@ -269,17 +275,17 @@ TERMS = ("bond", "angle", "torsion", "plane", "chiral", "nonbonded")
 
 
 @pytest.mark.parametrize("term", TERMS)
-def test_gradient_matches_finite_differences(small, term):
+def test_gradient_matches_finite_differences(small, small_energy, term):
     model, r, nb = small
     rng = np.random.default_rng(0)
     xyz = model.xyz_cart + rng.normal(0, 0.1, model.xyz_cart.shape)  # off-ideal everywhere
     weights = GeometryWeights.make(**{k: float(k == term) for k in GeometryWeights._fields})
-    f = jax.jit(lambda x: geometry_energy(x, r, nb, weights))
-    g = np.asarray(jax.grad(f)(jnp.asarray(xyz)))
+    f = small_energy
+    g = np.asarray(jax.grad(f)(jnp.asarray(xyz), weights))
     v = rng.normal(size=xyz.shape)
     h = 1e-5
-    fd = (float(f(xyz + h * v)) - float(f(xyz - h * v))) / (2 * h)
-    assert float(f(xyz)) > 0
+    fd = (float(f(xyz + h * v, weights)) - float(f(xyz - h * v, weights))) / (2 * h)
+    assert float(f(xyz, weights)) > 0
     assert np.sum(g * v) == pytest.approx(fd, rel=FD_REL_TOL, abs=1e-8)
 
 

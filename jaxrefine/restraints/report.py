@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import jax
 import numpy as np
 
 from .bonds import bond_angles, bond_lengths
@@ -53,6 +54,22 @@ class GeometryReport:
         return asdict(self)
 
 
+@jax.jit
+def _values(xyz_cart, restraints: Restraints, nonbonded):
+    """All per-restraint geometric values in one compiled call (eager op-by-op is slow)."""
+    out = {
+        "bond": bond_lengths(xyz_cart, restraints.bond),
+        "angle": bond_angles(xyz_cart, restraints.angle),
+        "torsion": torsion_deviations(xyz_cart, restraints.torsion),
+        "plane": plane_distances(xyz_cart, restraints.plane),
+        "chiral": chiral_volumes(xyz_cart, restraints.chiral),
+    }
+    out["chiral_target"] = chiral_targets(out["chiral"], restraints.chiral)
+    if nonbonded is not None:
+        out["pair"] = pair_distances(xyz_cart, nonbonded)
+    return out
+
+
 def _label(model, i):
     i = int(i)
     if model is None:
@@ -86,6 +103,7 @@ def geometry_report(xyz_cart, restraints: Restraints, nonbonded: NonbondedList |
         model: the Model, for residue labels of outliers (None: atom indices).
     """
     xyz = np.asarray(xyz_cart, float)
+    vals = jax.tree_util.tree_map(np.asarray, _values(xyz, restraints, nonbonded))
     deg = 180.0 / np.pi
     out = {}
 
@@ -94,7 +112,7 @@ def geometry_report(xyz_cart, restraints: Restraints, nonbonded: NonbondedList |
 
     b = restraints.bond
     m = real(b)
-    d = np.asarray(bond_lengths(xyz, b))[m]
+    d = vals["bond"][m]
     ideal, sig, idx = np.asarray(b.ideal)[m], np.asarray(b.sigma)[m], np.asarray(b.idx)[m]
     zb = (d - ideal) / sig
     out["bond"] = _worst(idx, d, ideal, zb, model)
@@ -102,7 +120,7 @@ def geometry_report(xyz_cart, restraints: Restraints, nonbonded: NonbondedList |
 
     a = restraints.angle
     m = real(a)
-    th = np.asarray(bond_angles(xyz, a))[m]
+    th = vals["angle"][m]
     ideal, sig, idx = np.asarray(a.ideal)[m], np.asarray(a.sigma)[m], np.asarray(a.idx)[m]
     za = (th - ideal) / sig
     out["angle"] = _worst(idx, th, ideal, za, model, deg)
@@ -110,7 +128,7 @@ def geometry_report(xyz_cart, restraints: Restraints, nonbonded: NonbondedList |
 
     t = restraints.torsion
     m = real(t)
-    dt = np.asarray(torsion_deviations(xyz, t))[m]
+    dt = vals["torsion"][m]
     zt = dt / np.asarray(t.sigma)[m]
     idx, ideal = np.asarray(t.idx)[m], np.asarray(t.ideal)[m]
     out["torsion"] = _worst(idx, ideal + dt, ideal, zt, model, deg)
@@ -118,7 +136,7 @@ def geometry_report(xyz_cart, restraints: Restraints, nonbonded: NonbondedList |
 
     p = restraints.plane
     m = real(p)
-    dist = np.asarray(plane_distances(xyz, p))[m]
+    dist = vals["plane"][m]
     am = np.asarray(p.atom_mask)[m] > 0
     sig = np.asarray(p.sigma)[m]
     zp_atoms = (dist / sig[:, None])[am]
@@ -133,9 +151,8 @@ def geometry_report(xyz_cart, restraints: Restraints, nonbonded: NonbondedList |
 
     c = restraints.chiral
     m = real(c)
-    v = np.asarray(chiral_volumes(xyz, c))
-    target = np.asarray(chiral_targets(v, c))[m]
-    v = v[m]
+    v = vals["chiral"][m]
+    target = vals["chiral_target"][m]
     zc = (v - target) / np.asarray(c.sigma)[m]
     out["chiral"] = _worst(np.asarray(c.idx)[m], v, target, zc, model)
     sign = np.asarray(c.sign)[m]
@@ -145,7 +162,7 @@ def geometry_report(xyz_cart, restraints: Restraints, nonbonded: NonbondedList |
     if nonbonded is not None:
         w = np.asarray(nonbonded.weight) > 0
         n_nb = int(w.sum())
-        dnb = np.asarray(pair_distances(xyz, nonbonded))[w]
+        dnb = vals["pair"][w]
         dmin = np.asarray(nonbonded.d_min)[w]
         ii, jj = np.asarray(nonbonded.i)[w], np.asarray(nonbonded.j)[w]
         sym = np.asarray(nonbonded.weight)[w] < 1
