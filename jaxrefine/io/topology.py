@@ -173,6 +173,9 @@ def build_restraints(model, monlib=None, ligands=(), hydrogens=False, pad_quantu
     lib = _read_monlib(find_monlib(monlib), st[0].get_all_residue_names(), ligands, source)
     topo = _topology(st, lib, source)
     is_h = np.asarray(model.is_hydrogen, bool)
+    if is_h.any() and not hydrogens:
+        log.warning("%s: %d hydrogens in the model get no restraints (hydrogens=False); read the model with "
+                    "read_model(..., hydrogens=False) to drop them", source, int(is_h.sum()))
 
     def keep(ix):
         return hydrogens or not is_h[ix].any()
