@@ -34,20 +34,26 @@ TOL_SIGMAA = 0.05  # relative, D and S from 20000 simulated reflections per bin 
 TOL_VS_SERVALCAT = 0.02  # the check: R within 0.02 of servalcat's on the same model and data
 TOL_VS_DEPOSITED = 0.03  # the check against the deposited R (unless servalcat is farther, see below)
 MASK_MISMATCH = 2e-3  # fraction of grid points where the ASU-with-symmetry mask and the P1-expanded mask differ (rounding at the probe surface)
+TOL_REGRESSION = 0.005  # R may not rise above the recorded jaxrefine value by more than this (improvements pass)
 PEAK_SIGMA = 3.0  # mFo-DFc peak at removed atoms, in map r.m.s.
 
-# R-work / R-free: deposited (model header), servalcat 0.4.142 --ncycle 0 (shared data README, "start";
-# servalcat adds riding hydrogens to every model by default), and jaxrefine rfactors measured on
-# 2026-11-25 (model as read: hydrogens kept where present, i.e. 4xof; the FFT F_calc; gemmi mask).
+# R-work / R-free: deposited (model header); servalcat 0.4.142 refine_xtal_norefmac --ncycle 0 (shared data
+# README, "start"; servalcat adds riding hydrogens to every model by default; 1l2h: servalcat's R1 on
+# intensities with I > 2σ); and jaxrefine rfactors, measured 2026-11-25 (model as read, so 4xof keeps its
+# riding H; FFT F_calc; gemmi REFMAC-radii mask; k_overall, B_cart, k_sol, B_sol and k_iso(s²) fitted on
+# the work set). Only the first two columns are used by the checks; the third shows a regression.
+# Also measured: servalcat --hydrogen no: 5e5z 0.245/0.201, 4xof 0.193/0.220, 1l2h 0.252/0.273,
+# 5orl 0.213/0.245, 4iid 0.157/0.208, 1va7 0.261/0.293, 5kzb 0.215/0.249; jaxrefine on 4xof with its
+# hydrogens removed: 0.153/0.188.
 R_TABLE = {
     #        deposited        servalcat start   jaxrefine
     "5e5z": ((0.167, 0.198), (0.227, 0.238), (0.175, 0.240)),
-    "4xof": ((0.137, 0.171), (0.182, 0.198), (0.145, 0.177)),
-    "1l2h": ((0.154, 0.193), (0.246, 0.271), (None, None)),
-    "5orl": ((0.205, 0.238), (0.209, 0.243), (0.214, 0.246)),
-    "4iid": ((0.155, 0.207), (0.159, 0.206), (None, None)),
-    "1va7": ((0.236, 0.280), (0.259, 0.301), (0.261, 0.292)),
-    "5kzb": ((0.202, 0.249), (0.213, 0.255), (0.216, 0.250)),
+    "4xof": ((0.137, 0.171), (0.182, 0.198), (0.140, 0.170)),
+    "1l2h": ((0.154, 0.193), (0.246, 0.271), (0.254, 0.277)),
+    "5orl": ((0.205, 0.238), (0.209, 0.243), (0.208, 0.239)),
+    "4iid": ((0.155, 0.207), (0.159, 0.206), (0.154, 0.206)),
+    "1va7": ((0.236, 0.280), (0.259, 0.301), (0.260, 0.291)),
+    "5kzb": ((0.202, 0.249), (0.213, 0.255), (0.214, 0.248)),
 }
 LABIN = {"1va7": "FOBS,SIGFOBS,R-free-flags", "5kzb": "FOBS,SIGFOBS,R-free-flags", "1l2h": "IMEAN,SIGIMEAN,FreeR_flag",
          "4xof": "FP,SIGFP,FreeR_flag"}
@@ -314,7 +320,10 @@ def test_r_factors_of_deposited_models(pdb_id):
 
     model, refl = _load(pdb_id)
     st = fmodel_statistics(model, refl)
+    print(f"{pdb_id}: R-work {st['r_work']:.4f} R-free {st['r_free']:.4f} k_sol {st['k_sol']:.3f} B_sol {st['b_sol']:.1f}")
     r_check(pdb_id, st["r_work"], st["r_free"])
+    ours_w, ours_f = R_TABLE[pdb_id][2]
+    assert st["r_work"] < ours_w + TOL_REGRESSION and st["r_free"] < ours_f + TOL_REGRESSION, "regression vs recorded R"
     assert st["n_work"] + st["n_free"] == refl.n and st["n_free"] == refl.n_free
     assert sum(b["n_work"] for b in st["bins"]) == st["n_work"]
     assert 0.0 <= st["k_sol"] < 1.0 and 10.0 <= st["b_sol"] <= 300.0

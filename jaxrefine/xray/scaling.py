@@ -215,7 +215,7 @@ def fit_scales(
     Args:
         f_obs: (n,) observed amplitudes.
         f_calc: (n,) complex atomic-model structure factors.
-        f_mask: (n,) complex mask structure factors (see :func:`jaxrefine.xray.solvent.f_mask_from_grid`);
+        f_mask: (n,) complex mask structure factors (see :func:`jaxrefine.xray.structure_factors.f_from_grid`);
             None for no bulk solvent.
         s_cart: (n, 3) Cartesian reciprocal vectors (Å⁻¹), :func:`reciprocal_vectors`.
         work: (n,) bool, reflections used for the fit (the work set).
