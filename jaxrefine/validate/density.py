@@ -36,6 +36,8 @@ class ModelMaps(NamedTuple):
         d_min: resolution of the coefficients (Å).
         r_work, r_free: R-factors of the model that phased the maps.
         fmodel: the :class:`jaxrefine.xray.fmodel.FmodelResult` behind the maps.
+        hkl: (m, 3) int reflections of the coefficients (complete to d_min).
+        two_coef, diff_coef: (m,) complex 2mFo−DFc and mFo−DFc coefficients.
     """
 
     two_fofc: np.ndarray
@@ -45,6 +47,9 @@ class ModelMaps(NamedTuple):
     r_work: float
     r_free: float
     fmodel: object
+    hkl: np.ndarray = None
+    two_coef: np.ndarray = None
+    diff_coef: np.ndarray = None
 
     @property
     def sigma_two(self) -> float:
@@ -80,7 +85,8 @@ def model_maps(model, refl, sample_rate: float = 3.0, f_calc=None, f_mask=None, 
     hkl, two, diff = fmodel_maps(model, refl, res)
     two_map = map_from_coefficients(refl.crystal, hkl, two, grid_shape=grid_shape, sample_rate=sample_rate)
     diff_map = map_from_coefficients(refl.crystal, hkl, diff, grid_shape=two_map.shape)
-    return ModelMaps(two_map, diff_map, refl.crystal, float(refl.d_min), float(r["r_work"]), float(r["r_free"]), res)
+    return ModelMaps(two_map, diff_map, refl.crystal, float(refl.d_min), float(r["r_work"]), float(r["r_free"]), res,
+                     hkl, np.asarray(two), np.asarray(diff))
 
 
 # ---------------------------------------------------------------------------------- sampling
