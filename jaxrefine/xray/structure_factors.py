@@ -16,12 +16,15 @@ Two methods share one entry point, :func:`structure_factors`, configured once by
 :func:`make_sf_setup` (numpy work, outside jit):
 
 * ``"direct"``: exact summation, chunked over reflections (the reference);
-* ``"fft"``: each symmetry copy of each atom is spread as a Gaussian of width B + B_blur onto
-  a P1 grid of the unit cell, one grid per scattering type; the grids are Fourier transformed,
-  sampled at hkl, multiplied by f0_type(s) and divided by exp(−B_blur s²/4) (Ten Eyck 1977,
-  Acta Cryst. A33, 486; the blurring trick of Navaza 2002, Acta Cryst. A58, 568, as in cctbx and
-  gemmi).  The gradient is JAX's reverse mode: the transpose of the spreading is a gather from
-  the back-transformed weighted difference map (Agarwal 1978, Acta Cryst. A34, 791).
+* ``"fft"``: each atom (as given, no symmetry copies) is spread as a Gaussian of width
+  B + B_blur onto a grid of the whole unit cell, one grid per scattering type; the grids are
+  Fourier transformed and read at Rᵀh for every operator, F(h) = Σ_ops exp(2πi h·t) F_asu(Rᵀh)
+  (International Tables B, eq. 1.4.2.14), multiplied by f0_type(s) and divided by
+  exp(−B_blur s²/4) (Ten Eyck 1977, Acta Cryst. A33, 486; the blurring trick of Navaza 2002,
+  Acta Cryst. A58, 568, as in cctbx and gemmi).  Symmetry thus costs n_ops reads per reflection
+  instead of n_ops spreadings per atom.  The gradient is JAX's reverse mode: the transpose of
+  the spreading is a gather from the back-transformed weighted difference map (Agarwal 1978,
+  Acta Cryst. A34, 791).
 """
 from __future__ import annotations
 
@@ -33,10 +36,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .fft_grid import PAIRS, add_boxes, gaussian_boxes
+from .fft_grid import add_boxes, box_rows, gaussian_boxes
 from .formfactors import FormFactors, f0
 
 TWO_PI = 2.0 * np.pi
+# index pairs of the off-diagonal terms of a 3x3 metric
+PAIRS = ((0, 1), (0, 2), (1, 2))
 EIGHT_PI2 = 8.0 * np.pi**2
 
 
@@ -105,6 +110,7 @@ class SFMeta:
         chunk: reflections per chunk of the direct sum.
         grid_shape: (3,) FFT grid points along a, b, c (fft only).
         box: per class of atoms, (3,) spreading box points along a, b, c (fft only).
+        rows: per class, the (x, y) rows of the box that are spread (corners cut).
         cross_terms: index pairs (a, b) of grid axes whose metric couples (oblique cells).
         n_types: number of scattering types.
     """
@@ -114,6 +120,7 @@ class SFMeta:
     chunk: int = 256
     grid_shape: tuple = ()
     box: tuple = ()
+    rows: tuple = ()
     cross_terms: tuple = ()
     n_types: int = 0
 
@@ -134,8 +141,10 @@ class SFSetup(NamedTuple):
         frac: (3, 3) Cartesian -> fractional (Å⁻¹).
         b_blur: () blurring B added to every atom on the grid (Å²), fft only.
         grid_metric: (3, 3) Gᵍ = Dᵀ G D, squared distances in grid steps -> Å² (D = diag(1/N)).
-        sample_index: (n_refl, 3) int32 index of h (or −h) into the half-complex FFT array.
-        sample_conj: (n_refl,) bool, take the complex conjugate (index is of +h).
+        sample_index: (n_ops, n_refl, 3) int32 index of Rᵀh (or −Rᵀh) into the half-complex FFT
+            array of the asymmetric-unit density, per operator (fft).
+        sample_conj: (n_ops, n_refl) bool, take the complex conjugate (index is of +Rᵀh).
+        sample_phase: (n_ops, n_refl) complex exp(2πi h·t) of each operator (fft).
         volume: () cell volume (Å³).
         box_atoms: per box class, (n_c,) int32 indices of its atoms (fft).
         meta: static metadata.
@@ -152,6 +161,7 @@ class SFSetup(NamedTuple):
     grid_metric: jnp.ndarray
     sample_index: jnp.ndarray
     sample_conj: jnp.ndarray
+    sample_phase: jnp.ndarray
     volume: jnp.ndarray
     box_atoms: tuple
     meta: SFMeta
@@ -292,11 +302,16 @@ def make_sf_setup(
             grid_metric=jnp.zeros((3, 3), dtype),
             sample_index=zero,
             sample_conj=jnp.zeros((0,), bool),
+            sample_phase=jnp.zeros((0,), jnp.result_type(dtype, jnp.complex64)),
             box_atoms=(),
             meta=meta,
         )
 
-    grid = fft_grid_shape(crystal, d_min, rate, hkl)
+    # F(h) = Σ_ops exp(2πi h·t) F_asu(Rᵀh): the atoms are spread once, without symmetry copies,
+    # and the transform is read at the rotated indices (International Tables B, eq. 1.4.2.14)
+    rot_int = np.rint(np.asarray(crystal.rot)).astype(np.int64)
+    h_rot = np.einsum("ri,oij->orj", hkl.astype(np.int64), rot_int)  # (ops, r, 3) = hR = (Rᵀh)ᵀ
+    grid = fft_grid_shape(crystal, d_min, rate, h_rot.reshape(-1, 3))
     n_grid = np.asarray(grid, float)
     if b_iso is None:
         b_iso = np.full(n_atoms, 20.0)
@@ -312,7 +327,8 @@ def make_sf_setup(
         b_blur = max(b_needed - b_min, 0.0)
     # box half-width: the Gaussian of an atom falls to eps of its peak; its variance along grid
     # axis a is (B/8π²)·(D G* D)_aa grid steps² (D = diag N)
-    var_per_b = np.diag(np.diag(n_grid) @ (frac @ frac.T) @ np.diag(n_grid)) / EIGHT_PI2
+    cov_per_b = np.diag(n_grid) @ (frac @ frac.T) @ np.diag(n_grid) / EIGHT_PI2
+    var_per_b = np.diag(cov_per_b)
     b_box = b_hi + b_margin + b_blur
 
     def box_of(b):
@@ -322,13 +338,15 @@ def make_sf_setup(
     g_metric = np.diag(1.0 / n_grid) @ (orth.T @ orth) @ np.diag(1.0 / n_grid)
     scale = np.abs(np.diag(g_metric))
     cross = tuple(p for p in PAIRS if abs(g_metric[p]) > 1e-9 * math.sqrt(scale[p[0]] * scale[p[1]]))
-    idx, conj = _sample_indices(hkl, grid)
+    idx, conj = _sample_indices(h_rot.reshape(-1, 3), grid)
+    phase = np.exp(2j * np.pi * np.einsum("ri,oi->or", hkl.astype(float), np.asarray(crystal.trans, float)))
     meta = SFMeta(
         method="fft",
         n_refl=n_refl,
         chunk=0,
         grid_shape=grid,
-        box=tuple(box for box, _ in groups),
+        box=tuple(box for box, _, _ in groups),
+        rows=tuple(box_rows(box, cov_per_b[:2, :2] * b, 2.0 * log_eps_box) for box, _, b in groups),
         cross_terms=cross,
         n_types=int(len(ff.a)),
     )
@@ -336,9 +354,10 @@ def make_sf_setup(
         **common,
         b_blur=jnp.asarray(b_blur, dtype),
         grid_metric=jnp.asarray(g_metric, dtype),
-        sample_index=jnp.asarray(idx),
-        sample_conj=jnp.asarray(conj),
-        box_atoms=tuple(jnp.asarray(atoms, jnp.int32) for _, atoms in groups),
+        sample_index=jnp.asarray(idx.reshape(n_ops, n_refl, 3)),
+        sample_conj=jnp.asarray(conj.reshape(n_ops, n_refl)),
+        sample_phase=jnp.asarray(phase, jnp.result_type(dtype, jnp.complex64)),
+        box_atoms=tuple(jnp.asarray(atoms, jnp.int32) for _, atoms, _ in groups),
         meta=meta,
     )
 
@@ -364,11 +383,11 @@ def _box_classes(b_box, box_of, n_classes: int):
         n_classes: maximum number of classes (>= 1).
 
     Returns:
-        list of (box, sorted atom indices), one per non-empty class.
+        list of (box, sorted atom indices, largest B of the class), one per non-empty class.
     """
     n = len(b_box)
     if n == 0:
-        return [((2, 2, 2), np.zeros(0, np.int64))]
+        return [((2, 2, 2), np.zeros(0, np.int64), 1.0)]
     order = np.argsort(b_box, kind="stable")
     b_sorted = b_box[order]
     cuts = sorted({int(q * n) for q in np.arange(0.05, 1.0, 0.05)} - {0, n}) + [n]
@@ -391,7 +410,7 @@ def _box_classes(b_box, box_of, n_classes: int):
         bounds.append((s, e))
         e, k = s, k - 1
     del ends
-    return [(box_of(b_sorted[j - 1]), np.sort(order[i:j])) for i, j in reversed(bounds)]
+    return [(box_of(b_sorted[j - 1]), np.sort(order[i:j]), float(b_sorted[j - 1])) for i, j in reversed(bounds)]
 
 
 # ---------------------------------------------------------------------------------- direct
@@ -470,7 +489,7 @@ def f_calc_direct(
 # ------------------------------------------------------------------------------------- fft
 
 
-def density_grid(xyz_frac, b_iso, occ, setup: SFSetup, u_aniso=None):
+def density_grid(xyz_frac, b_iso, occ, setup: SFSetup, u_aniso=None, symmetry: bool = True):
     """Blurred atomic density of the unit cell, one grid per scattering type.
 
     ρ_t(r) = Σ_{j∈t, ops} occ_j N(r; R x_j + t, U_j + (B_j + B_blur)/(8π²) I), a normalised
@@ -483,6 +502,7 @@ def density_grid(xyz_frac, b_iso, occ, setup: SFSetup, u_aniso=None):
         occ: (n_atoms,) occupancies.
         setup: an fft :class:`SFSetup`.
         u_aniso: (n_atoms, 6) Cartesian U (Å²) or None.
+        symmetry: spread every symmetry copy (the unit cell's density); False: the atoms as given.
 
     Returns:
         (n_types, na, nb, nc) electrons per grid point (ρ·V/N, so that the FFT gives F in electrons).
@@ -491,8 +511,9 @@ def density_grid(xyz_frac, b_iso, occ, setup: SFSetup, u_aniso=None):
     grid = meta.grid_shape
     dtype = xyz_frac.dtype
     n_grid = jnp.asarray(grid, dtype)
-    n_ops = setup.rot.shape[0]
-    p_all = (jnp.einsum("oij,nj->oni", setup.rot, xyz_frac) + setup.trans[:, None, :]) * n_grid  # (ops, n, 3)
+    rot, trans = (setup.rot, setup.trans) if symmetry else (jnp.eye(3, dtype=dtype)[None], jnp.zeros((1, 3), dtype))
+    n_ops = rot.shape[0]
+    p_all = (jnp.einsum("oij,nj->oni", rot, xyz_frac) + trans[:, None, :]) * n_grid  # (ops, n, 3)
     if u_aniso is None:
         # M = (8π²/B) Gᵍ for every copy; the normaliser (2π)^-3/2 det(M)^1/2
         inv_var = EIGHT_PI2 / (b_iso + setup.b_blur)  # (n,)
@@ -500,31 +521,31 @@ def density_grid(xyz_frac, b_iso, occ, setup: SFSetup, u_aniso=None):
     else:
         u_cart = _u6_to_mat(u_aniso) + ((b_iso + setup.b_blur) / EIGHT_PI2)[:, None, None] * jnp.eye(3, dtype=dtype)
         u_frac = jnp.einsum("ia,nab,jb->nij", setup.frac, u_cart, setup.frac)
-        cov = jnp.einsum("oia,nab,ojb->onij", setup.rot, u_frac, setup.rot) * (n_grid[:, None] * n_grid[None, :])
+        cov = jnp.einsum("oia,nab,ojb->onij", rot, u_frac, rot) * (n_grid[:, None] * n_grid[None, :])
         metric_all, det = _inv_det_3x3(cov)  # (ops, n, 3, 3), (ops, n)
         det_all = 1.0 / jnp.sqrt(det)
     rho = None
-    for atoms, box in zip(setup.box_atoms, meta.box):
+    for atoms, box, rows in zip(setup.box_atoms, meta.box, meta.rows):
         p = p_all[:, atoms].reshape(-1, 3)
         occ_c = jnp.tile(occ[atoms], n_ops)
         if u_aniso is None:
             iv = jnp.tile(inv_var[atoms], n_ops)
             metric = iv[:, None, None] * setup.grid_metric[None]
             norm = iv**1.5 * det_gm
-            cross = meta.cross_terms
+            z_coupled = any(2 in pair for pair in meta.cross_terms)
         else:
             metric = metric_all[:, atoms].reshape(-1, 3, 3)
             norm = det_all[:, atoms].reshape(-1)
-            cross = PAIRS
+            z_coupled = True
         weight = occ_c * norm * (2.0 * np.pi) ** -1.5
-        start, vals = gaussian_boxes(p, metric, weight, box, cross)
-        rho = add_boxes(meta.n_types, grid, jnp.tile(setup.ff.type_index[atoms], n_ops), start, vals, rho)
+        start, vals = gaussian_boxes(p, metric, weight, box, rows, z_coupled)
+        rho = add_boxes(meta.n_types, grid, jnp.tile(setup.ff.type_index[atoms], n_ops), start, vals, rows, rho)
     return rho
 
 
 def _f_fft(xyz_frac, b_iso, occ, setup: SFSetup, u_aniso=None):
     """F by Gaussian spreading + FFT (see module docstring); (n_refl,) complex."""
-    rho = density_grid(xyz_frac, b_iso, occ, setup, u_aniso)
+    rho = density_grid(xyz_frac, b_iso, occ, setup, u_aniso, symmetry=False)
     f_types = _sample(rho, setup)  # (n_types, n_refl)
     f0_r = f0(setup.ff, setup.s2)  # (n_refl, n_types)
     unblur = jnp.exp(setup.b_blur * setup.s2 / 4.0)
@@ -532,8 +553,12 @@ def _f_fft(xyz_frac, b_iso, occ, setup: SFSetup, u_aniso=None):
 
 
 def _sample(grid_values, setup: SFSetup):
-    """Σ_x g(x) exp(2πi h·x) of (..., na, nb, nc) real grids at the setup's hkl: (..., n_refl)."""
-    return _read_half_complex(jnp.fft.rfftn(grid_values, axes=(-3, -2, -1)), setup.sample_index, setup.sample_conj)
+    """Σ_ops exp(2πi h·t) Σ_x g(x) exp(2πi (Rᵀh)·x) of (..., na, nb, nc) real grids of the
+    asymmetric-unit atoms: the structure factor of all symmetry copies, (..., n_refl)."""
+    ft = jnp.fft.rfftn(grid_values, axes=(-3, -2, -1))
+    vals = _read_half_complex(ft, setup.sample_index.reshape(-1, 3), setup.sample_conj.reshape(-1))
+    vals = vals.reshape(vals.shape[:-1] + setup.sample_conj.shape)  # (..., ops, r)
+    return jnp.sum(vals * setup.sample_phase.astype(vals.dtype), axis=-2)
 
 
 def _read_half_complex(ft, idx, conj):
