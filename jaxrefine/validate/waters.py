@@ -1,0 +1,221 @@
+"""Water picking from mFo−DFc peaks, and removal of waters without density.
+
+A new water is a peak of the σA-weighted mFo−DFc map above ``min_peak_sigma`` (and of 2mFo−DFc
+above ``min_two_fofc_sigma``), within hydrogen-bonding distance (``min_hbond``..``max_hbond``) of a
+polar atom (N, O, including other waters) and no closer than ``clash_distance`` to any atom, all
+symmetry copies considered (the usual automated criteria, e.g. Lamzin & Wilson 1993, Acta Cryst.
+D49, 129; Terwilliger et al. 2006, Acta Cryst. D62, 915).  A water is bad when the 2mFo−DFc at its
+oxygen is below ``min_density_sigma``, its B is above ``max_b``, or it clashes.
+
+Peak positions are refined below the grid spacing by a parabola through the three grid values
+along each axis (the Newton step of a separable quadratic fit).
+"""
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from .density import sample_map, symmetry_images_near
+
+log = logging.getLogger(__name__)
+POLAR = ("N", "O")
+
+
+class WaterParams(NamedTuple):
+    """Limits of water picking and removal (distances Å, B Å², map levels in σ of the map)."""
+
+    min_peak_sigma: float = 3.5
+    min_two_fofc_sigma: float = 1.0
+    min_hbond: float = 2.4
+    max_hbond: float = 3.4
+    clash_distance: float = 2.2
+    min_polar_contact: float = 1.8
+    min_water_distance: float = 2.2
+    min_density_sigma: float = 0.8
+    max_b: float = 100.0
+    max_new_fraction: float = 1.0  # at most this × (current waters or residues/2) added per call
+
+
+def water_params_from_config(cfg) -> WaterParams:
+    """:class:`WaterParams` from a :class:`jaxrefine.config.Config` (its ``waters`` section where present)."""
+    w = getattr(cfg, "waters", None) or getattr(cfg, "water", None)
+    if w is None:
+        return WaterParams()
+    known = {k: getattr(w, k) for k in WaterParams._fields if hasattr(w, k)}
+    return WaterParams(**known)
+
+
+def find_peaks(values, threshold: float):
+    """Local maxima of a periodic map above a threshold, refined below the grid spacing.
+
+    Args:
+        values: (na, nb, nc) unit-cell map.
+        threshold: absolute level.
+
+    Returns:
+        (m, 3) fractional positions in [0, 1) and (m,) heights (interpolated), highest first.
+    """
+    v = np.asarray(values)
+    is_max = v > threshold
+    for da in (-1, 0, 1):
+        for db in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                if da == db == dc == 0:
+                    continue
+                is_max &= v >= np.roll(v, (da, db, dc), axis=(0, 1, 2))
+    idx = np.argwhere(is_max)
+    shape = np.asarray(v.shape)
+    offs = np.zeros(idx.shape)
+    for a in range(3):
+        e = np.zeros(3, np.int64)
+        e[a] = 1
+        lo = (idx - e) % shape
+        hi = (idx + e) % shape
+        vm, v0, vp = v[tuple(lo.T)], v[tuple(idx.T)], v[tuple(hi.T)]
+        den = vm - 2 * v0 + vp
+        with np.errstate(invalid="ignore", divide="ignore"):
+            offs[:, a] = np.where(den < 0, 0.5 * (vm - vp) / den, 0.0)
+    frac = ((idx + np.clip(offs, -0.5, 0.5)) / shape[None]) % 1.0
+    height = sample_map(v, frac)
+    order = np.argsort(-height)
+    return frac[order], height[order]
+
+
+def _images(frac, crystal, centre):
+    """(n_ops·27, 3) Cartesian images of one fractional point near the fractional ``centre``."""
+    lattice = np.stack(np.meshgrid(*[np.arange(-1, 2)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    g = np.einsum("oij,j->oi", np.asarray(crystal.rot, float), frac) + np.asarray(crystal.trans, float)
+    g = g - np.floor(g - centre + 0.5)
+    return crystal.to_cart((g[:, None, :] + lattice[None]).reshape(-1, 3))
+
+
+def pick_waters(model, maps, params: WaterParams = WaterParams()):
+    """New water positions at mFo−DFc peaks that satisfy the distance criteria.
+
+    Args:
+        model: :class:`jaxrefine.io.model.Model` that phased ``maps`` (hydrogens ignored).
+        maps: :class:`jaxrefine.validate.density.ModelMaps`.
+        params: :class:`WaterParams`.
+
+    Returns:
+        (k, 3) Cartesian positions (Å, the symmetry copy next to its hydrogen-bond partner) and (k,)
+        mFo−DFc peak heights (σ).
+    """
+    crystal = maps.crystal
+    heavy = ~model.is_hydrogen
+    xyz = model.xyz_cart[heavy]
+    polar = np.isin(np.char.upper(model.element[heavy].astype(str)), POLAR)
+    tree_all = cKDTree(xyz)
+    tree_polar = cKDTree(xyz[polar])
+    centre = crystal.to_frac(xyz).mean(0)
+    frac, height = find_peaks(maps.fofc, params.min_peak_sigma * maps.sigma_diff)
+    two = sample_map(maps.two_fofc, frac) / maps.sigma_two
+    accepted, heights = [], []
+    for f, h, t in zip(frac, height, two):
+        if t < params.min_two_fofc_sigma:
+            continue
+        img = _images(f, crystal, centre)
+        d_all, _ = tree_all.query(img)
+        if d_all.min() < params.clash_distance:
+            continue
+        d_pol, _ = tree_polar.query(img)
+        ok = (d_pol >= params.min_hbond) & (d_pol <= params.max_hbond)
+        if not ok.any():
+            continue
+        if accepted and np.min(np.linalg.norm(img[:, None, :] - np.asarray(accepted)[None], axis=-1)) < params.min_water_distance:
+            continue
+        # a peak on or next to a symmetry element sees its own copies: reject (no special positions)
+        if np.sum(np.linalg.norm(img - img[np.argmin(np.where(ok, d_pol, np.inf))], axis=1) < params.min_water_distance) > 1:
+            continue
+        accepted.append(img[np.argmin(np.where(ok, d_pol, np.inf))])
+        heights.append(h / maps.sigma_diff)
+    return np.asarray(accepted, float).reshape(-1, 3), np.asarray(heights, float)
+
+
+def bad_waters(model, maps, params: WaterParams = WaterParams()) -> np.ndarray:
+    """(n_atoms,) bool: water atoms with 2mFo−DFc < min_density_sigma, B > max_b, or a clash.
+
+    A clash is a non-water atom (symmetry copies included) closer than ``clash_distance``, or closer
+    than ``min_polar_contact`` for N/O partners (short hydrogen bonds and metal contacts are real).
+    Atoms of an alternate conformation clash only with waters of the same altloc (different
+    conformers are not present together).
+    """
+    water = (model.kind == "water") & ~model.is_hydrogen
+    bad = np.zeros(model.n_atoms, bool)
+    if not water.any():
+        return bad
+    w_idx = np.nonzero(water)[0]
+    dens = sample_map(maps.two_fofc, maps.crystal.to_frac(model.xyz_cart[w_idx])) / maps.sigma_two
+    bad[w_idx] = (dens < params.min_density_sigma) | (model.b_iso[w_idx] > params.max_b)
+    other = ~model.is_hydrogen & (model.kind != "water")
+    polar = np.isin(np.char.upper(model.element.astype(str)), POLAR)
+    for alt in np.unique(model.altloc[w_idx]):
+        ws = w_idx[model.altloc[w_idx] == alt]
+        same = (model.altloc == "") | (model.altloc == alt) if alt else model.altloc == ""
+        for partners, limit in ((other & same & ~polar, params.clash_distance), (other & same & polar, params.min_polar_contact)):
+            d = nearest_distance(model.xyz_cart[ws], model.xyz_cart[partners], maps.crystal, limit)
+            bad[ws] |= d < limit
+    return bad
+
+
+def nearest_distance(points_cart, atoms_cart, crystal, cutoff: float) -> np.ndarray:
+    """(m,) distance (Å) from each point to the nearest atom or symmetry copy; inf beyond ``cutoff``."""
+    points_cart = np.asarray(points_cart, float).reshape(-1, 3)
+    atoms_cart = np.asarray(atoms_cart, float).reshape(-1, 3)
+    if len(atoms_cart) == 0:
+        return np.full(len(points_cart), np.inf)
+    d, _ = cKDTree(atoms_cart).query(points_cart, distance_upper_bound=cutoff)
+    _, img = symmetry_images_near(atoms_cart, crystal, points_cart, cutoff)
+    if len(img):
+        d2, _ = cKDTree(img).query(points_cart, distance_upper_bound=cutoff)
+        d = np.minimum(d, d2)
+    return d
+
+
+class WaterUpdate(NamedTuple):
+    """Result of :func:`update_waters`: the new model and what changed."""
+
+    model: object
+    added: np.ndarray
+    removed: int
+    report: dict
+
+
+def update_waters(model, refl, params: WaterParams = WaterParams(), maps=None, remove: bool = True) -> WaterUpdate:
+    """Remove bad waters, then add waters at mFo−DFc peaks (one round; run between macrocycles).
+
+    Args:
+        model: :class:`jaxrefine.io.model.Model` with a gemmi structure.
+        refl: its reflections.
+        params: :class:`WaterParams`.
+        maps: :class:`ModelMaps` of ``model`` (computed when None).
+        remove: remove bad waters first (config ``waters.remove_bad``).
+
+    Returns:
+        :class:`WaterUpdate` (added: (k, 3) positions of the new waters).
+    """
+    from ..io.residue_edit import add_waters
+    from .density import model_maps
+
+    maps = model_maps(model, refl) if maps is None else maps
+    n_removed = 0
+    if remove:
+        bad = bad_waters(model, maps, params)
+        n_removed = int(np.unique(model.res_index[bad]).size)
+        if n_removed:
+            model = model.subset(~np.isin(model.res_index, np.unique(model.res_index[bad])))
+    new_xyz, heights = pick_waters(model, maps, params)
+    n_water = int((model.kind == "water").sum())
+    limit = int(np.ceil(params.max_new_fraction * max(n_water, model.n_residues // 2, 1)))
+    new_xyz, heights = new_xyz[:limit], heights[:limit]
+    waters = model.kind == "water"
+    b_new = float(model.b_iso[waters].mean()) if waters.any() else float(model.b_iso.mean())
+    if len(new_xyz):
+        model = add_waters(model, new_xyz, np.full(len(new_xyz), b_new))
+    report = {"removed": n_removed, "added": int(len(new_xyz)), "n_waters": int((model.kind == "water").sum()),
+              "peak_sigma": [round(float(h), 2) for h in heights]}
+    log.info("waters: removed %d, added %d (now %d)", n_removed, len(new_xyz), report["n_waters"])
+    return WaterUpdate(model, new_xyz, n_removed, report)
