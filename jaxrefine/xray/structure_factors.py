@@ -277,7 +277,7 @@ def make_sf_setup(
     frac = np.asarray(crystal.frac, float)
     if d_min is None:
         d_min = float(1.0 / np.sqrt(s2.max())) if n_refl else 2.0
-    s2_max = 1.0 / d_min**2
+    s2_max = max(1.0 / d_min**2, float(s2.max()) if n_refl else 0.0)
     ff_j = FormFactors(*(jnp.asarray(v, dtype) for v in ff[:3]), jnp.asarray(ff.type_index, jnp.int32))
     common = dict(
         hkl=jnp.asarray(hkl),
@@ -395,8 +395,7 @@ def _box_classes(b_box, box_of, n_classes: int):
     def cost(i, j):  # atoms sorted[i:j] in one class
         return (j - i) * float(np.prod(box_of(b_sorted[j - 1])))
 
-    # best[k][j]: minimal cost of atoms [0, cuts[j]) in k classes; prev for the back-track
-    ends = [0] + cuts
+    # best[(k, e)]: (minimal cost of atoms [0, e) in k classes, start of the last class)
     best = {(1, e): (cost(0, e), 0) for e in cuts}
     for k in range(2, max(n_classes, 1) + 1):
         for e in cuts:
@@ -409,7 +408,6 @@ def _box_classes(b_box, box_of, n_classes: int):
         s = best[(k, e)][1]
         bounds.append((s, e))
         e, k = s, k - 1
-    del ends
     return [(box_of(b_sorted[j - 1]), np.sort(order[i:j]), float(b_sorted[j - 1])) for i, j in reversed(bounds)]
 
 
