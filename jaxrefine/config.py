@@ -50,6 +50,7 @@ class RefineConfig:
     b_min: float = 2.0  # Å², floor of the positive B reparametrisation
     b_max: float = 300.0
     seed: int = 0
+    precision: str = "float32"  # float32 (fast; the GPU default) | float64 (needs jax_enable_x64)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ _CHOICES = {
     ("refine", "strategy"): STRATEGIES,
     ("refine", "target"): ("ml", "ls"),
     ("refine", "optimizer"): ("lbfgs", "adam", "sgd"),
+    ("refine", "precision"): ("float32", "float64"),
 }
 
 

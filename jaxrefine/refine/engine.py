@@ -33,7 +33,7 @@ from .optimize import minimise
 
 log = logging.getLogger("jaxrefine")
 
-SF_B_MARGIN = 25.0  # Å²: the FFT spreading boxes hold Gaussians up to the starting B + this (room for B refinement)
+SF_B_MARGIN = 15.0  # Å²: the FFT spreading boxes hold Gaussians up to the starting B + this (room for B refinement)
 
 STRATEGY_BLOCKS = {
     "rigid": ("rigid",),
@@ -83,8 +83,28 @@ class RefinementResult(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- setup
-def _dtype():
-    return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+def _dtype(cfg: Config):
+    """Working precision: the config's, float32 when x64 is not enabled in JAX."""
+    if cfg.refine.precision == "float64" and jax.config.jax_enable_x64:
+        return jnp.float64
+    if cfg.refine.precision == "float64":
+        log.warning("refine.precision=float64 needs jax.config.update('jax_enable_x64', True); using float32")
+    return jnp.float32
+
+
+def cast_floats(tree, dtype):
+    """The pytree with every floating-point array leaf cast to ``dtype`` (ints and bools kept)."""
+    cdtype = jnp.complex128 if dtype == jnp.float64 else jnp.complex64
+
+    def cast(a):
+        if isinstance(a, (np.ndarray, jax.Array)):
+            if jnp.issubdtype(a.dtype, jnp.floating):
+                return jnp.asarray(a, dtype)
+            if jnp.issubdtype(a.dtype, jnp.complexfloating):
+                return jnp.asarray(a, cdtype)
+        return a
+
+    return jax.tree_util.tree_map(cast, tree)
 
 
 def geometry_weights(cfg: Config, dtype) -> GeometryWeights:
@@ -109,10 +129,10 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
     cfg = cfg or Config()
     if model is None or refl is None:
         model, refl = load_inputs(model_path, data_path, cfg)
-    dtype = _dtype()
+    dtype = _dtype(cfg)
     monlib = find_monlib(cfg.model.monlib)
-    restraints = build_restraints(model, monlib=monlib, ligands=cfg.model.ligands)
-    nonbonded = build_nonbonded(model, restraints, model.crystal)
+    restraints = cast_floats(build_restraints(model, monlib=monlib, ligands=cfg.model.ligands), dtype)
+    nonbonded = cast_floats(build_nonbonded(model, restraints, model.crystal), dtype)
     idx, centres = rigid_bodies(model, cfg.refine.rigid_bodies)
     radii = np.array([np.sqrt(((model.xyz_cart[idx == b] - c) ** 2).sum(1).mean()) + 1.0 for b, c in enumerate(centres)])
     refine_occ = cfg.refine.strategy == "xyz_b_occ"
@@ -137,7 +157,7 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
     params = initial_params(model, maps, np.asarray(group_start, float), np.asarray(group_set, np.int32),
                             np.asarray(set_total, float), np.asarray(set_size, np.int32), dtype)
     ff = it92_form_factors(model.element, model.source)
-    sf = make_sf_setup(model.crystal, refl.hkl, ff, d_min=refl.d_min, b_iso=model.b_iso, b_margin=SF_B_MARGIN)
+    sf = make_sf_setup(model.crystal, refl.hkl, ff, d_min=refl.d_min, b_iso=model.b_iso, b_margin=SF_B_MARGIN, dtype=dtype)
     use = refine_hkl_free(refl)
     bins = sigma_a_bins(refl.d, use)
     xray = XrayData(
@@ -189,7 +209,7 @@ def update_xray_state(setup: Setup, problem: Problem, params: Params, rebuild_ma
     sigma_a = estimate_sigma_a(np.asarray(x.f_obs), np.asarray(fm), np.asarray(x.sigma_a_use), np.asarray(x.bins),
                                np.asarray(x.centric), np.asarray(x.epsilon), np.asarray(x.sig_f_obs))
     sigma_a = sigma_a._replace(d=jnp.asarray(sigma_a.d, x.s2.dtype), s=jnp.asarray(sigma_a.s, x.s2.dtype))
-    return problem._replace(xray=x._replace(f_mask=f_mask, scales=scales, sigma_a=sigma_a))
+    return cast_floats(problem._replace(xray=x._replace(f_mask=f_mask, scales=scales, sigma_a=sigma_a)), x.s2.dtype)
 
 
 def _f_model_now(params, problem):
@@ -272,8 +292,8 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
             rebuild = (cycle - 1) % max(cfg.solvent.update_every, 1) == 0
             problem = update_xray_state(setup, problem, params, rebuild_mask=rebuild)
             xyz, _, _ = current_model_arrays(params, problem)
-            problem = problem._replace(nonbonded=build_nonbonded(xyz, problem.restraints, setup.model.crystal,
-                                                                 max_pairs=int(problem.nonbonded.i.shape[0])))
+            nb = build_nonbonded(xyz, problem.restraints, setup.model.crystal, max_pairs=int(problem.nonbonded.i.shape[0]))
+            problem = problem._replace(nonbonded=cast_floats(nb, problem.maps.orth.dtype))
         for block in blocks:
             if block == "occ" and params.occ_raw.shape[0] == 0:
                 continue

@@ -29,8 +29,8 @@ def bond_angles(xyz_cart, angle: AngleTerm):
     u = xyz_cart[angle.idx[:, 0]] - xyz_cart[angle.idx[:, 1]]
     v = xyz_cart[angle.idx[:, 2]] - xyz_cart[angle.idx[:, 1]]
     pad = (1.0 - angle.mask)[:, None]
-    u = u + pad * jnp.array([1.0, 0.0, 0.0])  # padding rows: a harmless right angle
-    v = v + pad * jnp.array([0.0, 1.0, 0.0])
+    u = u + pad * jnp.array([1.0, 0.0, 0.0], u.dtype)  # padding rows: a harmless right angle
+    v = v + pad * jnp.array([0.0, 1.0, 0.0], v.dtype)
     c = jnp.cross(u, v)
     return jnp.arctan2(jnp.sqrt(jnp.sum(c * c, axis=-1) + 1e-30), jnp.sum(u * v, axis=-1))
 

@@ -23,7 +23,7 @@ def plane_distances(xyz_cart, plane: PlaneTerm):
     r = (pts - c[:, None, :]) * w
     scatter = jnp.einsum("pki,pkj->pij", r, r)
     # padding planes have zero scatter: add a fixed, non-degenerate diagonal so eigh is defined
-    pad = (1.0 - plane.mask)[:, None, None] * jnp.diag(jnp.array([3.0, 2.0, 1.0]))
+    pad = (1.0 - plane.mask)[:, None, None] * jnp.diag(jnp.array([3.0, 2.0, 1.0], pts.dtype))
     _, vec = jnp.linalg.eigh(jax.lax.stop_gradient(scatter + pad))
     normal = vec[:, :, 0]
     return jnp.einsum("pki,pi->pk", r, normal)

@@ -16,9 +16,9 @@ def dihedrals(xyz_cart, idx, mask):
     Karplus 1996, J. Comput. Chem. 17, 1132)."""
     p0, p1, p2, p3 = (xyz_cart[idx[:, k]] for k in range(4))
     pad = (1.0 - mask)[:, None]
-    b0 = p1 - p0 + pad * jnp.array([1.0, 0.0, 0.0])
-    b1 = p2 - p1 + pad * jnp.array([0.0, 1.0, 0.0])
-    b2 = p3 - p2 + pad * jnp.array([0.0, 0.0, 1.0])
+    b0 = p1 - p0 + pad * jnp.array([1.0, 0.0, 0.0], p0.dtype)
+    b1 = p2 - p1 + pad * jnp.array([0.0, 1.0, 0.0], p0.dtype)
+    b2 = p3 - p2 + pad * jnp.array([0.0, 0.0, 1.0], p0.dtype)
     n1 = jnp.cross(b0, b1)  # normal of plane (p0, p1, p2)
     n2 = jnp.cross(b1, b2)
     b1n = b1 / jnp.linalg.norm(b1, axis=-1, keepdims=True)
@@ -30,7 +30,7 @@ def dihedrals(xyz_cart, idx, mask):
 def torsion_deviations(xyz_cart, torsion: TorsionTerm):
     """(nt,) φ − φ₀ (radians) reduced to the nearest periodic minimum."""
     phi = dihedrals(xyz_cart, torsion.idx, torsion.mask)
-    step = 2.0 * jnp.pi / torsion.period
+    step = (2.0 * jnp.pi / torsion.period).astype(phi.dtype)
     d = phi - torsion.ideal
     return d - step * jnp.round(d / step)
 
