@@ -102,25 +102,24 @@ def gaussian_boxes(p, metric, weight, box: tuple, rows: tuple, z_coupled: bool):
     return start, vals
 
 
-def add_boxes(n_types: int, grid_shape: tuple, type_index, start, vals, rows: tuple, grid=None):
-    """Sum box rows onto a periodic grid (one scatter of z-rows; measured faster on CPU than a
-    scatter of single points or of whole 3D windows followed by folding).
+def add_boxes(padded, grid_shape: tuple, type_index, start, vals, rows: tuple):
+    """Add box rows into a grid padded along c (one scatter of z-rows; measured faster on CPU
+    than a scatter of single points or of whole 3D windows folded along three axes).
 
     Every (atom, x, y) row of a box is added as one contiguous window along c into a grid padded
-    by the box length along c; the padding is then folded back (periodicity along a and b is
-    taken by the indices).
+    by at least the box length along c; :func:`fold_periodic_c` folds the padding back once all
+    boxes are in (periodicity along a and b is taken by the indices).
 
     Args:
-        n_types: number of grids.
+        padded: (n_types, na, nb, nc + pad) grid, pad >= bz.
         grid_shape: (na, nb, nc).
         type_index: (m,) int grid of each box.
         start: (m, 3) int first index of each box (any integer; wrapped here).
         vals: (m, n_rows, bz) values.
         rows: static (ox, oy) of each row.
-        grid: optional (n_types, na, nb, nc) grid to add to.
 
     Returns:
-        (n_types, na, nb, nc).
+        the padded grid with the boxes added.
     """
     na, nb, nc = grid_shape
     m, n_rows, bz = vals.shape
@@ -139,10 +138,7 @@ def add_boxes(n_types: int, grid_shape: tuple, type_index, start, vals, rows: tu
     dims = lax.ScatterDimensionNumbers(
         update_window_dims=(2,), inserted_window_dims=(0, 1, 2), scatter_dims_to_operand_dims=(0, 1, 2, 3)
     )
-    padded = jnp.zeros((n_types, na, nb, nc + bz), vals.dtype)
-    padded = lax.scatter_add(padded, index, vals, dims, mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
-    out = fold_periodic_c(padded, nc)
-    return out if grid is None else grid + out
+    return lax.scatter_add(padded, index, vals, dims, mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
 def fold_periodic_c(padded, nc: int):

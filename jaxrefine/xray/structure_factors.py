@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .fft_grid import add_boxes, box_rows, gaussian_boxes
+from .fft_grid import add_boxes, box_rows, fold_periodic_c, gaussian_boxes
 from .formfactors import FormFactors, f0
 
 TWO_PI = 2.0 * np.pi
@@ -522,7 +522,8 @@ def density_grid(xyz_frac, b_iso, occ, setup: SFSetup, u_aniso=None, symmetry: b
         cov = jnp.einsum("oia,nab,ojb->onij", rot, u_frac, rot) * (n_grid[:, None] * n_grid[None, :])
         metric_all, det = _inv_det_3x3(cov)  # (ops, n, 3, 3), (ops, n)
         det_all = 1.0 / jnp.sqrt(det)
-    rho = None
+    pad = max(box[2] for box in meta.box)
+    rho = jnp.zeros((meta.n_types,) + tuple(grid[:2]) + (grid[2] + pad,), dtype)
     for atoms, box, rows in zip(setup.box_atoms, meta.box, meta.rows):
         p = p_all[:, atoms].reshape(-1, 3)
         occ_c = jnp.tile(occ[atoms], n_ops)
@@ -537,8 +538,8 @@ def density_grid(xyz_frac, b_iso, occ, setup: SFSetup, u_aniso=None, symmetry: b
             z_coupled = True
         weight = occ_c * norm * (2.0 * np.pi) ** -1.5
         start, vals = gaussian_boxes(p, metric, weight, box, rows, z_coupled)
-        rho = add_boxes(meta.n_types, grid, jnp.tile(setup.ff.type_index[atoms], n_ops), start, vals, rows, rho)
-    return rho
+        rho = add_boxes(rho, grid, jnp.tile(setup.ff.type_index[atoms], n_ops), start, vals, rows)
+    return fold_periodic_c(rho, grid[2])
 
 
 def _f_fft(xyz_frac, b_iso, occ, setup: SFSetup, u_aniso=None):
