@@ -12,6 +12,14 @@ from ..errors import InputError
 from .model import Model, model_from_structure
 
 
+def _new_atom(name: str, element: str, xyz, b: float, occ: float) -> gemmi.Atom:
+    atom = gemmi.Atom()
+    atom.name, atom.element = name, gemmi.Element(element)
+    atom.pos = gemmi.Position(*[float(v) for v in xyz])
+    atom.b_iso, atom.occ = float(b), float(occ)
+    return atom
+
+
 def replace_residues(model: Model, replacements: dict, keep_atoms=("N", "CA", "C", "O", "OXT")) -> Model:
     """A model whose listed residues get a new name and new side-chain atoms.
 
@@ -47,13 +55,7 @@ def replace_residues(model: Model, replacements: dict, keep_atoms=("N", "CA", "C
                     a.occ = 1.0
             res.name = name
             for rec in atoms:
-                a = gemmi.Atom()
-                a.name = rec["name"]
-                a.element = gemmi.Element(rec["element"])
-                a.pos = gemmi.Position(*[float(v) for v in rec["xyz"]])
-                a.b_iso = float(rec.get("b", 20.0))
-                a.occ = float(rec.get("occ", 1.0))
-                res.add_atom(a)
+                res.add_atom(_new_atom(rec["name"], rec["element"], rec["xyz"], rec.get("b", 20.0), rec.get("occ", 1.0)))
     st.setup_entities()
     return model_from_structure(st, source=model.source, hydrogens=True)
 
@@ -87,13 +89,7 @@ def add_waters(model: Model, xyz_cart, b_iso, chain: str = "W") -> Model:
         res.seqid = gemmi.SeqId(start + i, " ")
         res.het_flag = "H"
         res.entity_type = gemmi.EntityType.Water
-        a = gemmi.Atom()
-        a.name = "O"
-        a.element = gemmi.Element("O")
-        a.pos = gemmi.Position(*x)
-        a.b_iso = float(b)
-        a.occ = 1.0
-        res.add_atom(a)
+        res.add_atom(_new_atom("O", "O", x, b, 1.0))
         new.add_residue(res)
     st[0].add_chain(new)
     st.setup_entities()

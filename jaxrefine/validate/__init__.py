@@ -57,3 +57,7 @@ def validate_model(model, refl, shifts=DEFAULT_SHIFTS, window: int = DEFAULT_WIN
         if v:
             summary[f"mean_rscc_{kind}"] = round(float(np.mean(v)), 4)
     return ValidationResult(rows, scan.flags, worst_residues(rows, n_worst), summary, maps, scan.windows)
+
+
+from .omit import OmitResult, composite_omit_map, omit_map  # noqa: E402,F401
+from .waters import WaterParams, bad_waters, pick_waters, update_waters  # noqa: E402,F401
