@@ -263,3 +263,34 @@ def test_water_picking_recovers_removed_waters():
     assert n_after == n_before - upd.removed + len(new)
     added = upd.model.xyz_cart[upd.model.chain_id == upd.model.chain_id[-1]]
     np.testing.assert_allclose(added, new, atol=1e-3)  # PDB precision of the written coordinates
+
+
+def test_water_params_follow_the_config():
+    from jaxrefine.config import Config
+    from jaxrefine.validate.waters import WaterParams, water_params_from_config
+
+    cfg = Config()
+    p = water_params_from_config(cfg)
+    assert p.min_density_sigma == cfg.waters.min_density_sigma and p.max_b == cfg.waters.max_b
+    assert p.clash_distance == cfg.waters.clash_distance
+    assert p.min_peak_sigma == WaterParams().min_peak_sigma  # keys the config lacks keep their defaults
+
+
+@pytest.mark.slow
+def test_composite_omit_symmetry_images_match_the_map(maps_1l2h):
+    """The grid images used to assemble a composite omit map are symmetry mates: an FFT map (gemmi,
+    P43) has the same value at a point and at all its images."""
+    from jaxrefine.validate.density import grid_points_near, map_values_at
+    from jaxrefine.validate.omit import _symmetry_images_of_grid, split_pieces
+
+    model, _, maps = maps_1l2h
+    idx, _ = grid_points_near(model.xyz_cart[:50], maps.crystal, maps.two_fofc.shape, 1.5)
+    images = _symmetry_images_of_grid(idx, maps.crystal, maps.two_fofc.shape)
+    assert images.shape[0] == 4
+    v = maps.two_fofc
+    ref = map_values_at(v, idx)
+    for g in images:
+        np.testing.assert_allclose(v[g[:, 0], g[:, 1], g[:, 2]], ref, atol=1e-4 * np.abs(v).max())
+    piece = split_pieces(model, 4)
+    assert set(np.unique(piece)) == {0, 1, 2, 3} and np.all(np.diff(piece) >= 0)
+    assert np.bincount(piece).min() > 0.15 * model.n_atoms
