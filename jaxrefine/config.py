@@ -31,6 +31,9 @@ class ModelConfig:
     hydrogens: str = "remove"  # remove | keep
     monlib: str | None = None  # CCP4 monomer library folder; $CLIBD_MON, then the built-in set
     ligands: tuple = ()  # extra restraint dictionaries (CIF files)
+    place_rotation: tuple = ()  # MR placement: 3 ZYZ Euler angles (deg) or 9 matrix elements; x' = R x + t
+    place_translation: tuple = ()  # MR placement translation t (Å, Cartesian)
+    place_translation_frac: tuple = ()  # or t in fractional coordinates of the data's cell
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class RefineConfig:
     rigid_bodies: str = "chain"  # chain | all | "sel1; sel2; ..." (selection strings)
     rigid_first: bool = False  # run rigid-body macrocycles before xyz_b (molecular replacement start)
     n_rigid_cycles: int = 3
+    rigid_d_min: float = 3.0  # Å: rigid-body steps use reflections with d >= this (wider convergence)
     b_min: float = 2.0  # Å², floor of the positive B reparametrisation
     b_max: float = 300.0
     seed: int = 0

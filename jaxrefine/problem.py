@@ -141,6 +141,13 @@ def load_inputs(model_path, data_path, cfg: Config):
         free_seed=d.free_seed, d_min=d.d_min, d_max=d.d_max,
     )
     check_compatible(model.crystal, refl.crystal, os.fspath(model_path), os.fspath(data_path))
+    m = cfg.model
+    if m.place_rotation or m.place_translation or m.place_translation_frac:
+        from .placement import place_model
+
+        model = place_model(model, m.place_rotation or None, m.place_translation or None, m.place_translation_frac or None)
+        log.info("%s: placed with rotation %s and translation %s", model_path, list(m.place_rotation),
+                 list(m.place_translation or m.place_translation_frac))
     if refl.n_free == 0:
         raise InputError(f"{data_path}: the free set is empty; pass data.free_value or remove the flag column to generate one")
     return model, refl

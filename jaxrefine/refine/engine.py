@@ -250,6 +250,16 @@ def choose_initial_w_a(setup: Setup, problem: Problem, params: Params) -> float:
     return wmod.initial_w_a(gx, problem.restraints, setup.model.n_atoms, cfg.weights.target_rmsz_bond)
 
 
+def rigid_body_problem(problem: Problem, setup: Setup) -> Problem:
+    """The problem with the work set limited to d >= refine.rigid_d_min (low-resolution data give
+    rigid-body refinement a wide radius of convergence; same shapes, so no recompile)."""
+    d_cut = setup.config.refine.rigid_d_min
+    if not d_cut or d_cut <= setup.refl.d_min:
+        return problem
+    low = jnp.asarray(setup.refl.d >= d_cut)
+    return problem._replace(xray=problem.xray._replace(work=problem.xray.work & low))
+
+
 def minimise_blocks(blocks, params: Params, problem: Problem, cfg: Config, n_steps: int) -> Params:
     """Minimise E_total over the given parameter blocks (one jit-compiled optax loop for all blocks)."""
     if n_steps <= 0:
@@ -297,7 +307,8 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
         for block in blocks:
             if block == "occ" and params.occ_raw.shape[0] == 0:
                 continue
-            params = minimise_blocks((block,), params, problem, cfg, steps[block])
+            block_problem = rigid_body_problem(problem, setup) if block == "rigid" else problem
+            params = minimise_blocks((block,), params, block_problem, cfg, steps[block])
         problem = update_xray_state(setup, problem, params, rebuild_mask=False)
         st = cycle_statistics(cycle, params, problem, setup, t0)
         history.append(st)
