@@ -16,11 +16,17 @@ def _pyplot():
     return plt
 
 
-def plot_r_vs_cycle(cycles, path, title: str = "R-work and R-free per macrocycle") -> None:
-    """R-work/R-free (left axis) and RMS bond (right axis) against macrocycle; cycle 0 = input."""
-    plt = _pyplot()
+def draw_r_vs_cycle(ax, cycles, title: str = "R-work and R-free per macrocycle"):
+    """Draw R-work/R-free (left axis) and RMS bond (right axis) against macrocycle on a matplotlib Axes.
+
+    Args:
+        ax: matplotlib Axes (no backend is chosen here: works inline in Jupyter).
+        cycles: list of dicts (or ``CycleStats._asdict()``) with cycle, r_work, r_free, rms_bond.
+
+    Returns:
+        the twin Axes of the RMS bond.
+    """
     c = [x["cycle"] for x in cycles]
-    fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(c, [x["r_work"] for x in cycles], "o-", label="R-work")
     ax.plot(c, [x["r_free"] for x in cycles], "s-", label="R-free")
     ax.set_xlabel("macrocycle (0 = input model)")
@@ -32,6 +38,14 @@ def plot_r_vs_cycle(cycles, path, title: str = "R-work and R-free per macrocycle
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="upper right")
+    return ax2
+
+
+def plot_r_vs_cycle(cycles, path, title: str = "R-work and R-free per macrocycle") -> None:
+    """PNG of :func:`draw_r_vs_cycle`; cycle 0 = input."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    draw_r_vs_cycle(ax, cycles, title)
     fig.tight_layout()
     with atomic_write(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100)
