@@ -262,6 +262,12 @@ def make_sf_setup(
 
     Returns:
         :class:`SFSetup`.
+
+    Notes:
+        The box classes (which atoms, what box) are static shapes of the fft setup: a setup
+        rebuilt from different B values may split the atoms differently and then compiles anew.
+        In a refinement, build it from the starting model (b_margin leaves room for B to grow)
+        and rebuild only between macrocycles.  B + B_blur must stay positive.
     """
     from ..crystal import s2_of  # crystal.py is numpy-only
 
