@@ -62,7 +62,8 @@ class ModelMaps(NamedTuple):
         return float(self.fofc.std())
 
 
-def model_maps(model, refl, sample_rate: float = 3.0, f_calc=None, f_mask=None, grid_shape=None) -> ModelMaps:
+def model_maps(model, refl, sample_rate: float = 3.0, f_calc=None, f_mask=None, grid_shape=None,
+               fill_missing: bool = False) -> ModelMaps:
     """2mFo−DFc and mFo−DFc maps of a model as given (F_model, bulk solvent, scales and σA fitted).
 
     Args:
@@ -72,6 +73,9 @@ def model_maps(model, refl, sample_rate: float = 3.0, f_calc=None, f_mask=None, 
         f_calc, f_mask: (n_refl,) complex precomputed F_calc / F_mask at ``refl.hkl`` (e.g. an omit
             map keeps the solvent mask of the full model).
         grid_shape: (na, nb, nc) to force a grid (e.g. to add maps point by point).
+        fill_missing: fill unmeasured reflections with D·F_model in 2mFo−DFc.  Off by default:
+            validation wants the least model bias, and a fill-in is pure model (it also costs a
+            second F_calc).
 
     Returns:
         :class:`ModelMaps`.
@@ -82,7 +86,7 @@ def model_maps(model, refl, sample_rate: float = 3.0, f_calc=None, f_mask=None, 
 
     res = compute_fmodel(model, refl, f_calc=f_calc, f_mask=f_mask)
     r = r_factors(refl.f_obs, res.f_model, refl.free, refl.d, n_bins=1)
-    hkl, two, diff = fmodel_maps(model, refl, res)
+    hkl, two, diff = fmodel_maps(model, refl, res, fill_missing=fill_missing)
     two_map = map_from_coefficients(refl.crystal, hkl, two, grid_shape=grid_shape, sample_rate=sample_rate)
     diff_map = map_from_coefficients(refl.crystal, hkl, diff, grid_shape=two_map.shape)
     return ModelMaps(two_map, diff_map, refl.crystal, float(refl.d_min), float(r["r_work"]), float(r["r_free"]), res,
