@@ -59,8 +59,10 @@ def run(args) -> int:
         for f in res.register_shifts:
             print(f"  chain {f['chain']} {f['start']}-{f['end']}: shift {f['shift']:+d}  ΔCC {f['score']:.3f} "
                   f"({f['cc_model']:.3f} -> {f['cc_shift']:.3f})")
+    elif s["register_windows_scanned"] == 0:
+        print(f"no register scan: no protein chain segment of {s['register_window']} or more residues")
     else:
-        print("no register shift found")
+        print(f"no register shift found ({s['register_windows_scanned']} windows scanned)")
     if args.out:
         print(f"wrote {args.out}/residues.csv, validation.json, rscc.png")
     return 0

@@ -51,7 +51,7 @@ def validate_model(model, refl, shifts=DEFAULT_SHIFTS, window: int = DEFAULT_WIN
     rows = residue_fit(model, maps)
     scan = scan_register(model, register_maps(model, refl), shifts=shifts, window=window, threshold=threshold)
     summary = {"r_work": maps.r_work, "r_free": maps.r_free, "d_min": maps.d_min, "n_residues": len(rows),
-               "register_threshold": threshold, "register_window": window}
+               "register_threshold": threshold, "register_window": window, "register_windows_scanned": len(scan.windows)}
     for kind in ("protein", "nucleic", "ligand", "water"):
         v = [r["rscc"] for r in rows if r["kind"] == kind and r["rscc"] is not None]
         if v:

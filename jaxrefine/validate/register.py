@@ -14,7 +14,7 @@ about half weight (model bias; Read 1986), and on 1l2h the shifted sequence then
 *below* the wrong model.  :func:`register_maps` therefore phases the scan's map with the side
 chains truncated to Cβ (an omit map of all side chains, no refinement), so that every candidate
 sequence is judged by density that only the observed amplitudes put there.  Measured ΔCC (best
-shift − model) on that map: deposited models of 4xof, 1l2h, 5orl, 4iid, 1va7 ≤ −0.06 and 5kzb
+shift − model) on that map: deposited models of 4xof, 1l2h, 5orl, 4iid, 1va7 ≤ −0.05 and 5kzb
 +0.05 (3.2 Å); deliberately shifted 10-residue segments +0.13 to +0.49 (see the issue-9 report).
 
 Sign convention: ``shift = s`` means "residue i should carry the residue type now at i + s".
