@@ -248,7 +248,7 @@ def fit_radius(d_min: float) -> float:
 
 
 def residue_table(model):
-    """Residues of a model in file order: (res_index (n_res,), chain, seq, icode, name) arrays."""
+    """Residues of a model in file order: (res_index (n_res,), chain, seq, icode, name, kind) arrays."""
     first = np.unique(model.res_index, return_index=True)[1]
     return (model.res_index[first], model.chain_id[first], model.res_seq[first], model.icode[first],
             model.res_name[first], model.kind[first])
