@@ -56,10 +56,14 @@ def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
         pytest.skip(f"{path.name} needs the shared data ({DATA_NEEDED} not found; set JAXREFINE_DATA)")
     if DATA_NEEDED.is_dir():
         monkeypatch.setenv("JAXREFINE_DATA", str(DATA.resolve()))  # the kernel inherits the environment; its cwd is notebooks/
-    client = nbclient.NotebookClient(nb, km=_kernel_manager(tmp_path), timeout=CELL_TIMEOUT_S,
-                                     resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+    km = _kernel_manager(tmp_path)
+    client = nbclient.NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S, resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
     t0 = time.perf_counter()
-    client.execute()  # raises CellExecutionError on the first cell that raises
+    try:
+        client.execute()  # raises CellExecutionError on the first cell that raises
+    finally:  # nbclient leaves a kernel it did not create running
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
     wall = time.perf_counter() - t0
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count is not None for c in code), "a code cell did not run"
