@@ -61,7 +61,7 @@ class RefineConfig:
 class WeightConfig:
     w_a: Any = "auto"  # "auto" or a number: weight of E_geometry relative to E_xray
     target_rmsz_bond: float = 0.6  # auto w_A steers RMS Z(bond) toward this value
-    w_b: float = 1.0  # weight of the ADP (B similarity) restraints
+    w_b: float = 0.05  # weight of the ADP (B similarity) restraints (1 over-smooths B: R-work rises on 5kzb, 5orl)
     bond: float = 1.0
     angle: float = 1.0
     torsion: float = 1.0

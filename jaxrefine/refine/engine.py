@@ -70,7 +70,9 @@ class RefinementResult(NamedTuple):
         best_cycle: index into history of the kept model.
         warnings: overfitting-guard and water messages.
         wall_s: total time (s).
-        removed_waters: labels of waters removed.
+        removed_waters: labels of waters removed (their occupancy is 0 in ``problem``; the writers
+            leave them out).
+        removed_atoms: (n_atoms,) bool mask of the removed atoms.
     """
 
     params: Params
@@ -80,6 +82,7 @@ class RefinementResult(NamedTuple):
     warnings: list
     wall_s: float
     removed_waters: list
+    removed_atoms: np.ndarray
 
 
 # ----------------------------------------------------------------------------- setup
@@ -292,6 +295,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
     _log_cycle(history[-1], callback)
     best = (history[0].r_free, 0, params, problem)
     warnings = []
+    removed_labels = []
     steps = {"xyz": cfg.refine.steps_xyz, "b": cfg.refine.steps_b, "occ": cfg.refine.steps_occ, "rigid": cfg.refine.steps_rigid}
     plan = []
     if cfg.refine.rigid_first and strategy != "rigid":
@@ -309,6 +313,9 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
                 continue
             block_problem = rigid_body_problem(problem, setup) if block == "rigid" else problem
             params = minimise_blocks((block,), params, block_problem, cfg, steps[block])
+        if cfg.waters.remove_bad and "xyz" in blocks and (setup.model.kind == "water").any():
+            problem, labels = remove_bad_waters(setup, problem, params)
+            removed_labels += labels
         problem = update_xray_state(setup, problem, params, rebuild_mask=False)
         st = cycle_statistics(cycle, params, problem, setup, t0)
         history.append(st)
@@ -325,7 +332,37 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
         log.info(msg)
         warnings.append(msg)
     return RefinementResult(params=params, problem=problem, history=history, best_cycle=best_cycle, warnings=warnings,
-                            wall_s=time.perf_counter() - t0, removed_waters=[])
+                            wall_s=time.perf_counter() - t0, removed_waters=removed_labels,
+                            removed_atoms=(np.asarray(problem.maps.occ0) <= 0) & (setup.model.occ > 0))
+
+
+def remove_bad_waters(setup: Setup, problem: Problem, params: Params):
+    """Zero the occupancy of waters out of density (2mFo−DFc), with too high B, or clashing.
+
+    Shapes stay fixed (no recompile): a removed water keeps its row with occupancy 0 and the
+    writers leave it out.  One log line per removed water.
+
+    Returns:
+        (problem, labels of the waters removed now)
+    """
+    from ..io.build import with_coordinates
+    from ..validate.density import model_maps
+    from ..validate.waters import bad_waters, water_params_from_config
+
+    xyz, b, occ = current_model_arrays(params, problem)
+    model_now = with_coordinates(setup.model, xyz_cart=xyz, b_iso=b, occ=occ)
+    maps = model_maps(model_now, setup.refl, f_calc=np.asarray(_f_calc_jit(params, problem)),
+                      f_mask=np.asarray(problem.xray.f_mask))
+    wp = water_params_from_config(setup.config)
+    bad = bad_waters(model_now, maps, wp) & (occ > 0)
+    labels = []
+    for i in np.nonzero(bad)[0]:
+        m = setup.model
+        label = f"{m.chain_id[i]}/{m.res_name[i]} {m.res_seq[i]}"
+        log.info("removed water %s (B %.1f Å²; out of density, above waters.max_b or clashing)", label, b[i])
+        labels.append(label)
+    occ0 = jnp.where(jnp.asarray(bad), 0.0, problem.maps.occ0).astype(problem.maps.occ0.dtype)
+    return problem._replace(maps=problem.maps._replace(occ0=occ0)), labels
 
 
 def _guard(history, cfg) -> list:

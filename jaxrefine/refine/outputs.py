@@ -52,9 +52,12 @@ def write_outputs(result: RefinementResult, setup, out_dir, argv=None) -> dict:
     m = metrics(result)
     remarks = {"r_work": m["r_work"], "r_free": m["r_free"], "d_min": refl.d_min, "d_max": refl.d_max,
                "rms_bond": m["rms_bond"], "rms_angle": m["rms_angle"], "version": __version__}
-    write_model(model, os.path.join(out_dir, "refined.cif"), xyz_cart=xyz, b_iso=b, occ=occ, remarks=remarks)
+    keep = ~np.asarray(result.removed_atoms, bool)
+    out_model = model.subset(keep) if not keep.all() else model
+    updates = dict(xyz_cart=xyz[keep], b_iso=b[keep], occ=occ[keep], remarks=remarks)
+    write_model(out_model, os.path.join(out_dir, "refined.cif"), **updates)
     if cfg.output.write_pdb:
-        write_model(model, os.path.join(out_dir, "refined.pdb"), xyz_cart=xyz, b_iso=b, occ=occ, remarks=remarks)
+        write_model(out_model, os.path.join(out_dir, "refined.pdb"), **updates)
     x = problem.xray
     fm = np.asarray(_f_model_now(params, problem))
     two, one = map_coefficients(np.asarray(x.f_obs), fm, x.sigma_a, np.asarray(x.centric), np.asarray(x.epsilon))
