@@ -47,15 +47,24 @@ def _kernel_manager(tmp_path):
     return KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=ksm)
 
 
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory):
+    """One persistent JAX compilation cache for the notebooks of this session: notebooks that refine
+    the same crystal reuse each other's compiled functions instead of compiling again."""
+    return tmp_path_factory.mktemp("jax_cache")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
+def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch, jax_cache):
     nb = nbformat.read(path, as_version=4)
     source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     if DATA_MARKER in source and not DATA_NEEDED.is_dir():
         pytest.skip(f"{path.name} needs the shared data ({DATA_NEEDED} not found; set JAXREFINE_DATA)")
     if DATA_NEEDED.is_dir():
         monkeypatch.setenv("JAXREFINE_DATA", str(DATA.resolve()))  # the kernel inherits the environment; its cwd is notebooks/
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(jax_cache))
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
     km = _kernel_manager(tmp_path)
     client = nbclient.NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S, resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
     t0 = time.perf_counter()
