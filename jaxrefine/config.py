@@ -51,6 +51,7 @@ class RefineConfig:
     rigid_first: bool = False  # run rigid-body macrocycles before xyz_b (molecular replacement start)
     n_rigid_cycles: int = 3
     rigid_d_min: float = 3.0  # Å: rigid-body steps use reflections with d >= this (wider convergence)
+    keep_anisou: bool = True  # use the input ANISOU shapes in F_calc (isotropic B refined on top)
     b_min: float = 2.0  # Å², floor of the positive B reparametrisation
     b_max: float = 300.0
     seed: int = 0
@@ -60,7 +61,7 @@ class RefineConfig:
 @dataclass(frozen=True)
 class WeightConfig:
     w_a: Any = "auto"  # "auto" or a number: weight of E_geometry relative to E_xray
-    target_rmsz_bond: float = 0.6  # auto w_A steers RMS Z(bond) toward this value
+    target_rmsz_bond: Any = "auto"  # auto w_A steers RMS Z(bond) toward this; "auto": 1.0 at 1.5 Å .. 0.45 at 3.3 Å
     w_b: float = 0.05  # weight of the ADP (B similarity) restraints (1 over-smooths B: R-work rises on 5kzb, 5orl)
     bond: float = 1.0
     angle: float = 1.0

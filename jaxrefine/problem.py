@@ -64,6 +64,9 @@ class Problem(NamedTuple):
         geo_weights: per-term geometry weights.
         w_a: weight of E_geometry (scalar array).
         w_b: weight of the ADP restraints (scalar array).
+        u_shape: (n, 6) fixed anisotropic part of U (Cartesian Å², trace-free: ANISOU minus its
+            isotropic equivalent) added to the refined isotropic B in F_calc; None when the model
+            has no ANISOU (or refine.keep_anisou is false).
     """
 
     maps: AtomMaps
@@ -74,6 +77,7 @@ class Problem(NamedTuple):
     geo_weights: Any
     w_a: jax.Array
     w_b: jax.Array
+    u_shape: Any = None
 
 
 class Setup(NamedTuple):

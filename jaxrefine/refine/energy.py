@@ -35,7 +35,8 @@ class EnergyTerms(NamedTuple):
 def model_f(params: Params, problem: Problem):
     """F_model (n_refl,) complex for the current parameters."""
     _, xyz_frac = atom_xyz(params, problem.maps)
-    f_calc = structure_factors(xyz_frac, atom_b(params, problem.maps), atom_occ(params, problem.maps), problem.sf)
+    f_calc = structure_factors(xyz_frac, atom_b(params, problem.maps), atom_occ(params, problem.maps), problem.sf,
+                               problem.u_shape)
     x = problem.xray
     return f_model(f_calc, x.f_mask, x.s_cart, x.scales)
 

@@ -160,7 +160,9 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
     params = initial_params(model, maps, np.asarray(group_start, float), np.asarray(group_set, np.int32),
                             np.asarray(set_total, float), np.asarray(set_size, np.int32), dtype)
     ff = it92_form_factors(model.element, model.source)
-    sf = make_sf_setup(model.crystal, refl.hkl, ff, d_min=refl.d_min, b_iso=model.b_iso, b_margin=SF_B_MARGIN, dtype=dtype)
+    u_shape = anisotropic_shape(model, cfg.refine.keep_anisou)
+    sf = make_sf_setup(model.crystal, refl.hkl, ff, d_min=refl.d_min, b_iso=model.b_iso, b_margin=SF_B_MARGIN, dtype=dtype,
+                       u_aniso=u_shape)
     use = refine_hkl_free(refl)
     bins = sigma_a_bins(refl.d, use)
     xray = XrayData(
@@ -173,6 +175,7 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
     problem = Problem(
         maps=maps, sf=sf, xray=xray, restraints=restraints, nonbonded=nonbonded,
         geo_weights=geometry_weights(cfg, dtype), w_a=jnp.asarray(1.0, dtype), w_b=jnp.asarray(cfg.weights.w_b, dtype),
+        u_shape=None if u_shape is None else jnp.asarray(u_shape, dtype),
     )
     setup = Setup(problem=problem, params=params, model=model, refl=refl, config=cfg, monlib=monlib)
     problem = update_xray_state(setup, problem, params)
@@ -188,7 +191,21 @@ def current_model_arrays(params: Params, problem: Problem):
 
 def f_calc_of(params: Params, problem: Problem):
     _, xyz_frac = atom_xyz(params, problem.maps)
-    return structure_factors(xyz_frac, atom_b(params, problem.maps), atom_occ(params, problem.maps), problem.sf)
+    return structure_factors(xyz_frac, atom_b(params, problem.maps), atom_occ(params, problem.maps), problem.sf,
+                             problem.u_shape)
+
+
+def anisotropic_shape(model, keep: bool):
+    """(n, 6) trace-free anisotropic part of each ANISOU (U − U_eq·I), zeros for isotropic atoms;
+    None when no atom is anisotropic or ``keep`` is false.  Refinement then refines the isotropic
+    B on top of the deposited anisotropic shape (the shape itself is not refined)."""
+    if not keep or not model.has_aniso.any():
+        return None
+    u = np.where(model.has_aniso[:, None], model.u_aniso, 0.0)
+    u_eq = u[:, :3].mean(1)
+    shape = u.copy()
+    shape[:, :3] -= u_eq[:, None]
+    return shape
 
 
 _f_calc_jit = jax.jit(f_calc_of)
@@ -250,7 +267,11 @@ def choose_initial_w_a(setup: Setup, problem: Problem, params: Params) -> float:
     if cfg.weights.w_a != "auto":
         return float(cfg.weights.w_a)
     gx = _grad_norm_xray_xyz(params, problem, cfg.refine.target)
-    return wmod.initial_w_a(gx, problem.restraints, setup.model.n_atoms, cfg.weights.target_rmsz_bond)
+    return wmod.initial_w_a(gx, problem.restraints, setup.model.n_atoms, _target_rmsz(setup))
+
+
+def _target_rmsz(setup: Setup) -> float:
+    return wmod.target_rmsz_for(setup.refl.d_min, setup.config.weights.target_rmsz_bond)
 
 
 def rigid_body_problem(problem: Problem, setup: Setup) -> Problem:
@@ -324,7 +345,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
         if st.r_free < best[0] - 1e-6 or not cfg.guard.keep_best:
             best = (st.r_free, cycle, params, problem)
         if cfg.weights.w_a == "auto" and "xyz" in blocks:
-            problem = problem._replace(w_a=jnp.asarray(wmod.adjust_w_a(float(problem.w_a), st.rmsz_bond, cfg.weights.target_rmsz_bond), problem.maps.orth.dtype))
+            problem = problem._replace(w_a=jnp.asarray(wmod.adjust_w_a(float(problem.w_a), st.rmsz_bond, _target_rmsz(setup)), problem.maps.orth.dtype))
     _, best_cycle, params, problem = best
     if best_cycle != len(history) - 1:
         msg = (f"keeping the model of cycle {best_cycle} (R-free {history[best_cycle].r_free:.4f}) rather than the last "

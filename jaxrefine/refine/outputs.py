@@ -55,6 +55,9 @@ def write_outputs(result: RefinementResult, setup, out_dir, argv=None) -> dict:
     keep = ~np.asarray(result.removed_atoms, bool)
     out_model = model.subset(keep) if not keep.all() else model
     updates = dict(xyz_cart=xyz[keep], b_iso=b[keep], occ=occ[keep], remarks=remarks)
+    if problem.u_shape is not None:  # ANISOU = the kept anisotropic shape + the refined isotropic part
+        u = np.asarray(problem.u_shape, float) + (b / (8 * np.pi**2))[:, None] * np.array([1, 1, 1, 0, 0, 0.0])
+        updates["u_aniso"] = np.where(model.has_aniso[:, None], u, 0.0)[keep]
     write_model(out_model, os.path.join(out_dir, "refined.cif"), **updates)
     if cfg.output.write_pdb:
         write_model(out_model, os.path.join(out_dir, "refined.pdb"), **updates)

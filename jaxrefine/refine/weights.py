@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-RMSZ_RANGE = (0.35, 0.9)  # acceptable RMS Z(bond); the adjustment aims at its centre (servalcat uses 0.5–1.0)
+RMSZ_BAND = (0.8, 1.25)  # acceptable RMS Z(bond) as factors of the target (servalcat keeps 0.5–1.0)
 MAX_FACTOR = 1.6  # largest change of w_A per macrocycle (larger steps make w_A oscillate)
 W_A_LIMITS = (1e-4, 1e3)
 
@@ -36,10 +36,17 @@ def initial_w_a(grad_xray_norm: float, restraints, n_atoms: int, target_rmsz: fl
     return float(np.clip(w, *W_A_LIMITS))
 
 
+def target_rmsz_for(d_min: float, target="auto") -> float:
+    """Target RMS Z(bond): looser at high resolution, where the data define bonds well, tighter at
+    low resolution (1.0 at d <= 1.5 Å falling linearly to 0.45 at 3.3 Å; a number overrides)."""
+    if target != "auto":
+        return float(target)
+    return float(np.clip(1.0 - 0.3 * (d_min - 1.5), 0.45, 1.0))
+
+
 def adjust_w_a(w_a: float, rmsz_bond: float, target_rmsz: float) -> float:
     """New w_A after a macrocycle that ended with RMS Z(bond) = ``rmsz_bond``."""
-    lo, hi = RMSZ_RANGE
-    lo, hi = min(lo, target_rmsz), max(hi, target_rmsz)
+    lo, hi = RMSZ_BAND[0] * target_rmsz, RMSZ_BAND[1] * target_rmsz
     if lo <= rmsz_bond <= hi or not np.isfinite(rmsz_bond):
         return w_a
     factor = rmsz_bond / target_rmsz
