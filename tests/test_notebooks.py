@@ -26,8 +26,9 @@ pytest.importorskip("matplotlib", reason="notebooks plot with matplotlib: pip in
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-# seconds per cell: the slowest cell (a refinement scan) takes ~60 s on 2 loaded cores; generous so
-# that a slow CI machine does not fail, small enough that a hung kernel does not stall the suite
+# Whole notebooks take 43-72 s each on 2 lightly loaded cores (01 54 s, 02 53 s, 03 43 s, 04 72 s;
+# 2x on a loaded machine). Seconds per cell: generous so that a slow CI machine does not fail, small
+# enough that a hung kernel does not stall the suite.
 CELL_TIMEOUT_S = 600
 KERNEL_NAME = "jaxrefine-test-python"
 DATA_MARKER = "find_shared_data()"  # notebooks that read the shared data call this
@@ -47,24 +48,15 @@ def _kernel_manager(tmp_path):
     return KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=ksm)
 
 
-@pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory):
-    """One persistent JAX compilation cache for the notebooks of this session: notebooks that refine
-    the same crystal reuse each other's compiled functions instead of compiling again."""
-    return tmp_path_factory.mktemp("jax_cache")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch, jax_cache):
+def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     nb = nbformat.read(path, as_version=4)
     source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     if DATA_MARKER in source and not DATA_NEEDED.is_dir():
         pytest.skip(f"{path.name} needs the shared data ({DATA_NEEDED} not found; set JAXREFINE_DATA)")
     if DATA_NEEDED.is_dir():
         monkeypatch.setenv("JAXREFINE_DATA", str(DATA.resolve()))  # the kernel inherits the environment; its cwd is notebooks/
-    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(jax_cache))
-    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")
     km = _kernel_manager(tmp_path)
     client = nbclient.NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S, resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
     t0 = time.perf_counter()
