@@ -90,7 +90,14 @@ class WaterConfig:
     min_density_sigma: float = 0.8  # 2mFo-DFc at the water below this (σ) = out of density
     max_b: float = 100.0  # Å²
     clash_distance: float = 2.2  # Å to any non-water atom
-    update_waters: bool = False  # water picking (see validate)
+    update_waters: bool = False  # water picking between macrocycles (--update-waters)
+    min_peak_sigma: float = 3.5  # new water: mFo-DFc peak height (σ)
+    min_two_fofc_sigma: float = 1.0  # ... and 2mFo-DFc at the peak (σ)
+    min_hbond: float = 2.4  # Å, hydrogen-bond distance range to a polar atom
+    max_hbond: float = 3.4
+    min_polar_contact: float = 1.8  # Å, closest allowed N/O contact
+    min_water_distance: float = 2.2  # Å between waters
+    max_new_fraction: float = 1.0  # at most this × (current waters or residues/2) added per round
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ def add_arguments(p):
     p.add_argument("--weight", help="w_A: a number or 'auto' (weights.w_a)")
     p.add_argument("--d-min", type=float, help="high-resolution limit (Å)")
     p.add_argument("--plots", action="store_true", help="write PNG plots (needs matplotlib)")
+    p.add_argument("--update-waters", action="store_true", help="pick new waters between macrocycles (waters.update_waters)")
 
 
 def _overrides(args):
@@ -38,6 +39,8 @@ def _overrides(args):
         sets.append("model.ligands=[" + ",".join(f"'{x}'" for x in args.ligand) + "]")
     if args.plots:
         sets.append("output.plots=true")
+    if args.update_waters:
+        sets.append("waters.update_waters=true")
     return sets
 
 

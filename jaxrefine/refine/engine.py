@@ -73,6 +73,8 @@ class RefinementResult(NamedTuple):
         removed_waters: labels of waters removed (their occupancy is 0 in ``problem``; the writers
             leave them out).
         removed_atoms: (n_atoms,) bool mask of the removed atoms.
+        setup: the setup the kept parameters belong to (a new one when water picking changed
+            the atoms; write the outputs from this one).
     """
 
     params: Params
@@ -83,6 +85,7 @@ class RefinementResult(NamedTuple):
     wall_s: float
     removed_waters: list
     removed_atoms: np.ndarray
+    setup: Any = None
 
 
 # ----------------------------------------------------------------------------- setup
@@ -317,6 +320,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
     best = (history[0].r_free, 0, params, problem)
     warnings = []
     removed_labels = []
+    best_setup = setup
     steps = {"xyz": cfg.refine.steps_xyz, "b": cfg.refine.steps_b, "occ": cfg.refine.steps_occ, "rigid": cfg.refine.steps_rigid}
     plan = []
     if cfg.refine.rigid_first and strategy != "rigid":
@@ -344,6 +348,12 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
         warnings += _guard(history, cfg)
         if st.r_free < best[0] - 1e-6 or not cfg.guard.keep_best:
             best = (st.r_free, cycle, params, problem)
+            best_setup = setup
+        if cfg.waters.update_waters and "xyz" in blocks and cycle < len(plan):
+            setup, params, problem, note = _pick_waters(setup, params, problem)
+            if note:
+                best = (history[-1].r_free, cycle, params, problem)  # atoms changed: older models are not comparable
+                best_setup = setup
         if cfg.weights.w_a == "auto" and "xyz" in blocks:
             problem = problem._replace(w_a=jnp.asarray(wmod.adjust_w_a(float(problem.w_a), st.rmsz_bond, _target_rmsz(setup)), problem.maps.orth.dtype))
     _, best_cycle, params, problem = best
@@ -354,7 +364,31 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
         warnings.append(msg)
     return RefinementResult(params=params, problem=problem, history=history, best_cycle=best_cycle, warnings=warnings,
                             wall_s=time.perf_counter() - t0, removed_waters=removed_labels,
-                            removed_atoms=(np.asarray(problem.maps.occ0) <= 0) & (setup.model.occ > 0))
+                            removed_atoms=(np.asarray(problem.maps.occ0) <= 0) & (best_setup.model.occ > 0), setup=best_setup)
+
+
+def _pick_waters(setup: Setup, params: Params, problem: Problem):
+    """Water picking between macrocycles (waters.update_waters): remove bad waters, add waters at
+    mFo−DFc peaks, and rebuild the problem for the new atoms (this recompiles the energy).
+
+    Returns:
+        (setup, params, problem, note): note is "" when nothing changed.
+    """
+    from ..io.build import with_coordinates
+    from ..validate.waters import update_waters, water_params_from_config
+
+    xyz, b, occ = current_model_arrays(params, problem)
+    keep = occ > 0
+    model_now = with_coordinates(setup.model, xyz_cart=xyz, b_iso=b, occ=occ)
+    if not keep.all():
+        model_now = model_now.subset(keep)
+    upd = update_waters(model_now, setup.refl, water_params_from_config(setup.config), remove=setup.config.waters.remove_bad)
+    if not upd.report["added"] and not upd.removed and keep.all():
+        return setup, params, problem, ""
+    new = build_setup(None, None, setup.config, model=upd.model, refl=setup.refl)
+    note = f"waters: removed {upd.removed}, added {upd.report['added']} (now {upd.report['n_waters']})"
+    log.info(note)
+    return new, new.params, new.problem._replace(w_a=problem.w_a), note
 
 
 def remove_bad_waters(setup: Setup, problem: Problem, params: Params):

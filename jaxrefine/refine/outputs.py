@@ -46,6 +46,7 @@ def metrics(result: RefinementResult) -> dict:
 def write_outputs(result: RefinementResult, setup, out_dir, argv=None) -> dict:
     """Write the refined model, maps, metrics, config and run record into ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
+    setup = result.setup or setup
     model, refl, cfg = setup.model, setup.refl, setup.config
     params, problem = result.params, result.problem
     xyz, b, occ = current_model_arrays(params, problem)
