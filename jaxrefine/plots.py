@@ -5,15 +5,20 @@ from .errors import JaxrefineError
 from .io.writers import atomic_write
 
 
-def _pyplot():
+def new_figure(**kwargs):
+    """A matplotlib Figure outside pyplot: no backend is switched (inline Jupyter plots keep working)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError as exc:
         raise JaxrefineError("plots need matplotlib: pip install 'jaxrefine[plots]'") from exc
-    return plt
+    return Figure(**kwargs)
+
+
+def save_png(fig, path, dpi: int = 100) -> None:
+    """Write a Figure as PNG atomically."""
+    fig.tight_layout()
+    with atomic_write(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
 
 
 def draw_r_vs_cycle(ax, cycles, title: str = "R-work and R-free per macrocycle"):
@@ -43,10 +48,6 @@ def draw_r_vs_cycle(ax, cycles, title: str = "R-work and R-free per macrocycle")
 
 def plot_r_vs_cycle(cycles, path, title: str = "R-work and R-free per macrocycle") -> None:
     """PNG of :func:`draw_r_vs_cycle`; cycle 0 = input."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    draw_r_vs_cycle(ax, cycles, title)
-    fig.tight_layout()
-    with atomic_write(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    fig = new_figure(figsize=(6, 4))
+    draw_r_vs_cycle(fig.subplots(), cycles, title)
+    save_png(fig, path)

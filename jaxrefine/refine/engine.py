@@ -327,9 +327,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
         plan += [("rigid",)] * cfg.refine.n_rigid_cycles
     plan += [STRATEGY_BLOCKS[strategy]] * n_cycles
     for cycle, blocks in enumerate(plan, start=1):
-        if cycle > 1:
-            rebuild = (cycle - 1) % max(cfg.solvent.update_every, 1) == 0
-            problem = update_xray_state(setup, problem, params, rebuild_mask=rebuild)
+        if cycle > 1:  # the mask, scales and σA were refreshed at the end of the previous cycle
             xyz, _, _ = current_model_arrays(params, problem)
             nb = build_nonbonded(xyz, problem.restraints, setup.model.crystal, max_pairs=int(problem.nonbonded.i.shape[0]))
             problem = problem._replace(nonbonded=cast_floats(nb, problem.maps.orth.dtype))
@@ -341,7 +339,8 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
         if cfg.waters.remove_bad and "xyz" in blocks and (setup.model.kind == "water").any():
             problem, labels = remove_bad_waters(setup, problem, params)
             removed_labels += labels
-        problem = update_xray_state(setup, problem, params, rebuild_mask=False)
+        rebuild = cycle % max(cfg.solvent.update_every, 1) == 0
+        problem = update_xray_state(setup, problem, params, rebuild_mask=rebuild)  # statistics with a fresh mask
         st = cycle_statistics(cycle, params, problem, setup, t0)
         history.append(st)
         _log_cycle(st, callback)

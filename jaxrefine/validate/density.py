@@ -409,12 +409,11 @@ def residue_csv(rows: list) -> str:
 
 def plot_residue_fit(rows: list, path, flags=(), title: str = "Real-space correlation per residue") -> None:
     """PNG of RSCC along each chain (polymer residues), flagged register-shift segments shaded."""
-    from ..io.writers import atomic_write
-    from ..plots import _pyplot
+    from ..plots import new_figure, save_png
 
-    plt = _pyplot()
     chains = sorted({r["chain"] for r in rows if r["kind"] in ("protein", "nucleic")})
-    fig, axes = plt.subplots(max(len(chains), 1), 1, figsize=(8, 2.2 * max(len(chains), 1)), squeeze=False)
+    fig = new_figure(figsize=(8, 2.2 * max(len(chains), 1)))
+    axes = fig.subplots(max(len(chains), 1), 1, squeeze=False)
     for ax, ch in zip(axes[:, 0], chains):
         sel = [r for r in rows if r["chain"] == ch and r["kind"] in ("protein", "nucleic") and r["rscc"] is not None]
         ax.plot([r["seq"] for r in sel], [r["rscc"] for r in sel], "-", lw=0.8, color="k")
@@ -425,7 +424,4 @@ def plot_residue_fit(rows: list, path, flags=(), title: str = "Real-space correl
         ax.set_ylim(min(0.0, min([r["rscc"] for r in sel], default=0.0)), 1.0)
     axes[-1, 0].set_xlabel("residue number")
     axes[0, 0].set_title(title)
-    fig.tight_layout()
-    with atomic_write(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
