@@ -453,3 +453,13 @@ def _log_cycle(st: CycleStats, callback):
     log.info(format_cycle(st))
     if callback is not None:
         callback(st)
+
+
+def refined_model(result: RefinementResult):
+    """The kept model of a refinement as a :class:`jaxrefine.io.model.Model` (removed waters left out)."""
+    from ..io.build import with_coordinates
+
+    xyz, b, occ = current_model_arrays(result.params, result.problem)
+    model = with_coordinates(result.setup.model, xyz_cart=xyz, b_iso=b, occ=occ)
+    keep = ~np.asarray(result.removed_atoms, bool)
+    return model if keep.all() else model.subset(keep)
