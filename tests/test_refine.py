@@ -40,6 +40,11 @@ TOL_SHAKEN = 0.03  # issue 7, check 2
 MAX_RMS_BOND = 0.02  # Å, checks 1 and 2
 RIGID_RMSD = 0.2  # Å, check 3
 SHAKEN_CYCLES = 8
+# CI has 2 cores and the suite must stay well under 20 minutes: the two large problems (5orl: 12
+# operators and 8 scattering types on a 7-million-point grid; 4iid: 14.8k atoms) run the same checks
+# with fewer optimiser steps per macrocycle and fewer macrocycles from the shaken start.
+LIGHT = {"5orl": ("refine.steps_xyz=12", "refine.steps_b=6"), "4iid": ("refine.steps_xyz=10", "refine.steps_b=5")}
+SHAKEN_CYCLES_LIGHT = {"5orl": 5, "4iid": 4}
 FD_RTOL = 1e-4  # finite differences in float64
 
 
@@ -193,7 +198,7 @@ def _refined(pid, start_model, refl, cycles, *extra):
 @pytest.mark.parametrize("pid", DATASETS)
 def test_rerefine_deposited(pid):
     model, refl = _inputs(pid)
-    res = _refined(pid, model, refl, 5)
+    res = _refined(pid, model, refl, 5, *LIGHT.get(pid, ()))
     final = res.history[res.best_cycle]
     floor = max(DEPOSITED_R_FREE[pid], SERVALCAT_5_FROM_DEPOSITED[pid])
     assert final.r_free <= floor + TOL_DEPOSITED, res.history
@@ -205,7 +210,7 @@ def test_rerefine_deposited(pid):
 def test_shaken_model_refines_back(pid):
     model, refl = _inputs(pid)
     start = shake(model, 0.5, seed=7)
-    res = _refined(pid, start, refl, SHAKEN_CYCLES)
+    res = _refined(pid, start, refl, SHAKEN_CYCLES_LIGHT.get(pid, SHAKEN_CYCLES), *LIGHT.get(pid, ()))
     final = res.history[res.best_cycle]
     assert res.history[0].r_free > final.r_free + 0.03  # it really moved (1va7 at 2.9 Å starts at only 0.345)
     floor = max(DEPOSITED_R_FREE[pid], SERVALCAT_10_FROM_SHAKEN[pid])
@@ -255,7 +260,7 @@ def test_cli_refine_writes_outputs(tmp_path):
     for key in ("r_work", "r_free", "rms_bond", "rms_angle", "w_a", "k_sol", "b_sol", "wall_s", "cycles"):
         assert key in m
     assert [c["cycle"] for c in m["cycles"]] == [0, 1, 2] and set(m["cycles"][0]) >= {"r_work", "r_free", "rms_bond", "w_a"}
-    assert m["r_free"] <= m["cycles"][0]["r_free"] + 1e-9  # the guard keeps the best model
+    assert m["r_free"] == min(c["r_free"] for c in m["cycles"][1:])  # the guard keeps the best refined cycle
     pdb = (out / "refined.pdb").read_text()
     assert "JAXREFINE" in pdb and f"{m['r_free']:.4f}" in pdb
     back = read_model(out / "refined.cif")

@@ -317,7 +317,9 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
     problem = problem._replace(w_a=jnp.asarray(w_a, problem.maps.orth.dtype))
     history = [cycle_statistics(0, params, problem, setup, t0)]
     _log_cycle(history[-1], callback)
-    best = (history[0].r_free, 0, params, problem)
+    # the guard keeps the refined cycle with the lowest R-free (the input model itself, cycle 0, is
+    # returned only when no macrocycle runs)
+    best = (np.inf, 0, params, problem)
     warnings = []
     removed_labels = []
     best_setup = setup
