@@ -43,8 +43,10 @@ SHAKEN_CYCLES = 8
 # CI has 2 cores and the suite must stay well under 20 minutes: the two large problems (5orl: 12
 # operators and 8 scattering types on a 7-million-point grid; 4iid: 14.8k atoms) run the same checks
 # with fewer optimiser steps per macrocycle and fewer macrocycles from the shaken start.
-LIGHT = {"5orl": ("refine.steps_xyz=12", "refine.steps_b=6"), "4iid": ("refine.steps_xyz=10", "refine.steps_b=5")}
-SHAKEN_CYCLES_LIGHT = {"5orl": 5, "4iid": 4}
+LIGHT_DEPOSITED = ("refine.steps_xyz=6", "refine.steps_b=3")
+LIGHT_SHAKEN = ("refine.steps_xyz=10", "refine.steps_b=5")
+LARGE = ("5orl", "4iid")
+SHAKEN_CYCLES_LIGHT = 4
 FD_RTOL = 1e-4  # finite differences in float64
 
 
@@ -198,7 +200,7 @@ def _refined(pid, start_model, refl, cycles, *extra):
 @pytest.mark.parametrize("pid", DATASETS)
 def test_rerefine_deposited(pid):
     model, refl = _inputs(pid)
-    res = _refined(pid, model, refl, 5, *LIGHT.get(pid, ()))
+    res = _refined(pid, model, refl, 5, *(LIGHT_DEPOSITED if pid in LARGE else ()))
     final = res.history[res.best_cycle]
     floor = max(DEPOSITED_R_FREE[pid], SERVALCAT_5_FROM_DEPOSITED[pid])
     assert final.r_free <= floor + TOL_DEPOSITED, res.history
@@ -210,7 +212,8 @@ def test_rerefine_deposited(pid):
 def test_shaken_model_refines_back(pid):
     model, refl = _inputs(pid)
     start = shake(model, 0.5, seed=7)
-    res = _refined(pid, start, refl, SHAKEN_CYCLES_LIGHT.get(pid, SHAKEN_CYCLES), *LIGHT.get(pid, ()))
+    light = pid in LARGE
+    res = _refined(pid, start, refl, SHAKEN_CYCLES_LIGHT if light else SHAKEN_CYCLES, *(LIGHT_SHAKEN if light else ()))
     final = res.history[res.best_cycle]
     assert res.history[0].r_free > final.r_free + 0.03  # it really moved (1va7 at 2.9 Å starts at only 0.345)
     floor = max(DEPOSITED_R_FREE[pid], SERVALCAT_10_FROM_SHAKEN[pid])
@@ -224,7 +227,7 @@ def test_rigid_body_brings_back_misplaced_model(pid):
     model, refl = _inputs(pid)
     moved = rigid_move(model, 5.0, 1.5, seed=2)
     before = np.sqrt(((moved.xyz_cart - model.xyz_cart) ** 2).sum(1).mean())
-    res = _refined(pid, moved, refl, 2, "refine.strategy=rigid", "refine.rigid_bodies=all", "refine.steps_rigid=25")
+    res = _refined(pid, moved, refl, 2, "refine.strategy=rigid", "refine.rigid_bodies=all", "refine.steps_rigid=20")
     from jaxrefine.refine.engine import current_model_arrays
 
     xyz, _, _ = current_model_arrays(res.params, res.problem)
