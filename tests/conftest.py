@@ -39,3 +39,15 @@ def monomer_dir():
 def dataset(request):
     """(pdb_id, model path, data path) for every shared dataset."""
     return (request.param, *dataset_paths(request.param))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_functions():
+    """Free JAX's compiled executables after each test module.
+
+    One pytest process compiles hundreds of XLA CPU executables over the suite; each holds memory
+    mappings, and a long run hit a segmentation fault inside XLA compilation (likely the process's
+    mapping limit).  Modules share nothing compiled, so clearing between them costs nothing.
+    """
+    yield
+    jax.clear_caches()
