@@ -19,18 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import Config
-from .crystal import resolution_bins
 from .errors import InputError
-from .io.formfactor_io import it92_form_factors
 from .io.model import Model, read_model
 from .io.reflections import Reflections, check_compatible, read_reflections
-from .params import AtomMaps, Params, b_to_raw, occ_to_raw, occupancy_groups
-from .xray.structure_factors import make_sf_setup
+from .params import AtomMaps, Params, b_to_raw, occ_to_raw
 
 log = logging.getLogger(__name__)
 
-N_BINS_MAX = 20  # resolution bins for σA and statistics
-REFL_PER_BIN = 500  # at least this many reflections per bin (at least 20 free, for σA from free set)
 
 
 class XrayData(NamedTuple):
@@ -91,10 +86,6 @@ class Setup(NamedTuple):
     monlib: str | None
 
 
-def _dtype(cfg: Config):
-    return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-
-
 def rigid_bodies(model: Model, spec: str):
     """(n,) body index and (n_bodies, 3) centres for the spec "chain", "all" or "sel1; sel2".
 
@@ -127,10 +118,6 @@ def initial_params(model: Model, maps: AtomMaps, group_start, group_set, set_tot
         rot=jnp.zeros((n_b, 3), dtype),
         trans=jnp.zeros((n_b, 3), dtype),
     )
-
-
-def n_bins_for(n_refl: int, n_free: int) -> int:
-    return int(max(1, min(N_BINS_MAX, n_refl // REFL_PER_BIN, max(n_free // 25, 1))))
 
 
 def load_inputs(model_path, data_path, cfg: Config):

@@ -44,7 +44,6 @@ def _finite(obj):
 
 
 def run(args) -> int:
-    import numpy as np
 
     from ..io.model import read_model
     from ..io.reflections import check_compatible, read_reflections

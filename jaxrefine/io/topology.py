@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import NamedTuple
 
 import gemmi
 import numpy as np

@@ -17,11 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import Config
-from ..crystal import resolution_bins
 from ..io.formfactor_io import it92_form_factors
 from ..io.topology import build_nonbonded, build_restraints, find_monlib
 from ..params import AtomMaps, Params, atom_b, atom_occ, atom_xyz, occupancy_groups
-from ..problem import Problem, Setup, XrayData, initial_params, load_inputs, n_bins_for, rigid_bodies
+from ..problem import Problem, Setup, XrayData, initial_params, load_inputs, rigid_bodies
 from ..restraints import GeometryWeights, geometry_report
 from ..xray.fmodel import choose_sigma_a_set, f_model, fit_scales, model_f_mask, reciprocal_vectors
 from ..xray.stats import r_factors
