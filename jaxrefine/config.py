@@ -8,6 +8,7 @@ configuration (``config.yaml``) next to the results so it can be repeated exactl
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -52,9 +53,8 @@ class RefineConfig:
     n_rigid_cycles: int = 3
     rigid_d_min: float = 3.0  # Å: rigid-body steps use reflections with d >= this (wider convergence)
     keep_anisou: bool = True  # use the input ANISOU shapes in F_calc (isotropic B refined on top)
-    b_min: float = 2.0  # Å², floor of the positive B reparametrisation
-    b_max: float = 300.0
-    seed: int = 0
+    b_min: float = 2.0  # Å², floor of the positive B reparametrisation (lower input B are raised to it)
+    b_max: float = 300.0  # Å²: a model with B above this is refused (reset B or raise the limit)
     precision: str = "float32"  # float32 (fast; the GPU default) | float64 (needs jax_enable_x64)
 
 
@@ -104,7 +104,12 @@ class WaterConfig:
 class OutputConfig:
     write_pdb: bool = True
     plots: bool = False
-    ccp4_maps: bool = False
+    ccp4_maps: bool = False  # also write 2mFo-DFc and mFo-DFc as CCP4 maps (2fofc.ccp4, fofc.ccp4)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    compilation_cache: Any = "auto"  # auto ($JAXREFINE_CACHE_DIR, else ~/.cache/jaxrefine/jax) | off | a folder
 
 
 @dataclass(frozen=True)
@@ -117,48 +122,160 @@ class Config:
     guard: GuardConfig = field(default_factory=GuardConfig)
     waters: WaterConfig = field(default_factory=WaterConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
+# Choice lists: defined here once; the CLI and the engine import them from this module.
 STRATEGIES = ("rigid", "xyz_b", "xyz_b_occ", "xyz", "b")
+TARGETS = ("ml", "ls")
+OPTIMIZERS = ("lbfgs", "adam", "sgd")
+PRECISIONS = ("float32", "float64")
+HYDROGENS = ("remove", "keep")
 _CHOICES = {
-    ("model", "hydrogens"): ("remove", "keep"),
+    ("model", "hydrogens"): HYDROGENS,
     ("refine", "strategy"): STRATEGIES,
-    ("refine", "target"): ("ml", "ls"),
-    ("refine", "optimizer"): ("lbfgs", "adam", "sgd"),
-    ("refine", "precision"): ("float32", "float64"),
+    ("refine", "target"): TARGETS,
+    ("refine", "optimizer"): OPTIMIZERS,
+    ("refine", "precision"): PRECISIONS,
 }
 
 
-def _coerce(value, template, where: str):
-    if isinstance(template, bool):
-        if isinstance(value, str):
-            if value.lower() in ("true", "yes", "1", "on"):
-                return True
-            if value.lower() in ("false", "no", "0", "off"):
-                return False
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return bool(value)
-    if isinstance(template, int) and not isinstance(template, bool):
+def _positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def _positive_or_auto(v):
+    if v == "auto":
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return "must be a number > 0 or 'auto'"
+    return None if math.isfinite(v) and v > 0 else "must be a number > 0 or 'auto'"
+
+
+def _length(*allowed):
+    def check(v):
+        if len(v) not in allowed:
+            return f"needs {' or '.join(map(str, allowed))} numbers, got {len(v)}"
         try:
-            return int(value)
+            ok = all(math.isfinite(float(x)) for x in v)
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-    if isinstance(template, float):
+            ok = False
+        return None if ok else "must be numbers"
+    return check
+
+
+def _fraction(v):
+    return None if 0 < v <= 0.5 else "must be in (0, 0.5]"
+
+
+# (section, key) -> check(value) returning None or what is wrong.  Keys without an entry are
+# only type-checked (from the dataclass annotation); add a line here for a new numeric key.
+_CHECKS = {
+    ("data", "free_fraction"): _fraction,
+    ("data", "free_value"): _non_negative,
+    ("data", "d_min"): _positive,
+    ("data", "d_max"): _positive,
+    ("model", "place_rotation"): _length(0, 3, 9),
+    ("model", "place_translation"): _length(0, 3),
+    ("model", "place_translation_frac"): _length(0, 3),
+    ("refine", "n_cycles"): _non_negative,
+    ("refine", "steps_xyz"): _non_negative,
+    ("refine", "steps_b"): _non_negative,
+    ("refine", "steps_occ"): _non_negative,
+    ("refine", "steps_rigid"): _non_negative,
+    ("refine", "learning_rate"): _positive,
+    ("refine", "n_rigid_cycles"): _non_negative,
+    ("refine", "rigid_d_min"): _positive,
+    ("refine", "b_min"): _non_negative,
+    ("refine", "b_max"): _positive,
+    ("weights", "w_a"): _positive_or_auto,
+    ("weights", "target_rmsz_bond"): _positive_or_auto,
+    ("weights", "w_b"): _non_negative,
+    ("weights", "bond"): _non_negative,
+    ("weights", "angle"): _non_negative,
+    ("weights", "torsion"): _non_negative,
+    ("weights", "plane"): _non_negative,
+    ("weights", "chiral"): _non_negative,
+    ("weights", "nonbonded"): _non_negative,
+    ("solvent", "r_probe"): _non_negative,
+    ("solvent", "r_shrink"): _non_negative,
+    ("solvent", "update_every"): _positive,
+    ("guard", "max_gap"): _non_negative,
+    ("waters", "max_b"): _positive,
+    ("waters", "clash_distance"): _positive,
+    ("waters", "min_peak_sigma"): _positive,
+    ("waters", "min_hbond"): _positive,
+    ("waters", "max_hbond"): _positive,
+    ("waters", "min_polar_contact"): _positive,
+    ("waters", "min_water_distance"): _positive,
+    ("waters", "max_new_fraction"): _non_negative,
+}
+
+# (low key, high key): both in one section, low < high when both are set.
+_ORDERED = (
+    ("data", "d_min", "d_max"),
+    ("refine", "b_min", "b_max"),
+    ("waters", "min_hbond", "max_hbond"),
+)
+
+
+def _coerce(value, annotation: str, where: str):
+    """``value`` converted to the type written in the dataclass annotation (e.g. ``int``,
+    ``float | None``, ``tuple``, ``Any``); ConfigError naming ``where`` when it does not fit."""
+    kind = annotation.replace(" ", "").replace("|None", "")
+    optional = "None" in annotation
+    if isinstance(value, str) and value.strip().lower() in ("null", "none", "~") and (optional or kind == "Any"):
+        value = None
+    if value is None:
+        if optional or kind == "Any":
+            return None
+        raise ConfigError(f"{where}: needs a value (null is not allowed)")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "false", "no", "off"):
+            return value.lower() in ("true", "yes", "on")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if kind == "int":
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if kind == "float":
         try:
-            return float(value)
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if isinstance(template, tuple):
+        if not math.isfinite(out):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return out
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected text, got {value!r}")
+        return value
+    if kind == "tuple":
         if isinstance(value, str):
-            return tuple(v for v in value.split(",") if v)
-        return tuple(value or ())
-    if value in ("null", "None", "none", ""):
-        return None
-    if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    if isinstance(value, str):  # Any: a number written as text counts as the number
         try:
-            return float(value) if "." in value or value.isdigit() else value
+            return float(value)
         except ValueError:
-            return value
+            return value.strip()
     return value
 
 
@@ -166,18 +283,29 @@ def _section_from_dict(cls, values: dict, name: str):
     if values is None:
         return cls()
     if not isinstance(values, dict):
-        raise ConfigError(f"config section {name!r} must be a mapping, got {values!r}")
+        raise ConfigError(f"config section {name!r} must be a mapping of keys to values, got {values!r}")
     known = {f.name: f for f in fields(cls)}
-    default = cls()
     kwargs = {}
     for key, val in values.items():
         if key not in known:
             raise ConfigError(f"unknown config key {name}.{key}; known keys: {', '.join(known)}")
-        kwargs[key] = _coerce(val, getattr(default, key), f"{name}.{key}") if val is not None else None
+        where = f"{name}.{key}"
+        annotation = known[key].type if isinstance(known[key].type, str) else getattr(known[key].type, "__name__", "Any")
+        kwargs[key] = v = _coerce(val, annotation, where)
         choices = _CHOICES.get((name, key))
-        if choices and kwargs[key] not in choices:
-            raise ConfigError(f"{name}.{key} = {kwargs[key]!r}; choose one of {', '.join(choices)}")
-    return cls(**kwargs)
+        if choices and v not in choices:
+            raise ConfigError(f"{where} = {v!r}; choose one of {', '.join(choices)}")
+        check = _CHECKS.get((name, key))
+        problem = check(v) if check is not None and v is not None else None
+        if problem:
+            raise ConfigError(f"{where} = {v!r}: {problem}; see configs/default.yaml for what it means")
+    section = cls(**kwargs)
+    for sec, lo, hi in _ORDERED:
+        if sec == name:
+            a, b = getattr(section, lo), getattr(section, hi)
+            if a is not None and b is not None and not a < b:
+                raise ConfigError(f"{name}.{lo} = {a} and {name}.{hi} = {b}: {lo} must be smaller than {hi}")
+    return section
 
 
 def config_from_dict(d: dict | None) -> Config:
@@ -201,33 +329,53 @@ def config_to_dict(cfg: Config) -> dict:
 
 def apply_overrides(d: dict, overrides) -> dict:
     """Apply ``section.key=value`` strings (YAML-parsed values) to a nested dict."""
-    d = {k: dict(v or {}) for k, v in (d or {}).items()}
+    if not isinstance(d or {}, dict):
+        raise ConfigError(f"expected a mapping of sections (data:, refine:, ...), got {type(d).__name__} {d!r}")
+    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (d or {}).items()}
     for item in overrides or ():
-        if "=" not in item:
+        key, eq, val = str(item).partition("=")
+        sec, dot, k = key.strip().partition(".")
+        if not eq or not dot or not sec or not k:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. refine.n_cycles=3")
-        key, val = item.split("=", 1)
-        if "." not in key:
-            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. refine.n_cycles=3")
-        sec, k = key.strip().split(".", 1)
-        d.setdefault(sec, {})[k] = yaml.safe_load(val)
+        if d.get(sec) is None:
+            d[sec] = {}
+        elif not isinstance(d[sec], dict):
+            raise ConfigError(f"config section {sec!r} must be a mapping of keys to values, got {d[sec]!r}")
+        try:
+            d[sec][k] = yaml.safe_load(val)
+        except yaml.YAMLError:
+            d[sec][k] = val
     return d
 
 
 def load_config(path=None, overrides=()) -> Config:
-    """Read a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    """Read a YAML config (or the defaults when ``path`` is None) and apply overrides.
+
+    Raises:
+        ConfigError: one line naming the file (or ``--set``) and key, what is wrong and what to do.
+    """
     d = {}
     if path:
         try:
             with open(path) as fh:
                 d = yaml.safe_load(fh) or {}
         except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
+            raise ConfigError(f"{path}: config file not found; check the --config path") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a folder, not a config file; pass a YAML file such as configs/default.yaml") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read the config file ({exc})") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+        try:
+            config_from_dict(apply_overrides(d, ()))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
     try:
         return config_from_dict(apply_overrides(d, overrides))
     except ConfigError as exc:
-        raise ConfigError(f"{path or 'defaults'}: {exc}") from None
+        msg = str(exc)
+        raise ConfigError(msg if msg.startswith("--set") or not overrides else f"--set {msg}") from None
 
 
 def dump_config(cfg: Config) -> str:

@@ -1,0 +1,153 @@
+"""JAX's persistent compilation cache: compiled XLA code kept on disk between processes.
+
+A refinement compiles the same few functions (F_calc and its gradient, the restraint energies, the
+optimiser step) for every run.  With the cache on, a second run of a problem of the same shapes
+loads them from disk instead of compiling again (5kzb: see benchmarks/README.md).
+
+Where the cache lives, first match wins:
+
+1. ``cache_dir`` (``runtime.compilation_cache`` in the config): a folder, or ``off``;
+2. ``$JAXREFINE_CACHE_DIR``: a folder, or ``off``;
+3. a cache folder the caller already gave JAX (``jax.config.update("jax_compilation_cache_dir", ...)``,
+   e.g. a test session's temporary folder): left as it is;
+4. ``$XDG_CACHE_HOME/jaxrefine/jax``, else ``~/.cache/jaxrefine/jax``.
+
+The cache is trusted code (see JAX's documentation): keep it in a folder only you can write to.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+from ..errors import ConfigError
+
+log = logging.getLogger("jaxrefine")
+
+ENV_VAR = "JAXREFINE_CACHE_DIR"
+_OFF = ("off", "none", "false", "no", "0", "disabled")
+# Compilations shorter than this are not written: loading an entry costs a few ms of disk and
+# deserialisation, which only pays for functions that take longer than that to compile.
+MIN_COMPILE_TIME_S = 0.05
+
+
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/jaxrefine/jax`` (``~/.cache/jaxrefine/jax`` when unset)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jaxrefine", "jax")
+
+
+def _is_off(value) -> bool:
+    return value is False or (isinstance(value, str) and value.strip().lower() in _OFF)
+
+
+def _is_auto(value) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto", "default"))
+
+
+def resolve_cache_dir(cache_dir=None) -> str | None:
+    """The folder the cache will use for ``cache_dir`` (see the module docstring); None when off."""
+    for value, origin in ((cache_dir, "runtime.compilation_cache"), (os.environ.get(ENV_VAR), f"${ENV_VAR}")):
+        if _is_off(value):
+            return None
+        if not _is_auto(value):
+            if not isinstance(value, (str, os.PathLike)):
+                raise ConfigError(f"{origin} = {value!r}: expected auto, off or a folder")
+            return os.path.abspath(os.path.expanduser(os.fspath(value)))
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return os.fspath(current)
+    return default_cache_dir()
+
+
+def enable_compilation_cache(cache_dir: str | None = None) -> str | None:
+    """Turn JAX's persistent compilation cache on (or off) for this process.
+
+    Args:
+        cache_dir: a folder, ``"off"`` (also ``False``), or None / ``"auto"`` for the default
+            order (``$JAXREFINE_CACHE_DIR``, a folder already set in JAX, the user's cache folder).
+
+    Returns:
+        The cache folder in use, or None when the cache is off.
+
+    Raises:
+        ConfigError: the folder cannot be created.
+    """
+    path = resolve_cache_dir(cache_dir)
+    if path is None:
+        if jax.config.jax_compilation_cache_dir:
+            _set_dir(None)
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"runtime.compilation_cache: cannot create the cache folder {path} ({exc.strerror}); "
+                          f"pass another folder or 'off'") from None
+    jax.config.update("jax_enable_compilation_cache", True)
+    if jax.config.jax_persistent_cache_min_compile_time_secs > MIN_COMPILE_TIME_S:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S)
+    if jax.config.jax_compilation_cache_dir != path:
+        _set_dir(path)
+    log.debug("JAX compilation cache: %s", path)
+    return path
+
+
+def _set_dir(path: str | None) -> None:
+    """Point JAX at another cache folder; its cache object is re-created on the next compile."""
+    jax.config.update("jax_compilation_cache_dir", path)
+    try:  # private API: without it a cache already opened keeps its first folder
+        from jax._src import compilation_cache
+
+        compilation_cache.reset_cache()
+    except (ImportError, AttributeError):  # pragma: no cover - other JAX versions
+        pass
+
+
+# --- compile-time accounting (jax.monitoring events) ------------------------------------------
+_COMPILE_EVENTS = {
+    "/jax/core/compile/jaxpr_trace_duration": "trace_s",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+    "/jax/core/compile/backend_compile_duration": "compile_s",  # XLA compile, or a cache load
+}
+_totals = {"trace_s": 0.0, "lower_s": 0.0, "compile_s": 0.0, "cache_hits": 0, "cache_misses": 0}
+_listening = False
+
+
+def _on_duration(event: str, duration: float, **_kw) -> None:
+    key = _COMPILE_EVENTS.get(event)
+    if key is not None:
+        _totals[key] += duration
+
+
+def _on_event(event: str, **_kw) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _totals["cache_hits"] += 1
+    elif event == "/jax/compilation_cache/cache_misses":
+        _totals["cache_misses"] += 1
+
+
+def compile_counters() -> dict:
+    """Running totals of this process's JAX compilation work since the first call.
+
+    Keys: ``trace_s``, ``lower_s`` (jaxpr → StableHLO), ``compile_s`` (XLA backend compile, or the
+    load from the persistent cache), ``cache_hits``, ``cache_misses``.  Subtract two snapshots to
+    time a stretch of code::
+
+        before = compile_counters(); ...; spent = compile_delta(before)
+    """
+    global _listening
+    if not _listening:
+        jax.monitoring.register_event_duration_secs_listener(_on_duration)
+        jax.monitoring.register_event_listener(_on_event)
+        _listening = True
+    return dict(_totals)
+
+
+def compile_delta(before: dict) -> dict:
+    """Compilation work since the snapshot ``before`` (from :func:`compile_counters`), plus ``total_s``."""
+    now = compile_counters()
+    out = {k: now[k] - before.get(k, 0) for k in now}
+    out["total_s"] = out["trace_s"] + out["lower_s"] + out["compile_s"]
+    return out
