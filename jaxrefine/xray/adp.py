@@ -1,0 +1,132 @@
+"""Anisotropic displacement parameters: a positive-definite parametrisation and the TLS model.
+
+Conventions: ``u_aniso`` (n, 6) is the Cartesian U of PDB ANISOU records, U11 U22 U33 U12 U13
+U23 (Å²); B_eq = 8π²/3 · tr U (Å²).  TLS tensors are in Å² (T), rad² (L) and Å·rad (S), with
+the origin in Å; the files' degree units are converted in :mod:`jaxrefine.io.tls`.
+
+- :func:`u_from_cholesky`: U = L·Lᵀ + u_min·I with L lower triangular, its diagonal
+  softplus(raw) > 0, so every parameter vector gives a positive-definite U whose smallest
+  eigenvalue is at least ``u_min`` (the Cholesky parametrisation of Pinheiro & Bates 1996,
+  Stat. Comput. 6, 289, "Unconstrained parametrizations for variance-covariance matrices").
+- :func:`cholesky_params`: its inverse (numpy), for starting values from ANISOU or B.
+- :func:`u_from_tls`: U = T + A·L·Aᵀ + A·S + Sᵀ·Aᵀ with A the antisymmetric matrix of the
+  atom's position r relative to the group origin (Schomaker & Trueblood 1968, Acta Cryst. B24, 63;
+  Winn, Isupov & Murshudov 2001, Acta Cryst. D57, 122, eq. 2).
+
+Pure JAX (numpy for the inverse maps that run outside jit).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .structure_factors import _u6_to_mat as u6_to_matrix
+
+EIGHT_PI2 = 8.0 * np.pi**2
+_LOWER = ((0, 0), (1, 1), (2, 2), (1, 0), (2, 0), (2, 1))  # raw[:, k] is L[_LOWER[k]]
+
+
+def matrix_to_u6(m):
+    """(..., 3, 3) symmetric -> (..., 6) U11 U22 U33 U12 U13 U23."""
+    return jnp.stack([m[..., 0, 0], m[..., 1, 1], m[..., 2, 2], m[..., 0, 1], m[..., 0, 2], m[..., 1, 2]], -1)
+
+
+def b_eq(u_aniso):
+    """(n,) equivalent isotropic B = 8π²/3 · (U11 + U22 + U33) (Å²); u_aniso (n, 6) Å²."""
+    return EIGHT_PI2 / 3.0 * (u_aniso[..., 0] + u_aniso[..., 1] + u_aniso[..., 2])
+
+
+def u_iso6(b_iso):
+    """(n, 6) U = B/(8π²)·I of isotropic atoms; b_iso (n,) Å²."""
+    u = b_iso / EIGHT_PI2
+    z = jnp.zeros_like(u)
+    return jnp.stack([u, u, u, z, z, z], -1)
+
+
+def cholesky_factor(chol_raw):
+    """(n, 3, 3) lower-triangular L (Å) from (n, 6) raw parameters (diagonal through softplus)."""
+    diag = jax.nn.softplus(chol_raw[..., :3])
+    z = jnp.zeros_like(diag[..., 0])
+    l21, l31, l32 = chol_raw[..., 3], chol_raw[..., 4], chol_raw[..., 5]
+    return jnp.stack(
+        [
+            jnp.stack([diag[..., 0], z, z], -1),
+            jnp.stack([l21, diag[..., 1], z], -1),
+            jnp.stack([l31, l32, diag[..., 2]], -1),
+        ],
+        -2,
+    )
+
+
+def u_from_cholesky(chol_raw, u_min=0.0):
+    """(n, 6) positive-definite U (Å²) from (n, 6) unconstrained parameters.
+
+    Args:
+        chol_raw: (n, 6) raw parameters: softplus⁻¹ of L11, L22, L33, then L21, L31, L32 (Å).
+        u_min: scalar floor added to every eigenvalue (Å²), e.g. b_min/(8π²).
+    """
+    lf = cholesky_factor(chol_raw)
+    u = jnp.einsum("nij,nkj->nik", lf, lf)
+    return matrix_to_u6(u) + u_min * jnp.asarray([1.0, 1.0, 1.0, 0.0, 0.0, 0.0], u.dtype)
+
+
+def _softplus_inv(x):
+    x = np.asarray(x, float)
+    return np.where(x > 30, x, np.log(np.expm1(np.minimum(x, 30))))
+
+
+def cholesky_params(u_aniso, u_min=0.0, eig_floor=1e-4):
+    """Inverse of :func:`u_from_cholesky` (numpy): raw parameters reproducing ``u_aniso``.
+
+    Eigenvalues of U − u_min·I below ``eig_floor`` (Å²) are raised to it first, so a deposited
+    ANISOU that is not positive definite (or is at the floor) still gets finite parameters.
+
+    Args:
+        u_aniso: (n, 6) U (Å²).
+        u_min: the floor used in :func:`u_from_cholesky`.
+        eig_floor: smallest eigenvalue kept (Å²).
+
+    Returns:
+        (n, 6) float64 raw parameters.
+    """
+    u = np.asarray(u6_to_matrix(np.asarray(u_aniso, float)), float) - u_min * np.eye(3)
+    w, v = np.linalg.eigh(u)
+    u = np.einsum("nij,nj,nkj->nik", v, np.maximum(w, eig_floor), v)
+    lf = np.linalg.cholesky(u)
+    raw = np.stack([lf[:, i, j] for i, j in _LOWER], -1)
+    raw[:, :3] = _softplus_inv(raw[:, :3])
+    return raw
+
+
+def tls_shift_matrix(r):
+    """(n, 3, 3) A of Winn et al. 2001 eq. 2 for positions r (n, 3) relative to the origin (Å).
+
+    A = [[0, z, −y], [−z, 0, x], [y, −x, 0]]: a small libration λ (rad) moves the atom by
+    λ × r = A·λ, so with u = t + A·λ and S_ij = <λ_i t_j>: U = T + A L Aᵀ + A S + Sᵀ Aᵀ.
+    """
+    x, y, z = r[..., 0], r[..., 1], r[..., 2]
+    o = jnp.zeros_like(x)
+    return jnp.stack([jnp.stack([o, z, -y], -1), jnp.stack([-z, o, x], -1), jnp.stack([y, -x, o], -1)], -2)
+
+
+def u_from_tls(t, l, s, origin, xyz_cart, group):
+    """(n, 6) U (Å²) of atoms from the TLS tensors of their groups.
+
+    Args:
+        t: (g, 6) T (Å², U11 … U23 order).
+        l: (g, 6) L (rad², same order).
+        s: (g, 3, 3) S (Å·rad), S[i, j] = S_ij.
+        origin: (g, 3) group origins (Å).
+        xyz_cart: (n, 3) atom positions (Å).
+        group: (n,) int group of each atom; atoms outside every group (-1) get U = 0.
+
+    Reference: Winn, Isupov & Murshudov 2001, Acta Cryst. D57, 122, eq. 2.
+    """
+    g = jnp.maximum(group, 0)
+    a = tls_shift_matrix(xyz_cart - jnp.asarray(origin)[g])
+    lm = u6_to_matrix(jnp.asarray(l))[g]
+    sm = jnp.asarray(s)[g]
+    asm = jnp.einsum("nij,njk->nik", a, sm)
+    u = u6_to_matrix(jnp.asarray(t))[g] + jnp.einsum("nij,njk,nlk->nil", a, lm, a) + asm + jnp.swapaxes(asm, -1, -2)
+    return jnp.where((group >= 0)[:, None], matrix_to_u6(u), 0.0)

@@ -1,0 +1,331 @@
+"""Anisotropic ADPs, TLS and local NCS: parametrisations, restraints, file round trips.
+
+References: closed forms (a pure libration about an axis, a T-only group), gemmi's own
+``calculate_u_from_tls`` on the deposited TLS groups of 1va7, float64 central differences for
+every gradient, rigid-motion invariance of the NCS energy.  Anisotropic F_calc against gemmi on
+4xof (ANISOU) is tested in tests/test_structure_factors.py (test against gemmi's
+StructureFactorCalculatorX with split_adp), so it is not repeated here.
+"""
+from __future__ import annotations
+
+import gemmi
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrefine.io.model import model_from_structure, read_model
+from jaxrefine.io.ncs import find_ncs_copies
+from jaxrefine.io.tls import read_tls_groups, set_tls_groups, tls_groups_from_spec
+from jaxrefine.problem.params import rotation_matrix
+from jaxrefine.restraints.adp_aniso import (
+    aniso_adp_energy,
+    aniso_adp_report,
+    aniso_adp_term,
+    isotropy_energy,
+    rigid_bond_energy,
+    similarity_energy,
+)
+from jaxrefine.restraints.ncs import geman_mcclure, ncs_energy, ncs_report, ncs_term
+from jaxrefine.xray.adp import EIGHT_PI2, b_eq, cholesky_params, u_from_cholesky, u_from_tls, u_iso6
+
+from conftest import dataset_paths
+
+# ---- tolerances (one place, with the reason) ----
+TOL_EXACT = 1e-12  # closed forms and round trips evaluated in float64
+TOL_FD = 1e-6  # relative: float64 autodiff vs central differences with h = 1e-6 (error ~h²)
+TOL_GEMMI_TLS = 1e-9  # same formula as gemmi's calculate_u_from_tls, in double precision
+TOL_RIGID_COPY = 1e-18  # Σ z² with z ~ 1e-13 (float64 rounding of ~10 Å distances over σ = 0.1 Å)
+TOL_FILE = 1e-3  # Å²: TLS and ANISOU go through the files' fixed decimals (4 in mmCIF)
+
+
+def central_difference_check(fn, x, n_probe=6, h=1e-6, seed=0):
+    """Compare jax.grad(fn) with central differences along random coordinates of x (float64)."""
+    x = jnp.asarray(x, jnp.float64)
+    g = np.asarray(jax.jit(jax.grad(fn))(x)).ravel()
+    fn = jax.jit(fn)  # one compile instead of op-by-op dispatch for each probe
+    rng = np.random.default_rng(seed)
+    flat = np.asarray(x).ravel()
+    for k in rng.choice(flat.size, size=min(n_probe, flat.size), replace=False):
+        e = np.zeros_like(flat)
+        e[k] = h
+        fd = (float(fn(jnp.asarray((flat + e).reshape(x.shape)))) - float(fn(jnp.asarray((flat - e).reshape(x.shape))))) / (2 * h)
+        assert abs(g[k] - fd) <= TOL_FD * max(1.0, abs(fd)), (k, g[k], fd)
+
+
+def random_u(n, seed=1):
+    """(n, 6) positive-definite U (Å²) with anisotropy typical of protein atoms (0.05–0.4 Å²)."""
+    rng = np.random.default_rng(seed)
+    q = np.linalg.qr(rng.normal(size=(n, 3, 3)))[0]
+    w = rng.uniform(0.05, 0.4, size=(n, 3))
+    m = np.einsum("nij,nj,nkj->nik", q, w, q)
+    return np.stack([m[:, 0, 0], m[:, 1, 1], m[:, 2, 2], m[:, 0, 1], m[:, 0, 2], m[:, 1, 2]], -1)
+
+
+def u_matrix(u6):
+    u11, u22, u33, u12, u13, u23 = np.asarray(u6).T
+    return np.stack([np.stack([u11, u12, u13], -1), np.stack([u12, u22, u23], -1), np.stack([u13, u23, u33], -1)], -2)
+
+
+# ----------------------------------------------------------------- Cholesky parametrisation
+def test_cholesky_round_trip_and_positive_definite():
+    u = random_u(50)
+    u_min = 0.02
+    raw = cholesky_params(u)
+    np.testing.assert_allclose(np.asarray(u_from_cholesky(jnp.asarray(raw))), u, atol=TOL_EXACT)
+    raw = cholesky_params(u, u_min=u_min)
+    np.testing.assert_allclose(np.asarray(u_from_cholesky(jnp.asarray(raw), u_min)), u, atol=TOL_EXACT)
+    # any parameter vector gives a positive-definite U with eigenvalues ≥ u_min
+    wild = np.random.default_rng(3).normal(scale=5.0, size=(200, 6))
+    eig = np.linalg.eigvalsh(u_matrix(np.asarray(u_from_cholesky(jnp.asarray(wild), u_min))))
+    assert eig.min() >= u_min * (1 - 1e-9)
+
+
+def test_cholesky_params_repair_non_positive_definite():
+    bad = np.array([[0.1, 0.1, 0.1, 0.2, 0.0, 0.0]])  # eigenvalue 0.1 − 0.2 < 0
+    raw = cholesky_params(bad, eig_floor=1e-3)
+    assert np.all(np.isfinite(raw))
+    eig = np.linalg.eigvalsh(u_matrix(np.asarray(u_from_cholesky(jnp.asarray(raw)))))
+    assert eig.min() == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_cholesky_gradient_matches_finite_differences():
+    raw = jnp.asarray(cholesky_params(random_u(4), 0.01))
+    w = jnp.asarray(np.random.default_rng(5).normal(size=(4, 6)))
+    central_difference_check(lambda r: jnp.sum(w * u_from_cholesky(r, 0.01)), raw)
+
+
+def test_b_eq_of_isotropic_u():
+    b = jnp.asarray([5.0, 20.0, 80.0])
+    np.testing.assert_allclose(np.asarray(b_eq(u_iso6(b))), np.asarray(b), rtol=TOL_EXACT)
+    assert float(b_eq(jnp.asarray([[0.1, 0.2, 0.3, 0.05, 0.0, 0.0]]))[0]) == pytest.approx(EIGHT_PI2 * 0.2)
+
+
+# ----------------------------------------------------------------- TLS
+def tls_arrays(t=None, l=None, s=None, origin=(0.0, 0.0, 0.0)):
+    z6 = np.zeros((1, 6))
+    return (np.asarray(t, float)[None] if t is not None else z6, np.asarray(l, float)[None] if l is not None else z6,
+            np.asarray(s, float)[None] if s is not None else np.zeros((1, 3, 3)), np.asarray(origin, float)[None])
+
+
+def test_tls_with_isotropic_t_only_is_isotropic_b():
+    b = 23.0
+    t, l, s, o = tls_arrays(t=[b / EIGHT_PI2] * 3 + [0, 0, 0], origin=(4.0, -2.0, 7.0))
+    xyz = np.random.default_rng(0).normal(scale=10, size=(20, 3))
+    u = np.asarray(u_from_tls(t, l, s, o, xyz, np.zeros(20, np.int32)))
+    np.testing.assert_allclose(u, np.asarray(u_iso6(jnp.full(20, b))), atol=TOL_EXACT)
+    np.testing.assert_allclose(np.asarray(b_eq(u)), b, rtol=TOL_EXACT)
+
+
+def test_tls_hand_computed_libration_and_screw():
+    # libration about z (L33 = λ² rad²) of an atom at r = (x, 0, 0) from the origin: it moves
+    # along y by λx, so U22 = λ²x² and nothing else; an atom on the axis does not move.
+    lam2, x = 0.004, 3.0
+    origin = (1.0, 1.0, 1.0)
+    t, l, s, o = tls_arrays(l=[0, 0, lam2, 0, 0, 0], origin=origin)
+    xyz = np.array([[1.0 + x, 1.0, 1.0], [1.0, 1.0, 9.0]])
+    u = np.asarray(u_from_tls(t, l, s, o, xyz, np.zeros(2, np.int32)))
+    np.testing.assert_allclose(u[0], [0, lam2 * x * x, 0, 0, 0, 0], atol=TOL_EXACT)
+    np.testing.assert_allclose(u[1], 0.0, atol=TOL_EXACT)
+    # screw coupling S_zy = <λ_z t_y> = σ: u_y = t_y + λ_z x, so U22 = 2σx (plus T and L parts);
+    # by hand from U = A S + Sᵀ Aᵀ with A = [[0,0,0],[0,0,x],[0,-x,0]]: (A S)_22 = A_23 S_32 = xσ
+    sig = 0.01
+    smat = np.zeros((3, 3))
+    smat[2, 1] = sig
+    t, l, s, o = tls_arrays(s=smat)
+    u = np.asarray(u_from_tls(t, l, s, o, np.array([[x, 0.0, 0.0]]), np.zeros(1, np.int32)))
+    np.testing.assert_allclose(u[0], [0, 2 * sig * x, 0, 0, 0, 0], atol=TOL_EXACT)
+
+
+def test_tls_atoms_outside_groups_get_zero():
+    t, l, s, o = tls_arrays(t=[0.1, 0.1, 0.1, 0, 0, 0])
+    u = np.asarray(u_from_tls(t, l, s, o, np.ones((2, 3)), np.array([0, -1])))
+    assert np.all(u[1] == 0) and u[0, 0] == pytest.approx(0.1)
+
+
+def test_tls_matches_gemmi_on_deposited_groups_and_gradient():
+    model = read_model(dataset_paths("1va7")[0])
+    tls = read_tls_groups(model)
+    assert tls is not None and tls.n_groups == 4
+    inside = tls.group >= 0
+    assert inside.sum() > 0.9 * (model.kind != "water").sum()  # the four chains are covered
+    u = np.asarray(u_from_tls(tls.t, tls.l, tls.s, tls.origin, model.xyz_cart, tls.group))
+    groups = model.structure.meta.refinement[0].tls_groups
+    for i in np.flatnonzero(inside)[::97]:
+        ref = gemmi.calculate_u_from_tls(groups[int(tls.group[i])], gemmi.Position(*model.xyz_cart[i]))
+        np.testing.assert_allclose(u[i], [ref.u11, ref.u22, ref.u33, ref.u12, ref.u13, ref.u23], atol=TOL_GEMMI_TLS)
+    # gradient w.r.t. L and S (what refinement moves)
+    xyz, grp = jnp.asarray(model.xyz_cart[:60]), jnp.asarray(tls.group[:60])
+    w = jnp.asarray(np.random.default_rng(2).normal(size=(60, 6)))
+    central_difference_check(lambda l: jnp.sum(w * u_from_tls(tls.t, l, tls.s, tls.origin, xyz, grp)), tls.l)
+    central_difference_check(lambda s: jnp.sum(w * u_from_tls(tls.t, tls.l, s, tls.origin, xyz, grp)), tls.s)
+
+
+def test_tls_groups_from_spec():
+    model = read_model(dataset_paths("1va7")[0])
+    by_chain = tls_groups_from_spec(model, "chain")
+    assert by_chain.n_groups == 4
+    np.testing.assert_allclose(by_chain.origin[0], model.xyz_cart[model.chain_id == "A"].mean(0))
+    two = tls_groups_from_spec(model, "A/1-30; A/31-200")
+    assert two.n_groups == 2 and set(np.unique(two.group)) == {-1, 0, 1}
+    assert np.all(two.group[(model.chain_id == "A") & (model.res_seq <= 30)] == 0)
+
+
+def test_tls_and_anisou_round_trip_through_mmcif(tmp_path):
+    """Write TLS groups and the resulting ANISOU with gemmi's mmCIF writer; read both back."""
+    model = read_model(dataset_paths("1va7")[0])
+    tls = read_tls_groups(model)
+    u_tls = np.asarray(u_from_tls(tls.t, tls.l, tls.s, tls.origin, model.xyz_cart, tls.group))
+    b_res = np.where(tls.group >= 0, 5.0 + 10.0 * np.random.default_rng(0).random(model.n_atoms), model.b_iso)
+    u_total = np.where((tls.group >= 0)[:, None], u_tls + np.asarray(u_iso6(jnp.asarray(b_res))), 0.0)
+    st = model.structure.clone()
+    atoms = [a for ch in st[0] for r in ch for a in r]
+    for a, u, inside, b in zip(atoms, u_total, tls.group >= 0, b_res):
+        if inside:
+            a.aniso = gemmi.SMat33f(*map(float, u))
+            a.b_iso = float(b_eq(u))
+    set_tls_groups(st, model, tls._replace(ids=tuple(f"g{k}" for k in range(tls.n_groups))))
+    path = tmp_path / "tls.cif"
+    st.make_mmcif_document().write_file(str(path))
+    back = model_from_structure(gemmi.read_structure(str(path)), str(path))
+    tls2 = read_tls_groups(back)
+    assert tls2.ids == ("g0", "g1", "g2", "g3")
+    np.testing.assert_array_equal(tls2.group, tls.group)
+    for a, b in ((tls2.t, tls.t), (tls2.l, tls.l), (tls2.s, tls.s), (tls2.origin, tls.origin)):
+        np.testing.assert_allclose(a, b, atol=TOL_FILE)
+    # TLS read back + residual B = B_eq(ANISOU) − B_eq(U_TLS) reproduces the written ANISOU
+    u_back = np.asarray(u_from_tls(tls2.t, tls2.l, tls2.s, tls2.origin, back.xyz_cart, tls2.group))
+    b_resid = back.b_iso - np.asarray(b_eq(u_back))
+    inside = tls2.group >= 0
+    assert back.has_aniso[inside].all()
+    np.testing.assert_allclose((u_back + np.asarray(u_iso6(jnp.asarray(b_resid))))[inside], back.u_aniso[inside], atol=TOL_FILE)
+
+
+# ----------------------------------------------------------------- ADP restraints
+def chain_of_atoms(n=5, seed=0):
+    rng = np.random.default_rng(seed)
+    xyz = np.cumsum(rng.normal(size=(n, 3)) * 0.9 + [1.2, 0, 0], axis=0)
+    p12 = np.stack([np.arange(n - 1), np.arange(1, n)], -1)
+    p13 = np.stack([np.arange(n - 2), np.arange(2, n)], -1)
+    return xyz, p12, p13
+
+
+def test_adp_restraints_zero_for_equal_isotropic_u_and_rigid_bond_closed_form():
+    xyz, p12, p13 = chain_of_atoms()
+    term = aniso_adp_term(p12, p13, np.ones(5, bool), iso_pull=np.ones(5, bool))
+    assert int(term.mask.sum()) == 4 + 3 and term.idx.shape[0] % 64 == 0
+    u = np.asarray(u_iso6(jnp.full(5, 20.0)))
+    assert float(aniso_adp_energy(jnp.asarray(xyz), jnp.asarray(u), term)) == 0.0
+    # atom 0 elongated along its bond to atom 1 by δ: the rigid-bond delta is δ, so E = (δ/σ)²;
+    # an elongation perpendicular to the bond leaves the rigid bond (not the similarity) at zero
+    e = (xyz[1] - xyz[0]) / np.linalg.norm(xyz[1] - xyz[0])
+    perp = np.cross(e, [0.0, 0.0, 1.0])
+    perp /= np.linalg.norm(perp)
+    delta = 0.01
+    for v, expect in ((e, (delta / term.sigma_rigid[0]) ** 2), (perp, 0.0)):
+        m = u_matrix(u[:1])[0] + delta * np.outer(v, v)
+        u2 = u.copy()
+        u2[0] = [m[0, 0], m[1, 1], m[2, 2], m[0, 1], m[0, 2], m[1, 2]]
+        # only the (0,1) bond sees the change along the bond; the (0,2) 1-3 pair sees its projection
+        e02 = (xyz[2] - xyz[0]) / np.linalg.norm(xyz[2] - xyz[0])
+        expect_13 = (delta * np.dot(v, e02) ** 2 / term.sigma_rigid[4]) ** 2
+        got = float(rigid_bond_energy(jnp.asarray(xyz), jnp.asarray(u2), term))
+        assert got == pytest.approx(expect + expect_13, rel=1e-10, abs=1e-12)
+        assert float(similarity_energy(jnp.asarray(u2), term)) > 0
+        assert float(isotropy_energy(jnp.asarray(u2), term)) > 0
+
+
+def test_adp_restraints_pairs_kept_only_for_anisotropic_atoms():
+    _, p12, p13 = chain_of_atoms()
+    aniso = np.array([True, False, False, False, False])
+    term = aniso_adp_term(p12, p13, aniso)
+    kept = {tuple(sorted(r)) for r, m in zip(term.idx.tolist(), term.mask) if m}
+    assert kept == {(0, 1), (0, 2)}
+
+
+def test_adp_restraint_gradients_match_finite_differences():
+    xyz, p12, p13 = chain_of_atoms()
+    term = aniso_adp_term(p12, p13, np.ones(5, bool), iso_pull=np.array([1, 0, 1, 0, 1], bool))
+    raw = jnp.asarray(cholesky_params(random_u(5), 0.01))
+    fn = lambda r: aniso_adp_energy(jnp.asarray(xyz), u_from_cholesky(r, 0.01), term, (1.0, 1.0, 1.0))  # noqa: E731
+    central_difference_check(fn, raw, n_probe=10)
+    u = jnp.asarray(random_u(5))
+    central_difference_check(lambda x: rigid_bond_energy(x, u, term), jnp.asarray(xyz))
+    rep = aniso_adp_report(jnp.asarray(xyz), u, term)
+    assert rep["n_pairs"] == 7 and rep["rms_rigid_bond"] > 0 and rep["rms_similarity"] > 0
+
+
+def test_adp_restraint_invariant_under_rotation_of_atoms_and_u():
+    xyz, p12, p13 = chain_of_atoms()
+    term = aniso_adp_term(p12, p13, np.ones(5, bool), iso_pull=np.ones(5, bool))
+    u = random_u(5)
+    r = np.asarray(rotation_matrix(jnp.asarray([0.3, -1.1, 0.7])))
+    m = np.einsum("ij,njk,lk->nil", r, u_matrix(u), r)
+    u_rot = np.stack([m[:, 0, 0], m[:, 1, 1], m[:, 2, 2], m[:, 0, 1], m[:, 0, 2], m[:, 1, 2]], -1)
+    e0 = float(aniso_adp_energy(jnp.asarray(xyz), jnp.asarray(u), term))
+    e1 = float(aniso_adp_energy(jnp.asarray(xyz @ r.T + 5.0), jnp.asarray(u_rot), term))
+    assert e1 == pytest.approx(e0, rel=1e-10)
+
+
+# ----------------------------------------------------------------- NCS
+def test_ncs_copies_found_in_1va7_and_4iid():
+    model = read_model(dataset_paths("1va7")[0])
+    copies = find_ncs_copies(model)
+    assert [c.name for c in copies] == ["A-B", "A-C", "A-D", "B-C", "B-D", "C-D"]
+    for c in copies:
+        assert len(c.atoms1) > 300
+        assert np.all(model.atom_name[c.atoms1] == model.atom_name[c.atoms2])
+        assert np.all(model.res_name[c.atoms1] == model.res_name[c.atoms2])
+        assert np.all(model.chain_id[c.atoms1] == c.chain1) and np.all(model.chain_id[c.atoms2] == c.chain2)
+    big = read_model(dataset_paths("4iid")[0])
+    copies = find_ncs_copies(big)
+    assert [c.name for c in copies] == ["A-B"] and len(copies[0].atoms1) > 3000
+    # no copies in a single-chain model
+    assert find_ncs_copies(read_model(dataset_paths("5kzb")[0])) == []
+
+
+@pytest.fixture(scope="module")
+def ncs_1va7():
+    model = read_model(dataset_paths("1va7")[0])
+    copies = find_ncs_copies(model)
+    return model, copies, ncs_term(model.xyz_cart, [(c.atoms1, c.atoms2) for c in copies])
+
+
+def copy_rigidly(model, copies):
+    """Coordinates where every copy of chain A is replaced by chain A moved by a rigid motion."""
+    xyz = model.xyz_cart.copy()
+    rng = np.random.default_rng(7)
+    for c in copies:
+        if c.chain1 == copies[0].chain1:
+            r = np.asarray(rotation_matrix(jnp.asarray(rng.normal(size=3))))
+            xyz[c.atoms2] = model.xyz_cart[c.atoms1] @ r.T + rng.normal(scale=20, size=3)
+    return xyz
+
+
+def test_ncs_energy_zero_for_rigid_copies_positive_otherwise(ncs_1va7):
+    model, copies, term = ncs_1va7
+    assert int(term.mask.sum()) > 1000
+    e_dep = float(ncs_energy(jnp.asarray(model.xyz_cart), term))
+    assert e_dep > 0  # the deposited copies differ
+    xyz = copy_rigidly(model, copies)
+    assert float(ncs_energy(jnp.asarray(xyz), term)) == pytest.approx(0.0, abs=TOL_RIGID_COPY)
+    xyz[copies[0].atoms2[10]] += [0.2, 0.0, 0.0]
+    assert float(ncs_energy(jnp.asarray(xyz), term)) > 1.0
+    rep = ncs_report(jnp.asarray(model.xyz_cart), term, [c.name for c in copies])
+    assert [r["copies"] for r in rep] == [c.name for c in copies]
+    assert all(r["n_pairs"] > 0 and 0 < r["rms_delta"] <= r["max_delta"] for r in rep)
+
+
+def test_ncs_gradient_matches_finite_differences(ncs_1va7):
+    model, _, term = ncs_1va7
+    central_difference_check(lambda x: ncs_energy(x, term), jnp.asarray(model.xyz_cart), n_probe=8)
+
+
+def test_robust_function_saturates():
+    c = 3.0
+    z = jnp.asarray([0.0, 0.01, 1.0, 10.0, 1e3, 1e6])
+    rho = np.asarray(geman_mcclure(z, c))
+    assert rho[1] == pytest.approx(1e-4, rel=1e-4)  # quadratic near zero
+    assert np.all(np.diff(rho) > 0) and rho[-1] < c * c and rho[-1] == pytest.approx(c * c, rel=1e-9)
+    g = np.asarray(jax.vmap(jax.grad(lambda x: geman_mcclure(x, c)))(z))
+    assert abs(g[-1]) < 1e-9 < g[2]  # a large difference stops pulling
