@@ -10,8 +10,9 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 
-from .errors import JaxrefineError
+from .errors import ConfigError, JaxrefineError
 
 # name -> one-line help; the module jaxrefine.commands.<name> implements it
 COMMANDS = {
@@ -34,12 +35,21 @@ def _available():
     return out
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: ``jaxrefine: OPTION: what is wrong; see --help`` (exit 2)."""
+
+    def error(self, message):
+        command = self.prog.removeprefix("jaxrefine").strip()
+        print(f"jaxrefine: {command + ': ' if command else ''}{message}; see '{self.prog} --help'", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="jaxrefine", description="Differentiable X-ray refinement in JAX")
+    parser = _Parser(prog="jaxrefine", description="Differentiable X-ray refinement in JAX")
     parser.add_argument("--version", action="version", version=f"jaxrefine {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; tracebacks of errors")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, helptext in _available().items():
@@ -50,19 +60,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_backends() -> None:
+    """No backend noise: JAX logs 'Unable to initialize backend ...' for every platform it probes."""
+    for name in ("jax._src.xla_bridge", "jax._src.compiler", "absl"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _error_line(exc: BaseException) -> tuple[str, int]:
+    """(one line for the user, exit status) for an exception that ends a command."""
+    if isinstance(exc, KeyboardInterrupt):  # refine.run.Interrupted carries its own line and status
+        return str(exc) or "interrupted; nothing written", getattr(exc, "exit_code", 130)
+    if isinstance(exc, ConfigError):
+        return str(exc), 2
+    if isinstance(exc, JaxrefineError):
+        return str(exc), 1
+    if isinstance(exc, OSError):
+        where = exc.filename or "output"
+        what = exc.strerror or str(exc)
+        return f"{where}: {what}; check the path, its permissions and the free disk space", 1
+    if isinstance(exc, MemoryError):
+        return "out of memory; use a higher resolution limit (--d-min) or a machine with more memory", 1
+    return f"internal error ({type(exc).__name__}: {exc}); rerun with -v for the traceback and report it", 1
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command; returns the exit status (0 ok, 1 error, 2 usage error, 130/143 interrupted).
+
+    Every error ends in one line on stderr, ``jaxrefine: FILE-or-OPTION: what is wrong; what to
+    do``; the traceback only with ``-v``.
+    """
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (already reported), --help and --version (0)
+        return exc.code if isinstance(exc.code, int) else 0
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    _quiet_backends()
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("jaxrefine")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(level)
     try:
         return int(args._module.run(args) or 0)
-    except JaxrefineError as exc:
-        print(f"jaxrefine {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    except (Exception, KeyboardInterrupt) as exc:
+        if args.verbose:
+            traceback.print_exc()
+        line, status = _error_line(exc)
+        print(f"jaxrefine: {' '.join(line.split())}", file=sys.stderr)
+        return status
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
 
 
 if __name__ == "__main__":

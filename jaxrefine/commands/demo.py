@@ -1,6 +1,8 @@
 """``jaxrefine demo --out DIR``: the embedded SYNTHETIC demonstration."""
 from __future__ import annotations
 
+from . import count
+
 HELP = (
     "Build a small SYNTHETIC crystal (an ideal helix-loop-helix peptide in P 21 21 21), simulate its data "
     "with bulk solvent and noise, perturb the model and refine it. No files or internet needed."
@@ -9,7 +11,7 @@ HELP = (
 
 def add_arguments(p):
     p.add_argument("--out", "-o", default="jaxrefine-demo", help="output folder (default: jaxrefine-demo)")
-    p.add_argument("--cycles", type=int, default=6, help="macrocycles (default 6)")
+    p.add_argument("--cycles", type=count, default=6, help="macrocycles (default 6)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plots", action="store_true", help="do not write the PNG plot")
 

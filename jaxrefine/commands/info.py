@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from . import count, positive_length
+
 HELP = "Summarise a model (atoms, residues, chains, cell, space group) and optionally its reflection data."
 
 
@@ -10,9 +12,9 @@ def add_arguments(p):
     p.add_argument("model", help="model file (PDB or mmCIF, .gz allowed)")
     p.add_argument("data", nargs="?", help="reflections (MTZ or structure-factor mmCIF)")
     p.add_argument("--labin", help="column labels, e.g. FP,SIGFP[,FREE] or IMEAN,SIGIMEAN")
-    p.add_argument("--free-value", type=int, help="flag value of the free set (auto-detected otherwise)")
-    p.add_argument("--d-min", type=float, help="high-resolution limit (Å)")
-    p.add_argument("--d-max", type=float, help="low-resolution limit (Å)")
+    p.add_argument("--free-value", type=count, help="flag value of the free set (auto-detected otherwise)")
+    p.add_argument("--d-min", type=positive_length, help="high-resolution limit (Å)")
+    p.add_argument("--d-max", type=positive_length, help="low-resolution limit (Å)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from . import count, number_at_least
+
 HELP = ("Omit maps: remove a selection from the phasing model (optionally shake and/or briefly refine the rest), "
         "write the σA-weighted omit 2mFo−DFc / mFo−DFc (omit.mtz, CCP4 maps) and how the omitted atoms fit them; "
         "--composite N makes a composite omit map of the whole model in N pieces.")
@@ -12,11 +14,11 @@ def add_arguments(p):
     p.add_argument("model", help="model file (PDB or mmCIF)")
     p.add_argument("data", help="reflections (MTZ or structure-factor mmCIF)")
     p.add_argument("--select", "-s", help="atoms to omit, e.g. 'A/45-52' or 'resname ADP'")
-    p.add_argument("--composite", type=int, metavar="N", help="composite omit map in N pieces (instead of --select)")
+    p.add_argument("--composite", type=number_at_least(2, integer=True), metavar="N", help="composite omit map in N pieces (instead of --select)")
     p.add_argument("--out", "-o", required=True, help="output folder")
     p.add_argument("--labin", help="data columns, e.g. FP,SIGFP,FREE")
-    p.add_argument("--shake", type=float, default=0.0, metavar="RMS", help="shake the rest by RMS Å before the map")
-    p.add_argument("--refine-cycles", type=int, default=0, help="refine the rest for this many macrocycles first")
+    p.add_argument("--shake", type=number_at_least(0.0, "Å"), default=0.0, metavar="RMS", help="shake the rest by RMS Å before the map")
+    p.add_argument("--refine-cycles", type=count, default=0, help="refine the rest for this many macrocycles first")
     p.add_argument("--solvent-in-omit", action="store_true",
                    help="let bulk solvent fill the omitted volume (default: keep the full model's mask)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -37,7 +39,15 @@ def run(args) -> int:
     model = read_model(args.model, hydrogens=False)
     refl = read_reflections(args.data, labin=args.labin)
     check_compatible(model.crystal, refl.crystal, args.model, args.data)
-    kw = dict(shake_rms=args.shake, refine_cycles=args.refine_cycles, keep_solvent_mask=not args.solvent_in_omit)
+    kw = dict(shake_rms=args.shake, keep_solvent_mask=not args.solvent_in_omit)
+    if args.refine_cycles > 0:  # the rest refined briefly before the map (with the default water actions)
+        from functools import partial
+
+        from ..config import Config
+        from ..refine.engine import refine_briefly
+        from ..validate.waters import water_hooks
+
+        kw["refine_rest"] = partial(refine_briefly, n_cycles=args.refine_cycles, **water_hooks(Config()))
     out = {"model": str(args.model), "data": str(args.data)}
     if args.composite:
         from ..validate.omit import composite_omit_map

@@ -1,6 +1,13 @@
 """``jaxrefine refine MODEL DATA --out DIR [--config FILE] [--set key=value ...]``."""
 from __future__ import annotations
 
+from ..config import STRATEGIES, TARGETS
+from . import positive_length
+
+# option -> config key it sets (an error in its value names the option)
+OPTION_KEYS = {"monlib": "model.monlib", "labin": "data.labin", "cycles": "refine.n_cycles", "strategy": "refine.strategy",
+               "target": "refine.target", "weight": "weights.w_a", "d_min": "data.d_min"}
+
 HELP = (
     "Refine a model against X-ray data (ML target, automatic w_A, bulk solvent) and write refined.cif/.pdb, "
     "maps.mtz, metrics.json, config.yaml and a log into --out."
@@ -18,20 +25,17 @@ def add_arguments(p):
     p.add_argument("--ligand", action="append", default=[], help="extra restraint dictionary (CIF), repeatable")
     p.add_argument("--labin", help="data columns, e.g. FP,SIGFP,FREE")
     p.add_argument("--cycles", type=int, help="macrocycles (refine.n_cycles)")
-    p.add_argument("--strategy", choices=["rigid", "xyz_b", "xyz_b_occ", "xyz", "b"], help="refine.strategy")
-    p.add_argument("--target", choices=["ml", "ls"], help="refine.target")
+    p.add_argument("--strategy", choices=STRATEGIES, help="refine.strategy")
+    p.add_argument("--target", choices=TARGETS, help="refine.target")
     p.add_argument("--weight", help="w_A: a number or 'auto' (weights.w_a)")
-    p.add_argument("--d-min", type=float, help="high-resolution limit (Å)")
+    p.add_argument("--d-min", type=positive_length, help="high-resolution limit (Å)")
     p.add_argument("--plots", action="store_true", help="write PNG plots (needs matplotlib)")
     p.add_argument("--update-waters", action="store_true", help="pick new waters between macrocycles (waters.update_waters)")
 
 
 def _overrides(args):
     sets = list(args.set)
-    pairs = [("monlib", "model.monlib"), ("labin", "data.labin"), ("cycles", "refine.n_cycles"),
-             ("strategy", "refine.strategy"), ("target", "refine.target"), ("weight", "weights.w_a"),
-             ("d_min", "data.d_min")]
-    for attr, key in pairs:
+    for attr, key in OPTION_KEYS.items():
         val = getattr(args, attr)
         if val is not None:
             sets.append(f"{key}={val}")
@@ -44,12 +48,29 @@ def _overrides(args):
     return sets
 
 
+def _check_options(args) -> None:
+    """Validate each convenience option on its own, so that an error names the option (--weight)."""
+    from ..config import load_config
+    from ..errors import ConfigError
+
+    for attr, key in OPTION_KEYS.items():
+        val = getattr(args, attr)
+        if val is not None:
+            try:
+                load_config(None, [f"{key}={val}"])
+            except ConfigError as exc:
+                option = "--" + attr.replace("_", "-")
+                raise ConfigError(str(exc).replace(f"--set {key}", f"{option} ({key})", 1)) from None
+
+
 def run(args) -> int:
     from ..config import load_config
     from ..refine.run import run_refinement
+    from ..validate.waters import water_hooks
 
+    _check_options(args)
     cfg = load_config(args.config, _overrides(args))
-    metrics = run_refinement(args.model, args.data, args.out, cfg)
+    metrics = run_refinement(args.model, args.data, args.out, cfg, **water_hooks(cfg))
     print(f"final: R-work {metrics['r_work']:.4f}  R-free {metrics['r_free']:.4f}  "
           f"rms bond {metrics['rms_bond']:.4f} Å  rms angle {metrics['rms_angle']:.2f}°  ({metrics['wall_s']:.1f} s)")
     print(f"wrote {args.out}/refined.cif, refined.pdb, maps.mtz, metrics.json, config.yaml, refine.log")

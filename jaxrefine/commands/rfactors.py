@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from . import count, number_at_least, positive_length
+
 HELP = (
     "R-work/R-free of a model as given (no refinement): bulk solvent (k_sol, B_sol), overall and "
     "anisotropic scale fitted on the work set, a per-resolution-bin table, and optionally "
@@ -14,41 +16,24 @@ def add_arguments(p):
     p.add_argument("model", help="model file (PDB or mmCIF, .gz allowed)")
     p.add_argument("data", help="reflections (MTZ or structure-factor mmCIF)")
     p.add_argument("--labin", help="column labels, e.g. FP,SIGFP[,FREE] or IMEAN,SIGIMEAN")
-    p.add_argument("--free-value", type=int, help="flag value of the free set (auto-detected otherwise)")
-    p.add_argument("--d-min", type=float, help="high-resolution limit (Å)")
-    p.add_argument("--d-max", type=float, help="low-resolution limit (Å)")
+    p.add_argument("--free-value", type=count, help="flag value of the free set (auto-detected otherwise)")
+    p.add_argument("--d-min", type=positive_length, help="high-resolution limit (Å)")
+    p.add_argument("--d-max", type=positive_length, help="low-resolution limit (Å)")
     p.add_argument("--no-hydrogens", action="store_true", help="drop hydrogen atoms of the model")
     p.add_argument("--no-solvent", action="store_true", help="no bulk-solvent model (k_sol = 0)")
-    p.add_argument("--bins", type=int, default=10, help="resolution bins in the table (default 10)")
+    p.add_argument("--bins", type=number_at_least(1, integer=True), default=10, help="resolution bins in the table (default 10)")
     p.add_argument("--sf-method", default="auto", choices=("auto", "fft", "direct"), help="structure-factor method (auto: direct sum for small problems)")
     p.add_argument("--mtz-out", help="write FP/SIGFP/FREE, FMODEL, 2FOFCWT/PH2FOFCWT, FOFCWT/PHFOFCWT to this MTZ")
     p.add_argument("--map-out", help="write PREFIX_2fofc.ccp4 and PREFIX_fofc.ccp4 maps")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _finite(obj):
-    """JSON-safe copy: numpy values to Python, NaN/inf to None (strict JSON has no NaN)."""
-    import math
-
-    import numpy as np
-
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [_finite(v) for v in (obj.tolist() if isinstance(obj, np.ndarray) else obj)]
-    if isinstance(obj, (np.floating, np.integer, np.bool_)):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def run(args) -> int:
 
     from ..io.model import read_model
     from ..io.reflections import check_compatible, read_reflections
-    from ..io.writers import protect
-    from ..xray.fmodel import compute_fmodel, fmodel_maps, fmodel_statistics
+    from ..io.writers import json_safe, protect
+    from ..problem.fmodel import compute_fmodel, fmodel_maps, fmodel_statistics
 
     protect(args.model, args.data)
     model = read_model(args.model, hydrogens=not args.no_hydrogens)
@@ -73,7 +58,7 @@ def run(args) -> int:
                 write_ccp4_map(f"{args.map_out}_{name}.ccp4", refl.crystal, values)
             stats["map_out"] = [f"{args.map_out}_2fofc.ccp4", f"{args.map_out}_fofc.ccp4"]
     if args.json:
-        print(json.dumps(_finite(stats), indent=2))
+        print(json.dumps(json_safe(stats), indent=2))
         return 0
     print(f"model        {args.model}  ({model.n_atoms} atoms)")
     print(f"data         {args.data}  ({refl.n} reflections, {refl.d_max:.2f}–{refl.d_min:.2f} Å)")

@@ -4,18 +4,21 @@ from __future__ import annotations
 import logging
 import time
 
+from . import number_at_least
+
 HELP = (
     "Compute F_calc (IT92 X-ray form factors, isotropic B and ANISOU, all symmetry operators) for all "
     "unique reflections to --d-min and write FC/PHIC to an MTZ file."
 )
 
 log = logging.getLogger(__name__)
+MIN_D = 0.3  # Å: no X-ray experiment reaches further (and the reflection list would not fit in memory)
 
 
 def add_arguments(p):
     p.add_argument("model", help="model file (PDB or mmCIF, .gz allowed)")
-    p.add_argument("--d-min", type=float, required=True, help="high-resolution limit (Å)")
-    p.add_argument("--d-max", type=float, default=0.0, help="low-resolution limit (Å); default none")
+    p.add_argument("--d-min", type=number_at_least(MIN_D, "Å"), required=True, help="high-resolution limit (Å)")
+    p.add_argument("--d-max", type=number_at_least(0.0, "Å"), default=0.0, help="low-resolution limit (Å); default none")
     p.add_argument("--method", choices=("fft", "direct"), default="fft", help="FFT (default) or exact direct summation")
     p.add_argument("--hydrogens", choices=("keep", "remove"), default="keep", help="keep or remove hydrogens")
     p.add_argument("--table", choices=("it92", "electron", "neutron"), default="it92", help="form-factor table")
@@ -45,9 +48,12 @@ def compute_fcalc(model, d_min: float, d_max: float = 0.0, method: str = "fft", 
 
 def run(args) -> int:
     from ..io.model import read_model
+    from ..errors import InputError
     from ..io.writers import protect, write_mtz
 
     protect(args.model)
+    if args.d_max and args.d_max <= args.d_min:
+        raise InputError(f"--d-max {args.d_max:g}: must be larger than --d-min {args.d_min:g} (Å)")
     model = read_model(args.model, hydrogens=args.hydrogens == "keep")
     t0 = time.perf_counter()
     hkl, f = compute_fcalc(model, args.d_min, args.d_max, args.method, args.table)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from . import count, number_at_least
+
 HELP = ("Per-residue density fit (RSCC, density Z-scores) and register-shift scan of a model as given "
         "(no refinement); --out writes residues.csv, validation.json and rscc.png.")
 
@@ -14,9 +16,9 @@ def add_arguments(p):
     p.add_argument("--labin", help="data columns, e.g. FP,SIGFP,FREE")
     p.add_argument("--out", "-o", help="output folder for residues.csv, validation.json, rscc.png")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--window", type=int, help="residues per register-scan window (default 9)")
-    p.add_argument("--threshold", type=float, help="ΔCC above which a window is flagged")
-    p.add_argument("--worst", type=int, default=10, help="worst residues listed")
+    p.add_argument("--window", type=number_at_least(2, integer=True), help="residues per register-scan window (default 9)")
+    p.add_argument("--threshold", type=number_at_least(0.0), help="ΔCC above which a window is flagged")
+    p.add_argument("--worst", type=count, default=10, help="worst residues listed")
 
 
 def run(args) -> int:

@@ -6,6 +6,8 @@ follow the order of ``structure[0]`` after optional hydrogen removal.
 """
 from __future__ import annotations
 
+import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -13,9 +15,11 @@ from dataclasses import dataclass, field, replace
 import gemmi
 import numpy as np
 
-from ..crystal import Crystal
+from ..core.crystal import Crystal
 from ..errors import InputError, SelectionError
 from .crystal_io import crystal_from_gemmi
+
+log = logging.getLogger(__name__)
 
 KINDS = ("protein", "nucleic", "water", "ligand")
 
@@ -129,19 +133,183 @@ def _kind_of(res: gemmi.Residue) -> str:
     return "ligand"
 
 
+SPECIAL_POSITION_DISTANCE = 0.5  # Å: an atom this close to one of its own symmetry images sits on a special position
+
+
+def _open_text(path: str) -> list:
+    import gzip
+
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    with opener(path, "rt", errors="replace") as fh:
+        return fh.read().splitlines(keepends=True)
+
+
+def check_pdb_text(path: str) -> None:
+    """Problems in a PDB file that gemmi reads without complaint.
+
+    gemmi reads a coordinate it cannot parse (``abc``) as 0.0, and a file cut at a line end
+    reads as a smaller model.  This scan refuses both: every ATOM/HETATM line must hold numbers
+    in the coordinate, occupancy and B columns (PDB format v3.3, columns 31-66), and a file whose
+    last record is an atom record, with no END, is taken as truncated.
+
+    Raises:
+        InputError: naming the file, the line and what to do.
+    """
+    lines = _open_text(path)
+    last = ""
+    has_end = False
+    for no, line in enumerate(lines, 1):
+        rec = line[:6].rstrip()
+        if not rec:
+            continue
+        last = rec
+        if rec in ("END", "ENDMDL"):
+            has_end = True
+        if rec not in ("ATOM", "HETATM"):
+            continue
+        for lo, hi, what, required in ((30, 38, "x", True), (38, 46, "y", True), (46, 54, "z", True),
+                                       (54, 60, "occupancy", False), (60, 66, "B", False)):
+            field_text = line[lo:hi].strip()
+            if not field_text and not required:
+                continue
+            try:
+                float(field_text)
+            except ValueError:
+                raise InputError(f"{path}: line {no}: {what} (columns {lo + 1}-{hi}) is {field_text!r}, not a number; "
+                                 f"fix the atom record (PDB columns are fixed-width)") from None
+    if last in ("ATOM", "HETATM", "ANISOU") and not has_end:
+        raise InputError(f"{path}: the file ends inside the atom records without an END line (truncated?); "
+                         f"check the file, or add END if it is complete")
+    if lines and not lines[-1].endswith("\n") and lines[-1][:6].rstrip() in ("ATOM", "HETATM") and len(lines[-1].rstrip()) < 54:
+        raise InputError(f"{path}: the last line is cut short (truncated file); copy the file again")
+
+
 def read_structure(path: str | os.PathLike) -> gemmi.Structure:
-    """gemmi.read_structure with a clear error for missing or unreadable files."""
+    """gemmi.read_structure with a clear error for missing, unreadable or damaged files."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise InputError(f"{path}: model file not found")
+        raise InputError(f"{path}: model file not found; check the path")
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a folder, not a model file; pass a PDB or mmCIF file")
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(2)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the model file ({exc.strerror})") from None
+    if magic == b"\x1f\x8b" and not path.lower().endswith(".gz"):
+        raise InputError(f"{path}: the file is gzip-compressed but not named .gz; rename it to {os.path.basename(path)}.gz")
     try:
         st = gemmi.read_structure(path)
     except Exception as exc:  # gemmi raises RuntimeError/ValueError with its own text
-        raise InputError(f"{path}: cannot read as PDB or mmCIF model ({exc})") from exc
+        raise InputError(f"{path}: cannot read as PDB or mmCIF model ({' '.join(str(exc).split())})") from None
     if len(st) == 0 or st[0].count_atom_sites() == 0:
-        raise InputError(f"{path}: the model has no atoms")
+        raise InputError(f"{path}: the model has no atoms; is this a model file (PDB or mmCIF)?")
+    if st.input_format == gemmi.CoorFormat.Pdb:
+        check_pdb_text(path)
     st.setup_entities()
     return st
+
+
+def check_restraint_dictionary(path) -> None:
+    """Refuse a --ligand file that is not a CIF restraint dictionary (e.g. a PDB model given by mistake).
+
+    Raises:
+        InputError: missing, unreadable, not CIF, or without a chem_comp block.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: ligand dictionary not found (--ligand); check the path")
+    try:
+        doc = gemmi.cif.read(path)
+    except Exception as exc:  # gemmi's parse error
+        raise InputError(f"{path}: not a CIF restraint dictionary ({' '.join(str(exc).split())[:120]}); "
+                         f"--ligand takes a monomer-library CIF (e.g. from AceDRG or grade), not a model") from None
+    if not any(b.find_mmcif_category("_chem_comp_atom.") or b.find_mmcif_category("_chem_comp.") for b in doc):
+        raise InputError(f"{path}: no _chem_comp_atom loop, so not a restraint dictionary; --ligand takes a "
+                         f"monomer-library CIF (e.g. from AceDRG or grade)")
+
+
+def _atom_label(ch, res, a) -> str:
+    alt = f".{a.altloc}" if a.altloc != "\0" else ""
+    return f"{ch.name}/{res.name} {res.seqid.num}{res.seqid.icode.strip()}/{a.name}{alt}"
+
+
+def fix_special_positions(st: gemmi.Structure, source: str = "") -> list:
+    """Give atoms on special positions the occupancy their multiplicity requires (in place).
+
+    An atom within SPECIAL_POSITION_DISTANCE of k of its own symmetry images occupies a site of
+    multiplicity m = k + 1: the file convention is occupancy <= 1/m (a water on a 2-fold: 0.5).
+    Occupancies above 1/m are divided by m.
+
+    Returns:
+        Labels of the atoms changed (each logged as a warning).
+    """
+    st.setup_cell_images()
+    changed = []
+    if not st.cell.images:
+        return changed
+    for ch in st[0]:
+        for res in ch:
+            for a in res:
+                k = st.cell.is_special_position(a.pos, SPECIAL_POSITION_DISTANCE)
+                if k and a.occ > 1.0 / (k + 1) + 1e-3:
+                    new = a.occ / (k + 1)
+                    log.warning("%s: %s is on a special position (multiplicity %d): occupancy %.2f -> %.2f",
+                                source, _atom_label(ch, res, a), k + 1, a.occ, new)
+                    a.occ = new
+                    changed.append(_atom_label(ch, res, a))
+    return changed
+
+
+def check_model_values(st: gemmi.Structure, source: str = "") -> None:
+    """Refuse atoms that cannot be refined: non-finite coordinates/B/occupancy, occupancy outside
+    [0, 1] or all zero, negative B, the same atom twice (same chain, residue, name and altloc).
+
+    Raises:
+        InputError: naming the file, the first offending atom, how many there are and what to do.
+    """
+    bad = {}
+    seen = {}
+    any_occ = False
+    for ch in st[0]:
+        for res in ch:
+            for a in res:
+                label = _atom_label(ch, res, a)
+                p = a.pos
+                if not all(math.isfinite(v) for v in (p.x, p.y, p.z)):
+                    bad.setdefault("non-finite coordinates", []).append(label)
+                if not math.isfinite(a.b_iso) or not math.isfinite(a.occ):
+                    bad.setdefault("non-finite B or occupancy", []).append(label)
+                elif not 0.0 <= a.occ <= 1.0:
+                    bad.setdefault("occupancy outside [0, 1]", []).append(f"{label} ({a.occ:g})")
+                elif a.b_iso < 0:
+                    bad.setdefault("negative B", []).append(f"{label} ({a.b_iso:g})")
+                any_occ |= a.occ > 0
+                key = (ch.name, res.seqid.num, res.seqid.icode, res.name, a.name, a.altloc)
+                if key in seen:
+                    bad.setdefault("duplicated atoms", []).append(label)
+                seen[key] = True
+    for what, atoms in bad.items():
+        fix = {"duplicated atoms": "remove or rename the repeated atom lines"}.get(what, "fix these atoms in the model file")
+        raise InputError(f"{source}: {len(atoms)} atom(s) with {what}, first {atoms[0]}; {fix}")
+    if not any_occ:
+        raise InputError(f"{source}: every atom has occupancy 0 (nothing scatters); set the occupancies (normally 1.0)")
+
+
+def check_b_limits(model: "Model", b_max: float, option: str = "refine.b_max") -> None:
+    """Refuse a model with B above ``b_max`` (Å²): such atoms scatter nothing and cannot recover.
+
+    Raises:
+        InputError: naming the file, the count, the largest B and the option to change.
+    """
+    over = model.b_iso > b_max
+    if over.any():
+        i = int(np.argmax(model.b_iso))
+        raise InputError(
+            f"{model.source}: {int(over.sum())} atom(s) with B above {option} = {b_max:g} Å² (largest {model.b_iso[i]:.4g} for "
+            f"{model.chain_id[i]}/{model.res_name[i]} {model.res_seq[i]}/{model.atom_name[i]}); reset the B values "
+            f"or raise {option}"
+        )
 
 
 def model_from_structure(st: gemmi.Structure, source: str = "", hydrogens: bool = True) -> Model:
@@ -159,6 +327,8 @@ def model_from_structure(st: gemmi.Structure, source: str = "", hydrogens: bool 
     if len(st) > 1:
         for i in reversed(range(1, len(st))):
             del st[i]
+    check_model_values(st, source)
+    fix_special_positions(st, source)
     crystal = crystal_from_gemmi(st.cell, st.find_spacegroup(), source)
     cols = {k: [] for k in ("xyz", "b", "u", "ha", "occ", "el", "z", "q", "alt", "an", "rn", "ch", "seq", "ic", "ri", "kind", "h")}
     ri = -1
@@ -268,7 +438,11 @@ def _clause(model: Model, text: str) -> np.ndarray:
             if m:
                 lo, hi = int(m.group(1)), int(m.group(2))
                 return (model.res_seq >= lo) & (model.res_seq <= hi)
-            return np.isin(model.res_seq, [int(v) for v in val.split()])
+            try:
+                return np.isin(model.res_seq, [int(v) for v in val.split()])
+            except ValueError:
+                raise SelectionError(f"{model.source}: residue numbers expected in selection clause {t!r}, "
+                                     f"e.g. 'resseq 10-20' or 'resseq 3 7 9'") from None
     m = _SLASH.match(t)
     if m:  # gemmi-like short form: A/45-52, A/45, /45-52, A/45/CA
         ch, lo, hi, name = m.groups()

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field, replace
 import gemmi
 import numpy as np
 
-from ..crystal import Crystal, centric_flags, d_spacing, epsilon_factors, systematically_absent
+from ..core.crystal import Crystal, centric_flags, d_spacing, epsilon_factors, symmetry_equivalents, systematically_absent
 from ..errors import DataMismatchError, InputError
-from ..french_wilson import french_wilson
+from .french_wilson import french_wilson
 from .crystal_io import crystal_from_gemmi
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,14 @@ INTENSITY_LABELS = ("IMEAN", "I", "IOBS", "I-obs", "I_meas", "IO", "I_OBS", "int
 FREE_LABELS = ("FREE", "FreeR_flag", "R-free-flags", "FREER", "FreeRflag", "RFREE", "FREE_FLAG", "status")
 CALC_LIKE = ("FC", "FWT", "DELFWT", "FC_ALL", "FC_ALL_LS", "FCALC", "FMODEL", "F-model", "FOM", "2FOFCWT", "FOFCWT")
 SIGMA_PREFIXES = ("SIG", "SIG_", "SIGMA", "SIGMA_", "SIGF_")
+# MTZ column types each role accepts (CCP4 MTZ format: F amplitude, J intensity, G/K anomalous
+# F/I, Q standard deviation, L/M anomalous sigmas, I integer)
+VALUE_TYPES = {"F": "F", "J": "I", "G": "F", "K": "I"}
+SIGMA_TYPES = ("Q", "L", "M")
+FREE_TYPES = ("I",)
+MIN_FREE = 10  # fewer free reflections than this give an R-free that means nothing: refused
+FEW_FREE = 50  # ... fewer than this: a loud warning (R-free noise ~ 1/sqrt(n_free))
+MIN_D = 0.3  # Å: reflections beyond this resolution do not come from an X-ray experiment (damaged file or cell)
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,6 +176,24 @@ def _auto_columns(mtz: gemmi.Mtz, path: str):
     )
 
 
+def _check_labin_types(mtz: gemmi.Mtz, parts: list, path: str, labin: str) -> str:
+    """'F' or 'I' from the type of the first labin column; InputError when a column's MTZ type
+    does not fit its role (value, sigma, free flag), e.g. labels given in the wrong order."""
+    types = {c.label: c.type for c in mtz.columns}
+    listing = " ".join(f"{c.label}({c.type})" for c in mtz.columns)
+    val, sig = parts[0], parts[1]
+    if types[val] not in VALUE_TYPES:
+        raise InputError(f"{path}: labin={labin!r}: first column {val!r} has MTZ type {types[val]}, not an amplitude (F) "
+                         f"or intensity (J); give the value, then its sigma, then the free flags (columns: {listing})")
+    if types[sig] not in SIGMA_TYPES:
+        raise InputError(f"{path}: labin={labin!r}: second column {sig!r} has MTZ type {types[sig]}, not a sigma (Q); "
+                         f"give the value, then its sigma, then the free flags (columns: {listing})")
+    if len(parts) > 2 and types[parts[2]] not in FREE_TYPES:
+        raise InputError(f"{path}: labin={labin!r}: third column {parts[2]!r} has MTZ type {types[parts[2]]}, not "
+                         f"free-R flags (I); give the value, then its sigma, then the free flags (columns: {listing})")
+    return VALUE_TYPES[types[val]]
+
+
 def _free_column(mtz: gemmi.Mtz, label: str | None, path: str) -> str | None:
     names = [c.label for c in mtz.columns]
     if label:
@@ -257,8 +283,8 @@ def read_reflections(
                 raise InputError(f"{path}: column {p!r} from labin={labin!r} not found (found {' '.join(names)})")
         if len(parts) < 2:
             raise InputError(f"{path}: labin needs at least two labels (value and sigma), got {labin!r}")
-        kind = "I" if mtz.column_with_label(parts[0]).type in ("J", "K") else "F"
         val, sig = parts[0], parts[1]
+        kind = _check_labin_types(mtz, parts, path, labin)
         if len(parts) > 2:
             free_label = parts[2]
     else:
@@ -278,6 +304,9 @@ def read_reflections(
     removed = {}
     keep = ~np.isnan(x) & ~np.isnan(sx)
     removed["missing (NaN)"] = int((~keep).sum())
+    infinite = keep & ~(np.isfinite(x) & np.isfinite(sx))
+    removed["infinite value"] = int(infinite.sum())
+    keep &= ~infinite
     bad_sig = keep & (sx < 0)
     removed["negative sigma"] = int(bad_sig.sum())
     keep &= ~bad_sig
@@ -309,9 +338,25 @@ def read_reflections(
         removed[f"d > {d_max}"] = int((keep & (d > d_max + 1e-9)).sum())
         keep &= d <= d_max + 1e-9
     if not keep.any():
-        raise InputError(f"{path}: no reflections left after cleaning ({removed})")
+        raise InputError(f"{path}: no reflections left after cleaning ({removed}); check the columns and resolution limits")
+    if d[keep].min() < MIN_D or not np.isfinite(d[keep]).all():
+        worst = hkl[keep][np.argmin(d[keep])]
+        raise InputError(f"{path}: reflection {tuple(int(v) for v in worst)} has d = {d[keep].min():.3f} Å (< {MIN_D} Å): "
+                         f"the file is damaged or its cell is wrong; check the file with a CCP4 tool (mtzdump)")
     hkl, x, sx, d = hkl[keep], x[keep], sx[keep], d[keep]
-    free = free_all[keep] if free_all is not None else generate_free_flags(hkl, free_fraction, free_seed)
+    free_in = free_all[keep] if free_all is not None else None
+    hkl, x, sx, d, free_in, n_merged = merge_duplicates(hkl, x, sx, d, free_in, crystal)
+    removed["duplicates merged"] = n_merged
+    if n_merged:
+        log.warning("%s: %d reflections were listed more than once (symmetry-equivalent hkl); merged by "
+                    "inverse-variance weighted mean", path, n_merged)
+    if free_in is not None:
+        free = free_in
+    else:
+        free = generate_free_flags(hkl, free_fraction, free_seed)
+        log.info("%s: no free-R flag column: generated a free set of %d of %d reflections (%s); keep the "
+                 "same set in later runs (data.free_fraction, data.free_seed)", path, int(free.sum()), len(free), convention)
+    _check_free_set(free, path, convention)
     centric = centric_flags(hkl, crystal)
     eps = epsilon_factors(hkl, crystal)
     if kind == "I":
@@ -327,6 +372,60 @@ def read_reflections(
         hkl=hkl, f_obs=f, sig_f_obs=sf, free=free, d=d, centric=centric, epsilon=eps, crystal=crystal,
         source=path, columns=columns, free_convention=convention, from_intensities=(kind == "I"), n_removed=removed,
     )
+
+
+def _check_free_set(free: np.ndarray, path: str, convention: str) -> None:
+    n_free, n = int(free.sum()), len(free)
+    if n_free == n:
+        raise InputError(f"{path}: every reflection ({n}) is flagged free ({convention}), leaving no work set; "
+                         f"pass the right --free-value (data.free_value)")
+    if n_free < MIN_FREE:
+        raise InputError(f"{path}: only {n_free} free reflections ({convention}); R-free from fewer than {MIN_FREE} "
+                         f"means nothing: extend the resolution (smaller d_min), a larger data.free_fraction, or the right --free-value")
+    if n_free < FEW_FREE:
+        log.warning("%s: only %d free reflections: R-free is noisy (its standard error is about R-free/sqrt(n_free) "
+                    "= %.2f R-free; Tickle et al. 1998)", path, n_free, 1 / np.sqrt(n_free))
+
+
+def merge_duplicates(hkl, x, sx, d, free, crystal):
+    """Merge reflections listed more than once (the same or symmetry-equivalent hkl, Friedel mates
+    included).  Values are averaged with inverse-variance weights (plain mean where a sigma is
+    0), sigma = 1/sqrt(sum w); a merged reflection is free when any of its copies was.
+
+    Returns:
+        (hkl, x, sx, d, free, n_merged) with the first copy's hkl; n_merged = rows removed.
+    """
+    eq = symmetry_equivalents(hkl, crystal)
+    eq = np.concatenate([eq, -eq], axis=0).astype(np.int64) + 1024
+    key = ((eq[..., 0] << 22) | (eq[..., 1] << 11) | eq[..., 2]).max(axis=0)
+    _, first, inv, counts = np.unique(key, return_index=True, return_inverse=True, return_counts=True)
+    if len(first) == len(hkl):
+        return hkl, x, sx, d, free, 0
+    inv = inv.ravel()
+    w = np.where(sx > 0, 1.0 / np.maximum(sx, 1e-30) ** 2, 0.0)
+    wsum = np.bincount(inv, w)
+    plain = wsum[inv] == 0
+    w = np.where(plain, 1.0, w)
+    wsum = np.bincount(inv, w)
+    xm = np.bincount(inv, w * x) / wsum
+    sm = np.where(np.bincount(inv, plain) > 0, np.sqrt(np.bincount(inv, sx**2)) / counts, 1.0 / np.sqrt(wsum))
+    fm = None if free is None else np.bincount(inv, free.astype(float)) > 0
+    return hkl[first], xm, sm, d[first], fm, int(len(hkl) - len(first))
+
+
+def read_map_coefficients(path, f_label: str, phi_label: str):
+    """(crystal, hkl (n, 3) int, (n,) complex) from an amplitude and a phase (degrees) column."""
+    path = os.fspath(path)
+    mtz = _read_mtz(path)
+    names = [c.label for c in mtz.columns]
+    for lab in (f_label, phi_label):
+        if lab not in names:
+            raise InputError(f"{path}: map-coefficient column {lab!r} not found (found {' '.join(names)})")
+    f = np.array(mtz.column_with_label(f_label).array, dtype=float)
+    phi = np.radians(np.array(mtz.column_with_label(phi_label).array, dtype=float))
+    ok = np.isfinite(f) & np.isfinite(phi)
+    hkl = np.array(mtz.make_miller_array(), dtype=np.int32)
+    return crystal_from_gemmi(mtz.cell, mtz.spacegroup, path), hkl[ok], (f * np.exp(1j * phi))[ok]
 
 
 CELL_TOLERANCE = 0.02  # relative, on a b c; angles within 0.5 degree (typical program tolerance)

@@ -1,13 +1,18 @@
 """Writers: models (mmCIF/PDB), reflections + extra columns (MTZ), JSON, text.
 
 Every writer goes through :func:`atomic_write`: a temporary file in the target folder, then
-``os.replace``.  Writing onto an input file is refused (``protect`` lists the inputs).
+``os.replace``; files get the user's umask (normally 0644).  Writing onto an input file is
+refused (``protect`` lists the inputs).  A command that writes several files stages them with
+:func:`staged_output`: all files go to a temporary folder beside the target and are moved into
+place together at the end, so a failed or interrupted run leaves the previous results intact.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import shutil
 import tempfile
 
 import gemmi
@@ -31,6 +36,79 @@ def _check_target(path: str) -> None:
         raise InputError(f"{path}: refusing to overwrite an input file; choose another output folder")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path, mode: int = 0o666) -> None:
+    """Give a file created by ``tempfile`` (mode 0600/0700) the permissions of a normal ``open``."""
+    os.chmod(path, mode & ~_umask())
+
+
+def check_output_folder(out_dir, names, inputs=()) -> None:
+    """Refuse, before any work, an output folder that cannot take the results.
+
+    Args:
+        out_dir: the folder the command will write.
+        names: file names the command writes into it.
+        inputs: input files; none may be one of the outputs.
+
+    Raises:
+        InputError: ``out_dir`` is a file, its parent cannot be written, or an output would
+            overwrite an input.
+    """
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise InputError(f"{out_dir}: --out exists and is not a folder; choose a folder name")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    while not os.path.exists(parent):  # missing parents are created: the nearest existing one must be writable
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise InputError(f"{out_dir}: {parent} is a file, not a folder; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.isdir(out_dir) and not os.access(out_dir, os.W_OK | os.X_OK)):
+        raise InputError(f"{out_dir}: permission denied (cannot write there); choose another --out")
+    ins = {os.path.realpath(os.fspath(p)) for p in inputs if p}
+    for name in names:
+        target = os.path.join(out_dir, name)
+        if os.path.realpath(target) in ins:
+            raise InputError(f"{target}: an input file would be overwritten by the output {name}; choose another --out")
+
+
+@contextlib.contextmanager
+def staged_output(out_dir, managed=()):
+    """Stage a command's outputs in a temporary folder beside ``out_dir``; move them in on success.
+
+    Yields the staging folder.  On normal exit every file in it replaces its namesake in
+    ``out_dir`` (created when missing: then the whole folder is renamed at once), and files
+    named in ``managed`` that this run did not write (results of an older run, e.g. a plot)
+    are removed, so the folder never mixes two runs.  On an exception the staging folder is
+    deleted and ``out_dir`` is left as it was.
+    """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    parent, base = os.path.split(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{base}.tmp-")
+    apply_umask(tmp, 0o777)
+    try:
+        yield tmp
+        if not os.path.exists(out_dir):
+            os.rename(tmp, out_dir)
+            return
+        written = set(os.listdir(tmp))
+        for name in sorted(written):
+            target = os.path.join(out_dir, name)
+            _check_target(target)
+            os.replace(os.path.join(tmp, name), target)
+        for name in set(managed) - written:
+            stale = os.path.join(out_dir, name)
+            if os.path.isfile(stale) and os.path.realpath(stale) not in _PROTECTED:
+                os.remove(stale)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_write(path, suffix: str = ""):
     """Yield a temporary path in the same folder; on success rename it onto ``path``."""
@@ -42,6 +120,7 @@ def atomic_write(path, suffix: str = ""):
     os.close(fd)
     try:
         yield tmp
+        apply_umask(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -55,15 +134,23 @@ def write_text(path, text: str) -> None:
 
 
 def write_json(path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    """Strict JSON (NaN and infinities written as null)."""
+    write_text(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
 
 
-def _json_default(o):
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (np.floating, np.integer, np.bool_)):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o)}")
+def json_safe(obj):
+    """A copy that strict JSON can hold: numpy values to Python, NaN/inf to None."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [json_safe(v) for v in (obj.tolist() if isinstance(obj, np.ndarray) else obj)]
+    if isinstance(obj, (np.floating, np.integer, np.bool_)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    raise TypeError(f"not JSON serialisable: {type(obj)}")
 
 
 def updated_structure(model, xyz_cart=None, b_iso=None, occ=None, u_aniso=None, remarks=None) -> gemmi.Structure:
@@ -181,7 +268,7 @@ def write_mtz(path, crystal, hkl, columns: dict, title: str = "jaxrefine") -> No
     """Write an MTZ with H K L and the given columns.
 
     Args:
-        crystal: :class:`jaxrefine.crystal.Crystal`.
+        crystal: :class:`jaxrefine.core.crystal.Crystal`.
         hkl: (n, 3) int.
         columns: ordered mapping label -> (type, (n,) array); types as in MTZ ('F', 'Q', 'P' in
             degrees, 'I', 'W', 'J').  Complex arrays given with type 'FP' are split into an

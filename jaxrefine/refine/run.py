@@ -1,17 +1,134 @@
-"""One refinement run from files to an output folder, with a log file beside the results."""
+"""One refinement run from files to an output folder, as one transaction.
+
+The inputs and the output folder are checked before any work; every output (the log too) is
+written into a staging folder beside ``out_dir`` and moved into place at the end, so a failed or
+interrupted run leaves the previous results as they were.  SIGINT/SIGTERM stop the run at the
+next safe point (never inside XLA compilation) with :class:`Interrupted`.
+"""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 
 from ..config import Config
-from ..io.writers import protect
-from .cache import enable_compilation_cache
+from ..io.model import check_b_limits, check_restraint_dictionary, read_model
+from ..io.reflections import read_map_coefficients
+from ..io.writers import check_output_folder, protect, staged_output, write_json
 from ..problem.setup import build_setup
+from .cache import enable_compilation_cache
 from .engine import HEADER, format_cycle, refine
 from .outputs import write_outputs
 
 log = logging.getLogger("jaxrefine")
+
+FAILED_LOG = "refine.failed.log"  # the log of a failed run, left beside the previous results
+OUTPUT_FILES = ("refined.cif", "refined.pdb", "maps.mtz", "metrics.json", "config.yaml", "run.json", "refine.log",
+                "r_vs_cycle.png", "2fofc.ccp4", "fofc.ccp4", FAILED_LOG)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM ended the run at a safe point; nothing was written.
+
+    Attributes:
+        exit_code: 128 + the signal number (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, signum: int, cycle: int | None):
+        self.exit_code = 128 + int(signum)
+        self.cycle = cycle
+        when = f"after cycle {cycle}" if cycle is not None else "before the first cycle"
+        super().__init__(f"interrupted ({signal.Signals(signum).name}) {when}; nothing written")
+
+
+class _SignalGuard:
+    """Turn SIGINT/SIGTERM into :class:`Interrupted` at safe points.
+
+    The first signal only records itself (raising inside XLA compilation can crash the process);
+    :meth:`check`, called between macrocycles, then raises.  A second signal raises at once.
+    Handlers are installed only in the main thread and restored on exit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+        self.cycle = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise Interrupted(signum, self.cycle)
+        self.signum = signum
+        log.warning("%s received: stopping at the end of this step (again to stop at once)", signal.Signals(signum).name)
+
+    def check(self, cycle=None):
+        if cycle is not None:
+            self.cycle = cycle
+        if self.signum is not None:
+            raise Interrupted(self.signum, self.cycle)
+
+
+@contextlib.contextmanager
+def _log_file(path):
+    handler = logging.FileHandler(path, mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger("jaxrefine")
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(min(root.level or logging.INFO, logging.INFO))
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        handler.close()
+
+
+def preflight(model_path, data_path, out_dir, cfg: Config) -> None:
+    """The checks that need no refinement: output folder, ligand dictionaries, model values.
+
+    Raises:
+        InputError, ConfigError: one line naming the file or option.
+    """
+    inputs = [model_path, data_path, *cfg.model.ligands]
+    protect(*inputs)
+    check_output_folder(out_dir, OUTPUT_FILES, inputs)
+    for p in cfg.model.ligands:
+        check_restraint_dictionary(p)
+    model = read_model(model_path, hydrogens=(cfg.model.hydrogens == "keep"))
+    check_b_limits(model, cfg.refine.b_max)
+
+
+def _record_data(metrics: dict, refl) -> dict:
+    """metrics.json entries on the data as used: free set (generated or read) and cleaning counts."""
+    metrics["free_set"] = {
+        "generated": refl.free_convention.startswith("generated"), "convention": refl.free_convention,
+        "column": refl.columns.get("FREE"), "n_free": refl.n_free, "n_work": refl.n_work,
+    }
+    metrics["reflections_removed"] = dict(refl.n_removed)
+    return metrics
+
+
+def _write_ccp4_maps(stage) -> None:
+    from ..io.maps_io import map_from_coefficients, write_ccp4_map
+
+    for label, name in (("2FOFCWT", "2fofc.ccp4"), ("FOFCWT", "fofc.ccp4")):
+        crystal, hkl, coef = read_map_coefficients(os.path.join(stage, "maps.mtz"), label, "PH" + label)
+        write_ccp4_map(os.path.join(stage, name), crystal, map_from_coefficients(crystal, hkl, coef))
 
 
 def run_refinement(model_path, data_path, out_dir, cfg: Config | None = None, progress=None, plot_title: str | None = None,
@@ -25,40 +142,75 @@ def run_refinement(model_path, data_path, out_dir, cfg: Config | None = None, pr
         after_minimise, between_cycles: actions run in each macrocycle (see
             :func:`jaxrefine.refine.engine.refine`); the CLI passes the water actions of
             :func:`jaxrefine.validate.waters.water_hooks`.  None by default.
+
+    Raises:
+        JaxrefineError: bad input, before any refinement where it can be told.
+        Interrupted: SIGINT/SIGTERM; ``out_dir`` is left as it was.
+        OSError: the disk is full or the folder cannot be written; ``out_dir`` is left as it was.
+        On an error after the inputs were read, the log is kept as ``out_dir/refine.failed.log``.
     """
     cfg = cfg or Config()
-    protect(model_path, data_path)
-    os.makedirs(out_dir, exist_ok=True)
-    handler = logging.FileHandler(os.path.join(out_dir, "refine.log"), mode="w")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    root = logging.getLogger("jaxrefine")
-    root.addHandler(handler)
-    root.setLevel(min(root.level or logging.INFO, logging.INFO))
+    preflight(model_path, data_path, out_dir, cfg)
+    failed_log = None
+    with _SignalGuard() as guard:
+        try:
+            with staged_output(out_dir, managed=OUTPUT_FILES) as stage:
+                failed_log = os.path.join(stage, "refine.log")
+                with _log_file(failed_log):
+                    try:
+                        metrics = _run(model_path, data_path, stage, cfg, progress, plot_title, after_minimise,
+                                       between_cycles, guard)
+                    except Exception as exc:
+                        log.error("%s: %s", type(exc).__name__, exc)
+                        raise
+                guard.check()
+            return metrics
+        except Exception:
+            _keep_failed_log(failed_log, out_dir)
+            raise
+
+
+def _keep_failed_log(log_path, out_dir) -> None:
+    """Copy the log of a failed run (it records the error) to ``out_dir/refine.failed.log``."""
+    if not log_path or not os.path.exists(log_path):
+        return
     try:
-        cache = enable_compilation_cache(cfg.runtime.compilation_cache)
-        log.info("compilation cache: %s", cache or "off")
-        setup = build_setup(model_path, data_path, cfg)
-        log.info("%s: %d atoms; %s: %d reflections (%d free), %.2f-%.2f Å; monomer library: %s",
-                 model_path, setup.model.n_atoms, data_path, setup.refl.n, setup.refl.n_free,
-                 setup.refl.d_max, setup.refl.d_min, setup.monlib or "built-in")
+        os.makedirs(out_dir, exist_ok=True)
+        with open(log_path) as src, open(os.path.join(out_dir, FAILED_LOG), "w") as dst:
+            dst.write(src.read())
+    except OSError:  # a full or read-only disk: the error line on stderr is all there is
+        pass
 
-        def cb(st):
-            if progress is not None:
-                if st.cycle == 0:
-                    progress(HEADER)
-                progress(format_cycle(st))
 
-        result = refine(setup, callback=cb, after_minimise=after_minimise, between_cycles=between_cycles)
-        for w in result.warnings:
-            if progress is not None:
-                progress("warning: " + w)
-        metrics = write_outputs(result, setup, out_dir)
-        if cfg.output.plots:
-            from ..io.figures import plot_r_vs_cycle
+def _run(model_path, data_path, stage, cfg, progress, plot_title, after_minimise, between_cycles, guard) -> dict:
+    cache = enable_compilation_cache(cfg.runtime.compilation_cache)
+    log.info("compilation cache: %s", cache or "off")
+    setup = build_setup(model_path, data_path, cfg)
+    refl = setup.refl
+    log.info("%s: %d atoms; %s: %d reflections (%d free), %.2f-%.2f Å; monomer library: %s",
+             model_path, setup.model.n_atoms, data_path, refl.n, refl.n_free, refl.d_max, refl.d_min, setup.monlib or "built-in")
+    log.info("free set: %d reflections, %s", refl.n_free, refl.free_convention)
+    guard.check()
 
-            kw = {"title": plot_title} if plot_title else {}
-            plot_r_vs_cycle(metrics["cycles"], os.path.join(out_dir, "r_vs_cycle.png"), **kw)
-        return metrics
-    finally:
-        root.removeHandler(handler)
-        handler.close()
+    def cb(st):
+        if progress is not None:
+            if st.cycle == 0:
+                progress(HEADER)
+            progress(format_cycle(st))
+        guard.check(st.cycle)
+
+    result = refine(setup, callback=cb, after_minimise=after_minimise, between_cycles=between_cycles)
+    for w in result.warnings:
+        if progress is not None:
+            progress("warning: " + w)
+    guard.check()
+    metrics = _record_data(write_outputs(result, setup, stage), refl)
+    write_json(os.path.join(stage, "metrics.json"), metrics)
+    if cfg.output.ccp4_maps:
+        _write_ccp4_maps(stage)
+    if cfg.output.plots:
+        from ..io.figures import plot_r_vs_cycle
+
+        kw = {"title": plot_title} if plot_title else {}
+        plot_r_vs_cycle(metrics["cycles"], os.path.join(stage, "r_vs_cycle.png"), **kw)
+    return metrics
