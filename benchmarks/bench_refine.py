@@ -41,7 +41,7 @@ def paths(pid):
 def make_shaken(pid, out_dir):
     from jaxrefine.io.model import read_model
     from jaxrefine.io.writers import write_model
-    from jaxrefine.perturb import shake
+    from jaxrefine.io.perturb import shake
 
     model_path, _ = paths(pid)
     m = read_model(model_path, hydrogens=False)

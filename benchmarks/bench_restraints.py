@@ -72,7 +72,8 @@ def main(argv=None):
     jax.config.update("jax_enable_x64", not args.f32)
     dtype = jnp.float32 if args.f32 else jnp.float64
 
-    from jaxrefine.io.topology import build_nonbonded, build_restraints
+    from jaxrefine.io.topology import build_restraints
+    from jaxrefine.problem.neighbours import build_nonbonded
     from jaxrefine.restraints import GeometryWeights, geometry_energy
 
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, jax {jax.__version__} on {jax.devices()[0].platform}, "

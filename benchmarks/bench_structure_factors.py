@@ -24,7 +24,7 @@ import numpy as np
 
 jax.config.update("jax_enable_x64", True)
 
-from jaxrefine.crystal import Crystal, orth_matrix  # noqa: E402
+from jaxrefine.core.crystal import Crystal, orth_matrix  # noqa: E402
 from jaxrefine.io.formfactor_io import it92_form_factors  # noqa: E402
 from jaxrefine.io.miller_io import unique_miller_indices  # noqa: E402
 from jaxrefine.io.model import read_model  # noqa: E402

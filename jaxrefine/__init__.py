@@ -7,19 +7,19 @@ __version__ = "0.1.0"
 from .errors import JaxrefineError, InputError, DataMismatchError, SelectionError, RestraintError, ConfigError  # noqa: F401
 from .io.model import Model, read_model, select  # noqa: F401
 from .io.reflections import Reflections, read_reflections, check_compatible  # noqa: F401
-from .crystal import Crystal  # noqa: F401
+from .core.crystal import Crystal  # noqa: F401
 
 
 def __getattr__(name):
     """Lazy access to the refinement API (importing jaxrefine does not import JAX)."""
     lazy = {
         "load_config": ("jaxrefine.config", "load_config"),
-        "build_setup": ("jaxrefine.refine.engine", "build_setup"),
+        "build_setup": ("jaxrefine.problem.setup", "build_setup"),
         "refine": ("jaxrefine.refine.engine", "refine"),
         "refined_model": ("jaxrefine.refine.engine", "refined_model"),
         "total_energy": ("jaxrefine.refine.energy", "total_energy"),
         "energy_terms": ("jaxrefine.refine.energy", "energy_terms"),
-        "Params": ("jaxrefine.params", "Params"),
+        "Params": ("jaxrefine.problem.params", "Params"),
         "Problem": ("jaxrefine.problem", "Problem"),
         "run_refinement": ("jaxrefine.refine.run", "run_refinement"),
     }

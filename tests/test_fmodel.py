@@ -17,9 +17,10 @@ from conftest import DATASETS, dataset_paths
 from jax.test_util import check_grads
 from scipy import stats as sps
 
-from jaxrefine.crystal import d_spacing
+from jaxrefine.core.crystal import d_spacing
 from jaxrefine.io.crystal_io import crystal_from_gemmi
-from jaxrefine.xray.fmodel import Scales, f_model, fit_scales, reciprocal_vectors
+from jaxrefine.xray.fmodel import f_model
+from jaxrefine.xray.scaling import Scales, fit_scales, reciprocal_vectors
 from jaxrefine.xray.maps import map_coefficients
 from jaxrefine.xray.scaling import aniso_basis
 from jaxrefine.xray.stats import r_factor_best_scale, r_factors
@@ -324,7 +325,7 @@ def r_check(pdb_id: str, r_work: float, r_free: float) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("pdb_id", DATASETS)
 def test_r_factors_of_deposited_models(pdb_id):
-    from jaxrefine.xray.fmodel import fmodel_statistics
+    from jaxrefine.problem.fmodel import fmodel_statistics
 
     model, refl = _load(pdb_id)
     st = fmodel_statistics(model, refl)
@@ -351,7 +352,7 @@ def test_r_check_rule():
 def test_removed_ligand_gives_difference_peak(tmp_path):
     """5orl without ADP: mFo−DFc has a positive peak > 3σ at the removed atoms."""
     from jaxrefine.io.maps_io import map_from_coefficients
-    from jaxrefine.xray.fmodel import compute_fmodel, fmodel_maps
+    from jaxrefine.problem.fmodel import compute_fmodel, fmodel_maps
 
     model, refl = _load("5orl")
     removed = model.res_name == "ADP"

@@ -23,10 +23,12 @@ import pytest
 from jaxrefine.config import load_config
 from jaxrefine.io.model import read_model
 from jaxrefine.io.reflections import read_reflections
-from jaxrefine.params import Params, atom_occ, b_of, b_to_raw, occupancy_groups, occ_to_raw, rotation_matrix
-from jaxrefine.perturb import rigid_move, shake
+from jaxrefine.problem.params import Params, atom_occ, b_of, b_to_raw, occupancy_groups, occ_to_raw, rotation_matrix
+from jaxrefine.io.perturb import rigid_move, shake
 from jaxrefine.refine.energy import energy_terms, total_energy
-from jaxrefine.refine.engine import build_setup, refine
+from jaxrefine.problem import build_setup
+from jaxrefine.refine.engine import refine
+from jaxrefine.validate.waters import water_hooks
 
 from conftest import DATASETS, dataset_paths, monomer_dir
 
@@ -88,7 +90,7 @@ def test_occupancy_groups_keep_conformer_sums():
     occ_group, group_set, set_total, set_size, start = occupancy_groups(model)
     assert (occ_group >= 0).sum() >= (model.altloc != "").sum() > 100
     raw = occ_to_raw(start, group_set, set_total, set_size)
-    from jaxrefine.params import AtomMaps
+    from jaxrefine.problem.params import AtomMaps
 
     maps = AtomMaps(orth=None, frac=None, body_index=None, body_centre=None, body_radius=None,
                     occ0=jnp.asarray(model.occ), occ_group=jnp.asarray(occ_group), group_set=jnp.asarray(group_set),
@@ -138,7 +140,7 @@ def test_rigid_motion_leaves_restraint_energy_unchanged(small_setup):
     moved = p._replace(rot=p.rot + 0.3, trans=p.trans + 1.7)
     e0, e1 = energy_terms(p, prob), energy_terms(moved, prob)
     from jaxrefine.restraints import geometry_terms
-    from jaxrefine.params import atom_xyz
+    from jaxrefine.problem.params import atom_xyz
 
     t0 = geometry_terms(atom_xyz(p, prob.maps)[0], prob.restraints)
     t1 = geometry_terms(atom_xyz(moved, prob.maps)[0], prob.restraints)
@@ -173,7 +175,7 @@ def test_energy_api_for_ml_code(small_setup):
 
 
 def test_mr_placement_conventions(tmp_path):
-    from jaxrefine.placement import euler_zyz, place_model, rotation_from
+    from jaxrefine.io.placement import euler_zyz, place_model, rotation_from
 
     r = euler_zyz(30.0, 0.0, 0.0)
     np.testing.assert_allclose(r, [[np.cos(np.pi / 6), -0.5, 0], [0.5, np.cos(np.pi / 6), 0], [0, 0, 1]], atol=1e-12)
@@ -192,8 +194,9 @@ def test_mr_placement_conventions(tmp_path):
 
 # ----------------------------------------------------------------------------- real data
 def _refined(pid, start_model, refl, cycles, *extra):
-    setup = build_setup(None, None, _cfg(f"refine.n_cycles={cycles}", *extra), model=start_model, refl=refl)
-    return refine(setup)
+    cfg = _cfg(f"refine.n_cycles={cycles}", *extra)
+    setup = build_setup(None, None, cfg, model=start_model, refl=refl)
+    return refine(setup, **water_hooks(cfg))
 
 
 @pytest.mark.slow
@@ -228,7 +231,7 @@ def test_rigid_body_brings_back_misplaced_model(pid):
     moved = rigid_move(model, 5.0, 1.5, seed=2)
     before = np.sqrt(((moved.xyz_cart - model.xyz_cart) ** 2).sum(1).mean())
     res = _refined(pid, moved, refl, 2, "refine.strategy=rigid", "refine.rigid_bodies=all", "refine.steps_rigid=20")
-    from jaxrefine.refine.engine import current_model_arrays
+    from jaxrefine.problem import current_model_arrays
 
     xyz, _, _ = current_model_arrays(res.params, res.problem)
     after = np.sqrt(((xyz - model.xyz_cart) ** 2).sum(1).mean())

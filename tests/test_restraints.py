@@ -15,7 +15,8 @@ import pytest
 
 from jaxrefine.errors import RestraintError
 from jaxrefine.io.model import model_from_structure, read_model
-from jaxrefine.io.topology import build_nonbonded, build_restraints, find_monlib
+from jaxrefine.io.topology import build_restraints, find_monlib
+from jaxrefine.problem.neighbours import build_nonbonded
 from jaxrefine.restraints import (
     BondTerm,
     GeometryWeights,
@@ -25,7 +26,7 @@ from jaxrefine.restraints import (
     geometry_report,
     geometry_terms,
 )
-from jaxrefine.restraints.terms import AngleTerm, PlaneTerm
+from jaxrefine.core.restraint_terms import AngleTerm, PlaneTerm
 
 from conftest import DATASETS, dataset_paths, monomer_dir
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxrefine.cli import main as cli_main
-from jaxrefine.crystal import Crystal, orth_matrix, s2_of, symmetry_equivalents
+from jaxrefine.core.crystal import Crystal, orth_matrix, s2_of, symmetry_equivalents
 from jaxrefine.io.formfactor_io import form_factors, it92_form_factors
 from jaxrefine.io.miller_io import unique_miller_indices
 from jaxrefine.io.model import read_model

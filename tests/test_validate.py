@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import dataset_paths
-from jaxrefine.crystal import Crystal
+from jaxrefine.core.crystal import Crystal
 from jaxrefine.io.model import read_model
 from jaxrefine.io.reflections import read_reflections
 
@@ -31,7 +31,7 @@ WATER_BAD_DEPOSITED = 0.02  # at most 2 % of a deposited model's waters fail the
 
 
 def _p1_crystal(a=20.0, b=24.0, c=30.0, beta=100.0):
-    from jaxrefine.crystal import orth_matrix
+    from jaxrefine.core.crystal import orth_matrix
 
     cell = np.array([a, b, c, 90.0, beta, 90.0])
     orth = orth_matrix(cell)

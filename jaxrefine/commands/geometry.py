@@ -16,7 +16,8 @@ def add_arguments(p):
 
 def run(args) -> int:
     from ..io.model import read_model
-    from ..io.topology import build_nonbonded, build_restraints
+    from ..io.topology import build_restraints
+    from ..problem.neighbours import build_nonbonded
     from ..restraints import geometry_report
 
     model = read_model(args.model, hydrogens=args.hydrogens)

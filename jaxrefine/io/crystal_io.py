@@ -1,10 +1,10 @@
-"""gemmi cell/space group -> :class:`jaxrefine.crystal.Crystal`."""
+"""gemmi cell/space group -> :class:`jaxrefine.core.crystal.Crystal`."""
 from __future__ import annotations
 
 import gemmi
 import numpy as np
 
-from ..crystal import Crystal
+from ..core.crystal import Crystal
 from ..errors import InputError
 
 

@@ -13,7 +13,7 @@ import gemmi
 import numpy as np
 
 from ..errors import InputError
-from ..xray.formfactors import FormFactors
+from ..core.formfactors import FormFactors
 
 TABLES = ("it92", "electron", "neutron")
 

@@ -14,7 +14,7 @@ def unique_miller_indices(crystal, d_min: float, d_max: float = 0.0) -> np.ndarr
     Systematic absences are left out (gemmi's ``make_miller_array``, CCP4 ASU convention).
 
     Args:
-        crystal: :class:`jaxrefine.crystal.Crystal`.
+        crystal: :class:`jaxrefine.core.crystal.Crystal`.
         d_min: high-resolution limit (Å).
         d_max: low-resolution limit (Å); 0 for none.
     """

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ..params import Params, atom_b, atom_occ, atom_xyz
+from ..problem.params import Params, atom_b, atom_occ, atom_xyz
 from ..problem import Problem
 from ..restraints import adp_energy, geometry_energy
 from ..xray.fmodel import f_model

@@ -17,22 +17,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import Config
-from ..io.formfactor_io import it92_form_factors
-from ..io.topology import build_nonbonded, build_restraints, find_monlib
-from ..params import AtomMaps, Params, atom_b, atom_occ, atom_xyz, occupancy_groups
-from ..problem import Problem, Setup, XrayData, initial_params, load_inputs, rigid_bodies
-from ..restraints import GeometryWeights, geometry_report
-from ..xray.fmodel import choose_sigma_a_set, f_model, fit_scales, model_f_mask, reciprocal_vectors
+from ..problem.neighbours import build_nonbonded
+from ..problem.params import Params
+from ..problem.problem import Problem, Setup
+from ..problem.setup import build_setup, cast_floats, current_model_arrays, f_model_of, model_of, update_xray_state
+from ..restraints import geometry_report
 from ..xray.stats import r_factors
-from ..xray.structure_factors import make_sf_setup, structure_factors
-from ..xray.targets import estimate_sigma_a, sigma_a_bins
 from . import weights as wmod
 from .energy import SHIFT_ENERGY, apply_shifts, block_mask, xray_energy, zero_shifts
 from .optimize import minimise
 
 log = logging.getLogger("jaxrefine")
-
-SF_B_MARGIN = 15.0  # Å²: the FFT spreading boxes hold Gaussians up to the starting B + this (room for B refinement)
 
 STRATEGY_BLOCKS = {
     "rigid": ("rigid",),
@@ -57,6 +52,31 @@ class CycleStats(NamedTuple):
 
     def as_dict(self):
         return {k: (float(v) if k != "cycle" else int(v)) for k, v in self._asdict().items()}
+
+
+class CycleContext(NamedTuple):
+    """What a between-cycle action sees and returns (``hook(ctx) -> ctx._replace(...)``).
+
+    Actions are handed to :func:`refine` by the caller (``refine`` imports no analysis code):
+    ``after_minimise`` actions run after the minimisation of a macrocycle, before the X-ray state
+    is refitted, and must keep every array shape (e.g. zero the occupancy of a bad water);
+    ``between_cycles`` actions run after the cycle's statistics and may return a new ``setup``
+    (atoms added or removed), which restarts the comparison of models by R-free.
+
+    Attributes:
+        cycle: the macrocycle just run (1-based); last: whether it is the final one.
+        blocks: the parameter blocks it refined ("xyz", "b", "occ", "rigid").
+        setup, params, problem: the current refinement.
+        removed: labels of atoms the action removed (occupancy 0; the writers leave them out).
+    """
+
+    cycle: int
+    last: bool
+    blocks: tuple
+    setup: Setup
+    params: Params
+    problem: Problem
+    removed: tuple = ()
 
 
 class RefinementResult(NamedTuple):
@@ -87,160 +107,8 @@ class RefinementResult(NamedTuple):
     setup: Any = None
 
 
-# ----------------------------------------------------------------------------- setup
-def _dtype(cfg: Config):
-    """Working precision: the config's, float32 when x64 is not enabled in JAX."""
-    if cfg.refine.precision == "float64" and jax.config.jax_enable_x64:
-        return jnp.float64
-    if cfg.refine.precision == "float64":
-        log.warning("refine.precision=float64 needs jax.config.update('jax_enable_x64', True); using float32")
-    return jnp.float32
-
-
-def cast_floats(tree, dtype):
-    """The pytree with every floating-point array leaf cast to ``dtype`` (ints and bools kept)."""
-    cdtype = jnp.complex128 if dtype == jnp.float64 else jnp.complex64
-
-    def cast(a):
-        if isinstance(a, (np.ndarray, jax.Array)):
-            if jnp.issubdtype(a.dtype, jnp.floating):
-                return jnp.asarray(a, dtype)
-            if jnp.issubdtype(a.dtype, jnp.complexfloating):
-                return jnp.asarray(a, cdtype)
-        return a
-
-    return jax.tree_util.tree_map(cast, tree)
-
-
-def geometry_weights(cfg: Config, dtype) -> GeometryWeights:
-    w = cfg.weights
-    return GeometryWeights(**{f: jnp.asarray(getattr(w, f, 1.0), dtype) for f in GeometryWeights._fields})
-
-
-def refine_hkl_free(refl):
-    """The σA reflection set: the free set when large enough, else the work set (as servalcat)."""
-    use, _ = choose_sigma_a_set(refl.free)
-    return use
-
-
-def build_setup(model_path, data_path, cfg: Config | None = None, model=None, refl=None) -> Setup:
-    """Read the inputs and build the problem and starting parameters.
-
-    Args:
-        model_path, data_path: files (ignored when ``model``/``refl`` are given).
-        cfg: configuration (defaults when None).
-        model, refl: already-read inputs (for notebooks and tests).
-    """
-    cfg = cfg or Config()
-    if model is None or refl is None:
-        model, refl = load_inputs(model_path, data_path, cfg)
-    dtype = _dtype(cfg)
-    monlib = find_monlib(cfg.model.monlib)
-    restraints = cast_floats(build_restraints(model, monlib=monlib, ligands=cfg.model.ligands), dtype)
-    nonbonded = cast_floats(build_nonbonded(model, restraints, model.crystal), dtype)
-    idx, centres = rigid_bodies(model, cfg.refine.rigid_bodies)
-    radii = np.array([np.sqrt(((model.xyz_cart[idx == b] - c) ** 2).sum(1).mean()) + 1.0 for b, c in enumerate(centres)])
-    refine_occ = cfg.refine.strategy == "xyz_b_occ"
-    occ_group, group_set, set_total, set_size, group_start = occupancy_groups(model, refine_partial=refine_occ)
-    if not refine_occ:
-        occ_group = -np.ones(model.n_atoms, np.int32)
-        group_set = group_start = np.zeros(0)
-        set_total = set_size = np.zeros(0)
-    maps = AtomMaps(
-        orth=jnp.asarray(model.crystal.orth, dtype),
-        frac=jnp.asarray(model.crystal.frac, dtype),
-        body_index=jnp.asarray(idx),
-        body_centre=jnp.asarray(centres, dtype),
-        body_radius=jnp.asarray(radii, dtype),
-        occ0=jnp.asarray(model.occ, dtype),
-        occ_group=jnp.asarray(occ_group, jnp.int32),
-        group_set=jnp.asarray(group_set, jnp.int32),
-        set_total=jnp.asarray(set_total, dtype),
-        set_size=jnp.asarray(set_size, jnp.int32),
-        b_min=jnp.asarray(cfg.refine.b_min, dtype),
-    )
-    params = initial_params(model, maps, np.asarray(group_start, float), np.asarray(group_set, np.int32),
-                            np.asarray(set_total, float), np.asarray(set_size, np.int32), dtype)
-    ff = it92_form_factors(model.element, model.source)
-    u_shape = anisotropic_shape(model, cfg.refine.keep_anisou)
-    sf = make_sf_setup(model.crystal, refl.hkl, ff, d_min=refl.d_min, b_iso=model.b_iso, b_margin=SF_B_MARGIN, dtype=dtype,
-                       u_aniso=u_shape)
-    use = refine_hkl_free(refl)
-    bins = sigma_a_bins(refl.d, use)
-    xray = XrayData(
-        hkl=jnp.asarray(refl.hkl), s2=jnp.asarray(refl.s2, dtype), s_cart=jnp.asarray(reciprocal_vectors(refl.hkl, refl.crystal), dtype),
-        sigma_a_use=jnp.asarray(use), f_obs=jnp.asarray(refl.f_obs, dtype),
-        sig_f_obs=jnp.asarray(refl.sig_f_obs, dtype), work=jnp.asarray(~refl.free), free=jnp.asarray(refl.free),
-        centric=jnp.asarray(refl.centric), epsilon=jnp.asarray(refl.epsilon, dtype), bins=jnp.asarray(bins),
-        f_mask=jnp.zeros(refl.n, jnp.complex128 if dtype == jnp.float64 else jnp.complex64), scales=None, sigma_a=None,
-    )
-    problem = Problem(
-        maps=maps, sf=sf, xray=xray, restraints=restraints, nonbonded=nonbonded,
-        geo_weights=geometry_weights(cfg, dtype), w_a=jnp.asarray(1.0, dtype), w_b=jnp.asarray(cfg.weights.w_b, dtype),
-        u_shape=None if u_shape is None else jnp.asarray(u_shape, dtype),
-    )
-    setup = Setup(problem=problem, params=params, model=model, refl=refl, config=cfg, monlib=monlib)
-    problem = update_xray_state(setup, problem, params)
-    return setup._replace(problem=problem)
-
-
-# ------------------------------------------------------------------ per-macrocycle updates
-def current_model_arrays(params: Params, problem: Problem):
-    """numpy (xyz_cart, b_iso, occ) for the parameters."""
-    xyz_cart, _ = atom_xyz(params, problem.maps)
-    return np.asarray(xyz_cart, float), np.asarray(atom_b(params, problem.maps), float), np.asarray(atom_occ(params, problem.maps), float)
-
-
-def f_calc_of(params: Params, problem: Problem):
-    _, xyz_frac = atom_xyz(params, problem.maps)
-    return structure_factors(xyz_frac, atom_b(params, problem.maps), atom_occ(params, problem.maps), problem.sf,
-                             problem.u_shape)
-
-
-def anisotropic_shape(model, keep: bool):
-    """(n, 6) trace-free anisotropic part of each ANISOU (U − U_eq·I), zeros for isotropic atoms;
-    None when no atom is anisotropic or ``keep`` is false.  Refinement then refines the isotropic
-    B on top of the deposited anisotropic shape (the shape itself is not refined)."""
-    if not keep or not model.has_aniso.any():
-        return None
-    u = np.where(model.has_aniso[:, None], model.u_aniso, 0.0)
-    u_eq = u[:, :3].mean(1)
-    shape = u.copy()
-    shape[:, :3] -= u_eq[:, None]
-    return shape
-
-
-_f_calc_jit = jax.jit(f_calc_of)
-
-
-def update_xray_state(setup: Setup, problem: Problem, params: Params, rebuild_mask: bool = True) -> Problem:
-    """Rebuild the solvent mask (F_mask), refit scales on the work set and re-estimate σA."""
-    cfg, refl, model = setup.config, setup.refl, setup.model
-    x = problem.xray
-    xyz, _, occ = current_model_arrays(params, problem)
-    f_mask = x.f_mask
-    if rebuild_mask:
-        fmask, _, _ = model_f_mask(model, model.crystal, refl.hkl, refl.d_min, r_probe=cfg.solvent.r_probe,
-                                   r_shrink=cfg.solvent.r_shrink, xyz_cart=xyz)
-        f_mask = jnp.asarray(fmask, x.f_mask.dtype)
-    f_calc = _f_calc_jit(params, problem)
-    scales = fit_scales(np.asarray(x.f_obs), np.asarray(f_calc), np.asarray(f_mask), np.asarray(x.s_cart),
-                        np.asarray(x.work), model.crystal)
-    scales = jax.tree_util.tree_map(lambda a: jnp.asarray(a, x.s2.dtype), scales)
-    fm = f_model(f_calc, f_mask, x.s_cart, scales)
-    sigma_a = estimate_sigma_a(np.asarray(x.f_obs), np.asarray(fm), np.asarray(x.sigma_a_use), np.asarray(x.bins),
-                               np.asarray(x.centric), np.asarray(x.epsilon), np.asarray(x.sig_f_obs))
-    sigma_a = sigma_a._replace(d=jnp.asarray(sigma_a.d, x.s2.dtype), s=jnp.asarray(sigma_a.s, x.s2.dtype))
-    return cast_floats(problem._replace(xray=x._replace(f_mask=f_mask, scales=scales, sigma_a=sigma_a)), x.s2.dtype)
-
-
-def _f_model_now(params, problem):
-    x = problem.xray
-    return f_model(_f_calc_jit(params, problem), x.f_mask, x.s_cart, x.scales)
-
-
 def cycle_statistics(cycle: int, params: Params, problem: Problem, setup: Setup, t0: float) -> CycleStats:
-    fm = np.asarray(_f_model_now(params, problem))
+    fm = np.asarray(f_model_of(params, problem))
     x = problem.xray
     r = r_factors(np.asarray(x.f_obs), fm, np.asarray(x.free))
     xyz, _, _ = current_model_arrays(params, problem)
@@ -298,7 +166,8 @@ def minimise_blocks(blocks, params: Params, problem: Problem, cfg: Config, n_ste
     return apply_shifts(shifts, mask, params, problem)
 
 
-def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = None, callback=None) -> RefinementResult:
+def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = None, callback=None,
+           after_minimise=(), between_cycles=()) -> RefinementResult:
     """Run macrocycles on ``setup`` (see module docstring).
 
     Args:
@@ -306,6 +175,9 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
         n_cycles: macrocycles (default from the config).
         strategy: rigid | xyz | b | xyz_b | xyz_b_occ (default from the config).
         callback: called with each CycleStats (progress display).
+        after_minimise, between_cycles: actions ``hook(CycleContext) -> CycleContext`` run in each
+            macrocycle (see :class:`CycleContext`), e.g. the water actions of
+            :func:`jaxrefine.validate.waters.water_hooks`.  None by default.
     """
     cfg = setup.config
     n_cycles = cfg.refine.n_cycles if n_cycles is None else n_cycles
@@ -337,9 +209,10 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
                 continue
             block_problem = rigid_body_problem(problem, setup) if block == "rigid" else problem
             params = minimise_blocks((block,), params, block_problem, cfg, steps[block])
-        if cfg.waters.remove_bad and "xyz" in blocks and (setup.model.kind == "water").any():
-            problem, labels = remove_bad_waters(setup, problem, params)
-            removed_labels += labels
+        for hook in after_minimise:
+            ctx = hook(CycleContext(cycle, cycle == len(plan), blocks, setup, params, problem))
+            params, problem = ctx.params, ctx.problem
+            removed_labels += list(ctx.removed)
         rebuild = cycle % max(cfg.solvent.update_every, 1) == 0
         problem = update_xray_state(setup, problem, params, rebuild_mask=rebuild)  # statistics with a fresh mask
         st = cycle_statistics(cycle, params, problem, setup, t0)
@@ -349,11 +222,13 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
         if st.r_free < best[0] - 1e-6 or not cfg.guard.keep_best:
             best = (st.r_free, cycle, params, problem)
             best_setup = setup
-        if cfg.waters.update_waters and "xyz" in blocks and cycle < len(plan):
-            setup, params, problem, note = _pick_waters(setup, params, problem)
-            if note:
-                best = (history[-1].r_free, cycle, params, problem)  # atoms changed: older models are not comparable
-                best_setup = setup
+        for hook in between_cycles:
+            ctx = hook(CycleContext(cycle, cycle == len(plan), blocks, setup, params, problem))
+            if ctx.setup is not setup:  # atoms changed: older models are not comparable
+                best = (history[-1].r_free, cycle, ctx.params, ctx.problem)
+                best_setup = ctx.setup
+            setup, params, problem = ctx.setup, ctx.params, ctx.problem
+            removed_labels += list(ctx.removed)
         if cfg.weights.w_a == "auto" and "xyz" in blocks:
             problem = problem._replace(w_a=jnp.asarray(wmod.adjust_w_a(float(problem.w_a), st.rmsz_bond, _target_rmsz(setup)), problem.maps.orth.dtype))
     _, best_cycle, params, problem = best
@@ -365,59 +240,6 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
     return RefinementResult(params=params, problem=problem, history=history, best_cycle=best_cycle, warnings=warnings,
                             wall_s=time.perf_counter() - t0, removed_waters=removed_labels,
                             removed_atoms=(np.asarray(problem.maps.occ0) <= 0) & (best_setup.model.occ > 0), setup=best_setup)
-
-
-def _pick_waters(setup: Setup, params: Params, problem: Problem):
-    """Water picking between macrocycles (waters.update_waters): remove bad waters, add waters at
-    mFo−DFc peaks, and rebuild the problem for the new atoms (this recompiles the energy).
-
-    Returns:
-        (setup, params, problem, note): note is "" when nothing changed.
-    """
-    from ..io.build import with_coordinates
-    from ..validate.waters import update_waters, water_params_from_config
-
-    xyz, b, occ = current_model_arrays(params, problem)
-    keep = occ > 0
-    model_now = with_coordinates(setup.model, xyz_cart=xyz, b_iso=b, occ=occ)
-    if not keep.all():
-        model_now = model_now.subset(keep)
-    upd = update_waters(model_now, setup.refl, water_params_from_config(setup.config), remove=setup.config.waters.remove_bad)
-    if not upd.report["added"] and not upd.removed and keep.all():
-        return setup, params, problem, ""
-    new = build_setup(None, None, setup.config, model=upd.model, refl=setup.refl)
-    note = f"waters: removed {upd.removed}, added {upd.report['added']} (now {upd.report['n_waters']})"
-    log.info(note)
-    return new, new.params, new.problem._replace(w_a=problem.w_a), note
-
-
-def remove_bad_waters(setup: Setup, problem: Problem, params: Params):
-    """Zero the occupancy of waters out of density (2mFo−DFc), with too high B, or clashing.
-
-    Shapes stay fixed (no recompile): a removed water keeps its row with occupancy 0 and the
-    writers leave it out.  One log line per removed water.
-
-    Returns:
-        (problem, labels of the waters removed now)
-    """
-    from ..io.build import with_coordinates
-    from ..validate.density import model_maps
-    from ..validate.waters import bad_waters, water_params_from_config
-
-    xyz, b, occ = current_model_arrays(params, problem)
-    model_now = with_coordinates(setup.model, xyz_cart=xyz, b_iso=b, occ=occ)
-    maps = model_maps(model_now, setup.refl, f_calc=np.asarray(_f_calc_jit(params, problem)),
-                      f_mask=np.asarray(problem.xray.f_mask))
-    wp = water_params_from_config(setup.config)
-    bad = bad_waters(model_now, maps, wp) & (occ > 0)
-    labels = []
-    for i in np.nonzero(bad)[0]:
-        m = setup.model
-        label = f"{m.chain_id[i]}/{m.res_name[i]} {m.res_seq[i]}"
-        log.info("removed water %s (B %.1f Å²; out of density, above waters.max_b or clashing)", label, b[i])
-        labels.append(label)
-    occ0 = jnp.where(jnp.asarray(bad), 0.0, problem.maps.occ0).astype(problem.maps.occ0.dtype)
-    return problem._replace(maps=problem.maps._replace(occ0=occ0)), labels
 
 
 def _guard(history, cfg) -> list:
@@ -458,9 +280,14 @@ def _log_cycle(st: CycleStats, callback):
 
 def refined_model(result: RefinementResult):
     """The kept model of a refinement as a :class:`jaxrefine.io.model.Model` (removed waters left out)."""
-    from ..io.build import with_coordinates
-
-    xyz, b, occ = current_model_arrays(result.params, result.problem)
-    model = with_coordinates(result.setup.model, xyz_cart=xyz, b_iso=b, occ=occ)
+    model = model_of(result.setup.model, result.params, result.problem)
     keep = ~np.asarray(result.removed_atoms, bool)
     return model if keep.all() else model.subset(keep)
+
+
+def refine_briefly(model, refl, n_cycles: int, cfg: Config | None = None, **hooks):
+    """``model`` refined for ``n_cycles`` macrocycles (xyz and B by default), as a Model of the same
+    atoms (waters removed by a hook keep their row with occupancy 0).  ``hooks``: as for :func:`refine`."""
+    setup = build_setup(None, None, cfg, model=model, refl=refl)
+    result = refine(setup, n_cycles=n_cycles, **hooks)
+    return model_of(model, result.params, result.problem)

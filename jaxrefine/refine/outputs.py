@@ -19,7 +19,8 @@ from .. import __version__
 from ..config import dump_config
 from ..io.writers import write_json, write_model, write_mtz, write_text
 from ..xray.maps import map_coefficients
-from .engine import RefinementResult, _f_model_now, current_model_arrays
+from ..problem.setup import current_model_arrays, f_model_of
+from .engine import RefinementResult
 
 
 def git_commit() -> str | None:
@@ -63,7 +64,7 @@ def write_outputs(result: RefinementResult, setup, out_dir, argv=None) -> dict:
     if cfg.output.write_pdb:
         write_model(out_model, os.path.join(out_dir, "refined.pdb"), **updates)
     x = problem.xray
-    fm = np.asarray(_f_model_now(params, problem))
+    fm = np.asarray(f_model_of(params, problem))
     two, one = map_coefficients(np.asarray(x.f_obs), fm, x.sigma_a, np.asarray(x.centric), np.asarray(x.epsilon))
     write_mtz(os.path.join(out_dir, "maps.mtz"), refl.crystal, refl.hkl, {
         "FP": ("F", refl.f_obs), "SIGFP": ("Q", refl.sig_f_obs), "FREE": ("I", np.where(refl.free, 0, 1)),
@@ -71,13 +72,14 @@ def write_outputs(result: RefinementResult, setup, out_dir, argv=None) -> dict:
     })
     write_json(os.path.join(out_dir, "metrics.json"), m)
     write_text(os.path.join(out_dir, "config.yaml"), dump_config(cfg))
-    import gemmi
+    from importlib.metadata import version
+
     import jax
     import optax
 
     write_json(os.path.join(out_dir, "run.json"), {
         "jaxrefine": __version__, "git_commit": git_commit(), "python": sys.version.split()[0],
-        "jax": jax.__version__, "optax": optax.__version__, "gemmi": gemmi.__version__, "numpy": np.__version__,
+        "jax": jax.__version__, "optax": optax.__version__, "gemmi": version("gemmi"), "numpy": np.__version__,
         "platform": platform.platform(), "device": str(jax.devices()[0]), "argv": list(argv or sys.argv),
         "model": model.source, "data": refl.source, "monlib": setup.monlib,
     })

@@ -6,7 +6,7 @@ from .geometry import geometry_energy, geometry_terms
 from .nonbonded import NonbondedList, nonbonded_energy, pair_distances
 from .planes import plane_distances, plane_energy
 from .report import GeometryReport, geometry_report
-from .terms import AdpTerm, AngleTerm, BondTerm, ChiralTerm, GeometryWeights, PlaneTerm, Restraints, TorsionTerm
+from ..core.restraint_terms import AdpTerm, AngleTerm, BondTerm, ChiralTerm, GeometryWeights, PlaneTerm, Restraints, TorsionTerm
 from .torsions import dihedrals, torsion_energy
 
 __all__ = [

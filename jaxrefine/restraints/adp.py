@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .terms import Restraints
+from ..core.restraint_terms import Restraints
 
 
 def adp_energy(b_iso, restraints: Restraints, weight=1.0):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .terms import AngleTerm, BondTerm
+from ..core.restraint_terms import AngleTerm, BondTerm
 
 
 def bond_lengths(xyz_cart, bond: BondTerm):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .terms import ChiralTerm
+from ..core.restraint_terms import ChiralTerm
 
 
 def chiral_volumes(xyz_cart, chiral: ChiralTerm):

@@ -13,7 +13,7 @@ from .bonds import angle_energy, bond_energy
 from .chirals import chiral_energy
 from .nonbonded import NonbondedList, nonbonded_energy
 from .planes import plane_energy
-from .terms import GeometryWeights, Restraints
+from ..core.restraint_terms import GeometryWeights, Restraints
 from .torsions import torsion_energy
 
 
@@ -36,7 +36,7 @@ def geometry_energy(xyz_cart, restraints: Restraints, nonbonded: NonbondedList |
     Args:
         xyz_cart: (n_atoms, 3) Cartesian coordinates (Å).
         restraints: padded restraint arrays from :func:`jaxrefine.io.topology.build_restraints`.
-        nonbonded: pair list from :func:`jaxrefine.io.topology.build_nonbonded`, or None.
+        nonbonded: pair list from :func:`jaxrefine.problem.neighbours.build_nonbonded`, or None.
         weights: per-term weights; a weight of 0 switches a term off.
         orth, frac: (3, 3) cell matrices for symmetry mates (default: those stored in
             ``nonbonded``); pass them when the cell is a parameter.

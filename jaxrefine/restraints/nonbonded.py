@@ -6,7 +6,7 @@ REFMAC5/servalcat (Murshudov et al. 2011, Acta Cryst. D67, 355, sect. 2.4).  d_m
 the atoms' van der Waals radii (CCP4 ener_lib), reduced for 1-4 pairs and H-bond donor/acceptor
 pairs (see :mod:`jaxrefine.io.topology`).  A pair inside the asymmetric unit has w_pair = 1; a
 contact with a symmetry mate is listed from both sides and gets w_pair = 1/2.
-The pair list is built outside jit (:func:`jaxrefine.io.topology.build_nonbonded`).
+The pair list is built outside jit (:func:`jaxrefine.problem.neighbours.build_nonbonded`).
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .terms import PlaneTerm
+from ..core.restraint_terms import PlaneTerm
 
 
 def plane_distances(xyz_cart, plane: PlaneTerm):

@@ -17,7 +17,7 @@ from .bonds import bond_angles, bond_lengths
 from .chirals import chiral_targets, chiral_volumes
 from .nonbonded import NonbondedList, pair_distances
 from .planes import plane_distances
-from .terms import Restraints
+from ..core.restraint_terms import Restraints
 from .torsions import torsion_deviations
 
 CLASH_OVERLAP = 0.4  # Å (MolProbity)

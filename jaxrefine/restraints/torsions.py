@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .terms import TorsionTerm
+from ..core.restraint_terms import TorsionTerm
 
 
 def dihedrals(xyz_cart, idx, mask):

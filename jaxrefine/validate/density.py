@@ -32,10 +32,10 @@ class ModelMaps(NamedTuple):
         two_fofc: (na, nb, nc) 2mFo−DFc map (e/Å³ up to the data's scale), index [i, j, k] at the
             fractional point (i/na, j/nb, k/nc).
         fofc: (na, nb, nc) mFo−DFc map on the same grid.
-        crystal: :class:`jaxrefine.crystal.Crystal` of the grid.
+        crystal: :class:`jaxrefine.core.crystal.Crystal` of the grid.
         d_min: resolution of the coefficients (Å).
         r_work, r_free: R-factors of the model that phased the maps.
-        fmodel: the :class:`jaxrefine.xray.fmodel.FmodelResult` behind the maps.
+        fmodel: the :class:`jaxrefine.problem.fmodel.FmodelResult` behind the maps.
         hkl: (m, 3) int reflections of the coefficients (complete to d_min).
         two_coef, diff_coef: (m,) complex 2mFo−DFc and mFo−DFc coefficients.
     """
@@ -81,7 +81,7 @@ def model_maps(model, refl, sample_rate: float = 3.0, f_calc=None, f_mask=None, 
         :class:`ModelMaps`.
     """
     from ..io.maps_io import map_from_coefficients
-    from ..xray.fmodel import compute_fmodel, fmodel_maps
+    from ..problem.fmodel import compute_fmodel, fmodel_maps
     from ..xray.stats import r_factors
 
     res = compute_fmodel(model, refl, f_calc=f_calc, f_mask=f_mask)
@@ -409,7 +409,7 @@ def residue_csv(rows: list) -> str:
 
 def plot_residue_fit(rows: list, path, flags=(), title: str = "Real-space correlation per residue") -> None:
     """PNG of RSCC along each chain (polymer residues), flagged register-shift segments shaded."""
-    from ..plots import new_figure, save_png
+    from ..io.figures import new_figure, save_png
 
     chains = sorted({r["chain"] for r in rows if r["kind"] in ("protein", "nucleic")})
     fig = new_figure(figsize=(8, 2.2 * max(len(chains), 1)))

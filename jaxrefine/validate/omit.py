@@ -48,19 +48,8 @@ class OmitResult(NamedTuple):
     mean_two_fofc_sigma: float
 
 
-def _refine_briefly(rest, refl, cycles: int, cfg=None):
-    """The rest refined for a few macrocycles by the refinement engine (xyz and B)."""
-    from ..io.build import with_coordinates
-    from ..refine.engine import build_setup, current_model_arrays, refine
-
-    setup = build_setup(None, None, cfg, model=rest, refl=refl)
-    result = refine(setup, n_cycles=cycles)
-    xyz, b, occ = current_model_arrays(result.params, result.problem)
-    return with_coordinates(rest, xyz_cart=np.asarray(xyz), b_iso=np.asarray(b), occ=np.asarray(occ))
-
-
 def omit_map(model, refl, selection, keep_solvent_mask: bool = True, shake_rms: float = 0.0, seed: int = 0,
-             refine_cycles: int = 0, cfg=None, sample_rate: float = 3.0) -> OmitResult:
+             refine_rest=None, sample_rate: float = 3.0) -> OmitResult:
     """σA-weighted omit maps for a selection.
 
     Args:
@@ -70,23 +59,23 @@ def omit_map(model, refl, selection, keep_solvent_mask: bool = True, shake_rms: 
         keep_solvent_mask: use the full model's bulk-solvent mask (True) or the rest's (False).
         shake_rms: Å RMS random shift of the remaining atoms before the map (0: none).
         seed: seed of the shake.
-        refine_cycles: macrocycles of refinement of the rest before the map (0: none).
-        cfg: :class:`jaxrefine.config.Config` for that refinement.
+        refine_rest: callable ``(rest_model, refl) -> refined rest_model`` run before the map (None: no
+            refinement), e.g. ``functools.partial(jaxrefine.refine.engine.refine_briefly, n_cycles=2)``.
         sample_rate: grid spacing ≈ d_min / sample_rate.
 
     Returns:
         :class:`OmitResult`.
     """
     from ..io.build import with_coordinates
-    from ..xray.fmodel import model_f_mask
+    from ..problem.fmodel import model_f_mask
 
     mask = model.select(selection) if isinstance(selection, str) else np.asarray(selection, bool)
     rest = model.subset(~mask)
     if shake_rms > 0:
         rng = np.random.default_rng(seed)
         rest = with_coordinates(rest, xyz_cart=rest.xyz_cart + rng.normal(0.0, shake_rms / np.sqrt(3), rest.xyz_cart.shape))
-    if refine_cycles > 0:
-        rest = _refine_briefly(rest, refl, refine_cycles, cfg)
+    if refine_rest is not None:
+        rest = refine_rest(rest, refl)
     f_mask = model_f_mask(model, refl.crystal, refl.hkl, refl.d_min)[0] if keep_solvent_mask else None
     maps = model_maps(rest, refl, sample_rate=sample_rate, f_mask=f_mask)
     heavy = mask & ~model.is_hydrogen
@@ -133,7 +122,7 @@ def composite_omit_map(model, refl, n_pieces: int = 10, sample_rate: float = 3.0
     Args:
         model, refl: as for :func:`omit_map`.
         n_pieces: pieces of the model (consecutive residues; see :func:`split_pieces`).
-        omit_kwargs: passed to :func:`omit_map` (shake_rms, refine_cycles, ...).
+        omit_kwargs: passed to :func:`omit_map` (shake_rms, refine_rest, ...).
 
     Returns:
         ((na, nb, nc) composite 2mFo−DFc map, :class:`ModelMaps` of the full model).

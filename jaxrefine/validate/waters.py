@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from typing import NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
 from scipy.spatial import cKDTree
 
@@ -219,3 +220,68 @@ def update_waters(model, refl, params: WaterParams = WaterParams(), maps=None, r
               "peak_sigma": [round(float(h), 2) for h in heights]}
     log.info("waters: removed %d, added %d (now %d)", n_removed, len(new_xyz), report["n_waters"])
     return WaterUpdate(model, new_xyz, n_removed, report)
+
+
+# ------------------------------------------------------------------ actions between macrocycles
+def water_hooks(cfg) -> dict:
+    """The water actions the configuration asks for, as keyword arguments of
+    :func:`jaxrefine.refine.engine.refine` / :func:`jaxrefine.refine.run.run_refinement`:
+    ``after_minimise`` removes bad waters (``waters.remove_bad``), ``between_cycles`` picks new
+    ones (``waters.update_waters``).  ``refine(setup, **water_hooks(cfg))``."""
+    w = cfg.waters
+    params = water_params_from_config(cfg)
+    return {"after_minimise": [remove_bad_waters_hook(params)] if w.remove_bad else [],
+            "between_cycles": [pick_waters_hook(params, remove=w.remove_bad)] if w.update_waters else []}
+
+
+def remove_bad_waters_hook(params: WaterParams = WaterParams()):
+    """Action: zero the occupancy of waters out of density (2mFo−DFc), with too high B, or clashing,
+    after each coordinate macrocycle.
+
+    Shapes stay fixed (no recompile): a removed water keeps its row with occupancy 0 and the
+    writers leave it out.  One log line per removed water.
+    """
+    def remove_bad(ctx):
+        setup, problem, params_now = ctx.setup, ctx.problem, ctx.params
+        if "xyz" not in ctx.blocks or not (setup.model.kind == "water").any():
+            return ctx
+        from ..problem.setup import f_calc_of_jit, model_of
+        from .density import model_maps
+
+        model_now = model_of(setup.model, params_now, problem)
+        occ = model_now.occ
+        maps = model_maps(model_now, setup.refl, f_calc=np.asarray(f_calc_of_jit(params_now, problem)),
+                          f_mask=np.asarray(problem.xray.f_mask))
+        bad = bad_waters(model_now, maps, params) & (occ > 0)
+        labels = []
+        for i in np.nonzero(bad)[0]:
+            m = setup.model
+            label = f"{m.chain_id[i]}/{m.res_name[i]} {m.res_seq[i]}"
+            log.info("removed water %s (B %.1f Å²; out of density, above waters.max_b or clashing)", label, model_now.b_iso[i])
+            labels.append(label)
+        occ0 = jnp.where(jnp.asarray(bad), 0.0, problem.maps.occ0).astype(problem.maps.occ0.dtype)
+        return ctx._replace(problem=problem._replace(maps=problem.maps._replace(occ0=occ0)), removed=tuple(labels))
+
+    return remove_bad
+
+
+def pick_waters_hook(params: WaterParams = WaterParams(), remove: bool = True):
+    """Action: water picking between coordinate macrocycles (not after the last): remove bad waters,
+    add waters at mFo−DFc peaks, and rebuild the problem for the new atoms (this recompiles the energy)."""
+    def pick(ctx):
+        if "xyz" not in ctx.blocks or ctx.last:
+            return ctx
+        from ..problem.setup import build_setup, model_of
+
+        setup, problem = ctx.setup, ctx.problem
+        model_now = model_of(setup.model, ctx.params, problem)
+        keep = model_now.occ > 0
+        if not keep.all():
+            model_now = model_now.subset(keep)
+        upd = update_waters(model_now, setup.refl, params, remove=remove)
+        if not upd.report["added"] and not upd.removed and keep.all():
+            return ctx
+        new = build_setup(None, None, setup.config, model=upd.model, refl=setup.refl)
+        return ctx._replace(setup=new, params=new.params, problem=new.problem._replace(w_a=problem.w_a))
+
+    return pick

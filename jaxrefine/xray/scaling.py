@@ -219,7 +219,7 @@ def fit_scales(
             None for no bulk solvent.
         s_cart: (n, 3) Cartesian reciprocal vectors (Å⁻¹), :func:`reciprocal_vectors`.
         work: (n,) bool, reflections used for the fit (the work set).
-        crystal: :class:`jaxrefine.crystal.Crystal` (for the anisotropy constraints).
+        crystal: :class:`jaxrefine.core.crystal.Crystal` (for the anisotropy constraints).
         k_sol_grid, b_sol_grid: grid searched before the joint refinement.
         refine: run the joint least-squares refinement after the grid search.
         use_solvent: False fits k_overall and B_cart only (k_sol = 0).

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..crystal import resolution_bins
+from ..core.crystal import resolution_bins
 
 
 def _abs(f):

@@ -58,7 +58,7 @@ class SymOps(NamedTuple):
 
 
 def symops_of(crystal) -> SymOps:
-    """All operators (centring included) of a :class:`jaxrefine.crystal.Crystal`."""
+    """All operators (centring included) of a :class:`jaxrefine.core.crystal.Crystal`."""
     return SymOps(rot=np.asarray(crystal.rot, float), trans=np.asarray(crystal.trans, float))
 
 
@@ -237,7 +237,7 @@ def make_sf_setup(
     """Precompute the arrays and static sizes of a structure-factor problem (numpy, outside jit).
 
     Args:
-        crystal: :class:`jaxrefine.crystal.Crystal` (cell and all operators).
+        crystal: :class:`jaxrefine.core.crystal.Crystal` (cell and all operators).
         hkl: (n_refl, 3) int Miller indices.
         ff: form factors, type_index of length n_atoms.
         method: "fft" (default) or "direct".
@@ -269,7 +269,7 @@ def make_sf_setup(
         In a refinement, build it from the starting model (b_margin leaves room for B to grow)
         and rebuild only between macrocycles.  B + B_blur must stay positive.
     """
-    from ..crystal import s2_of  # crystal.py is numpy-only
+    from ..core.crystal import s2_of  # crystal.py is numpy-only
 
     if method not in ("fft", "direct"):
         raise ValueError(f"method must be 'fft' or 'direct', got {method!r}")
@@ -583,7 +583,7 @@ def f_from_grid(grid, hkl, setup):
         grid: (na, nb, nc) real values at the grid points x = (i/na, j/nb, k/nc); any shape with
             |h_a| < n_a/2 for every reflection (static under jit).
         hkl: (n_refl, 3) int Miller indices.
-        setup: an :class:`SFSetup` or a :class:`jaxrefine.crystal.Crystal` (only its volume is used).
+        setup: an :class:`SFSetup` or a :class:`jaxrefine.core.crystal.Crystal` (only its volume is used).
 
     Returns:
         (n_refl,) complex.

@@ -188,3 +188,11 @@ def estimate_sigma_a(f_obs, f_model, use, bins, centric, epsilon, sig_f_obs=None
     p[empty] = p0[empty]
     bin_d, bin_s = np.exp(p[:, 0]), np.exp(p[:, 1])
     return SigmaA(d=jnp.asarray(bin_d[bins]), s=jnp.asarray(bin_s[bins]), bins=bins, bin_d=bin_d, bin_s=bin_s)
+
+
+def choose_sigma_a_set(free, min_per_bin: int = MIN_PER_BIN):
+    """The free set when it has at least 2 bins' worth of reflections, else the work set (as servalcat)."""
+    free = np.asarray(free, bool)
+    if free.sum() >= 2 * min_per_bin:
+        return free, "free"
+    return ~free, "work"

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .validate.density import sample_map
+from .density import sample_map
 
 
 class MapPlane(NamedTuple):
@@ -43,7 +43,7 @@ def map_plane(values, crystal, through_xyz, half_width: float = 8.0, spacing: fl
 
     Args:
         values: (na, nb, nc) unit-cell map (see :func:`jaxrefine.validate.density.sample_map`).
-        crystal: :class:`jaxrefine.crystal.Crystal` of the map.
+        crystal: :class:`jaxrefine.core.crystal.Crystal` of the map.
         through_xyz: (k ≥ 3, 3) Cartesian atoms (Å) that define the plane and its centre.
         half_width: Å from the centre to the edge of the square.
         spacing: Å between sampled points.

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .io.build import with_coordinates
-from .io.model import Model
+from .build import with_coordinates
+from .model import Model
 
 
 def shake(model: Model, rms: float = 0.5, seed: int = 7, reset_b: bool = True) -> Model:

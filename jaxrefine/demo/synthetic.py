@@ -141,13 +141,13 @@ def _min_symmetry_distance(xyz_frac, crystal):
 
 def make_demo_crystal(seed: int = 0):
     """(true Model, Reflections) of the synthetic crystal: ideal peptide, simulated data."""
-    from .crystal import d_spacing
-    from .io.build import model_from_atoms, unique_hkl
-    from .io.reflections import Reflections, generate_free_flags
-    from .crystal import centric_flags, epsilon_factors
-    from .io.formfactor_io import it92_form_factors
-    from .xray.fmodel import model_f_mask
-    from .xray.structure_factors import make_sf_setup, structure_factors
+    from ..core.crystal import d_spacing
+    from ..io.build import model_from_atoms, unique_hkl
+    from ..io.reflections import Reflections, generate_free_flags
+    from ..core.crystal import centric_flags, epsilon_factors
+    from ..io.formfactor_io import it92_form_factors
+    from ..problem.fmodel import model_f_mask
+    from ..xray.structure_factors import make_sf_setup, structure_factors
 
     atoms = build_peptide()
     xyz = np.array([a["xyz"] for a in atoms])
@@ -191,10 +191,11 @@ def regularise(model, n_steps: int = 150):
     import jax
     import jax.numpy as jnp
 
-    from .io.build import with_coordinates
-    from .io.topology import build_nonbonded, build_restraints, find_monlib
-    from .refine.optimize import minimise
-    from .restraints import GeometryWeights
+    from ..io.build import with_coordinates
+    from ..io.topology import build_restraints, find_monlib
+    from ..problem.neighbours import build_nonbonded
+    from ..refine.optimize import minimise
+    from ..restraints import GeometryWeights
 
     restraints = build_restraints(model, monlib=find_monlib(None))
     nonbonded = build_nonbonded(model, restraints, model.crystal)
@@ -207,14 +208,14 @@ def regularise(model, n_steps: int = 150):
 
 
 def _geometry_only(xyz, restraints, nonbonded, w, orth, frac):
-    from .restraints import geometry_energy
+    from ..restraints import geometry_energy
 
     return geometry_energy(xyz, restraints, nonbonded, w, orth, frac)
 
 
 def perturb(model, seed: int = 0):
     """Shake coordinates (SHAKE_RMS Å), reset B to the mean, rotate one side chain out of place."""
-    from .io.build import with_coordinates
+    from ..io.build import with_coordinates
 
     rng = np.random.default_rng(seed + 1)
     xyz = model.xyz_cart.copy()
@@ -241,9 +242,10 @@ def run_demo(out_dir: str, n_cycles: int = 6, progress=print, plots: bool = True
 
     Returns the metrics dict of the refinement, plus ``rmsd_start``/``rmsd_final`` (Å, to the true model).
     """
-    from .config import Config, load_config
-    from .io.writers import write_model, write_mtz
-    from .refine.run import run_refinement
+    from ..config import Config, load_config
+    from ..io.writers import write_model, write_mtz
+    from ..refine.run import run_refinement
+    from ..validate.waters import water_hooks
 
     os.makedirs(out_dir, exist_ok=True)
     progress("SYNTHETIC demo: building an ideal helix–loop–helix peptide and simulating its data ...")
@@ -260,8 +262,8 @@ def run_demo(out_dir: str, n_cycles: int = 6, progress=print, plots: bool = True
     cfg: Config = load_config(None, [f"refine.n_cycles={n_cycles}", f"output.plots={'true' if plots else 'false'}"])
     metrics = run_refinement(os.path.join(out_dir, "synthetic_start.pdb"), os.path.join(out_dir, "synthetic_data.mtz"),
                              os.path.join(out_dir, "refined"), cfg, progress=cycle_progress,
-                             plot_title="SYNTHETIC demo crystal: R per macrocycle")
-    from .io.model import read_model
+                             plot_title="SYNTHETIC demo crystal: R per macrocycle", **water_hooks(cfg))
+    from ..io.model import read_model
 
     final = read_model(os.path.join(out_dir, "refined", "refined.pdb"))
     metrics["rmsd_start"] = float(np.sqrt(((start.xyz_cart - true_model.xyz_cart) ** 2).sum(1).mean()))

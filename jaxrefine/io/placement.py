@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import ConfigError
-from .io.build import with_coordinates
+from ..errors import ConfigError
+from .build import with_coordinates
 
 
 def euler_zyz(alpha: float, beta: float, gamma: float) -> np.ndarray:

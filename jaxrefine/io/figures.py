@@ -1,8 +1,8 @@
 """PNG plots (matplotlib is an optional extra: ``pip install jaxrefine[plots]``)."""
 from __future__ import annotations
 
-from .errors import JaxrefineError
-from .io.writers import atomic_write
+from ..errors import JaxrefineError
+from .writers import atomic_write
 
 
 def new_figure(**kwargs):

@@ -1,0 +1,143 @@
+"""The non-bonded neighbour list: pairs of atoms (symmetry mates included) near contact.
+
+Built outside jit from the current coordinates and the restraint arrays (radii, bonded pairs,
+altlocs, H-bond types of :mod:`jaxrefine.io.topology`), padded to a fixed capacity so that
+rebuilding it between macrocycles does not recompile the energy.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..core.restraint_terms import Restraints, pad_rows, padded_length
+from ..errors import InputError
+from ..restraints.nonbonded import NonbondedList
+
+log = logging.getLogger(__name__)
+
+# REFMAC5 (VDWR INCR keywords) as used by servalcat: H-bond donor-acceptor pairs get d_min
+# reduced by this (Å; Murshudov et al. 2011); the 1-4 increments are per atom (io/topology.py).
+DINC_HBOND = -0.3
+NONBONDED_SLACK = 1.0  # Å; pairs up to d_min + slack are listed so atoms may move between rebuilds
+
+
+def _bond_graph(restraints: Restraints):
+    """(1-2 and 1-3 pairs as a set, 1-4 pairs as a set) from the bond and angle lists."""
+    b = np.asarray(restraints.bond.idx)[np.asarray(restraints.bond.mask) > 0]
+    a = np.asarray(restraints.angle.idx)[np.asarray(restraints.angle.mask) > 0]
+    nbrs = {}
+    for i, j in b.tolist():
+        nbrs.setdefault(i, set()).add(j)
+        nbrs.setdefault(j, set()).add(i)
+    excl = {(min(i, j), max(i, j)) for i, j in b.tolist()}
+    excl |= {(min(i, k), max(i, k)) for i, _, k in a.tolist()}
+    for i, js in nbrs.items():  # 1-3 through the bond graph (links without angle restraints)
+        js = sorted(js)
+        excl |= {(min(p, q), max(p, q)) for x, p in enumerate(js) for q in js[x + 1 :]}
+    one4 = set()
+    for i, j in b.tolist():
+        for c in nbrs[i] - {j}:
+            for d in nbrs[j] - {i}:
+                if c != d:
+                    one4.add((min(c, d), max(c, d)))
+    return excl, one4 - excl
+
+
+def _symmetry_candidates(xyz_cart, crystal, cutoff):
+    """Symmetry/lattice images of all atoms that can come within ``cutoff`` of the model.
+
+    Returns (j, op, shift_frac, xyz_cart_of_image) for every candidate image."""
+    frac, orth = np.asarray(crystal.frac), np.asarray(crystal.orth)
+    xf = xyz_cart @ frac.T
+    margin = cutoff * np.linalg.norm(frac, axis=1)  # fractional extent of a cutoff sphere
+    lo, hi = xf.min(0) - margin, xf.max(0) + margin
+    js, ops, shifts, pos = [], [], [], []
+    for k, (r, t) in enumerate(zip(np.asarray(crystal.rot, float), np.asarray(crystal.trans, float))):
+        m = xf @ r.T + t
+        rng = [np.arange(np.floor(lo[a] - m[:, a].max()), np.ceil(hi[a] - m[:, a].min()) + 1) for a in range(3)]
+        for s in np.stack(np.meshgrid(*rng, indexing="ij"), -1).reshape(-1, 3):
+            ms = m + s
+            inside = np.all((ms >= lo) & (ms <= hi), axis=1)
+            if inside.any():
+                sel = np.nonzero(inside)[0]
+                js.append(sel)
+                ops.append(np.full(sel.size, k))
+                shifts.append(np.broadcast_to(t + s, (sel.size, 3)))
+                pos.append(ms[sel] @ orth.T)
+    return np.concatenate(js), np.concatenate(ops), np.concatenate(shifts), np.concatenate(pos)
+
+
+def build_nonbonded(model_or_xyz, restraints: Restraints, crystal=None, cutoff: float | None = None, max_pairs: int | None = None, slack: float = NONBONDED_SLACK):
+    """Padded list of non-bonded pairs that are (nearly) in contact, symmetry mates included.
+
+    Pairs related by a bond or an angle (1-2, 1-3) and pairs of different alternative
+    conformations are excluded; 1-4 pairs and H-bond donor/acceptor pairs get a reduced d_min.
+    Outside jit; call it again between macrocycles with the same ``max_pairs`` to keep shapes.
+
+    Args:
+        model_or_xyz: a Model, or (n, 3) Cartesian coordinates (Å) (then ``crystal`` is required).
+        restraints: from :func:`build_restraints` (radii, altlocs, bonded pairs).
+        crystal: :class:`jaxrefine.core.crystal.Crystal`; default the model's.
+        cutoff: search radius (Å); default the largest possible d_min + ``slack``.
+        max_pairs: padded capacity; default 1.5 × the pairs found now (+64).  If more pairs are
+            found the most distant are dropped with a warning.
+        slack: list pairs with d < d_min + slack.
+
+    Returns:
+        :class:`jaxrefine.restraints.nonbonded.NonbondedList`.
+    """
+    from scipy.spatial import cKDTree
+
+    if hasattr(model_or_xyz, "xyz_cart"):
+        crystal = crystal if crystal is not None else model_or_xyz.crystal
+        xyz = np.asarray(model_or_xyz.xyz_cart, float)
+    else:
+        xyz = np.asarray(model_or_xyz, float)
+    if crystal is None:
+        raise InputError("build_nonbonded: coordinates given without a crystal (cell and symmetry)")
+    radius = np.asarray(restraints.vdw_radius, float)
+    cutoff = float(2 * radius.max() + slack) if cutoff is None else float(cutoff)
+    js, ops, shifts, pos = _symmetry_candidates(xyz, crystal, cutoff)
+    pairs = cKDTree(xyz).sparse_distance_matrix(cKDTree(pos), cutoff, output_type="ndarray")
+    i, c, d = pairs["i"].astype(np.int64), pairs["j"].astype(np.int64), pairs["v"]
+    j, op, shift = js[c], ops[c], shifts[c]
+    rot = np.asarray(crystal.rot, float)
+    ident = np.array([np.allclose(r, np.eye(3)) for r in rot])[op] & np.all(np.abs(shift) < 1e-9, axis=1)
+    keep = np.where(ident, i < j, True) & ~((i == j) & (d < 0.5))  # once per pair; not special-position self images
+    alt = np.asarray(restraints.altloc)
+    keep &= ~((alt[i] != 0) & (alt[j] != 0) & (alt[i] != alt[j]))
+    excl, one4 = _bond_graph(restraints)
+    lo_, hi_ = np.minimum(i, j), np.maximum(i, j)
+    key = lo_ * xyz.shape[0] + hi_
+    n = xyz.shape[0]
+    excl_keys = np.array([p * n + q for p, q in excl], np.int64)
+    one4_keys = np.array([p * n + q for p, q in one4], np.int64)
+    keep &= ~(ident & np.isin(key, excl_keys))
+    d_min = radius[i] + radius[j]
+    is14 = ident & np.isin(key, one4_keys)
+    dinc = np.asarray(restraints.dinc14, float)
+    hb = np.asarray(restraints.hb_type)
+    donor_acc = (((hb[i] & 1) & (hb[j] >> 1)) | ((hb[j] & 1) & (hb[i] >> 1))) > 0
+    d_min = d_min + np.where(is14, dinc[i] + dinc[j], np.where(donor_acc, DINC_HBOND, 0.0))
+    kind = np.where(is14, 1, np.where(donor_acc, 2, 0))
+    keep &= d < d_min + slack
+    i, j, op, shift, d, d_min, ident, kind = (x[keep] for x in (i, j, op, shift, d, d_min, ident, kind))
+    order = np.argsort(d - d_min, kind="stable")  # most violating first
+    cap = padded_length(int(1.5 * order.size) + 64) if max_pairs is None else int(max_pairs)
+    if order.size > cap:
+        log.warning("non-bonded list: %d pairs found, capacity %d; the %d most distant are dropped", order.size, cap, order.size - cap)
+        order = order[:cap]
+    weight = np.where(ident[order], 1.0, 0.5)
+    return NonbondedList(
+        i=pad_rows(i[order].astype(np.int32), cap),
+        j=pad_rows(j[order].astype(np.int32), cap),
+        op=pad_rows(op[order].astype(np.int32), cap),
+        shift=pad_rows(shift[order], cap, 0.0),
+        d_min=pad_rows(d_min[order], cap, 0.0),
+        weight=pad_rows(weight, cap, 0.0),
+        kind=pad_rows(kind[order].astype(np.int32), cap),
+        rot=rot,
+        orth=np.asarray(crystal.orth, float),
+        frac=np.asarray(crystal.frac, float),
+    )

@@ -1,0 +1,253 @@
+"""Building a refinement problem from a model and data, and refreshing its X-ray state.
+
+:func:`build_setup` reads (or takes) the inputs and assembles the static arrays, the starting
+``Params`` and the first X-ray state; :func:`update_xray_state` refits the solvent mask, scales
+and σA for new parameters (outside jit, between macrocycles).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import Config
+from ..errors import InputError
+from ..io.formfactor_io import it92_form_factors
+from ..io.model import Model, read_model
+from ..io.reflections import check_compatible, read_reflections
+from ..io.topology import build_restraints, find_monlib
+from ..restraints import GeometryWeights
+from ..xray.fmodel import f_model
+from ..xray.scaling import fit_scales, reciprocal_vectors
+from ..xray.structure_factors import make_sf_setup, structure_factors
+from ..xray.targets import choose_sigma_a_set, estimate_sigma_a, sigma_a_bins
+from .fmodel import model_f_mask
+from .neighbours import build_nonbonded
+from .params import AtomMaps, Params, atom_b, atom_occ, atom_xyz, b_to_raw, occ_to_raw, occupancy_groups
+from .problem import Problem, Setup, XrayData
+
+log = logging.getLogger("jaxrefine")
+
+SF_B_MARGIN = 15.0  # Å²: the FFT spreading boxes hold Gaussians up to the starting B + this (room for B refinement)
+
+
+def rigid_bodies(model: Model, spec: str):
+    """(n,) body index and (n_bodies, 3) centres for the spec "chain", "all" or "sel1; sel2".
+
+    Atoms outside every selection form one extra body that never moves in rigid refinement
+    only if it is listed; here they join the nearest listed body's index 0 (kept simple: chain
+    bodies cover every atom).
+    """
+    if spec == "all":
+        idx = np.zeros(model.n_atoms, np.int32)
+    elif spec == "chain":
+        _, idx = np.unique(model.chain_id, return_inverse=True)
+    else:
+        idx = np.full(model.n_atoms, -1, np.int32)
+        for k, sel in enumerate(s for s in spec.split(";") if s.strip()):
+            idx[model.select(sel) & (idx < 0)] = k
+        if (idx < 0).any():
+            idx[idx < 0] = idx.max() + 1
+    idx = idx.astype(np.int32)
+    n_b = int(idx.max()) + 1
+    centres = np.stack([model.xyz_cart[idx == b].mean(0) for b in range(n_b)])
+    return idx, centres
+
+
+def initial_params(model: Model, maps: AtomMaps, group_start, group_set, set_total, set_size, dtype) -> Params:
+    n_b = maps.body_centre.shape[0]
+    return Params(
+        xyz_frac=jnp.asarray(model.xyz_frac, dtype),
+        b_raw=jnp.asarray(b_to_raw(model.b_iso, float(maps.b_min)), dtype),
+        occ_raw=jnp.asarray(occ_to_raw(group_start, group_set, set_total, set_size), dtype),
+        rot=jnp.zeros((n_b, 3), dtype),
+        trans=jnp.zeros((n_b, 3), dtype),
+    )
+
+
+def load_inputs(model_path, data_path, cfg: Config):
+    """Read and check model and data files as the configuration says."""
+    from ..io.writers import protect
+
+    protect(model_path, data_path)
+    model = read_model(model_path, hydrogens=(cfg.model.hydrogens == "keep"))
+    d = cfg.data
+    refl = read_reflections(
+        data_path, labin=d.labin, free_value=d.free_value, free_fraction=d.free_fraction,
+        free_seed=d.free_seed, d_min=d.d_min, d_max=d.d_max,
+    )
+    check_compatible(model.crystal, refl.crystal, os.fspath(model_path), os.fspath(data_path))
+    m = cfg.model
+    if m.place_rotation or m.place_translation or m.place_translation_frac:
+        from ..io.placement import place_model
+
+        model = place_model(model, m.place_rotation or None, m.place_translation or None, m.place_translation_frac or None)
+        log.info("%s: placed with rotation %s and translation %s", model_path, list(m.place_rotation),
+                 list(m.place_translation or m.place_translation_frac))
+    if refl.n_free == 0:
+        raise InputError(f"{data_path}: the free set is empty; pass data.free_value or remove the flag column to generate one")
+    return model, refl
+
+
+# ----------------------------------------------------------------------------- setup
+def _dtype(cfg: Config):
+    """Working precision: the config's, float32 when x64 is not enabled in JAX."""
+    if cfg.refine.precision == "float64" and jax.config.jax_enable_x64:
+        return jnp.float64
+    if cfg.refine.precision == "float64":
+        log.warning("refine.precision=float64 needs jax.config.update('jax_enable_x64', True); using float32")
+    return jnp.float32
+
+
+def cast_floats(tree, dtype):
+    """The pytree with every floating-point array leaf cast to ``dtype`` (ints and bools kept)."""
+    cdtype = jnp.complex128 if dtype == jnp.float64 else jnp.complex64
+
+    def cast(a):
+        if isinstance(a, (np.ndarray, jax.Array)):
+            if jnp.issubdtype(a.dtype, jnp.floating):
+                return jnp.asarray(a, dtype)
+            if jnp.issubdtype(a.dtype, jnp.complexfloating):
+                return jnp.asarray(a, cdtype)
+        return a
+
+    return jax.tree_util.tree_map(cast, tree)
+
+
+def geometry_weights(cfg: Config, dtype) -> GeometryWeights:
+    w = cfg.weights
+    return GeometryWeights(**{f: jnp.asarray(getattr(w, f, 1.0), dtype) for f in GeometryWeights._fields})
+
+
+def refine_hkl_free(refl):
+    """The σA reflection set: the free set when large enough, else the work set (as servalcat)."""
+    use, _ = choose_sigma_a_set(refl.free)
+    return use
+
+
+def build_setup(model_path, data_path, cfg: Config | None = None, model=None, refl=None) -> Setup:
+    """Read the inputs and build the problem and starting parameters.
+
+    Args:
+        model_path, data_path: files (ignored when ``model``/``refl`` are given).
+        cfg: configuration (defaults when None).
+        model, refl: already-read inputs (for notebooks and tests).
+    """
+    cfg = cfg or Config()
+    if model is None or refl is None:
+        model, refl = load_inputs(model_path, data_path, cfg)
+    dtype = _dtype(cfg)
+    monlib = find_monlib(cfg.model.monlib)
+    restraints = cast_floats(build_restraints(model, monlib=monlib, ligands=cfg.model.ligands), dtype)
+    nonbonded = cast_floats(build_nonbonded(model, restraints, model.crystal), dtype)
+    idx, centres = rigid_bodies(model, cfg.refine.rigid_bodies)
+    radii = np.array([np.sqrt(((model.xyz_cart[idx == b] - c) ** 2).sum(1).mean()) + 1.0 for b, c in enumerate(centres)])
+    refine_occ = cfg.refine.strategy == "xyz_b_occ"
+    occ_group, group_set, set_total, set_size, group_start = occupancy_groups(model, refine_partial=refine_occ)
+    if not refine_occ:
+        occ_group = -np.ones(model.n_atoms, np.int32)
+        group_set = group_start = np.zeros(0)
+        set_total = set_size = np.zeros(0)
+    maps = AtomMaps(
+        orth=jnp.asarray(model.crystal.orth, dtype),
+        frac=jnp.asarray(model.crystal.frac, dtype),
+        body_index=jnp.asarray(idx),
+        body_centre=jnp.asarray(centres, dtype),
+        body_radius=jnp.asarray(radii, dtype),
+        occ0=jnp.asarray(model.occ, dtype),
+        occ_group=jnp.asarray(occ_group, jnp.int32),
+        group_set=jnp.asarray(group_set, jnp.int32),
+        set_total=jnp.asarray(set_total, dtype),
+        set_size=jnp.asarray(set_size, jnp.int32),
+        b_min=jnp.asarray(cfg.refine.b_min, dtype),
+    )
+    params = initial_params(model, maps, np.asarray(group_start, float), np.asarray(group_set, np.int32),
+                            np.asarray(set_total, float), np.asarray(set_size, np.int32), dtype)
+    ff = it92_form_factors(model.element, model.source)
+    u_shape = anisotropic_shape(model, cfg.refine.keep_anisou)
+    sf = make_sf_setup(model.crystal, refl.hkl, ff, d_min=refl.d_min, b_iso=model.b_iso, b_margin=SF_B_MARGIN, dtype=dtype,
+                       u_aniso=u_shape)
+    use = refine_hkl_free(refl)
+    bins = sigma_a_bins(refl.d, use)
+    xray = XrayData(
+        hkl=jnp.asarray(refl.hkl), s2=jnp.asarray(refl.s2, dtype), s_cart=jnp.asarray(reciprocal_vectors(refl.hkl, refl.crystal), dtype),
+        sigma_a_use=jnp.asarray(use), f_obs=jnp.asarray(refl.f_obs, dtype),
+        sig_f_obs=jnp.asarray(refl.sig_f_obs, dtype), work=jnp.asarray(~refl.free), free=jnp.asarray(refl.free),
+        centric=jnp.asarray(refl.centric), epsilon=jnp.asarray(refl.epsilon, dtype), bins=jnp.asarray(bins),
+        f_mask=jnp.zeros(refl.n, jnp.complex128 if dtype == jnp.float64 else jnp.complex64), scales=None, sigma_a=None,
+    )
+    problem = Problem(
+        maps=maps, sf=sf, xray=xray, restraints=restraints, nonbonded=nonbonded,
+        geo_weights=geometry_weights(cfg, dtype), w_a=jnp.asarray(1.0, dtype), w_b=jnp.asarray(cfg.weights.w_b, dtype),
+        u_shape=None if u_shape is None else jnp.asarray(u_shape, dtype),
+    )
+    setup = Setup(problem=problem, params=params, model=model, refl=refl, config=cfg, monlib=monlib)
+    problem = update_xray_state(setup, problem, params)
+    return setup._replace(problem=problem)
+
+
+# ------------------------------------------------------------------ per-macrocycle X-ray state
+def current_model_arrays(params: Params, problem: Problem):
+    """numpy (xyz_cart, b_iso, occ) for the parameters."""
+    xyz_cart, _ = atom_xyz(params, problem.maps)
+    return np.asarray(xyz_cart, float), np.asarray(atom_b(params, problem.maps), float), np.asarray(atom_occ(params, problem.maps), float)
+
+
+def model_of(model: Model, params: Params, problem: Problem) -> Model:
+    """``model`` (the one the problem was built from) with the coordinates, B and occupancies of ``params``."""
+    from ..io.build import with_coordinates
+
+    xyz, b, occ = current_model_arrays(params, problem)
+    return with_coordinates(model, xyz_cart=xyz, b_iso=b, occ=occ)
+
+
+def f_calc_of(params: Params, problem: Problem):
+    _, xyz_frac = atom_xyz(params, problem.maps)
+    return structure_factors(xyz_frac, atom_b(params, problem.maps), atom_occ(params, problem.maps), problem.sf,
+                             problem.u_shape)
+
+
+def anisotropic_shape(model, keep: bool):
+    """(n, 6) trace-free anisotropic part of each ANISOU (U − U_eq·I), zeros for isotropic atoms;
+    None when no atom is anisotropic or ``keep`` is false.  Refinement then refines the isotropic
+    B on top of the deposited anisotropic shape (the shape itself is not refined)."""
+    if not keep or not model.has_aniso.any():
+        return None
+    u = np.where(model.has_aniso[:, None], model.u_aniso, 0.0)
+    u_eq = u[:, :3].mean(1)
+    shape = u.copy()
+    shape[:, :3] -= u_eq[:, None]
+    return shape
+
+
+f_calc_of_jit = jax.jit(f_calc_of)
+
+
+def update_xray_state(setup: Setup, problem: Problem, params: Params, rebuild_mask: bool = True) -> Problem:
+    """Rebuild the solvent mask (F_mask), refit scales on the work set and re-estimate σA."""
+    cfg, refl, model = setup.config, setup.refl, setup.model
+    x = problem.xray
+    xyz, _, occ = current_model_arrays(params, problem)
+    f_mask = x.f_mask
+    if rebuild_mask:
+        fmask, _, _ = model_f_mask(model, model.crystal, refl.hkl, refl.d_min, r_probe=cfg.solvent.r_probe,
+                                   r_shrink=cfg.solvent.r_shrink, xyz_cart=xyz)
+        f_mask = jnp.asarray(fmask, x.f_mask.dtype)
+    f_calc = f_calc_of_jit(params, problem)
+    scales = fit_scales(np.asarray(x.f_obs), np.asarray(f_calc), np.asarray(f_mask), np.asarray(x.s_cart),
+                        np.asarray(x.work), model.crystal)
+    scales = jax.tree_util.tree_map(lambda a: jnp.asarray(a, x.s2.dtype), scales)
+    fm = f_model(f_calc, f_mask, x.s_cart, scales)
+    sigma_a = estimate_sigma_a(np.asarray(x.f_obs), np.asarray(fm), np.asarray(x.sigma_a_use), np.asarray(x.bins),
+                               np.asarray(x.centric), np.asarray(x.epsilon), np.asarray(x.sig_f_obs))
+    sigma_a = sigma_a._replace(d=jnp.asarray(sigma_a.d, x.s2.dtype), s=jnp.asarray(sigma_a.s, x.s2.dtype))
+    return cast_floats(problem._replace(xray=x._replace(f_mask=f_mask, scales=scales, sigma_a=sigma_a)), x.s2.dtype)
+
+
+def f_model_of(params: Params, problem: Problem):
+    """F_model (n_refl,) complex of the parameters with the problem's current X-ray state (outside jit)."""
+    x = problem.xray
+    return f_model(f_calc_of_jit(params, problem), x.f_mask, x.s_cart, x.scales)
