@@ -27,7 +27,16 @@ from jaxrefine.restraints.adp_aniso import (
     similarity_energy,
 )
 from jaxrefine.restraints.ncs import geman_mcclure, ncs_energy, ncs_report, ncs_term
-from jaxrefine.xray.adp import EIGHT_PI2, b_eq, cholesky_params, u_from_cholesky, u_from_tls, u_iso6
+from jaxrefine.xray.adp import (
+    EIGHT_PI2,
+    b_eq,
+    cholesky_params,
+    tls_cholesky_params,
+    tls_from_cholesky,
+    u_from_cholesky,
+    u_from_tls,
+    u_iso6,
+)
 
 from conftest import dataset_paths
 
@@ -135,6 +144,36 @@ def test_tls_hand_computed_libration_and_screw():
     t, l, s, o = tls_arrays(s=smat)
     u = np.asarray(u_from_tls(t, l, s, o, np.array([[x, 0.0, 0.0]]), np.zeros(1, np.int32)))
     np.testing.assert_allclose(u[0], [0, 2 * sig * x, 0, 0, 0, 0], atol=TOL_EXACT)
+
+
+def test_tls_cholesky_round_trip_and_positive_u():
+    model = read_model(dataset_paths("1va7")[0])
+    tls = read_tls_groups(model)
+    raw = tls_cholesky_params(tls.t, tls.l, tls.s, eig_floor=1e-6)
+    t, l, s = (np.asarray(a) for a in tls_from_cholesky(jnp.asarray(raw)))
+    # groups whose deposited 6×6 covariance C = [[T, Sᵀ], [S, L]] is positive definite come back
+    # exactly; the others (refinement programs do not enforce it) come back with C's negative
+    # eigenvalues raised to the floor
+    c = np.concatenate([np.concatenate([u_matrix(tls.t), np.swapaxes(tls.s, 1, 2)], 2),
+                        np.concatenate([tls.s, u_matrix(tls.l)], 2)], 1)
+    w, v = np.linalg.eigh(c)
+    c_fixed = np.einsum("gij,gj,gkj->gik", v, np.maximum(w, 1e-6), v)
+    np.testing.assert_allclose(t, np.stack([c_fixed[:, 0, 0], c_fixed[:, 1, 1], c_fixed[:, 2, 2], c_fixed[:, 0, 1],
+                                            c_fixed[:, 0, 2], c_fixed[:, 1, 2]], -1), atol=1e-10)
+    np.testing.assert_allclose(s, c_fixed[:, 3:, :3], atol=1e-10)
+    pd = w.min(1) > 1e-6
+    assert pd.any()
+    np.testing.assert_allclose(l[pd], tls.l[pd], atol=1e-10)
+    np.testing.assert_allclose(s[pd], tls.s[pd], atol=1e-10)
+    # any raw vector gives TLS tensors whose U is positive semi-definite at every position
+    wild = jnp.asarray(np.random.default_rng(4).normal(scale=2.0, size=(3, 21)))
+    t, l, s = tls_from_cholesky(wild)
+    xyz = np.random.default_rng(5).normal(scale=15.0, size=(300, 3))
+    u = np.asarray(u_from_tls(t, l, s, np.zeros((3, 3)), xyz, np.arange(300) % 3))
+    assert np.linalg.eigvalsh(u_matrix(u)).min() > -1e-10
+    w6 = jnp.asarray(np.random.default_rng(6).normal(size=(20, 6)))
+    central_difference_check(lambda r: jnp.sum(w6 * u_from_tls(*tls_from_cholesky(r), np.zeros((3, 3)), xyz[:20],
+                                                               np.arange(20) % 3)), 0.3 * wild)
 
 
 def test_tls_atoms_outside_groups_get_zero():

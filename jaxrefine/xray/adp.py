@@ -9,6 +9,8 @@ the origin in Å; the files' degree units are converted in :mod:`jaxrefine.io.tl
   eigenvalue is at least ``u_min`` (the Cholesky parametrisation of Pinheiro & Bates 1996,
   Stat. Comput. 6, 289, "Unconstrained parametrizations for variance-covariance matrices").
 - :func:`cholesky_params`: its inverse (numpy), for starting values from ANISOU or B.
+- :func:`tls_from_cholesky`: T, L, S of a group from the Cholesky factor of their joint 6×6
+  covariance, so that every atom's U from TLS is positive semi-definite.
 - :func:`u_from_tls`: U = T + A·L·Aᵀ + A·S + Sᵀ·Aᵀ with A the antisymmetric matrix of the
   atom's position r relative to the group origin (Schomaker & Trueblood 1968, Acta Cryst. B24, 63;
   Winn, Isupov & Murshudov 2001, Acta Cryst. D57, 122, eq. 2).
@@ -24,7 +26,6 @@ import numpy as np
 from .structure_factors import _u6_to_mat as u6_to_matrix
 
 EIGHT_PI2 = 8.0 * np.pi**2
-_LOWER = ((0, 0), (1, 1), (2, 2), (1, 0), (2, 0), (2, 1))  # raw[:, k] is L[_LOWER[k]]
 
 
 def matrix_to_u6(m):
@@ -44,19 +45,36 @@ def u_iso6(b_iso):
     return jnp.stack([u, u, u, z, z, z], -1)
 
 
-def cholesky_factor(chol_raw):
-    """(n, 3, 3) lower-triangular L (Å) from (n, 6) raw parameters (diagonal through softplus)."""
-    diag = jax.nn.softplus(chol_raw[..., :3])
-    z = jnp.zeros_like(diag[..., 0])
-    l21, l31, l32 = chol_raw[..., 3], chol_raw[..., 4], chol_raw[..., 5]
-    return jnp.stack(
-        [
-            jnp.stack([diag[..., 0], z, z], -1),
-            jnp.stack([l21, diag[..., 1], z], -1),
-            jnp.stack([l31, l32, diag[..., 2]], -1),
-        ],
-        -2,
-    )
+def _lower_indices(k: int):
+    """Rows and columns of a k×k lower triangle: the diagonal first, then row by row below it."""
+    pairs = [(i, i) for i in range(k)] + [(i, j) for i in range(k) for j in range(i)]
+    return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+
+
+def lower_factor(raw, k: int):
+    """(..., k, k) lower-triangular factor from (..., k(k+1)/2) raw parameters: the k diagonal
+    entries through softplus (> 0), then the entries below the diagonal row by row."""
+    rows, cols = _lower_indices(k)
+    vals = jnp.concatenate([jax.nn.softplus(raw[..., :k]), raw[..., k:]], -1)
+    return jnp.zeros(raw.shape[:-1] + (k, k), raw.dtype).at[..., rows, cols].set(vals)
+
+
+def _softplus_inv(x):
+    x = np.asarray(x, float)
+    return np.where(x > 30, x, np.log(np.expm1(np.minimum(x, 30))))
+
+
+def lower_factor_params(m, eig_floor):
+    """Inverse of :func:`lower_factor` composed with F·Fᵀ (numpy): raw parameters of the Cholesky
+    factor of the symmetric (..., k, k) ``m``, its eigenvalues first raised to ``eig_floor``."""
+    m = np.asarray(m, float)
+    w, v = np.linalg.eigh(m)
+    m = np.einsum("...ij,...j,...kj->...ik", v, np.maximum(w, eig_floor), v)
+    rows, cols = _lower_indices(m.shape[-1])
+    raw = np.linalg.cholesky(m)[..., rows, cols]
+    k = m.shape[-1]
+    raw[..., :k] = _softplus_inv(raw[..., :k])
+    return raw
 
 
 def u_from_cholesky(chol_raw, u_min=0.0):
@@ -66,14 +84,9 @@ def u_from_cholesky(chol_raw, u_min=0.0):
         chol_raw: (n, 6) raw parameters: softplus⁻¹ of L11, L22, L33, then L21, L31, L32 (Å).
         u_min: scalar floor added to every eigenvalue (Å²), e.g. b_min/(8π²).
     """
-    lf = cholesky_factor(chol_raw)
+    lf = lower_factor(chol_raw, 3)
     u = jnp.einsum("nij,nkj->nik", lf, lf)
     return matrix_to_u6(u) + u_min * jnp.asarray([1.0, 1.0, 1.0, 0.0, 0.0, 0.0], u.dtype)
-
-
-def _softplus_inv(x):
-    x = np.asarray(x, float)
-    return np.where(x > 30, x, np.log(np.expm1(np.minimum(x, 30))))
 
 
 def cholesky_params(u_aniso, u_min=0.0, eig_floor=1e-4):
@@ -91,12 +104,29 @@ def cholesky_params(u_aniso, u_min=0.0, eig_floor=1e-4):
         (n, 6) float64 raw parameters.
     """
     u = np.asarray(u6_to_matrix(np.asarray(u_aniso, float)), float) - u_min * np.eye(3)
-    w, v = np.linalg.eigh(u)
-    u = np.einsum("nij,nj,nkj->nik", v, np.maximum(w, eig_floor), v)
-    lf = np.linalg.cholesky(u)
-    raw = np.stack([lf[:, i, j] for i, j in _LOWER], -1)
-    raw[:, :3] = _softplus_inv(raw[:, :3])
-    return raw
+    return lower_factor_params(u, eig_floor)
+
+
+def tls_from_cholesky(tls_raw):
+    """T (g, 6) Å², L (g, 6) rad², S (g, 3, 3) Å·rad from (g, 21) raw parameters.
+
+    The 6×6 covariance of (t, λ) — translation and libration of the rigid group — is
+    C = [[T, Sᵀ], [S, L]] (S_ij = <λ_i t_j>); every atom's U = [I A]·C·[I A]ᵀ (see
+    :func:`u_from_tls`), so a positive semi-definite C gives a positive semi-definite U for every
+    atom position.  C = F·Fᵀ with F from :func:`lower_factor` guarantees it.
+    """
+    f = lower_factor(tls_raw, 6)
+    c = jnp.einsum("gij,gkj->gik", f, f)
+    return matrix_to_u6(c[:, :3, :3]), matrix_to_u6(c[:, 3:, 3:]), c[:, 3:, :3]
+
+
+def tls_cholesky_params(t, l, s, eig_floor=1e-6):  # noqa: E741 (L is the field's name)
+    """Inverse of :func:`tls_from_cholesky` (numpy); C's eigenvalues below ``eig_floor`` are raised."""
+    tm = np.asarray(u6_to_matrix(np.asarray(t, float)))
+    lm = np.asarray(u6_to_matrix(np.asarray(l, float)))
+    s = np.asarray(s, float)
+    c = np.concatenate([np.concatenate([tm, np.swapaxes(s, -1, -2)], -1), np.concatenate([s, lm], -1)], -2)
+    return lower_factor_params(c, eig_floor)
 
 
 def tls_shift_matrix(r):
