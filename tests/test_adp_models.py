@@ -16,7 +16,7 @@ import pytest
 
 from jaxrefine.io.model import model_from_structure, read_model
 from jaxrefine.io.ncs import find_ncs_copies
-from jaxrefine.io.tls import read_tls_groups, set_tls_groups, tls_groups_from_spec
+from jaxrefine.io.tls import read_tls_groups, set_tls_groups, tls_groups_from_spec, tls_pdb_remarks
 from jaxrefine.problem.params import rotation_matrix
 from jaxrefine.restraints.adp_aniso import (
     aniso_adp_energy,
@@ -238,6 +238,20 @@ def test_tls_and_anisou_round_trip_through_mmcif(tmp_path):
     inside = tls2.group >= 0
     assert back.has_aniso[inside].all()
     np.testing.assert_allclose((u_back + np.asarray(u_iso6(jnp.asarray(b_resid))))[inside], back.u_aniso[inside], atol=TOL_FILE)
+
+
+def test_tls_round_trip_through_pdb_remark_3(tmp_path):
+    model = read_model(dataset_paths("1va7")[0])
+    tls = read_tls_groups(model)
+    st = model.structure.clone()
+    header = ["REMARK   3", "REMARK   3 REFINEMENT.", "REMARK   3   PROGRAM     : JAXREFINE", "REMARK   3",
+              "REMARK   3  DATA USED IN REFINEMENT.", "REMARK   3   RESOLUTION RANGE HIGH (ANGSTROMS) : 2.90"]
+    st.raw_remarks = [h.ljust(80) + "\n" for h in header] + tls_pdb_remarks(model, tls)
+    st.write_pdb(str(tmp_path / "tls.pdb"))
+    back = read_tls_groups(read_model(tmp_path / "tls.pdb"))
+    np.testing.assert_array_equal(back.group, tls.group)
+    for a, b in ((back.t, tls.t), (back.l, tls.l), (back.s, tls.s), (back.origin, tls.origin)):
+        np.testing.assert_allclose(a, b, atol=TOL_FILE)
 
 
 # ----------------------------------------------------------------- ADP restraints

@@ -146,3 +146,24 @@ def set_tls_groups(structure: gemmi.Structure, model, tls: TlsGroups) -> None:
     ref.tls_groups = tls_to_gemmi(model, tls)
     if not ref.id:
         ref.id = "1"
+
+
+def tls_pdb_remarks(model, tls: TlsGroups) -> list:
+    """REMARK 3 TLS lines (the REFMAC layout gemmi and other readers parse), file units."""
+    rem = "REMARK   3"
+    lines = [f"{rem}  TLS DETAILS", f"{rem}   NUMBER OF TLS GROUPS  : {tls.n_groups:4d}"]
+    for k, g in enumerate(tls_to_gemmi(model, tls)):
+        t, l, s = tls.t[k], tls.l[k] / DEG**2, tls.s[k] / DEG
+        lines += [rem, f"{rem}   TLS GROUP : {g.id:>5}", f"{rem}    NUMBER OF COMPONENTS GROUP : {len(g.selections):4d}",
+                  f"{rem}    COMPONENTS        C SSSEQI   TO  C SSSEQI"]
+        lines += [f"{rem}    RESIDUE RANGE :   {sel.chain:>1} {sel.res_begin.num:5d}        {sel.chain:>1} {sel.res_end.num:5d}"
+                  for sel in g.selections]
+        lines.append(f"{rem}    ORIGIN FOR THE GROUP (A): {tls.origin[k][0]:8.4f} {tls.origin[k][1]:8.4f} {tls.origin[k][2]:8.4f}")
+        for name, v in (("T", t), ("L", l)):
+            lines += [f"{rem}    {name} TENSOR",
+                      f"{rem}      {name}11: {v[0]:8.4f} {name}22: {v[1]:8.4f}",
+                      f"{rem}      {name}33: {v[2]:8.4f} {name}12: {v[3]:8.4f}",
+                      f"{rem}      {name}13: {v[4]:8.4f} {name}23: {v[5]:8.4f}"]
+        lines.append(f"{rem}    S TENSOR")
+        lines += [f"{rem}      " + " ".join(f"S{i + 1}{j + 1}: {s[i, j]:8.4f}" for j in range(3)) for i in range(3)]
+    return [ln.ljust(80) + "\n" for ln in lines]
