@@ -382,3 +382,54 @@ def test_robust_function_saturates():
     assert np.all(np.diff(rho) > 0) and rho[-1] < c * c and rho[-1] == pytest.approx(c * c, rel=1e-9)
     g = np.asarray(jax.vmap(jax.grad(lambda x: geman_mcclure(x, c)))(z))
     assert abs(g[-1]) < 1e-9 < g[2]  # a large difference stops pulling
+
+
+# ----------------------------------------------------------------- the ADP model of a refinement
+def test_automatic_adp_choice():
+    from jaxrefine.problem.adp_model import choose_adp_model
+
+    m4 = read_model(dataset_paths("4xof")[0], hydrogens=False)
+    mode, why = choose_adp_model("auto", 1.15, 21100, m4)
+    assert mode == "aniso" and "1.15" in why
+    assert choose_adp_model("auto", 1.15, 5000, m4)[0] == "iso"  # too few reflections per parameter
+    m1 = read_model(dataset_paths("1va7")[0])
+    assert choose_adp_model("auto", 2.9, 5900, m1)[0] == "tls"
+    assert choose_adp_model("auto", 2.0, 5900, m1)[0] == "iso"
+    assert choose_adp_model("iso", 1.0, 10**6, m1) == ("iso", "refine.adp=iso")
+
+
+def test_aniso_start_reproduces_deposited_anisou():
+    from jaxrefine.problem.adp_model import atom_adp, build_adp_model
+
+    model = read_model(dataset_paths("4xof")[0], hydrogens=False)
+    adp, u_raw, tls_raw, b0, choice = build_adp_model(model, "aniso", "auto", 2.0, 1.15, 21100)
+    assert choice.mode == "aniso" and tls_raw is None
+    aniso = np.asarray(adp.aniso_index) >= 0
+    assert aniso.sum() == choice.n_aniso == ((model.kind != "water") & ~model.is_hydrogen).sum()
+    b_sf, u_sf, u_total = atom_adp(jnp.asarray(b0), jnp.asarray(u_raw), None, jnp.asarray(model.xyz_cart), adp)
+    dep = aniso & model.has_aniso
+    np.testing.assert_allclose(np.asarray(u_total)[dep], model.u_aniso[dep], atol=1e-6)  # PD deposited U come back
+    assert np.all(np.asarray(b_sf)[aniso] == 0)
+    np.testing.assert_allclose(np.asarray(b_eq(u_total))[~aniso], model.b_iso[~aniso], atol=0.2)  # waters: B (+ shape)
+
+
+def test_tls_start_from_header_and_from_chains():
+    from jaxrefine.problem.adp_model import atom_adp, build_adp_model
+
+    model = read_model(dataset_paths("1va7")[0])
+    adp, u_raw, tls_raw, b0, choice = build_adp_model(model, "tls", "auto", 2.0, 2.9, 5900)
+    assert choice.tls.n_groups == 4 and "header" in choice.reason and "residual" in choice.reason
+    _, _, u_total = atom_adp(jnp.asarray(b0), None, jnp.asarray(tls_raw), jnp.asarray(model.xyz_cart), adp)
+    tls = read_tls_groups(model)
+    u_dep = np.asarray(u_from_tls(tls.t, tls.l, tls.s, tls.origin, model.xyz_cart, tls.group))
+    inside = tls.group >= 0
+    # total B of the header's TLS + the B column (residual); groups whose deposited 6x6 TLS matrix is
+    # not positive semi-definite are repaired, which moves B_eq by a few Å² at most
+    d = np.asarray(b_eq(u_total))[inside] - (np.asarray(b_eq(u_dep)) + model.b_iso)[inside]
+    assert np.median(np.abs(d)) < 2.0
+    # groups per chain from scratch keep every atom's B_eq
+    adp, _, tls_raw, b0, choice = build_adp_model(model, "tls", "chain", 2.0, 2.9, 5900)
+    assert "chains" in choice.reason
+    _, _, u_total = atom_adp(jnp.asarray(b0), None, jnp.asarray(tls_raw), jnp.asarray(model.xyz_cart), adp)
+    keep = np.asarray(b0) > 3.0 + 1e-9  # not clamped at b_min + 1
+    np.testing.assert_allclose(np.asarray(b_eq(u_total))[keep], model.b_iso[keep], atol=1e-6)

@@ -1,0 +1,266 @@
+"""The ADP model of a refinement (``refine.adp``) and its local NCS restraints (``restraints.ncs``).
+
+Three ways to describe atomic displacements, chosen per run:
+
+- ``iso``: one B per atom (``Params.b_raw``); deposited ANISOU shapes stay fixed in F_calc.
+- ``aniso``: six U_ij per atom for protein, nucleic and ligand atoms, through the Cholesky
+  parametrisation of :func:`jaxrefine.xray.adp.u_from_cholesky` (``Params.u_raw``, positive
+  definite by construction); waters and hydrogens stay isotropic.
+- ``tls``: T, L, S per group (``Params.tls_raw``, the Cholesky factor of their joint 6×6
+  covariance, so U is positive semi-definite for every atom) plus a residual isotropic B per atom
+  (``Params.b_raw``): U = U_TLS(x) + B_res/(8π²)·I (Winn, Isupov & Murshudov 2001, Acta Cryst.
+  D57, 122).  Waters are outside every group.
+- ``auto``: anisotropic at high resolution with enough data per parameter, TLS + isotropic at
+  low resolution, isotropic between (see :func:`choose_adp_model`); the choice and its reason are
+  logged.
+
+The ADP restraints act on the total U: the B-similarity restraint of
+:mod:`jaxrefine.restraints.adp` on B_eq = 8π²/3·tr U, and for anisotropic atoms rigid bond,
+similarity and a weak isotropy pull (:mod:`jaxrefine.restraints.adp_aniso`).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from ..io.ncs import find_ncs_copies
+from ..io.tls import TlsGroups, read_tls_groups, tls_groups_from_spec
+from ..restraints.adp_aniso import AnisoAdpTerm, aniso_adp_term
+from ..restraints.ncs import NcsTerm, ncs_term
+from ..xray.adp import (
+    EIGHT_PI2,
+    b_eq,
+    cholesky_params,
+    tls_cholesky_params,
+    tls_from_cholesky,
+    u_from_cholesky,
+    u_from_tls,
+    u_iso6,
+)
+
+log = logging.getLogger("jaxrefine")
+
+ADP_MODELS = ("iso", "aniso", "tls", "auto")
+# automatic choice (REFMAC5/phenix practice: anisotropic U at atomic or near-atomic resolution,
+# TLS at medium and low resolution); parameters counted per non-hydrogen atom
+ANISO_D_MIN = 1.6  # Å: anisotropic U only at this resolution or better ...
+ANISO_MIN_RATIO = 2.0  # ... and with at least this many work reflections per refined parameter
+TLS_D_MIN = 2.5  # Å: TLS groups (one per chain) + isotropic B at this resolution or worse
+# scale of the minimiser's shifts: a unit shift of a Cholesky factor entry l (Å) changes B by
+# about 16π²·l ≈ 50 Å² for l ≈ 0.3 Å; shifts are taken in units that move B by ~1 Å², like b_raw
+U_SHIFT_SCALE = 1.0 / (16 * np.pi**2 * 0.3)
+TLS_START_T = 0.05  # Å, starting diagonal of the (t, λ) Cholesky factor: T = 0.0025 Å² (B 0.2 Å²)
+TLS_START_L = 0.01  # rad: L = 1e-4 rad² (0.33 deg²); a zero factor would have a zero gradient
+
+
+class AdpModel(NamedTuple):
+    """Static arrays of the ADP model (part of the Problem pytree).
+
+    Attributes:
+        aniso_index: (n,) int row of ``Params.u_raw`` of each atom, -1 for isotropic atoms.
+        tls_group: (n,) int TLS group of each atom, -1 outside every group.
+        tls_origin: (g, 3) Å.
+        tls_shift_scale: (g, 21) scale of the minimiser's shifts of ``Params.tls_raw``.
+        u_min: scalar floor of the anisotropic U's eigenvalues (Å², b_min/(8π²)).
+        u_fixed: (n, 6) U (Å²) kept fixed in F_calc (deposited ANISOU shapes of atoms refined
+            isotropically; zeros elsewhere).
+        restraints: :class:`AnisoAdpTerm` over the anisotropic atoms (empty for iso/tls).
+        restraint_weights: (3,) weights of rigid bond, similarity and isotropy.
+    """
+
+    aniso_index: Any
+    tls_group: Any
+    tls_origin: Any
+    tls_shift_scale: Any
+    u_min: Any
+    u_fixed: Any
+    restraints: AnisoAdpTerm
+    restraint_weights: Any
+
+
+class AdpChoice(NamedTuple):
+    """What :func:`build_adp_model` chose (for the log and the report)."""
+
+    mode: str
+    reason: str
+    n_aniso: int = 0
+    tls: TlsGroups | None = None
+
+
+class NcsModel(NamedTuple):
+    """Local NCS restraints in the problem: the padded term and its weight (relative to E_geometry)."""
+
+    term: NcsTerm
+    weight: Any
+
+
+def parameter_ratio(model, n_work: int, mode: str) -> float:
+    """Work reflections per refined parameter (xyz + B, or xyz + U for non-water atoms)."""
+    heavy = ~np.asarray(model.is_hydrogen, bool)
+    water = np.asarray(model.kind == "water")
+    per_atom = 9 if mode == "aniso" else 4
+    n_par = per_atom * int((heavy & ~water).sum()) + 4 * int((heavy & water).sum())
+    return n_work / max(n_par, 1)
+
+
+def choose_adp_model(mode: str, d_min: float, n_work: int, model) -> tuple:
+    """(mode, reason): ``mode`` itself unless it is ``auto``."""
+    if mode != "auto":
+        return mode, f"refine.adp={mode}"
+    ratio = parameter_ratio(model, n_work, "aniso")
+    if d_min <= ANISO_D_MIN and ratio >= ANISO_MIN_RATIO:
+        return "aniso", (f"auto: d_min {d_min:.2f} Å <= {ANISO_D_MIN} Å and {ratio:.1f} work reflections per "
+                         f"parameter with anisotropic U (>= {ANISO_MIN_RATIO})")
+    if d_min >= TLS_D_MIN:
+        return "tls", f"auto: d_min {d_min:.2f} Å >= {TLS_D_MIN} Å: TLS groups + isotropic B"
+    why = (f"{ratio:.1f} work reflections per parameter with anisotropic U (< {ANISO_MIN_RATIO})"
+           if d_min <= ANISO_D_MIN else f"d_min {d_min:.2f} Å between {ANISO_D_MIN} and {TLS_D_MIN} Å")
+    return "iso", f"auto: {why}: isotropic B"
+
+
+def _tls_shift_scale(tls: TlsGroups, xyz_cart) -> np.ndarray:
+    """(g, 21): entries of the factor's λ rows (3..5) are scaled by 1/radius of gyration of the group
+    (a libration of θ rad moves atoms by ~radius·θ Å), all by U_SHIFT_SCALE."""
+    rows = np.array([i for i in range(6)] + [i for i in range(6) for _ in range(i)])
+    out = np.full((tls.n_groups, 21), U_SHIFT_SCALE)
+    for k in range(tls.n_groups):
+        r = xyz_cart[tls.group == k] - tls.origin[k]
+        radius = float(np.sqrt((r * r).sum(1).mean())) + 1.0 if len(r) else 1.0
+        out[k, rows >= 3] /= radius
+    return out
+
+
+def _start_tls(model, spec: str, b_min: float):
+    """Groups, their starting raw parameters and the residual B that keeps each atom's B_eq."""
+    tls = read_tls_groups(model) if spec == "auto" else None
+    if tls is not None:
+        tls = tls._replace(group=np.where(model.kind == "water", -1, tls.group))
+        source = "the input model's header"
+    else:
+        tls = tls_groups_from_spec(model, "chain" if spec == "auto" else spec)
+        c = np.diag([TLS_START_T**2] * 3 + [TLS_START_L**2] * 3)
+        t6 = [c[0, 0], c[1, 1], c[2, 2], 0.0, 0.0, 0.0]
+        l6 = [c[3, 3], c[4, 4], c[5, 5], 0.0, 0.0, 0.0]
+        tls = tls._replace(t=np.tile(t6, (tls.n_groups, 1)), l=np.tile(l6, (tls.n_groups, 1)))
+        source = "chains" if spec in ("auto", "chain") else f"selections {spec!r}"
+    raw = tls_cholesky_params(tls.t, tls.l, tls.s)
+    t, l, s = (np.asarray(a) for a in tls_from_cholesky(jnp.asarray(raw)))  # as the raw values give them
+    u_tls = np.asarray(u_from_tls(t, l, s, tls.origin, model.xyz_cart, tls.group))
+    inside = tls.group >= 0
+    b_res = model.b_iso - np.asarray(b_eq(u_tls))
+    if source.startswith("the input") and np.median(b_res[inside]) < 0:
+        # older REFMAC files hold the residual B in the B column (B < B_eq of the TLS part): keep it
+        b_res = model.b_iso
+        source += " (B column read as residual B)"
+    b_res = np.where(inside, b_res, model.b_iso)
+    return tls._replace(t=t, l=l, s=s), raw, np.maximum(b_res, b_min + 1.0), source
+
+
+def build_adp_model(model, mode: str, tls_spec: str, b_min: float, d_min: float, n_work: int,
+                    keep_anisou: bool = True, w_restraints=(1.0, 1.0, 1.0), pairs=None):
+    """The ADP model, starting parameters and starting B for a refinement.
+
+    Args:
+        model: :class:`jaxrefine.io.model.Model`.
+        mode: iso | aniso | tls | auto.
+        tls_spec: "auto" (the input's TLS groups, else one per chain), "chain" or selections.
+        b_min: floor of B (Å²).
+        d_min: resolution of the data (Å); n_work: work reflections (for ``auto``).
+        keep_anisou: keep deposited ANISOU shapes of isotropically refined atoms in F_calc.
+        w_restraints: weights of rigid bond, similarity and isotropy restraints.
+        pairs: ((k, 2) bonded pairs, (m, 2) 1-3 pairs) for the anisotropic restraints.
+
+    Returns:
+        (AdpModel or None for iso, u_raw (n_aniso, 6) or None, tls_raw (g, 21) or None,
+        b_start (n,) Å², AdpChoice)
+    """
+    mode, reason = choose_adp_model(mode, d_min, n_work, model)
+    b_start = np.asarray(model.b_iso, float)
+    if mode == "iso":
+        return None, None, None, b_start, AdpChoice(mode, reason)
+    n = model.n_atoms
+    u_min = b_min / EIGHT_PI2
+    has_aniso = np.asarray(model.has_aniso, bool)
+    shape = np.where(has_aniso[:, None], model.u_aniso, 0.0)
+    shape[:, :3] -= shape[:, :3].mean(1, keepdims=True) * has_aniso[:, None]  # trace-free part
+    u_fixed = shape if keep_anisou else np.zeros((n, 6))
+    tls_group, origin, scale, u_raw, tls_raw, tls = np.full(n, -1, np.int32), np.zeros((0, 3)), np.zeros((0, 21)), None, None, None
+    aniso = np.zeros(n, bool)
+    if mode == "aniso":
+        aniso = ~np.asarray(model.is_hydrogen, bool) & (model.kind != "water")
+        u0 = np.where(has_aniso[:, None], model.u_aniso, np.asarray(u_iso6(jnp.asarray(np.maximum(b_start, b_min + 1.0)))))
+        u_raw = cholesky_params(u0[aniso], u_min=u_min, eig_floor=1e-4)
+        u_fixed = np.where(aniso[:, None], 0.0, u_fixed)
+        reason += f"; {int(aniso.sum())} atoms anisotropic"
+    else:
+        tls, tls_raw, b_start, source = _start_tls(model, tls_spec, b_min)
+        tls_group, origin, scale = tls.group, tls.origin, _tls_shift_scale(tls, model.xyz_cart)
+        u_fixed = np.where((tls_group >= 0)[:, None], 0.0, u_fixed)
+        reason += f"; {tls.n_groups} TLS groups from {source}"
+    p12, p13 = pairs if pairs is not None else (np.zeros((0, 2), int), np.zeros((0, 2), int))
+    adp = AdpModel(
+        aniso_index=np.where(aniso, np.cumsum(aniso) - 1, -1).astype(np.int32),
+        tls_group=np.asarray(tls_group, np.int32), tls_origin=np.asarray(origin, float),
+        tls_shift_scale=np.asarray(scale, float), u_min=np.asarray(u_min),
+        u_fixed=np.asarray(u_fixed, float), restraints=aniso_adp_term(p12, p13, aniso, iso_pull=None),
+        restraint_weights=np.asarray(w_restraints, float),
+    )
+    return adp, u_raw, tls_raw, b_start, AdpChoice(mode, reason, int(aniso.sum()), tls)
+
+
+def atom_adp(b_iso, u_raw, tls_raw, xyz_cart, adp: AdpModel | None, u_shape=None):
+    """The ADPs F_calc needs, and every atom's total U.
+
+    Args:
+        b_iso: (n,) B from ``Params.b_raw`` (Å²): isotropic B, or the residual B of TLS atoms.
+        u_raw, tls_raw: ``Params.u_raw`` / ``Params.tls_raw`` (None when not refined).
+        xyz_cart: (n, 3) Å (the TLS part depends on the position).
+        adp: the problem's ADP model, None for ``iso``.
+        u_shape: the iso model's fixed ANISOU shapes (Problem.u_shape) or None.
+
+    Returns:
+        b_sf (n,) Å² and u_sf (n, 6) Å² or None, in the convention of
+        :func:`jaxrefine.xray.structure_factors.structure_factors` (U = u_sf + b_sf/(8π²)·I);
+        u_total (n, 6) Å².
+    """
+    if adp is None:
+        u_total = u_iso6(b_iso) if u_shape is None else u_iso6(b_iso) + u_shape
+        return b_iso, u_shape, u_total
+    u = jnp.asarray(adp.u_fixed, b_iso.dtype)
+    b_sf = b_iso
+    if u_raw is not None and u_raw.shape[0]:
+        idx = adp.aniso_index
+        u_an = u_from_cholesky(u_raw, adp.u_min)[jnp.maximum(idx, 0)]
+        u = u + jnp.where((idx >= 0)[:, None], u_an, 0.0)
+        b_sf = jnp.where(idx >= 0, 0.0, b_iso)
+    if tls_raw is not None and tls_raw.shape[0]:
+        t, l, s = tls_from_cholesky(tls_raw)
+        u = u + u_from_tls(t, l, s, adp.tls_origin, xyz_cart, adp.tls_group)
+    return b_sf, u, u + u_iso6(b_sf)
+
+
+def build_ncs(model, mode: str, weight: float):
+    """Local NCS restraints for ``restraints.ncs`` = auto (copies found by sequence) or off.
+
+    Returns:
+        (NcsModel or None, list of NcsCopies) — None when off or when there are no copies.
+    """
+    if mode == "off":
+        return None, []
+    copies = find_ncs_copies(model)
+    if not copies:
+        return None, []
+    term = ncs_term(model.xyz_cart, [(c.atoms1, c.atoms2) for c in copies])
+    return NcsModel(term=term, weight=np.asarray(float(weight))), copies
+
+
+def ncs_log_lines(ncs: NcsModel | None, copies) -> list:
+    """One line per pair of copies: chains, matched atoms and restraint pairs."""
+    if ncs is None:
+        return []
+    which = np.asarray(ncs.term.copy_pair)[np.asarray(ncs.term.mask) > 0]
+    return [f"NCS {c.name}: {len(c.atoms1)} matched atoms, {int((which == k).sum())} local distance restraints "
+            f"(sequence identity {100 * c.identity:.0f}%)" for k, c in enumerate(copies)]
