@@ -428,7 +428,8 @@ def read_map_coefficients(path, f_label: str, phi_label: str):
     return crystal_from_gemmi(mtz.cell, mtz.spacegroup, path), hkl[ok], (f * np.exp(1j * phi))[ok]
 
 
-CELL_TOLERANCE = 0.02  # relative, on a b c; angles within 0.5 degree (typical program tolerance)
+CELL_TOLERANCE = 0.02  # relative, on a b c (typical program tolerance)
+CELL_ANGLE_TOLERANCE = 0.5  # degrees, on α β γ
 
 
 def check_compatible(model_crystal: Crystal, data_crystal: Crystal, model_source: str = "model", data_source: str = "data") -> None:
@@ -441,9 +442,9 @@ def check_compatible(model_crystal: Crystal, data_crystal: Crystal, model_source
     mc, dc = model_crystal.cell, data_crystal.cell
     rel = np.abs(mc[:3] - dc[:3]) / dc[:3]
     dang = np.abs(mc[3:] - dc[3:])
-    if np.any(rel > CELL_TOLERANCE) or np.any(dang > 0.5):
+    if np.any(rel > CELL_TOLERANCE) or np.any(dang > CELL_ANGLE_TOLERANCE):
         raise DataMismatchError(
             f"{model_source} cell {tuple(np.round(mc, 3))} and {data_source} cell {tuple(np.round(dc, 3))} differ "
             f"(lengths by up to {100 * rel.max():.1f}%, angles by up to {dang.max():.2f}°; tolerance "
-            f"{100 * CELL_TOLERANCE:.0f}% and 0.5°); check that model and data belong together"
+            f"{100 * CELL_TOLERANCE:.0f}% and {CELL_ANGLE_TOLERANCE}°); check that model and data belong together"
         )
