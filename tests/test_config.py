@@ -1,6 +1,7 @@
 """Configuration: YAML files, --set overrides, validation, round trip of the resolved config."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,80 @@ def test_bad_config_errors(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("refine.n_cycles=-1", "refine.n_cycles = -1: must be >= 0"),
+    ("refine.n_cycles=1.7", "refine.n_cycles: expected an integer, got 1.7"),
+    ("refine.n_cycles=true", "refine.n_cycles: expected an integer"),
+    ("weights.w_a=-5", "weights.w_a = -5: must be a number > 0 or 'auto'"),
+    ("weights.w_a=banana", "weights.w_a = 'banana': must be a number > 0 or 'auto'"),
+    ("weights.w_a=0", "weights.w_a = 0: must be a number > 0"),
+    ("refine.b_min=300", "refine.b_min = 300.0 and refine.b_max = 300.0: b_min must be smaller than b_max"),
+    ("data.d_min=3", None),  # alone it is fine ...
+    ("data.d_max=nan", "data.d_max: expected a finite number"),
+    ("data.free_fraction=0", "data.free_fraction = 0.0: must be in (0, 0.5]"),
+    ("refine.learning_rate=0", "refine.learning_rate = 0.0: must be > 0"),
+    ("solvent.update_every=0", "solvent.update_every = 0: must be > 0"),
+    ("waters.max_hbond=2", "waters.min_hbond = 2.4 and waters.max_hbond = 2.0"),
+    ("guard.keep_best=2", "guard.keep_best: expected true or false, got 2"),
+    ("model.ligands=5", "model.ligands: expected a list, got 5"),
+    ("data.labin=5", "data.labin: expected text, got 5"),
+    ("model.place_translation=[1, 2]", "model.place_translation = (1, 2): needs 0 or 3 numbers, got 2"),
+    ("model.place_rotation=[a, b, c]", "model.place_rotation = ('a', 'b', 'c'): must be numbers"),
+])
+def test_values_are_checked_on_load(override, message):
+    if message is None:
+        assert load_config(None, [override]).data.d_min == 3.0
+        with pytest.raises(ConfigError, match=r"data.d_min = 3.0 and data.d_max = 2.0: d_min must be smaller"):
+            load_config(None, [override, "data.d_max=2"])
+        return
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert str(info.value).startswith("--set ") and message in str(info.value)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    for text, message in (("- 1\n", "expected a mapping of sections"), ("refine: 5\n", "config section 'refine' must be a mapping"),
+                          ("refine:\n  n_cycles: -2\n", "refine.n_cycles = -2: must be >= 0")):
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match="c.yaml: " + message.replace("(", r"\(").replace(".", r"\.")):
+            load_config(path)
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)
+
+
+def test_integers_written_as_floats_are_accepted():
+    cfg = load_config(None, ["refine.n_cycles=3.0", "weights.w_a=auto", "data.free_value=null"])
+    assert cfg.refine.n_cycles == 3 and isinstance(cfg.refine.n_cycles, int) and cfg.weights.w_a == "auto"
+
+
+def _package_source_without_config() -> str:
+    pkg = Path(__file__).resolve().parents[1] / "jaxrefine"
+    return "\n".join(p.read_text() for p in pkg.rglob("*.py") if p.name != "config.py")
+
+
+def test_every_config_key_is_read_somewhere():
+    """A key nobody reads is a promise the program does not keep (issue 16: b_max, seed, ccp4_maps)."""
+    from jaxrefine.restraints import GeometryWeights
+
+    source = _package_source_without_config()
+    unread = []
+    for section, keys in config_to_dict(Config()).items():
+        for key in keys:
+            by_name = section == "weights" and key in GeometryWeights._fields  # read as getattr(cfg.weights, field)
+            if not by_name and not re.search(rf"\.{key}\b", source):
+                unread.append(f"{section}.{key}")
+    assert unread == []
+
+
+def test_choice_lists_are_defined_once():
+    from jaxrefine import config
+    from jaxrefine.cli import build_parser
+
+    refine = build_parser()._subparsers._group_actions[0].choices["refine"]
+    choices = {a.dest: a.choices for a in refine._actions if a.choices}
+    assert choices["strategy"] is config.STRATEGIES and choices["target"] is config.TARGETS
+    with pytest.raises(ConfigError, match="choose one of " + ", ".join(config.OPTIMIZERS)):
+        load_config(None, ["refine.optimizer=newton"])

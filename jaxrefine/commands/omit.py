@@ -10,6 +10,9 @@ HELP = ("Omit maps: remove a selection from the phasing model (optionally shake 
         "--composite N makes a composite omit map of the whole model in N pieces.")
 
 
+OUTPUT_FILES = ("omit.mtz", "omit_2fofc.ccp4", "omit_fofc.ccp4", "model_omitted.pdb", "composite_omit_2fofc.ccp4", "omit.json")
+
+
 def add_arguments(p):
     p.add_argument("model", help="model file (PDB or mmCIF)")
     p.add_argument("data", help="reflections (MTZ or structure-factor mmCIF)")
@@ -31,11 +34,12 @@ def run(args) -> int:
     from ..io.maps_io import write_ccp4_map
     from ..io.model import read_model
     from ..io.reflections import check_compatible, read_reflections
-    from ..io.writers import protect, write_json, write_model, write_mtz
+    from ..io.writers import check_output_folder, protect, write_json, write_model, write_mtz
 
     if not args.select and not args.composite:
         raise InputError(f"{args.model}: nothing to omit; pass --select 'A/45-52' or --composite N")
     protect(args.model, args.data)
+    check_output_folder(args.out, OUTPUT_FILES, [args.model, args.data])
     model = read_model(args.model, hydrogens=False)
     refl = read_reflections(args.data, labin=args.labin)
     check_compatible(model.crystal, refl.crystal, args.model, args.data)

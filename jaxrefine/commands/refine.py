@@ -65,11 +65,12 @@ def _check_options(args) -> None:
 
 def run(args) -> int:
     from ..config import load_config
+
+    _check_options(args)  # options and config first: their errors come before JAX is imported
+    cfg = load_config(args.config, _overrides(args))
     from ..refine.run import run_refinement
     from ..validate.waters import water_hooks
 
-    _check_options(args)
-    cfg = load_config(args.config, _overrides(args))
     metrics = run_refinement(args.model, args.data, args.out, cfg, **water_hooks(cfg))
     print(f"final: R-work {metrics['r_work']:.4f}  R-free {metrics['r_free']:.4f}  "
           f"rms bond {metrics['rms_bond']:.4f} Å  rms angle {metrics['rms_angle']:.2f}°  ({metrics['wall_s']:.1f} s)")

@@ -32,10 +32,12 @@ def run(args) -> int:
 
     from ..io.model import read_model
     from ..io.reflections import check_compatible, read_reflections
-    from ..io.writers import json_safe, protect
+    from ..io.writers import check_not_input, json_safe, protect
     from ..problem.fmodel import compute_fmodel, fmodel_maps, fmodel_statistics
 
     protect(args.model, args.data)
+    for path in ([args.mtz_out] if args.mtz_out else []) + ([f"{args.map_out}_2fofc.ccp4", f"{args.map_out}_fofc.ccp4"] if args.map_out else []):
+        check_not_input(path)
     model = read_model(args.model, hydrogens=not args.no_hydrogens)
     refl = read_reflections(args.data, labin=args.labin, free_value=args.free_value, d_min=args.d_min, d_max=args.d_max)
     check_compatible(model.crystal, refl.crystal, args.model, args.data)

@@ -49,9 +49,10 @@ def compute_fcalc(model, d_min: float, d_max: float = 0.0, method: str = "fft", 
 def run(args) -> int:
     from ..io.model import read_model
     from ..errors import InputError
-    from ..io.writers import protect, write_mtz
+    from ..io.writers import check_not_input, protect, write_mtz
 
     protect(args.model)
+    check_not_input(args.out)
     if args.d_max and args.d_max <= args.d_min:
         raise InputError(f"--d-max {args.d_max:g}: must be larger than --d-min {args.d_min:g} (Å)")
     model = read_model(args.model, hydrogens=args.hydrogens == "keep")

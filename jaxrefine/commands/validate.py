@@ -26,11 +26,13 @@ def run(args) -> int:
 
     from ..io.model import read_model
     from ..io.reflections import check_compatible, read_reflections
-    from ..io.writers import protect, write_json, write_text
+    from ..io.writers import check_output_folder, protect, write_json, write_text
     from ..validate import DEFAULT_THRESHOLD, DEFAULT_WINDOW, validate_model
     from ..validate.density import plot_residue_fit, residue_csv
 
     protect(args.model, args.data)
+    if args.out:
+        check_output_folder(args.out, ("residues.csv", "validation.json", "rscc.png"), [args.model, args.data])
     model = read_model(args.model, hydrogens=False)
     refl = read_reflections(args.data, labin=args.labin)
     check_compatible(model.crystal, refl.crystal, args.model, args.data)

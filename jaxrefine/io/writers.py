@@ -31,9 +31,16 @@ def protect(*paths) -> None:
             _PROTECTED.add(os.path.realpath(os.fspath(p)))
 
 
-def _check_target(path: str) -> None:
+def check_not_input(path) -> None:
+    """Refuse (before any work) an output path that is one of the protected inputs."""
+    path = os.fspath(path)
     if os.path.realpath(path) in _PROTECTED:
-        raise InputError(f"{path}: refusing to overwrite an input file; choose another output folder")
+        raise InputError(f"{path}: refusing to overwrite an input file; choose another output name")
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a folder; give a file name for this output")
+
+
+_check_target = check_not_input
 
 
 def _umask() -> int:

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import logging.handlers
 import os
 import signal
 import threading
 
 from ..config import Config
-from ..io.model import check_b_limits, check_restraint_dictionary, read_model
+from ..io.model import check_b_limits, check_restraint_dictionary
 from ..io.reflections import read_map_coefficients
 from ..io.writers import check_output_folder, protect, staged_output, write_json
-from ..problem.setup import build_setup
+from ..problem.setup import build_setup, load_inputs
 from .cache import enable_compilation_cache
 from .engine import HEADER, format_cycle, refine
 from .outputs import write_outputs
@@ -83,9 +84,8 @@ class _SignalGuard:
 
 
 @contextlib.contextmanager
-def _log_file(path):
-    handler = logging.FileHandler(path, mode="w")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+def _logging_to(handler):
+    """Send the ``jaxrefine`` log (INFO and up) to ``handler`` for the duration of the block."""
     root = logging.getLogger("jaxrefine")
     old_level = root.level
     root.addHandler(handler)
@@ -95,22 +95,26 @@ def _log_file(path):
     finally:
         root.removeHandler(handler)
         root.setLevel(old_level)
-        handler.close()
 
 
-def preflight(model_path, data_path, out_dir, cfg: Config) -> None:
-    """The checks that need no refinement: output folder, ligand dictionaries, model values.
+def preflight(model_path, data_path, out_dir, cfg: Config):
+    """Everything that can be checked before any work: the output folder, ligand dictionaries,
+    the model (values, B limits) and the data (columns, free set), read once and returned.
+
+    Returns:
+        (model, refl) as :func:`jaxrefine.problem.setup.load_inputs` returns them.
 
     Raises:
-        InputError, ConfigError: one line naming the file or option.
+        InputError, DataMismatchError: one line naming the file and what to do.
     """
     inputs = [model_path, data_path, *cfg.model.ligands]
     protect(*inputs)
     check_output_folder(out_dir, OUTPUT_FILES, inputs)
     for p in cfg.model.ligands:
         check_restraint_dictionary(p)
-    model = read_model(model_path, hydrogens=(cfg.model.hydrogens == "keep"))
+    model, refl = load_inputs(model_path, data_path, cfg)
     check_b_limits(model, cfg.refine.b_max)
+    return model, refl
 
 
 def _record_data(metrics: dict, refl) -> dict:
@@ -150,24 +154,29 @@ def run_refinement(model_path, data_path, out_dir, cfg: Config | None = None, pr
         On an error after the inputs were read, the log is kept as ``out_dir/refine.failed.log``.
     """
     cfg = cfg or Config()
-    preflight(model_path, data_path, out_dir, cfg)
-    failed_log = None
+    early = logging.handlers.BufferingHandler(capacity=100_000)  # what the checks log goes to refine.log too
+    with _logging_to(early):
+        inputs = preflight(model_path, data_path, out_dir, cfg)
     with _SignalGuard() as guard:
-        try:
-            with staged_output(out_dir, managed=OUTPUT_FILES) as stage:
-                failed_log = os.path.join(stage, "refine.log")
-                with _log_file(failed_log):
-                    try:
-                        metrics = _run(model_path, data_path, stage, cfg, progress, plot_title, after_minimise,
-                                       between_cycles, guard)
-                    except Exception as exc:
-                        log.error("%s: %s", type(exc).__name__, exc)
-                        raise
-                guard.check()
-            return metrics
-        except Exception:
-            _keep_failed_log(failed_log, out_dir)
-            raise
+        with staged_output(out_dir, managed=OUTPUT_FILES) as stage:
+            log_path = os.path.join(stage, "refine.log")
+            handler = logging.FileHandler(log_path, mode="w")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            for record in early.buffer:
+                handler.handle(record)
+            with _logging_to(handler):
+                try:
+                    metrics = _run(model_path, data_path, inputs, stage, cfg, progress, plot_title, after_minimise,
+                                   between_cycles, guard)
+                except Exception as exc:
+                    log.error("%s: %s", type(exc).__name__, exc)
+                    handler.flush()
+                    _keep_failed_log(log_path, out_dir)
+                    raise
+                finally:
+                    handler.close()
+            guard.check()
+        return metrics
 
 
 def _keep_failed_log(log_path, out_dir) -> None:
@@ -182,10 +191,11 @@ def _keep_failed_log(log_path, out_dir) -> None:
         pass
 
 
-def _run(model_path, data_path, stage, cfg, progress, plot_title, after_minimise, between_cycles, guard) -> dict:
+def _run(model_path, data_path, inputs, stage, cfg, progress, plot_title, after_minimise, between_cycles, guard) -> dict:
     cache = enable_compilation_cache(cfg.runtime.compilation_cache)
     log.info("compilation cache: %s", cache or "off")
-    setup = build_setup(model_path, data_path, cfg)
+    model, refl = inputs
+    setup = build_setup(model_path, data_path, cfg, model=model, refl=refl)
     refl = setup.refl
     log.info("%s: %d atoms; %s: %d reflections (%d free), %.2f-%.2f Å; monomer library: %s",
              model_path, setup.model.n_atoms, data_path, refl.n, refl.n_free, refl.d_max, refl.d_min, setup.monlib or "built-in")
