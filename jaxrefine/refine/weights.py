@@ -9,6 +9,8 @@ are looser than the target range, down when tighter.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 RMSZ_BAND = (0.8, 1.25)  # acceptable RMS Z(bond) as factors of the target (servalcat keeps 0.5–1.0)
@@ -52,3 +54,59 @@ def adjust_w_a(w_a: float, rmsz_bond: float, target_rmsz: float) -> float:
     factor = rmsz_bond / target_rmsz
     factor = float(np.clip(factor, 1 / MAX_FACTOR, MAX_FACTOR))
     return float(np.clip(w_a * factor, *W_A_LIMITS))
+
+
+# ------------------------------------------------------------------ w_A scan (low resolution)
+# At low resolution the target RMS Z is a poor guide (the data say little about bond lengths), so
+# the weight is chosen from the data instead, as phenix's weight optimisation does (Afonine et al.
+# 2011, Acta Cryst. D67, 296): each macrocycle a few trial weights around the current one are each
+# given the same coordinate steps from the same start, and the trial whose model has the lowest
+# free-set −log-likelihood (with the cycle's scales and σA) is kept; trials whose geometry is
+# beyond the limits below are not eligible.  w_A is a traced array, so the trials share one
+# compiled minimiser.
+SCAN_D_MIN = 2.5  # Å: scan w_A when the data stop at d_min >= this (the target RMS Z is used above)
+SCAN_FACTORS = (0.5, 1.0, 2.0)  # trial weights as multiples of the current w_A
+SCAN_MAX_RMS_BOND = 0.015  # Å: trials with looser geometry are not eligible (issue 14's limits)
+SCAN_MAX_RMS_ANGLE = 2.0  # degrees
+
+
+class WeightTrial(NamedTuple):
+    """One trial weight of a scan and what its model scored."""
+
+    w_a: float
+    free_nll: float  # free-set −log-likelihood (lower is better)
+    r_free: float
+    rms_bond: float  # Å
+    rms_angle: float  # degrees
+
+    @property
+    def eligible(self) -> bool:
+        return self.rms_bond <= SCAN_MAX_RMS_BOND and self.rms_angle <= SCAN_MAX_RMS_ANGLE
+
+
+def scan_applies(w_a_setting, d_min: float) -> bool:
+    """Whether w_A is chosen by a scan: automatic weight and data that stop at d_min >= SCAN_D_MIN."""
+    return w_a_setting == "auto" and d_min >= SCAN_D_MIN
+
+
+def scan_weights(w_a: float, factors=SCAN_FACTORS) -> list:
+    """Trial weights around ``w_a`` (clipped to W_A_LIMITS)."""
+    return [float(np.clip(w_a * f, *W_A_LIMITS)) for f in factors]
+
+
+def choose_trial(trials) -> int:
+    """Index of the kept trial: the lowest free −log-likelihood among the eligible trials, else
+    (none eligible) the trial with the tightest bonds."""
+    ok = [k for k, t in enumerate(trials) if t.eligible]
+    if not ok:
+        return int(np.argmin([t.rms_bond for t in trials]))
+    return min(ok, key=lambda k: trials[k].free_nll)
+
+
+def describe_scan(trials, chosen: int) -> str:
+    """One log line: every trial and why the chosen one was kept."""
+    parts = [f"{t.w_a:.3g}: -LLfree {t.free_nll:.1f} Rfree {t.r_free:.4f} bond {t.rms_bond:.4f} angle {t.rms_angle:.2f}"
+             + ("" if t.eligible else " (geometry beyond limits)") for t in trials]
+    why = ("lowest free -log-likelihood" if trials[chosen].eligible
+           else "no trial within the geometry limits: tightest bonds")
+    return f"w_A scan [{'; '.join(parts)}] -> {trials[chosen].w_a:.3g} ({why})"
