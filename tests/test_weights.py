@@ -1,0 +1,35 @@
+"""Automatic w_A: the low-resolution scan's choice and its log line (pure logic, no data)."""
+from __future__ import annotations
+
+import numpy as np
+
+from jaxrefine.refine import weights as wmod
+from jaxrefine.refine.weights import WeightTrial
+
+
+def _trial(w, nll, bond, angle=1.5):
+    return WeightTrial(w_a=w, free_nll=nll, r_free=0.3, rms_bond=bond, rms_angle=angle)
+
+
+def test_scan_keeps_lowest_free_nll_among_trials_within_the_geometry_limits():
+    trials = [_trial(0.05, 1010.0, 0.006), _trial(0.1, 1000.0, 0.010), _trial(0.2, 990.0, 0.020)]
+    # the loosest trial has the best likelihood but bonds beyond 0.015 Å: not eligible
+    assert wmod.choose_trial(trials) == 1
+    trials[1] = _trial(0.1, 1000.0, 0.010, angle=2.4)  # angles beyond 2.0°
+    assert wmod.choose_trial(trials) == 0
+    line = wmod.describe_scan(trials, 0)
+    assert "-> 0.05 (lowest free -log-likelihood)" in line and line.count("geometry beyond limits") == 2
+
+
+def test_scan_without_eligible_trial_keeps_the_tightest_bonds():
+    trials = [_trial(0.5, 900.0, 0.030), _trial(1.0, 950.0, 0.020), _trial(2.0, 980.0, 0.025)]
+    k = wmod.choose_trial(trials)
+    assert k == 1 and "tightest bonds" in wmod.describe_scan(trials, k)
+
+
+def test_scan_applies_only_to_the_automatic_weight_at_low_resolution():
+    assert wmod.scan_applies("auto", 3.0) and wmod.scan_applies("auto", wmod.SCAN_D_MIN)
+    assert not wmod.scan_applies("auto", 1.5) and not wmod.scan_applies(0.5, 3.0)
+    ws = wmod.scan_weights(0.1)
+    assert np.allclose(ws, [0.1 * f for f in wmod.SCAN_FACTORS]) and 0.1 in ws
+    assert min(wmod.scan_weights(wmod.W_A_LIMITS[0])) == wmod.W_A_LIMITS[0]  # clipped
