@@ -11,6 +11,7 @@ import importlib
 import logging
 import sys
 import traceback
+import warnings
 
 from .errors import ConfigError, JaxrefineError
 
@@ -61,9 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quiet_backends() -> None:
-    """No backend noise: JAX logs 'Unable to initialize backend ...' for every platform it probes."""
+    """No backend noise: JAX logs 'Unable to initialize backend ...' for every platform it probes,
+    and warns each time float64 is asked for while x64 is off (float32 is then the intended
+    working precision).  ``-v`` shows both."""
     for name in ("jax._src.xla_bridge", "jax._src.compiler", "absl"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="Explicitly requested dtype float64", category=UserWarning)
 
 
 def _error_line(exc: BaseException) -> tuple[str, int]:
@@ -97,7 +101,8 @@ def main(argv=None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    _quiet_backends()
+    if not args.verbose:
+        _quiet_backends()
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))

@@ -407,3 +407,30 @@ def test_signal_ends_the_run_cleanly(base, tmp_path, sig):
     assert "Traceback" not in rest
     assert _snapshot(prev) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prev"]
+
+
+@pytest.mark.slow
+def test_a_run_replaces_the_old_results_together(base, tmp_path, capsys):
+    """A successful run (no flag column: the free set is generated) replaces the old results as a
+    whole: a plot of the older run is removed, the generated free set is in the log and in
+    metrics.json (strict JSON), files get the umask's mode, no staging folder is left."""
+    prev = tmp_path / "prev"
+    prev.mkdir()
+    for name, text in {**OLD_RESULTS, "r_vs_cycle.png": "OLD PLOT"}.items():
+        (prev / name).write_text(text)
+    (prev / "my_notes.txt").write_text("mine")
+    data = _mtz(tmp_path, base, lambda m: m.remove_column(m.column_labels().index("FREE")), name="nofree.mtz")
+    old = os.umask(0o022)
+    try:
+        rc, out, err = run_cli(refine(tmp_path, base, "--set", "refine.n_cycles=0", data=data), capsys)
+    finally:
+        os.umask(old)
+    assert rc == 0, err
+    names = sorted(p.name for p in prev.iterdir())
+    assert names == ["config.yaml", "maps.mtz", "metrics.json", "my_notes.txt", "refine.log", "refined.cif", "refined.pdb",
+                     "run.json"]
+    m = json.loads((prev / "metrics.json").read_text())
+    assert m["free_set"]["generated"] and m["free_set"]["n_free"] == round(0.05 * (m["free_set"]["n_free"] + m["free_set"]["n_work"]))
+    assert "generated a free set" in (prev / "refine.log").read_text()
+    assert all((prev / n).stat().st_mode & 0o777 == 0o644 for n in names)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nofree.mtz", "prev"]

@@ -354,8 +354,9 @@ def read_reflections(
         free = free_in
     else:
         free = generate_free_flags(hkl, free_fraction, free_seed)
-        log.info("%s: no free-R flag column: generated a free set of %d of %d reflections (%s); keep the "
-                 "same set in later runs (data.free_fraction, data.free_seed)", path, int(free.sum()), len(free), convention)
+        log.info("%s: no free-R flag column: generated a free set of %d of %d reflections (%.1f%%, seed %d); keep "
+                 "the same set in later runs (data.free_fraction, data.free_seed)", path, int(free.sum()), len(free),
+                 100 * free_fraction, free_seed)
     _check_free_set(free, path, convention)
     centric = centric_flags(hkl, crystal)
     eps = epsilon_factors(hkl, crystal)
