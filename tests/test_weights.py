@@ -33,3 +33,11 @@ def test_scan_applies_only_to_the_automatic_weight_at_low_resolution():
     ws = wmod.scan_weights(0.1)
     assert np.allclose(ws, [0.1 * f for f in wmod.SCAN_FACTORS]) and 0.1 in ws
     assert min(wmod.scan_weights(wmod.W_A_LIMITS[0])) == wmod.W_A_LIMITS[0]  # clipped
+
+
+def test_adjust_w_a_is_damped_and_bounded():
+    target = 1.0
+    assert wmod.adjust_w_a(0.1, 1.0, target) == 0.1  # inside the band: unchanged
+    assert np.isclose(wmod.adjust_w_a(0.1, 2.0, target), 0.1 * np.sqrt(2.0))  # square root of the ratio
+    assert np.isclose(wmod.adjust_w_a(0.1, 0.5, target), 0.1 / np.sqrt(2.0))
+    assert np.isclose(wmod.adjust_w_a(0.1, 10.0, target), 0.1 * wmod.MAX_FACTOR)  # at most MAX_FACTOR per cycle
