@@ -1,10 +1,11 @@
 """Spreading Gaussian atoms onto a periodic grid (the real-space half of FFT structure factors).
 
-Each atom copy contributes a normalised 3D Gaussian, cut to a box of static size around it:
+Each atom copy contributes a sum of normalised 3D Gaussians (its form factor's Gaussians, each
+blurred by the atom's displacement), cut to a box of static size around it:
 
-    g(d) = w (2π)^{-3/2} det(M)^{1/2} exp(−½ dᵀ M d),
+    g(d) = Σ_k w_k (2π)^{-3/2} det(M_k)^{1/2} exp(−½ dᵀ M_k d),
 
-with d the offset of a grid point from the atom in grid steps and M the inverse covariance in
+with d the offset of a grid point from the atom in grid steps and M_k the inverse covariance in
 grid steps (Ten Eyck 1977, Acta Cryst. A33, 486; Afonine & Urzhumtsev 2004, Acta Cryst. A60, 19
 for the choice of box and blur).  Boxes are added into a grid padded by the box size with one
 windowed scatter (one index per atom, a contiguous (bx, by, bz) update), and the padding is then
@@ -69,16 +70,18 @@ def box_rows(box: tuple, cov_xy, radius2: float):
 
 
 def gaussian_boxes(p, metric, weight, box: tuple, rows: tuple, z_coupled: bool):
-    """Values of weighted Gaussians on the rows of their boxes.
+    """Values of sums of weighted Gaussians on the rows of their boxes.
 
-    The exponent −½ dᵀ M d is split: the (x, y) part is evaluated once per row and the z part
-    once per z offset, so that without a z coupling (M_xz = M_yz = 0: orthogonal, hexagonal and
-    isotropic atoms) a box point costs one multiplication; otherwise one exponential.
+    Each centre carries K Gaussians (one atom's form factor as a sum of Gaussians, all blurred by
+    the atom's B), g(d) = Σ_k w_k exp(−½ dᵀ M_k d).  The exponent is split: the (x, y) part is
+    evaluated once per row and the z part once per z offset, so that without a z coupling
+    (M_xz = M_yz = 0: orthogonal, hexagonal and isotropic atoms) the sum over k is one small
+    matrix product per centre, (rows, K) @ (K, bz); otherwise one exponential per point and k.
 
     Args:
         p: (m, 3) grid coordinates of the centres.
-        metric: (m, 3, 3) inverse covariance M in grid steps.
-        weight: (m,) integral of each Gaussian (grid units).
+        metric: (m, K, 3, 3) inverse covariances M_k in grid steps.
+        weight: (m, K) prefactor of each Gaussian (its value at the centre).
         box: (bx, by, bz) static box size.
         rows: static (ox, oy) rows of the box to evaluate (see box_rows).
         z_coupled: static, M_xz or M_yz may be non-zero.
@@ -90,19 +93,19 @@ def gaussian_boxes(p, metric, weight, box: tuple, rows: tuple, z_coupled: bool):
     start = jnp.stack(starts, axis=1)
     ox = np.array([r[0] for r in rows])
     oy = np.array([r[1] for r in rows])
-    dx, dy, dz = offs[0][:, ox], offs[1][:, oy], offs[2]  # (m, r), (m, r), (m, bz)
-    m = lambda a, b: metric[:, a, b][:, None]  # noqa: E731
-    q_xy = 0.5 * m(0, 0) * dx * dx + 0.5 * m(1, 1) * dy * dy + m(0, 1) * dx * dy  # (m, r)
-    q_z = 0.5 * m(2, 2) * dz * dz  # (m, bz)
+    dx, dy, dz = offs[0][:, None, ox], offs[1][:, None, oy], offs[2][:, None, :]  # (m, 1, r), (m, 1, r), (m, 1, bz)
+    m = lambda a, b: metric[:, :, a, b][:, :, None]  # noqa: E731  (m, K, 1)
+    q_xy = 0.5 * m(0, 0) * dx * dx + 0.5 * m(1, 1) * dy * dy + m(0, 1) * dx * dy  # (m, K, r)
+    q_z = 0.5 * m(2, 2) * dz * dz  # (m, K, bz)
     if not z_coupled:
-        vals = (jnp.exp(-q_xy) * weight[:, None])[:, :, None] * jnp.exp(-q_z)[:, None, :]
+        vals = jnp.einsum("mkr,mkz->mrz", jnp.exp(-q_xy) * weight[:, :, None], jnp.exp(-q_z))
     else:
-        lin = (m(0, 2) * dx + m(1, 2) * dy)[:, :, None] * dz[:, None, :]
-        vals = jnp.exp(-(q_xy[:, :, None] + q_z[:, None, :] + lin)) * weight[:, None, None]
+        lin = (m(0, 2) * dx + m(1, 2) * dy)[..., None] * dz[:, :, None, :]
+        vals = jnp.einsum("mkrz,mk->mrz", jnp.exp(-(q_xy[..., None] + q_z[:, :, None, :] + lin)), weight)
     return start, vals
 
 
-def add_boxes(padded, grid_shape: tuple, type_index, start, vals, rows: tuple):
+def add_boxes(padded, grid_shape: tuple, start, vals, rows: tuple):
     """Add box rows into a grid padded along c (one scatter of z-rows; measured faster on CPU
     than a scatter of single points or of whole 3D windows folded along three axes).
 
@@ -111,9 +114,8 @@ def add_boxes(padded, grid_shape: tuple, type_index, start, vals, rows: tuple):
     boxes are in (periodicity along a and b is taken by the indices).
 
     Args:
-        padded: (n_types, na, nb, nc + pad) grid, pad >= bz.
+        padded: (na, nb, nc + pad) grid, pad >= bz.
         grid_shape: (na, nb, nc).
-        type_index: (m,) int grid of each box.
         start: (m, 3) int first index of each box (any integer; wrapped here).
         vals: (m, n_rows, bz) values.
         rows: static (ox, oy) of each row.
@@ -125,18 +127,16 @@ def add_boxes(padded, grid_shape: tuple, type_index, start, vals, rows: tuple):
     m, n_rows, bz = vals.shape
     ox = jnp.asarray(np.array([r[0] for r in rows]), start.dtype)
     oy = jnp.asarray(np.array([r[1] for r in rows]), start.dtype)
-    shape = (m, n_rows)
     index = jnp.stack(
         [
-            jnp.broadcast_to(type_index[:, None].astype(start.dtype), shape),
             (start[:, 0, None] + ox[None]) % na,
             (start[:, 1, None] + oy[None]) % nb,
-            jnp.broadcast_to((start[:, 2] % nc)[:, None], shape),
+            jnp.broadcast_to((start[:, 2] % nc)[:, None], (m, n_rows)),
         ],
         axis=-1,
     )
     dims = lax.ScatterDimensionNumbers(
-        update_window_dims=(2,), inserted_window_dims=(0, 1, 2), scatter_dims_to_operand_dims=(0, 1, 2, 3)
+        update_window_dims=(2,), inserted_window_dims=(0, 1), scatter_dims_to_operand_dims=(0, 1, 2)
     )
     return lax.scatter_add(padded, index, vals, dims, mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 

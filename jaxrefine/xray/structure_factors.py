@@ -16,10 +16,10 @@ Two methods share one entry point, :func:`structure_factors`, configured once by
 :func:`make_sf_setup` (numpy work, outside jit):
 
 * ``"direct"``: exact summation, chunked over reflections (the reference);
-* ``"fft"``: each atom (as given, no symmetry copies) is spread as a Gaussian of width
-  B + B_blur onto a grid of the whole unit cell, one grid per scattering type; the grids are
-  Fourier transformed and read at Rᵀh for every operator, F(h) = Σ_ops exp(2πi h·t) F_asu(Rᵀh)
-  (International Tables B, eq. 1.4.2.14), multiplied by f0_type(s) and divided by
+* ``"fft"``: each atom (as given, no symmetry copies) is spread onto one grid of the whole unit
+  cell as its form factor's Gaussians, each widened by B + B_blur (one grid and one FFT however
+  many elements); the grid is Fourier transformed and read at Rᵀh for every operator,
+  F(h) = Σ_ops exp(2πi h·t) F_asu(Rᵀh) (International Tables B, eq. 1.4.2.14), and divided by
   exp(−B_blur s²/4) (Ten Eyck 1977, Acta Cryst. A33, 486; the blurring trick of Navaza 2002,
   Acta Cryst. A58, 568, as in cctbx and gemmi).  Symmetry thus costs n_ops reads per reflection
   instead of n_ops spreadings per atom.  The gradient is JAX's reverse mode: the transpose of
@@ -112,7 +112,6 @@ class SFMeta:
         box: per class of atoms, (3,) spreading box points along a, b, c (fft only).
         rows: per class, the (x, y) rows of the box that are spread (corners cut).
         cross_terms: index pairs (a, b) of grid axes whose metric couples (oblique cells).
-        n_types: number of scattering types.
     """
 
     method: str
@@ -122,7 +121,6 @@ class SFMeta:
     box: tuple = ()
     rows: tuple = ()
     cross_terms: tuple = ()
-    n_types: int = 0
 
 
 class SFSetup(NamedTuple):
@@ -229,7 +227,7 @@ def make_sf_setup(
     b_margin: float = 5.0,
     n_classes: int = 3,
     eps: float = 1e-2,
-    eps_box: float = 3e-3,
+    eps_box: float = 1e-3,
     chunk: int | None = None,
     memory_bytes: float = 1.0e9,
     dtype=None,
@@ -253,7 +251,7 @@ def make_sf_setup(
             so that a few high-B atoms do not set the box of all (the split minimises the
             number of grid points spread).
         eps: target relative weight of the aliased images (fft; sets the blur).
-        eps_box: value of a Gaussian at the box edge relative to its peak (fft; sets the box).
+        eps_box: value of an atom's density at the box edge relative to its peak (fft; sets the box).
             With the defaults the error in F is ~2e-4 (Σ||F_fft| − |F_direct|| / Σ|F_direct|,
             tests on the shared datasets).
         chunk: reflections per chunk (direct); default from memory_bytes.
@@ -335,7 +333,7 @@ def make_sf_setup(
     # axis a is (B/8π²)·(D G* D)_aa grid steps² (D = diag N)
     cov_per_b = np.diag(n_grid) @ (frac @ frac.T) @ np.diag(n_grid) / EIGHT_PI2
     var_per_b = np.diag(cov_per_b)
-    b_box = b_hi + b_margin + b_blur
+    b_box = _form_factor_extent(ff, b_hi + b_margin + b_blur, log_eps_box)
 
     def box_of(b):
         return tuple(int(math.ceil(2.0 * math.sqrt(2.0 * log_eps_box * v * b))) for v in var_per_b)
@@ -354,7 +352,6 @@ def make_sf_setup(
         box=tuple(box for box, _, _ in groups),
         rows=tuple(box_rows(box, cov_per_b[:2, :2] * b, 2.0 * log_eps_box) for box, _, b in groups),
         cross_terms=cross,
-        n_types=int(len(ff.a)),
     )
     return SFSetup(
         **common,
@@ -366,6 +363,36 @@ def make_sf_setup(
         box_atoms=tuple(jnp.asarray(atoms, jnp.int32) for _, atoms, _ in groups),
         meta=meta,
     )
+
+
+def _form_factor_extent(ff: FormFactors, b_total, log_eps_box: float):
+    """(n,) B (Å²) of the single Gaussian cut at the same radius as each atom's whole density.
+
+    An atom of total blur B (displacement + B_blur) has the density
+    ρ(r) = Σ_k a_k (4π/B_k)^{3/2} exp(−4π² r²/B_k), B_k = B + b_k (its form factor's Gaussians,
+    the constant as b = 0).  The radius where ρ falls to eps_box·ρ(0) is found by bisection; a
+    single Gaussian of B_eff = 4π² r²/ln(1/eps_box) is cut there, so the box rules made for
+    single Gaussians apply.
+    """
+    t = np.asarray(ff.type_index)
+    a = np.concatenate([np.asarray(ff.a, float)[t], np.asarray(ff.c, float)[t][:, None]], axis=1)
+    bk = np.asarray(b_total, float)[:, None] + np.concatenate([np.asarray(ff.b, float)[t], np.zeros((len(t), 1))], axis=1)
+    bk = np.maximum(bk, 1e-3)
+    amp = a * (4.0 * np.pi / bk) ** 1.5
+    level = amp.sum(1) * math.exp(-log_eps_box)  # eps_box of the peak
+
+    def rho(r2):
+        return (amp * np.exp(-4.0 * np.pi**2 * r2[:, None] / bk)).sum(1)
+
+    # each term below level/K at hi: the sum is below level there
+    k = amp.shape[1]
+    hi = (bk / (4.0 * np.pi**2) * np.log(np.maximum(k * np.abs(amp) / level[:, None], 1.0))).max(1) + 1e-6
+    lo = np.zeros_like(hi)
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        above = rho(mid) > level
+        lo, hi = np.where(above, mid, lo), np.where(above, hi, mid)
+    return 4.0 * np.pi**2 * hi / log_eps_box
 
 
 def _adp_extent(b_iso, u_aniso):
@@ -493,12 +520,23 @@ def f_calc_direct(
 # ------------------------------------------------------------------------------------- fft
 
 
-def density_grid(xyz_frac, b_iso, occ, setup: SFSetup, u_aniso=None, symmetry: bool = True):
-    """Blurred atomic density of the unit cell, one grid per scattering type.
+def _atom_gaussians(ff: FormFactors, atoms):
+    """(n_c, K) amplitudes (electrons) and widths b_k (Å²) of the form factors of ``atoms``: the
+    IT92 Gaussians, with the constant c as a Gaussian of width 0."""
+    t = ff.type_index[atoms]
+    c = ff.c[t][:, None]
+    return jnp.concatenate([ff.a[t], c], axis=1), jnp.concatenate([ff.b[t], jnp.zeros_like(c)], axis=1)
 
-    ρ_t(r) = Σ_{j∈t, ops} occ_j N(r; R x_j + t, U_j + (B_j + B_blur)/(8π²) I), a normalised
-    Gaussian per symmetry copy (its Fourier transform is exp(−2π² sᵀ U s); Trueblood et al. 1996,
-    Acta Cryst. A52, 770), cut to a box whose size is chosen per class of atoms in make_sf_setup.
+
+def density_grid(xyz_frac, b_iso, occ, setup: SFSetup, u_aniso=None, symmetry: bool = True):
+    """Blurred electron density of the unit cell on one grid.
+
+    ρ(r) = Σ_{j, ops} occ_j Σ_k a_jk N(r; R x_j + t, U_j + (B_j + B_blur + b_jk)/(8π²) I): each
+    atom's form factor f0(s) = Σ_k a_k exp(−b_k s²/4) + c (the constant as b = 0) is a sum of
+    normalised Gaussians in real space, each convolved with the atom's displacement (the Fourier
+    transform of N(0, U) is exp(−2π² sᵀ U s); Trueblood et al. 1996, Acta Cryst. A52, 770), cut
+    to a box whose size is chosen per class of atoms in make_sf_setup.  All scattering types
+    share the grid, so one FFT serves any number of elements.
 
     Args:
         xyz_frac: (n_atoms, 3) fractional coordinates.
@@ -509,7 +547,7 @@ def density_grid(xyz_frac, b_iso, occ, setup: SFSetup, u_aniso=None, symmetry: b
         symmetry: spread every symmetry copy (the unit cell's density); False: the atoms as given.
 
     Returns:
-        (n_types, na, nb, nc) electrons per grid point (ρ·V/N, so that the FFT gives F in electrons).
+        (na, nb, nc) electrons per grid point (ρ·V/N, so that the FFT gives F in electrons).
     """
     meta = setup.meta
     grid = meta.grid_shape
@@ -519,42 +557,39 @@ def density_grid(xyz_frac, b_iso, occ, setup: SFSetup, u_aniso=None, symmetry: b
     n_ops = rot.shape[0]
     p_all = (jnp.einsum("oij,nj->oni", rot, xyz_frac) + trans[:, None, :]) * n_grid  # (ops, n, 3)
     if u_aniso is None:
-        # M = (8π²/B) Gᵍ for every copy; the normaliser (2π)^-3/2 det(M)^1/2
-        inv_var = EIGHT_PI2 / (b_iso + setup.b_blur)  # (n,)
         det_gm = jnp.sqrt(jnp.linalg.det(setup.grid_metric))
     else:
         u_cart = _u6_to_mat(u_aniso) + ((b_iso + setup.b_blur) / EIGHT_PI2)[:, None, None] * jnp.eye(3, dtype=dtype)
         u_frac = jnp.einsum("ia,nab,jb->nij", setup.frac, u_cart, setup.frac)
-        cov = jnp.einsum("oia,nab,ojb->onij", rot, u_frac, rot) * (n_grid[:, None] * n_grid[None, :])
-        metric_all, det = _inv_det_3x3(cov)  # (ops, n, 3, 3), (ops, n)
-        det_all = 1.0 / jnp.sqrt(det)
+        g_star = setup.frac @ setup.frac.T  # an isotropic U of 1 Å² in fractional coordinates
     pad = max(box[2] for box in meta.box)
-    rho = jnp.zeros((meta.n_types,) + tuple(grid[:2]) + (grid[2] + pad,), dtype)
+    rho = jnp.zeros(tuple(grid[:2]) + (grid[2] + pad,), dtype)
     for atoms, box, rows in zip(setup.box_atoms, meta.box, meta.rows):
+        a_k, b_k = _atom_gaussians(setup.ff, atoms)
+        a_k, b_k = a_k.astype(dtype), b_k.astype(dtype)
         p = p_all[:, atoms].reshape(-1, 3)
-        occ_c = jnp.tile(occ[atoms], n_ops)
         if u_aniso is None:
-            iv = jnp.tile(inv_var[atoms], n_ops)
-            metric = iv[:, None, None] * setup.grid_metric[None]
-            norm = iv**1.5 * det_gm
+            inv_var = EIGHT_PI2 / (b_iso[atoms][:, None] + setup.b_blur + b_k)  # (c, K)
+            metric = jnp.tile(inv_var[..., None, None] * setup.grid_metric, (n_ops, 1, 1, 1))
+            norm = jnp.tile(inv_var**1.5 * det_gm, (n_ops, 1))  # (2π)^-3/2 det(M)^1/2, M = inv_var Gᵍ
             z_coupled = any(2 in pair for pair in meta.cross_terms)
         else:
-            metric = metric_all[:, atoms].reshape(-1, 3, 3)
-            norm = det_all[:, atoms].reshape(-1)
+            u_k = u_frac[atoms][:, None] + (b_k / EIGHT_PI2)[..., None, None] * g_star  # (c, K, 3, 3)
+            cov = jnp.einsum("oia,nkab,ojb->onkij", rot, u_k, rot) * (n_grid[:, None] * n_grid[None, :])
+            metric, det = _inv_det_3x3(cov)  # (ops, c, K, 3, 3), (ops, c, K)
+            metric = metric.reshape((-1,) + metric.shape[2:])
+            norm = (1.0 / jnp.sqrt(det)).reshape(-1, det.shape[-1])
             z_coupled = True
-        weight = occ_c * norm * (2.0 * np.pi) ** -1.5
+        weight = jnp.tile(occ[atoms][:, None] * a_k, (n_ops, 1)) * norm * (2.0 * np.pi) ** -1.5
         start, vals = gaussian_boxes(p, metric, weight, box, rows, z_coupled)
-        rho = add_boxes(rho, grid, jnp.tile(setup.ff.type_index[atoms], n_ops), start, vals, rows)
+        rho = add_boxes(rho, grid, start, vals, rows)
     return fold_periodic_c(rho, grid[2])
 
 
 def _f_fft(xyz_frac, b_iso, occ, setup: SFSetup, u_aniso=None):
     """F by Gaussian spreading + FFT (see module docstring); (n_refl,) complex."""
     rho = density_grid(xyz_frac, b_iso, occ, setup, u_aniso, symmetry=False)
-    f_types = _sample(rho, setup)  # (n_types, n_refl)
-    f0_r = f0(setup.ff, setup.s2)  # (n_refl, n_types)
-    unblur = jnp.exp(setup.b_blur * setup.s2 / 4.0)
-    return jnp.einsum("tr,rt->r", f_types, f0_r.astype(f_types.real.dtype)) * unblur
+    return _sample(rho, setup) * jnp.exp(setup.b_blur * setup.s2 / 4.0)
 
 
 def _sample(grid_values, setup: SFSetup):
