@@ -34,7 +34,7 @@ def run(args) -> int:
     from ..io.maps_io import write_ccp4_map
     from ..io.model import read_model
     from ..io.reflections import check_compatible, read_reflections
-    from ..io.writers import check_output_folder, protect, write_json, write_model, write_mtz
+    from ..io.writers import check_output_folder, protect, staged_output, write_json, write_model, write_mtz
 
     if not args.select and not args.composite:
         raise InputError(f"{args.model}: nothing to omit; pass --select 'A/45-52' or --composite N")
@@ -52,28 +52,29 @@ def run(args) -> int:
         from ..validate.waters import water_hooks
 
         kw["refine_rest"] = partial(refine_briefly, n_cycles=args.refine_cycles, **water_hooks(Config()))
-    out = {"model": str(args.model), "data": str(args.data)}
-    if args.composite:
-        from ..validate.omit import composite_omit_map
+    with staged_output(args.out, managed=OUTPUT_FILES) as stage:  # all files or none
+        out = {"model": str(args.model), "data": str(args.data)}
+        if args.composite:
+            from ..validate.omit import composite_omit_map
 
-        comp, full = composite_omit_map(model, refl, n_pieces=args.composite, **kw)
-        write_ccp4_map(os.path.join(args.out, "composite_omit_2fofc.ccp4"), refl.crystal, comp)
-        out.update(n_pieces=args.composite, d_min=full.d_min, files=["composite_omit_2fofc.ccp4"])
-    else:
-        from ..validate.omit import omit_map
+            comp, full = composite_omit_map(model, refl, n_pieces=args.composite, **kw)
+            write_ccp4_map(os.path.join(stage, "composite_omit_2fofc.ccp4"), refl.crystal, comp)
+            out.update(n_pieces=args.composite, d_min=full.d_min, files=["composite_omit_2fofc.ccp4"])
+        else:
+            from ..validate.omit import omit_map
 
-        res = omit_map(model, refl, args.select, **kw)
-        m = res.maps
-        write_mtz(os.path.join(args.out, "omit.mtz"), refl.crystal, m.hkl,
-                  {"2FOFCWT/PH2FOFCWT": ("FP", m.two_coef), "FOFCWT/PHFOFCWT": ("FP", m.diff_coef)})
-        write_ccp4_map(os.path.join(args.out, "omit_2fofc.ccp4"), refl.crystal, m.two_fofc)
-        write_ccp4_map(os.path.join(args.out, "omit_fofc.ccp4"), refl.crystal, m.fofc)
-        write_model(res.rest, os.path.join(args.out, "model_omitted.pdb"))
-        out.update(select=args.select, n_omitted=int(res.omitted.sum()), r_work=m.r_work, r_free=m.r_free,
-                   d_min=m.d_min, cc_fofc=res.cc_fofc, cc_two_fofc=res.cc_two_fofc,
-                   mean_fofc_sigma=res.mean_fofc_sigma, mean_two_fofc_sigma=res.mean_two_fofc_sigma,
-                   files=["omit.mtz", "omit_2fofc.ccp4", "omit_fofc.ccp4", "model_omitted.pdb"])
-    write_json(os.path.join(args.out, "omit.json"), out)
+            res = omit_map(model, refl, args.select, **kw)
+            m = res.maps
+            write_mtz(os.path.join(stage, "omit.mtz"), refl.crystal, m.hkl,
+                      {"2FOFCWT/PH2FOFCWT": ("FP", m.two_coef), "FOFCWT/PHFOFCWT": ("FP", m.diff_coef)})
+            write_ccp4_map(os.path.join(stage, "omit_2fofc.ccp4"), refl.crystal, m.two_fofc)
+            write_ccp4_map(os.path.join(stage, "omit_fofc.ccp4"), refl.crystal, m.fofc)
+            write_model(res.rest, os.path.join(stage, "model_omitted.pdb"))
+            out.update(select=args.select, n_omitted=int(res.omitted.sum()), r_work=m.r_work, r_free=m.r_free,
+                       d_min=m.d_min, cc_fofc=res.cc_fofc, cc_two_fofc=res.cc_two_fofc,
+                       mean_fofc_sigma=res.mean_fofc_sigma, mean_two_fofc_sigma=res.mean_two_fofc_sigma,
+                       files=["omit.mtz", "omit_2fofc.ccp4", "omit_fofc.ccp4", "model_omitted.pdb"])
+        write_json(os.path.join(stage, "omit.json"), out)
     if args.json:
         print(json.dumps(out))
         return 0

@@ -9,6 +9,9 @@ HELP = ("Per-residue density fit (RSCC, density Z-scores) and register-shift sca
         "(no refinement); --out writes residues.csv, validation.json and rscc.png.")
 
 
+OUTPUT_FILES = ("residues.csv", "validation.json", "rscc.png")
+
+
 def add_arguments(p):
     p.add_argument("model", help="model file (PDB or mmCIF)")
     p.add_argument("data", help="reflections (MTZ or structure-factor mmCIF)")
@@ -26,13 +29,13 @@ def run(args) -> int:
 
     from ..io.model import read_model
     from ..io.reflections import check_compatible, read_reflections
-    from ..io.writers import check_output_folder, protect, write_json, write_text
+    from ..io.writers import check_output_folder, protect, staged_output, write_json, write_text
     from ..validate import DEFAULT_THRESHOLD, DEFAULT_WINDOW, validate_model
     from ..validate.density import plot_residue_fit, residue_csv
 
     protect(args.model, args.data)
     if args.out:
-        check_output_folder(args.out, ("residues.csv", "validation.json", "rscc.png"), [args.model, args.data])
+        check_output_folder(args.out, OUTPUT_FILES, [args.model, args.data])
     model = read_model(args.model, hydrogens=False)
     refl = read_reflections(args.data, labin=args.labin)
     check_compatible(model.crystal, refl.crystal, args.model, args.data)
@@ -41,12 +44,13 @@ def run(args) -> int:
     out = {"model": str(args.model), "data": str(args.data), "summary": res.summary,
            "residues": res.residues, "register_shifts": res.register_shifts, "worst": res.worst}
     if args.out:
-        write_text(os.path.join(args.out, "residues.csv"), residue_csv(res.residues))
-        write_json(os.path.join(args.out, "validation.json"), out)
-        try:
-            plot_residue_fit(res.residues, os.path.join(args.out, "rscc.png"), res.register_shifts)
-        except Exception as exc:  # matplotlib missing: the tables are still written
-            print(f"no plot: {exc}")
+        with staged_output(args.out, managed=OUTPUT_FILES) as stage:  # all files or none
+            write_text(os.path.join(stage, "residues.csv"), residue_csv(res.residues))
+            write_json(os.path.join(stage, "validation.json"), out)
+            try:
+                plot_residue_fit(res.residues, os.path.join(stage, "rscc.png"), res.register_shifts)
+            except Exception as exc:  # matplotlib missing: the tables are still written
+                print(f"no plot: {exc}")
     if args.json:
         print(json.dumps(out))
         return 0
