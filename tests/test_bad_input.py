@@ -434,3 +434,31 @@ def test_a_run_replaces_the_old_results_together(base, tmp_path, capsys):
     assert "generated a free set" in (prev / "refine.log").read_text()
     assert all((prev / n).stat().st_mode & 0o777 == 0o644 for n in names)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nofree.mtz", "prev"]
+
+
+def test_full_disk_leaves_the_old_results(base, tmp_path, capsys, monkeypatch):
+    """A write error in the middle of writing the outputs (ENOSPC) ends in one line naming --out;
+    the old results stay as they were."""
+    import errno
+
+    from jaxrefine.refine import run as run_module
+
+    def half_written(model_path, data_path, inputs, stage, *args):
+        Path(stage, "refined.cif").write_text("NEW, INCOMPLETE")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(stage, "maps.mtz")))
+
+    monkeypatch.setattr(run_module, "_run", half_written)
+    prev = tmp_path / "prev"
+    prev.mkdir()
+    for name, text in OLD_RESULTS.items():
+        (prev / name).write_text(text)
+    before = _snapshot(prev)
+    rc, out, err = run_cli(refine(tmp_path, base), capsys)
+    line = err.rstrip().splitlines()[-1]
+    assert rc == 1 and line.startswith(f"jaxrefine: {prev}: cannot write the results (No space left on device)"), err
+    assert "Traceback" not in err
+    after = _snapshot(prev)
+    failed = str(prev / "refine.failed.log")
+    assert after.pop(failed) and "No space left" in Path(failed).read_text()
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prev"]

@@ -296,12 +296,16 @@ def check_model_values(st: gemmi.Structure, source: str = "") -> None:
         raise InputError(f"{source}: every atom has occupancy 0 (nothing scatters); set the occupancies (normally 1.0)")
 
 
-def check_b_limits(model: "Model", b_max: float, option: str = "refine.b_max") -> None:
+def check_b_limits(model: "Model", b_max: float, b_min: float | None = None, option: str = "refine.b_max") -> None:
     """Refuse a model with B above ``b_max`` (Å²): such atoms scatter nothing and cannot recover.
+    Atoms below ``b_min`` are only counted in the log (the B parametrisation raises them to it).
 
     Raises:
         InputError: naming the file, the count, the largest B and the option to change.
     """
+    if b_min is not None and (model.b_iso < b_min).any():
+        log.info("%s: %d atom(s) with B below refine.b_min = %g Å² start at %g Å²", model.source,
+                 int((model.b_iso < b_min).sum()), b_min, b_min)
     over = model.b_iso > b_max
     if over.any():
         i = int(np.argmax(model.b_iso))

@@ -15,6 +15,7 @@ import signal
 import threading
 
 from ..config import Config
+from ..errors import InputError
 from ..io.model import check_b_limits, check_restraint_dictionary
 from ..io.reflections import read_map_coefficients
 from ..io.writers import check_output_folder, protect, staged_output, write_json
@@ -113,7 +114,7 @@ def preflight(model_path, data_path, out_dir, cfg: Config):
     for p in cfg.model.ligands:
         check_restraint_dictionary(p)
     model, refl = load_inputs(model_path, data_path, cfg)
-    check_b_limits(model, cfg.refine.b_max)
+    check_b_limits(model, cfg.refine.b_max, cfg.refine.b_min)
     return model, refl
 
 
@@ -157,7 +158,7 @@ def run_refinement(model_path, data_path, out_dir, cfg: Config | None = None, pr
     early = logging.handlers.BufferingHandler(capacity=100_000)  # what the checks log goes to refine.log too
     with _logging_to(early):
         inputs = preflight(model_path, data_path, out_dir, cfg)
-    with _SignalGuard() as guard:
+    with _SignalGuard() as guard, _naming_the_folder(out_dir):
         with staged_output(out_dir, managed=OUTPUT_FILES) as stage:
             log_path = os.path.join(stage, "refine.log")
             handler = logging.FileHandler(log_path, mode="w")
@@ -177,6 +178,16 @@ def run_refinement(model_path, data_path, out_dir, cfg: Config | None = None, pr
                     handler.close()
             guard.check()
         return metrics
+
+
+@contextlib.contextmanager
+def _naming_the_folder(out_dir):
+    """A write error (full disk, read-only folder) names ``out_dir``, not the staging file."""
+    try:
+        yield
+    except OSError as exc:
+        raise InputError(f"{out_dir}: cannot write the results ({exc.strerror or exc}); the folder is as it was: "
+                         f"free some disk space or choose another --out") from exc
 
 
 def _keep_failed_log(log_path, out_dir) -> None:
