@@ -106,3 +106,15 @@ def test_refresh_keeps_frames_and_follows_new_coordinates():
     np.testing.assert_allclose(h, _placed_by_gemmi(riding_sites(m, monomer_dir(), xyz_cart=moved)), atol=PLACEMENT_TOL)
     assert not np.allclose(s2.local, s.local)  # the local geometry was re-derived
 
+
+
+def test_refreshed_riding_follows_gemmi_on_new_coordinates():
+    from jaxrefine.problem.riding import refreshed_riding
+
+    m, s = _sites("5e5z")
+    r = riding_from_sites(s, jnp.float64)
+    moved = m.xyz_cart + np.random.default_rng(4).normal(0, 0.1, m.xyz_cart.shape)
+    r2 = refreshed_riding(r, m, moved, monomer_dir())
+    assert r2.parent is r.parent and r2.local.dtype == r.local.dtype
+    h = np.asarray(riding_xyz(jnp.asarray(moved), r2))
+    np.testing.assert_allclose(h, _placed_by_gemmi(riding_sites(m, monomer_dir(), xyz_cart=moved)), atol=PLACEMENT_TOL)

@@ -74,3 +74,22 @@ def scattering_atoms(xyz_cart, b_iso, occ, riding: Riding | None):
     xyz_h = riding_xyz(xyz_cart, riding)
     return (jnp.concatenate([xyz_cart, xyz_h]), jnp.concatenate([b_iso, riding.b_factor * b_iso[riding.parent]]),
             jnp.concatenate([occ, occ[riding.parent]]))
+
+
+def refreshed_riding(riding: Riding, model, xyz_cart, monlib=None, ligands=()) -> Riding:
+    """``riding`` with local coordinates re-derived from gemmi's placement on the heavy atoms at
+    ``xyz_cart`` (n, 3) Å (outside jit, between macrocycles; same hydrogens and frames, so the same
+    shapes).  A start far from ideal geometry (a shaken model) gives distorted local coordinates;
+    refreshing them as the geometry improves keeps the hydrogens where the library puts them."""
+    from ..io.hydrogens import riding_sites
+
+    sites = riding_sites(model, monlib, ligands, xyz_cart=np.asarray(xyz_cart, float), like=riding)
+    return riding._replace(local=jnp.asarray(np.asarray(sites.local), riding.local.dtype))
+
+
+def riding_problem(problem, model, xyz_cart, monlib=None, ligands=()):
+    """The problem with its riding hydrogens refreshed (see :func:`refreshed_riding`); unchanged
+    when it has none."""
+    if getattr(problem, "riding", None) is None:
+        return problem
+    return problem._replace(riding=refreshed_riding(problem.riding, model, xyz_cart, monlib, ligands))
