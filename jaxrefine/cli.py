@@ -25,6 +25,7 @@ COMMANDS = {
     "demo": "refine a built-in synthetic test crystal (no files needed)",
     "omit": "omit maps for a selection",
     "validate": "per-residue density fit and register-shift scan",
+    "batch": "refine many datasets on Dask (a manifest or a folder pattern), never worse than the input",
 }
 
 
@@ -82,7 +83,7 @@ def _error_line(exc: BaseException) -> tuple[str, int]:
         where = exc.filename or "output"
         what = exc.strerror or str(exc)
         return f"{where}: {what}; check the path, its permissions and the free disk space", 1
-    if isinstance(exc, MemoryError):
+    if isinstance(exc, MemoryError) or "RESOURCE_EXHAUSTED" in str(exc):  # XLA reports its allocation failures so
         return "out of memory; use a higher resolution limit (--d-min) or a machine with more memory", 1
     return f"internal error ({type(exc).__name__}: {exc}); rerun with -v for the traceback and report it", 1
 

@@ -201,6 +201,7 @@ CASES = {
     "cell_mismatch": (lambda t, b: refine(t, b, model=_model(t, b, _other_cell)), 1, ["bad.pdb", "data.mtz", "differ"]),
     "ligand_is_a_model": (lambda t, b: refine(t, b, "--ligand", str(b / "model.pdb")), 1,
                           ["model.pdb", "not a CIF restraint dictionary"]),
+    "monlib_missing": (lambda t, b: refine(t, b, "--monlib", str(t / "monomers")), 1, ["monomers", "monomer library", "--monlib"]),
     "ligand_missing": (lambda t, b: refine(t, b, "--ligand", str(t / "lig.cif")), 1, ["lig.cif", "not found"]),
     # reflection files
     "data_missing": (lambda t, b: refine(t, b, data=t / "none.mtz"), 1, ["none.mtz", "not found"]),

@@ -18,6 +18,7 @@ from ..config import Config
 from ..errors import InputError
 from ..io.model import check_b_limits, check_restraint_dictionary
 from ..io.reflections import read_map_coefficients
+from ..io.topology import find_monlib
 from ..io.writers import check_output_folder, protect, staged_output, write_json
 from ..problem.setup import build_setup, load_inputs
 from .cache import enable_compilation_cache
@@ -113,6 +114,7 @@ def preflight(model_path, data_path, out_dir, cfg: Config):
     check_output_folder(out_dir, OUTPUT_FILES, inputs)
     for p in cfg.model.ligands:
         check_restraint_dictionary(p)
+    find_monlib(cfg.model.monlib)
     model, refl = load_inputs(model_path, data_path, cfg)
     check_b_limits(model, cfg.refine.b_max, cfg.refine.b_min)
     return model, refl
