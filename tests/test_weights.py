@@ -41,3 +41,15 @@ def test_adjust_w_a_is_damped_and_bounded():
     assert np.isclose(wmod.adjust_w_a(0.1, 2.0, target), 0.1 * np.sqrt(2.0))  # square root of the ratio
     assert np.isclose(wmod.adjust_w_a(0.1, 0.5, target), 0.1 / np.sqrt(2.0))
     assert np.isclose(wmod.adjust_w_a(0.1, 10.0, target), 0.1 * wmod.MAX_FACTOR)  # at most MAX_FACTOR per cycle
+
+
+def test_scan_w_a_runs_every_trial_and_returns_the_kept_result():
+    seen = []
+
+    def run_trial(w):  # a fake minimisation: the likelihood is best at w = 0.2, bonds loosen as w falls
+        seen.append(w)
+        return f"params@{w:g}", _trial(w, (np.log(w) - np.log(0.2)) ** 2, 0.001 / w)
+
+    result, trial, line = wmod.scan_w_a(0.1, run_trial)
+    assert seen == wmod.scan_weights(0.1)
+    assert result == "params@0.2" and trial.w_a == 0.2 and "-> 0.2 " in line
