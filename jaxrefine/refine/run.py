@@ -153,15 +153,17 @@ def run_refinement(model_path, data_path, out_dir, cfg: Config | None = None, pr
     Raises:
         JaxrefineError: bad input, before any refinement where it can be told.
         Interrupted: SIGINT/SIGTERM; ``out_dir`` is left as it was.
-        OSError: the disk is full or the folder cannot be written; ``out_dir`` is left as it was.
-        On an error after the inputs were read, the log is kept as ``out_dir/refine.failed.log``.
+        InputError: also when the disk is full or the folder cannot be written; ``out_dir`` is left
+            as it was.  On an error after the inputs were read, the log is kept as
+            ``out_dir/refine.failed.log``.
     """
     cfg = cfg or Config()
     early = logging.handlers.BufferingHandler(capacity=100_000)  # what the checks log goes to refine.log too
-    with _logging_to(early):
-        inputs = preflight(model_path, data_path, out_dir, cfg)
-    with _SignalGuard() as guard, _naming_the_folder(out_dir):
-        with staged_output(out_dir, managed=OUTPUT_FILES) as stage:
+    with _SignalGuard() as guard:
+        with _logging_to(early):
+            inputs = preflight(model_path, data_path, out_dir, cfg)
+        guard.check()
+        with _naming_the_folder(out_dir), staged_output(out_dir, managed=OUTPUT_FILES) as stage:
             log_path = os.path.join(stage, "refine.log")
             handler = logging.FileHandler(log_path, mode="w")
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
