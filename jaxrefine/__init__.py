@@ -19,8 +19,10 @@ def __getattr__(name):
         "refined_model": ("jaxrefine.refine.engine", "refined_model"),
         "total_energy": ("jaxrefine.refine.energy", "total_energy"),
         "energy_terms": ("jaxrefine.refine.energy", "energy_terms"),
+        "water_hooks": ("jaxrefine.validate.waters", "water_hooks"),
         "Params": ("jaxrefine.problem.params", "Params"),
         "Problem": ("jaxrefine.problem", "Problem"),
+        "XrayState": ("jaxrefine.problem", "XrayState"),
         "run_refinement": ("jaxrefine.refine.run", "run_refinement"),
     }
     if name in lazy:

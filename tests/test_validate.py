@@ -268,15 +268,16 @@ def test_water_picking_recovers_removed_waters():
     np.testing.assert_allclose(added, new, atol=1e-3)  # PDB precision of the written coordinates
 
 
-def test_water_params_follow_the_config():
-    from jaxrefine.config import Config
-    from jaxrefine.validate.waters import WaterParams, water_params_from_config
+def test_water_hooks_follow_the_config():
+    """The water actions handed to the refinement loop are those the config asks for (issue 13:
+    refine never imports validate; the caller passes them)."""
+    from jaxrefine.config import load_config
+    from jaxrefine.validate.waters import water_hooks
 
-    cfg = Config()
-    p = water_params_from_config(cfg)
-    assert p.min_density_sigma == cfg.waters.min_density_sigma and p.max_b == cfg.waters.max_b
-    assert p.clash_distance == cfg.waters.clash_distance
-    assert p.min_peak_sigma == WaterParams().min_peak_sigma  # keys the config lacks keep their defaults
+    default = water_hooks(load_config(None))
+    assert len(default["after_minimise"]) == 1 and default["between_cycles"] == []
+    picking = water_hooks(load_config(None, ["waters.update_waters=true", "waters.remove_bad=false"]))
+    assert picking["after_minimise"] == [] and len(picking["between_cycles"]) == 1
 
 
 @pytest.mark.slow

@@ -103,6 +103,35 @@ def model_f_mask(model, crystal, hkl, d_min: float, r_probe: float = 1.0, r_shri
     return np.asarray(f_from_grid(jnp.asarray(grid), jnp.asarray(hkl), crystal)), shape, float(grid.mean())
 
 
+def fit_scales_and_sigma_a(f_obs, sig_f_obs, f_calc, f_mask, s_cart, work, sigma_a_use, bins, centric, epsilon, crystal,
+                           use_solvent: bool = True):
+    """The X-ray state fit for fixed F_calc and F_mask: scales on the work set, then F_model, then σA.
+
+    The one fit behind refinement (:func:`jaxrefine.problem.xray_state.update_xray_state`),
+    ``rfactors``, validation and omit maps (:func:`compute_fmodel`).  Outside jit.
+
+    Args:
+        f_obs, sig_f_obs: (n,) observed amplitudes and their σ.
+        f_calc, f_mask: (n,) complex structure factors of the atoms and of the solvent mask.
+        s_cart: (n, 3) Cartesian reciprocal vectors (Å⁻¹).
+        work: (n,) bool reflections the scales are fitted on.
+        sigma_a_use, bins: (n,) bool reflections σA is estimated from and (n,) int σA bin.
+        centric, epsilon: (n,) centric flags and epsilon factors.
+        crystal: :class:`jaxrefine.core.crystal.Crystal` (symmetry constraints of the anisotropic scale).
+        use_solvent: False: no bulk solvent (k_sol = 0).
+
+    Returns:
+        (:class:`jaxrefine.xray.scaling.Scales`, (n,) complex F_model, :class:`jaxrefine.xray.targets.SigmaA`).
+    """
+    f_obs = np.asarray(f_obs)
+    scales = fit_scales(f_obs, np.asarray(f_calc), np.asarray(f_mask), np.asarray(s_cart), np.asarray(work), crystal,
+                        use_solvent=use_solvent)
+    fm = f_model(jnp.asarray(f_calc), jnp.asarray(f_mask), jnp.asarray(s_cart), scales)
+    sigma_a = estimate_sigma_a(f_obs, np.asarray(fm), np.asarray(sigma_a_use), np.asarray(bins), np.asarray(centric),
+                               np.asarray(epsilon), np.asarray(sig_f_obs))
+    return scales, fm, sigma_a
+
+
 def compute_fmodel(model, refl, f_calc=None, f_mask=None, sf_method: str = "auto", r_probe: float = 1.0,
                    r_shrink: float = 0.8, use_solvent: bool = True, complete: bool = False) -> FmodelResult:
     """F_calc, bulk solvent, scales and σA for a model and its data (outside jit).
@@ -139,15 +168,12 @@ def compute_fmodel(model, refl, f_calc=None, f_mask=None, sf_method: str = "auto
     t["f_mask"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     s_cart = reciprocal_vectors(refl.hkl, crystal)
-    work = ~np.asarray(refl.free, bool)
-    scales = fit_scales(refl.f_obs, f_calc, f_mask, s_cart, work, crystal, use_solvent=use_solvent)
-    fm = np.asarray(f_model(jnp.asarray(f_calc), jnp.asarray(f_mask), s_cart, scales))
-    t["scales"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
     use, which = choose_sigma_a_set(refl.free)
-    bins = sigma_a_bins(refl.d, use)
-    sig_a = estimate_sigma_a(refl.f_obs, fm, use, bins, refl.centric, refl.epsilon, refl.sig_f_obs)
-    t["sigma_a"] = time.perf_counter() - t0
+    scales, fm, sig_a = fit_scales_and_sigma_a(
+        refl.f_obs, refl.sig_f_obs, f_calc, f_mask, s_cart, ~np.asarray(refl.free, bool), use, sigma_a_bins(refl.d, use),
+        refl.centric, refl.epsilon, crystal, use_solvent=use_solvent)
+    fm = np.asarray(fm)
+    t["scales_sigma_a"] = time.perf_counter() - t0
     return FmodelResult(
         f_calc=np.asarray(f_calc), f_mask=np.asarray(f_mask), f_model=fm, s_cart=s_cart, scales=scales,
         sigma_a=sig_a, sigma_a_set=which, mask_grid_shape=shape, solvent_fraction=frac_solvent, timings=t,

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 # REFMAC5 (VDWR INCR keywords) as used by servalcat: H-bond donor-acceptor pairs get d_min
 # reduced by this (Å; Murshudov et al. 2011); the 1-4 increments are per atom (io/topology.py).
 DINC_HBOND = -0.3
+NEIGHBOUR_HEADROOM = 1.5  # capacity of the padded list over the pairs found at the start: atoms move during
+NEIGHBOUR_SPARE = 64  # refinement and new contacts appear; a fixed capacity keeps one compiled energy
 NONBONDED_SLACK = 1.0  # Å; pairs up to d_min + slack are listed so atoms may move between rebuilds
 
 
@@ -80,7 +82,7 @@ def build_nonbonded(model_or_xyz, restraints: Restraints, crystal=None, cutoff: 
         restraints: from :func:`build_restraints` (radii, altlocs, bonded pairs).
         crystal: :class:`jaxrefine.core.crystal.Crystal`; default the model's.
         cutoff: search radius (Å); default the largest possible d_min + ``slack``.
-        max_pairs: padded capacity; default 1.5 × the pairs found now (+64).  If more pairs are
+        max_pairs: padded capacity; default NEIGHBOUR_HEADROOM × the pairs found now + NEIGHBOUR_SPARE.  If more pairs are
             found the most distant are dropped with a warning.
         slack: list pairs with d < d_min + slack.
 
@@ -124,7 +126,7 @@ def build_nonbonded(model_or_xyz, restraints: Restraints, crystal=None, cutoff: 
     keep &= d < d_min + slack
     i, j, op, shift, d, d_min, ident, kind = (x[keep] for x in (i, j, op, shift, d, d_min, ident, kind))
     order = np.argsort(d - d_min, kind="stable")  # most violating first
-    cap = padded_length(int(1.5 * order.size) + 64) if max_pairs is None else int(max_pairs)
+    cap = padded_length(int(NEIGHBOUR_HEADROOM * order.size) + NEIGHBOUR_SPARE) if max_pairs is None else int(max_pairs)
     if order.size > cap:
         log.warning("non-bonded list: %d pairs found, capacity %d; the %d most distant are dropped", order.size, cap, order.size - cap)
         order = order[:cap]

@@ -1,12 +1,15 @@
-"""The refinement problem: everything that stays fixed during one minimisation.
+"""The refinement problem, split by how often each part changes.
 
-``Problem`` is a pytree of arrays (passed to jitted functions as an argument, never closed
-over).  Fields that change between macrocycles — the solvent mask's F_mask, the scales, σA,
-the non-bonded list and the weights — are replaced with ``problem._replace(...)`` outside jit,
-keeping their shapes so that the energy compiles once per problem.
+- ``Problem``: everything that stays fixed during a refinement (a pytree of arrays: how Params
+  become atoms, the structure-factor setup, the observed data, the restraints, fixed weights).
+- ``XrayState``: what is refitted between macrocycles, outside jit — the bulk-solvent F_mask, the
+  scales, σA, the non-bonded neighbour list and w_A.  Its shapes never change, so the energy
+  ``total_energy(params, problem, state)`` compiles once per problem.
+- ``Params``: what the optimiser moves (:mod:`jaxrefine.problem.params`).
 
-``Setup`` carries what the macrocycle loop needs besides the arrays: the model read, the data,
-the configuration and the builders for masks and neighbour lists (Python objects, not traced).
+``Setup`` bundles a problem with its starting parameters and state and the inputs it was built
+from (the model, the data, the configuration); it is what :func:`jaxrefine.problem.build_setup`
+returns and what the macrocycle loop starts from.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from .params import AtomMaps, Params
 
 
 class XrayData(NamedTuple):
-    """Observed data and the per-macrocycle X-ray model state (arrays, (n_refl,) unless noted)."""
+    """Observed data and their static bookkeeping (arrays, (n_refl,) unless noted)."""
 
     hkl: jax.Array  # (n, 3) int
     s2: jax.Array  # 1/d² (Å⁻²)
@@ -34,9 +37,24 @@ class XrayData(NamedTuple):
     centric: jax.Array  # bool
     epsilon: jax.Array  # float
     bins: jax.Array  # int resolution bin of σA
-    f_mask: jax.Array  # complex, F of the bulk-solvent mask (refreshed per macrocycle)
-    scales: Any  # xray.scaling.Scales
-    sigma_a: Any  # xray.targets.SigmaA
+
+
+class XrayState(NamedTuple):
+    """The per-macrocycle state (a pytree; refreshed outside jit with the same shapes).
+
+    Attributes:
+        f_mask: (n_refl,) complex F of the bulk-solvent mask.
+        scales: :class:`jaxrefine.xray.scaling.Scales` fitted on the work set.
+        sigma_a: :class:`jaxrefine.xray.targets.SigmaA` (D, S per reflection).
+        nonbonded: :class:`jaxrefine.restraints.nonbonded.NonbondedList` (padded to a fixed capacity).
+        w_a: weight of E_geometry (scalar array).
+    """
+
+    f_mask: jax.Array
+    scales: Any
+    sigma_a: Any
+    nonbonded: Any
+    w_a: jax.Array
 
 
 class Problem(NamedTuple):
@@ -45,11 +63,9 @@ class Problem(NamedTuple):
     Attributes:
         maps: how Params become per-atom coordinates, B and occupancy.
         sf: structure-factor setup (hkl, form factors, symmetry, FFT grid).
-        xray: observed data and the current solvent/scale/σA state.
+        xray: observed data.
         restraints: geometry restraints (padded index arrays).
-        nonbonded: non-bonded pair list (padded; rebuilt per macrocycle).
         geo_weights: per-term geometry weights.
-        w_a: weight of E_geometry (scalar array).
         w_b: weight of the ADP restraints (scalar array).
         u_shape: (n, 6) fixed anisotropic part of U (Cartesian Å², trace-free: ANISOU minus its
             isotropic equivalent) added to the refined isotropic B in F_calc; None when the model
@@ -60,18 +76,21 @@ class Problem(NamedTuple):
     sf: Any
     xray: XrayData
     restraints: Any
-    nonbonded: Any
     geo_weights: Any
-    w_a: jax.Array
     w_b: jax.Array
     u_shape: Any = None
 
 
 class Setup(NamedTuple):
-    """A problem, its starting parameters and the context the macrocycle loop needs."""
+    """A problem with its starting parameters and X-ray state, and the inputs it was built from.
+
+    ``model`` (atom names, residues, the gemmi structure for the writers) and ``refl`` stay here,
+    outside every jitted function; ``problem``, ``params`` and ``state`` are arrays only.
+    """
 
     problem: Problem
     params: Params
+    state: XrayState
     model: Model
     refl: Reflections
     config: Config

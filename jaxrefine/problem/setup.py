@@ -1,8 +1,8 @@
-"""Building a refinement problem from a model and data, and refreshing its X-ray state.
+"""Building a refinement problem from a model and data.
 
-:func:`build_setup` reads (or takes) the inputs and assembles the static arrays, the starting
-``Params`` and the first X-ray state; :func:`update_xray_state` refits the solvent mask, scales
-and σA for new parameters (outside jit, between macrocycles).
+:func:`build_setup` reads (or takes) the inputs and assembles the static arrays (``Problem``), the
+starting ``Params`` and the first ``XrayState`` (see :mod:`jaxrefine.problem.xray_state` for how
+the state is refreshed between macrocycles).
 """
 from __future__ import annotations
 
@@ -17,21 +17,22 @@ from ..config import Config
 from ..errors import InputError
 from ..io.formfactor_io import it92_form_factors
 from ..io.model import Model, read_model
-from ..io.reflections import check_compatible, read_reflections
+from ..io.reflections import Reflections, check_compatible, read_reflections
 from ..io.topology import build_restraints, find_monlib
 from ..restraints import GeometryWeights
-from ..xray.fmodel import f_model
-from ..xray.scaling import fit_scales, reciprocal_vectors
-from ..xray.structure_factors import make_sf_setup, structure_factors
-from ..xray.targets import choose_sigma_a_set, estimate_sigma_a, sigma_a_bins
-from .fmodel import model_f_mask
+from ..xray.scaling import reciprocal_vectors
+from ..xray.structure_factors import make_sf_setup
+from ..xray.targets import choose_sigma_a_set, sigma_a_bins
 from .neighbours import build_nonbonded
-from .params import AtomMaps, Params, atom_b, atom_occ, atom_xyz, b_to_raw, occ_to_raw, occupancy_groups
-from .problem import Problem, Setup, XrayData
+from .params import AtomMaps, Params, b_to_raw, occ_to_raw, occupancy_groups
+from .problem import Problem, Setup, XrayData, XrayState
+from .xray_state import cast_floats, update_xray_state
 
 log = logging.getLogger("jaxrefine")
 
 SF_B_MARGIN = 15.0  # Å²: the FFT spreading boxes hold Gaussians up to the starting B + this (room for B refinement)
+BODY_RADIUS_PAD = 1.0  # Å added to a rigid body's radius of gyration: rotations are optimised as arcs
+#                        (radius × angle), and a one-atom body must not get radius 0
 
 
 def rigid_bodies(model: Model, spec: str):
@@ -102,22 +103,9 @@ def _dtype(cfg: Config):
     return jnp.float32
 
 
-def cast_floats(tree, dtype):
-    """The pytree with every floating-point array leaf cast to ``dtype`` (ints and bools kept)."""
-    cdtype = jnp.complex128 if dtype == jnp.float64 else jnp.complex64
-
-    def cast(a):
-        if isinstance(a, (np.ndarray, jax.Array)):
-            if jnp.issubdtype(a.dtype, jnp.floating):
-                return jnp.asarray(a, dtype)
-            if jnp.issubdtype(a.dtype, jnp.complexfloating):
-                return jnp.asarray(a, cdtype)
-        return a
-
-    return jax.tree_util.tree_map(cast, tree)
-
-
 def geometry_weights(cfg: Config, dtype) -> GeometryWeights:
+    """The per-term geometry weights of ``cfg.weights`` (the one place they are built); terms the
+    config does not name (``adp``) weigh 1."""
     w = cfg.weights
     return GeometryWeights(**{f: jnp.asarray(getattr(w, f, 1.0), dtype) for f in GeometryWeights._fields})
 
@@ -128,23 +116,11 @@ def refine_hkl_free(refl):
     return use
 
 
-def build_setup(model_path, data_path, cfg: Config | None = None, model=None, refl=None) -> Setup:
-    """Read the inputs and build the problem and starting parameters.
-
-    Args:
-        model_path, data_path: files (ignored when ``model``/``refl`` are given).
-        cfg: configuration (defaults when None).
-        model, refl: already-read inputs (for notebooks and tests).
-    """
-    cfg = cfg or Config()
-    if model is None or refl is None:
-        model, refl = load_inputs(model_path, data_path, cfg)
-    dtype = _dtype(cfg)
-    monlib = find_monlib(cfg.model.monlib)
-    restraints = cast_floats(build_restraints(model, monlib=monlib, ligands=cfg.model.ligands), dtype)
-    nonbonded = cast_floats(build_nonbonded(model, restraints, model.crystal), dtype)
+def atom_maps_and_params(model: Model, cfg: Config, dtype):
+    """(:class:`AtomMaps`, starting :class:`Params`) of a model: rigid bodies, occupancy groups, B floor."""
     idx, centres = rigid_bodies(model, cfg.refine.rigid_bodies)
-    radii = np.array([np.sqrt(((model.xyz_cart[idx == b] - c) ** 2).sum(1).mean()) + 1.0 for b, c in enumerate(centres)])
+    radii = np.array([np.sqrt(((model.xyz_cart[idx == b] - c) ** 2).sum(1).mean()) + BODY_RADIUS_PAD
+                      for b, c in enumerate(centres)])
     refine_occ = cfg.refine.strategy == "xyz_b_occ"
     occ_group, group_set, set_total, set_size, group_start = occupancy_groups(model, refine_partial=refine_occ)
     if not refine_occ:
@@ -166,48 +142,50 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
     )
     params = initial_params(model, maps, np.asarray(group_start, float), np.asarray(group_set, np.int32),
                             np.asarray(set_total, float), np.asarray(set_size, np.int32), dtype)
-    ff = it92_form_factors(model.element, model.source)
-    u_shape = anisotropic_shape(model, cfg.refine.keep_anisou)
-    sf = make_sf_setup(model.crystal, refl.hkl, ff, d_min=refl.d_min, b_iso=model.b_iso, b_margin=SF_B_MARGIN, dtype=dtype,
-                       u_aniso=u_shape)
+    return maps, params
+
+
+def xray_data(refl: Reflections, dtype) -> XrayData:
+    """The observed data as arrays, with the σA reflection set and bins."""
     use = refine_hkl_free(refl)
-    bins = sigma_a_bins(refl.d, use)
-    xray = XrayData(
-        hkl=jnp.asarray(refl.hkl), s2=jnp.asarray(refl.s2, dtype), s_cart=jnp.asarray(reciprocal_vectors(refl.hkl, refl.crystal), dtype),
+    return XrayData(
+        hkl=jnp.asarray(refl.hkl), s2=jnp.asarray(refl.s2, dtype),
+        s_cart=jnp.asarray(reciprocal_vectors(refl.hkl, refl.crystal), dtype),
         sigma_a_use=jnp.asarray(use), f_obs=jnp.asarray(refl.f_obs, dtype),
         sig_f_obs=jnp.asarray(refl.sig_f_obs, dtype), work=jnp.asarray(~refl.free), free=jnp.asarray(refl.free),
-        centric=jnp.asarray(refl.centric), epsilon=jnp.asarray(refl.epsilon, dtype), bins=jnp.asarray(bins),
-        f_mask=jnp.zeros(refl.n, jnp.complex128 if dtype == jnp.float64 else jnp.complex64), scales=None, sigma_a=None,
+        centric=jnp.asarray(refl.centric), epsilon=jnp.asarray(refl.epsilon, dtype), bins=jnp.asarray(sigma_a_bins(refl.d, use)),
     )
+
+
+def build_setup(model_path, data_path, cfg: Config | None = None, model=None, refl=None) -> Setup:
+    """Read the inputs and build the static problem, the starting parameters and the first X-ray state.
+
+    Args:
+        model_path, data_path: files (ignored when ``model``/``refl`` are given).
+        cfg: configuration (defaults when None).
+        model, refl: already-read inputs (for notebooks and tests).
+    """
+    cfg = cfg or Config()
+    if model is None or refl is None:
+        model, refl = load_inputs(model_path, data_path, cfg)
+    dtype = _dtype(cfg)
+    monlib = find_monlib(cfg.model.monlib)
+    restraints = cast_floats(build_restraints(model, monlib=monlib, ligands=cfg.model.ligands), dtype)
+    maps, params = atom_maps_and_params(model, cfg, dtype)
+    u_shape = anisotropic_shape(model, cfg.refine.keep_anisou)
+    sf = make_sf_setup(model.crystal, refl.hkl, it92_form_factors(model.element, model.source), d_min=refl.d_min,
+                       b_iso=model.b_iso, b_margin=SF_B_MARGIN, dtype=dtype, u_aniso=u_shape)
     problem = Problem(
-        maps=maps, sf=sf, xray=xray, restraints=restraints, nonbonded=nonbonded,
-        geo_weights=geometry_weights(cfg, dtype), w_a=jnp.asarray(1.0, dtype), w_b=jnp.asarray(cfg.weights.w_b, dtype),
+        maps=maps, sf=sf, xray=xray_data(refl, dtype), restraints=restraints,
+        geo_weights=geometry_weights(cfg, dtype), w_b=jnp.asarray(cfg.weights.w_b, dtype),
         u_shape=None if u_shape is None else jnp.asarray(u_shape, dtype),
     )
-    setup = Setup(problem=problem, params=params, model=model, refl=refl, config=cfg, monlib=monlib)
-    problem = update_xray_state(setup, problem, params)
-    return setup._replace(problem=problem)
-
-
-# ------------------------------------------------------------------ per-macrocycle X-ray state
-def current_model_arrays(params: Params, problem: Problem):
-    """numpy (xyz_cart, b_iso, occ) for the parameters."""
-    xyz_cart, _ = atom_xyz(params, problem.maps)
-    return np.asarray(xyz_cart, float), np.asarray(atom_b(params, problem.maps), float), np.asarray(atom_occ(params, problem.maps), float)
-
-
-def model_of(model: Model, params: Params, problem: Problem) -> Model:
-    """``model`` (the one the problem was built from) with the coordinates, B and occupancies of ``params``."""
-    from ..io.build import with_coordinates
-
-    xyz, b, occ = current_model_arrays(params, problem)
-    return with_coordinates(model, xyz_cart=xyz, b_iso=b, occ=occ)
-
-
-def f_calc_of(params: Params, problem: Problem):
-    _, xyz_frac = atom_xyz(params, problem.maps)
-    return structure_factors(xyz_frac, atom_b(params, problem.maps), atom_occ(params, problem.maps), problem.sf,
-                             problem.u_shape)
+    state = XrayState(  # w_A is chosen by the loop; mask, scales and σA are fitted just below
+        f_mask=jnp.zeros(refl.n, jnp.complex128 if dtype == jnp.float64 else jnp.complex64), scales=None, sigma_a=None,
+        nonbonded=cast_floats(build_nonbonded(model, restraints, model.crystal), dtype), w_a=jnp.asarray(1.0, dtype),
+    )
+    setup = Setup(problem=problem, params=params, state=state, model=model, refl=refl, config=cfg, monlib=monlib)
+    return setup._replace(state=update_xray_state(setup, problem, state, params))
 
 
 def anisotropic_shape(model, keep: bool):
@@ -221,33 +199,3 @@ def anisotropic_shape(model, keep: bool):
     shape = u.copy()
     shape[:, :3] -= u_eq[:, None]
     return shape
-
-
-f_calc_of_jit = jax.jit(f_calc_of)
-
-
-def update_xray_state(setup: Setup, problem: Problem, params: Params, rebuild_mask: bool = True) -> Problem:
-    """Rebuild the solvent mask (F_mask), refit scales on the work set and re-estimate σA."""
-    cfg, refl, model = setup.config, setup.refl, setup.model
-    x = problem.xray
-    xyz, _, occ = current_model_arrays(params, problem)
-    f_mask = x.f_mask
-    if rebuild_mask:
-        fmask, _, _ = model_f_mask(model, model.crystal, refl.hkl, refl.d_min, r_probe=cfg.solvent.r_probe,
-                                   r_shrink=cfg.solvent.r_shrink, xyz_cart=xyz)
-        f_mask = jnp.asarray(fmask, x.f_mask.dtype)
-    f_calc = f_calc_of_jit(params, problem)
-    scales = fit_scales(np.asarray(x.f_obs), np.asarray(f_calc), np.asarray(f_mask), np.asarray(x.s_cart),
-                        np.asarray(x.work), model.crystal)
-    scales = jax.tree_util.tree_map(lambda a: jnp.asarray(a, x.s2.dtype), scales)
-    fm = f_model(f_calc, f_mask, x.s_cart, scales)
-    sigma_a = estimate_sigma_a(np.asarray(x.f_obs), np.asarray(fm), np.asarray(x.sigma_a_use), np.asarray(x.bins),
-                               np.asarray(x.centric), np.asarray(x.epsilon), np.asarray(x.sig_f_obs))
-    sigma_a = sigma_a._replace(d=jnp.asarray(sigma_a.d, x.s2.dtype), s=jnp.asarray(sigma_a.s, x.s2.dtype))
-    return cast_floats(problem._replace(xray=x._replace(f_mask=f_mask, scales=scales, sigma_a=sigma_a)), x.s2.dtype)
-
-
-def f_model_of(params: Params, problem: Problem):
-    """F_model (n_refl,) complex of the parameters with the problem's current X-ray state (outside jit)."""
-    x = problem.xray
-    return f_model(f_calc_of_jit(params, problem), x.f_mask, x.s_cart, x.scales)

@@ -6,7 +6,9 @@ over the work reflections; E_geometry is Σ w_term ((x − ideal)/σ)² over the
 dictionary, −log-likelihood of the geometry is E_geometry / 2, so w_A = 0.5 is the "Bayesian"
 balance; the automatic weight moves w_A from there (see :mod:`jaxrefine.refine.weights`).
 
-All functions here are pure and jit-able; ``target`` is static (one compiled function each).
+All functions here are pure and jit-able with the signature ``(params, problem, state, ...)``:
+``problem`` is static for a refinement, ``state`` (mask, scales, σA, neighbours, w_A) changes
+between macrocycles with fixed shapes; ``target`` is static (one compiled function each).
 """
 from __future__ import annotations
 
@@ -15,11 +17,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ..problem.params import Params, atom_b, atom_occ, atom_xyz
-from ..problem import Problem
+from ..problem.params import Params, atom_b, atom_xyz
+from ..problem.problem import Problem, XrayState
+from ..problem.xray_state import f_model_of
 from ..restraints import adp_energy, geometry_energy
-from ..xray.fmodel import f_model
-from ..xray.structure_factors import structure_factors
 from ..xray.targets import ls_amplitude_target, ml_amplitude_target
 
 TARGETS = ("ml", "ls")
@@ -32,43 +33,36 @@ class EnergyTerms(NamedTuple):
     adp: jax.Array
 
 
-def model_f(params: Params, problem: Problem):
-    """F_model (n_refl,) complex for the current parameters."""
-    _, xyz_frac = atom_xyz(params, problem.maps)
-    f_calc = structure_factors(xyz_frac, atom_b(params, problem.maps), atom_occ(params, problem.maps), problem.sf,
-                               problem.u_shape)
-    x = problem.xray
-    return f_model(f_calc, x.f_mask, x.s_cart, x.scales)
-
-
-def xray_energy(params: Params, problem: Problem, target: str = "ml"):
+def xray_energy(params: Params, problem: Problem, state: XrayState, target: str = "ml"):
     """E_xray for the parameters: ML (Read 1986) or LS amplitude target over work reflections."""
     x = problem.xray
-    fm = model_f(params, problem)
+    fm = f_model_of(params, problem, state)
     if target == "ml":
-        return ml_amplitude_target(x.f_obs, x.sig_f_obs, fm, x.sigma_a, x.centric, x.epsilon, x.work)
+        return ml_amplitude_target(x.f_obs, x.sig_f_obs, fm, state.sigma_a, x.centric, x.epsilon, x.work)
     return ls_amplitude_target(x.f_obs, x.sig_f_obs, fm, x.work)
 
 
-def geometry_term(params: Params, problem: Problem):
+def geometry_term(params: Params, problem: Problem, state: XrayState):
+    """E_geometry (unweighted by w_A) at the parameters' coordinates, with the state's neighbour list."""
     xyz_cart, _ = atom_xyz(params, problem.maps)
-    return geometry_energy(xyz_cart, problem.restraints, problem.nonbonded, problem.geo_weights, problem.maps.orth, problem.maps.frac)
+    return geometry_energy(xyz_cart, problem.restraints, state.nonbonded, problem.geo_weights, problem.maps.orth, problem.maps.frac)
 
 
 def adp_term(params: Params, problem: Problem):
+    """E_ADP: B similarity of bonded atoms (unweighted by w_B)."""
     return adp_energy(atom_b(params, problem.maps), problem.restraints, 1.0)
 
 
-def energy_terms(params: Params, problem: Problem, target: str = "ml") -> EnergyTerms:
-    e_x = xray_energy(params, problem, target)
-    e_g = geometry_term(params, problem)
+def energy_terms(params: Params, problem: Problem, state: XrayState, target: str = "ml") -> EnergyTerms:
+    e_x = xray_energy(params, problem, state, target)
+    e_g = geometry_term(params, problem, state)
     e_b = adp_term(params, problem)
-    return EnergyTerms(e_x + problem.w_a * e_g + problem.w_b * e_b, e_x, e_g, e_b)
+    return EnergyTerms(e_x + state.w_a * e_g + problem.w_b * e_b, e_x, e_g, e_b)
 
 
-def total_energy(params: Params, problem: Problem, target: str = "ml"):
-    """E_total (scalar) — the function to differentiate: ``jax.grad(total_energy)(params, problem)``."""
-    return energy_terms(params, problem, target).total
+def total_energy(params: Params, problem: Problem, state: XrayState, target: str = "ml"):
+    """E_total (scalar) — the function to differentiate: ``jax.grad(total_energy)(params, problem, state)``."""
+    return energy_terms(params, problem, state, target).total
 
 
 # ------------------------------------------------------------------- parameter blocks
@@ -109,8 +103,8 @@ def apply_shifts(shifts: Params, mask: Params, params: Params, problem: Problem)
 
 
 def _make_shift_energy(target: str):
-    def fn(shifts, mask, params, problem):
-        return total_energy(apply_shifts(shifts, mask, params, problem), problem, target)
+    def fn(shifts, mask, params, problem, state):
+        return total_energy(apply_shifts(shifts, mask, params, problem), problem, state, target)
 
     fn.__name__ = f"shift_energy_{target}"
     return fn
@@ -118,3 +112,16 @@ def _make_shift_energy(target: str):
 
 # module-level function objects: stable identities, so jit caches them across calls
 SHIFT_ENERGY = {t: _make_shift_energy(t) for t in TARGETS}
+
+
+def _xray_energy_of_shifts(shifts, mask, params, problem, state, target):
+    return xray_energy(apply_shifts(shifts, mask, params, problem), problem, state, target)
+
+
+_xray_shift_gradient = jax.jit(jax.grad(_xray_energy_of_shifts), static_argnames="target")
+
+
+def xray_gradient_norm(params: Params, problem: Problem, state: XrayState, target: str = "ml") -> float:
+    """‖∂E_xray/∂x‖ over Cartesian coordinate shifts (Å) at the parameters (the start of the automatic w_A)."""
+    g = _xray_shift_gradient(zero_shifts(params), block_mask(params, ("xyz",)), params, problem, state, target)
+    return float(jnp.linalg.norm(g.xyz_frac))

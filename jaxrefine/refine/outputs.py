@@ -19,7 +19,7 @@ from .. import __version__
 from ..config import dump_config
 from ..io.writers import write_json, write_model, write_mtz, write_text
 from ..xray.maps import map_coefficients
-from ..problem.setup import current_model_arrays, f_model_of
+from ..problem.xray_state import current_model_arrays, f_model_of_jit
 from .engine import RefinementResult
 
 
@@ -64,8 +64,8 @@ def write_outputs(result: RefinementResult, setup, out_dir, argv=None) -> dict:
     if cfg.output.write_pdb:
         write_model(out_model, os.path.join(out_dir, "refined.pdb"), **updates)
     x = problem.xray
-    fm = np.asarray(f_model_of(params, problem))
-    two, one = map_coefficients(np.asarray(x.f_obs), fm, x.sigma_a, np.asarray(x.centric), np.asarray(x.epsilon))
+    fm = np.asarray(f_model_of_jit(params, problem, result.state))
+    two, one = map_coefficients(np.asarray(x.f_obs), fm, result.state.sigma_a, np.asarray(x.centric), np.asarray(x.epsilon))
     write_mtz(os.path.join(out_dir, "maps.mtz"), refl.crystal, refl.hkl, {
         "FP": ("F", refl.f_obs), "SIGFP": ("Q", refl.sig_f_obs), "FREE": ("I", np.where(refl.free, 0, 1)),
         "FMODEL/PHIFMODEL": ("FP", fm), "2FOFCWT/PH2FOFCWT": ("FP", np.asarray(two)), "FOFCWT/PHFOFCWT": ("FP", np.asarray(one)),

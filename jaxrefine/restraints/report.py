@@ -23,6 +23,7 @@ from .torsions import torsion_deviations
 CLASH_OVERLAP = 0.4  # Å (MolProbity)
 OUTLIER_Z = 4.0  # |z| above which a restraint is listed as an outlier
 N_WORST = 10
+MAX_CLASHES_LISTED = 50  # the worst clashes kept in the report (a badly placed model can have thousands)
 
 
 @dataclass(frozen=True)
@@ -178,5 +179,5 @@ def geometry_report(xyz_cart, restraints: Restraints, nonbonded: NonbondedList |
         n_chirals=int(zc.size), n_nonbonded=n_nb, n_clashes=len(clashes),
         rms_bond=rms_bond, rms_angle=rms_angle, rms_torsion=rms_torsion, rms_plane=rms_plane, rms_chiral=_rms(v - target),
         rms_z_bond=_rms(zb), rms_z_angle=_rms(za), rms_z_torsion=_rms(zt), rms_z_plane=_rms(zp_atoms), rms_z_chiral=_rms(zc),
-        n_chiral_wrong_sign=wrong, outliers=out, clashes=clashes[:50],
+        n_chiral_wrong_sign=wrong, outliers=out, clashes=clashes[:MAX_CLASHES_LISTED],
     )

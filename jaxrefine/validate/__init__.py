@@ -60,4 +60,4 @@ def validate_model(model, refl, shifts=DEFAULT_SHIFTS, window: int = DEFAULT_WIN
 
 
 from .omit import OmitResult, composite_omit_map, omit_map  # noqa: E402,F401
-from .waters import WaterParams, bad_waters, pick_waters, update_waters  # noqa: E402,F401
+from .waters import bad_waters, pick_waters, update_waters, water_hooks  # noqa: E402,F401

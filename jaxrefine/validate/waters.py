@@ -19,34 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.spatial import cKDTree
 
+from ..config import WaterConfig
 from .density import sample_map, symmetry_images_near
 
 log = logging.getLogger(__name__)
 POLAR = ("N", "O")
-
-
-class WaterParams(NamedTuple):
-    """Limits of water picking and removal (distances Å, B Å², map levels in σ of the map)."""
-
-    min_peak_sigma: float = 3.5
-    min_two_fofc_sigma: float = 1.0
-    min_hbond: float = 2.4
-    max_hbond: float = 3.4
-    clash_distance: float = 2.2
-    min_polar_contact: float = 1.8
-    min_water_distance: float = 2.2
-    min_density_sigma: float = 0.8
-    max_b: float = 100.0
-    max_new_fraction: float = 1.0  # at most this × (current waters or residues/2) added per call
-
-
-def water_params_from_config(cfg) -> WaterParams:
-    """:class:`WaterParams` from a :class:`jaxrefine.config.Config` (its ``waters`` section where present)."""
-    w = getattr(cfg, "waters", None) or getattr(cfg, "water", None)
-    if w is None:
-        return WaterParams()
-    known = {k: getattr(w, k) for k in WaterParams._fields if hasattr(w, k)}
-    return WaterParams(**known)
 
 
 def find_peaks(values, threshold: float):
@@ -93,13 +70,13 @@ def _images(frac, crystal, centre):
     return crystal.to_cart((g[:, None, :] + lattice[None]).reshape(-1, 3))
 
 
-def pick_waters(model, maps, params: WaterParams = WaterParams()):
+def pick_waters(model, maps, params: WaterConfig = WaterConfig()):
     """New water positions at mFo−DFc peaks that satisfy the distance criteria.
 
     Args:
         model: :class:`jaxrefine.io.model.Model` that phased ``maps`` (hydrogens ignored).
         maps: :class:`jaxrefine.validate.density.ModelMaps`.
-        params: :class:`WaterParams`.
+        params: :class:`jaxrefine.config.WaterConfig` (the ``waters`` section of the configuration).
 
     Returns:
         (k, 3) Cartesian positions (Å, the symmetry copy next to its hydrogen-bond partner) and (k,)
@@ -136,7 +113,7 @@ def pick_waters(model, maps, params: WaterParams = WaterParams()):
     return np.asarray(accepted, float).reshape(-1, 3), np.asarray(heights, float)
 
 
-def bad_waters(model, maps, params: WaterParams = WaterParams()) -> np.ndarray:
+def bad_waters(model, maps, params: WaterConfig = WaterConfig()) -> np.ndarray:
     """(n_atoms,) bool: water atoms with 2mFo−DFc < min_density_sigma, B > max_b, or a clash.
 
     A clash is a non-water atom (symmetry copies included) closer than ``clash_distance``, or closer
@@ -185,13 +162,13 @@ class WaterUpdate(NamedTuple):
     report: dict
 
 
-def update_waters(model, refl, params: WaterParams = WaterParams(), maps=None, remove: bool = True) -> WaterUpdate:
+def update_waters(model, refl, params: WaterConfig = WaterConfig(), maps=None, remove: bool = True) -> WaterUpdate:
     """Remove bad waters, then add waters at mFo−DFc peaks (one round; run between macrocycles).
 
     Args:
         model: :class:`jaxrefine.io.model.Model` with a gemmi structure.
         refl: its reflections.
-        params: :class:`WaterParams`.
+        params: :class:`jaxrefine.config.WaterConfig` (the ``waters`` section of the configuration).
         maps: :class:`ModelMaps` of ``model`` (computed when None).
         remove: remove bad waters first (config ``waters.remove_bad``).
 
@@ -229,12 +206,11 @@ def water_hooks(cfg) -> dict:
     ``after_minimise`` removes bad waters (``waters.remove_bad``), ``between_cycles`` picks new
     ones (``waters.update_waters``).  ``refine(setup, **water_hooks(cfg))``."""
     w = cfg.waters
-    params = water_params_from_config(cfg)
-    return {"after_minimise": [remove_bad_waters_hook(params)] if w.remove_bad else [],
-            "between_cycles": [pick_waters_hook(params, remove=w.remove_bad)] if w.update_waters else []}
+    return {"after_minimise": [remove_bad_waters_hook(w)] if w.remove_bad else [],
+            "between_cycles": [pick_waters_hook(w, remove=w.remove_bad)] if w.update_waters else []}
 
 
-def remove_bad_waters_hook(params: WaterParams = WaterParams()):
+def remove_bad_waters_hook(params: WaterConfig = WaterConfig()):
     """Action: zero the occupancy of waters out of density (2mFo−DFc), with too high B, or clashing,
     after each coordinate macrocycle.
 
@@ -245,13 +221,13 @@ def remove_bad_waters_hook(params: WaterParams = WaterParams()):
         setup, problem, params_now = ctx.setup, ctx.problem, ctx.params
         if "xyz" not in ctx.blocks or not (setup.model.kind == "water").any():
             return ctx
-        from ..problem.setup import f_calc_of_jit, model_of
+        from ..problem.xray_state import f_calc_of_jit, model_of
         from .density import model_maps
 
         model_now = model_of(setup.model, params_now, problem)
         occ = model_now.occ
         maps = model_maps(model_now, setup.refl, f_calc=np.asarray(f_calc_of_jit(params_now, problem)),
-                          f_mask=np.asarray(problem.xray.f_mask))
+                          f_mask=np.asarray(ctx.state.f_mask))
         bad = bad_waters(model_now, maps, params) & (occ > 0)
         labels = []
         for i in np.nonzero(bad)[0]:
@@ -265,13 +241,14 @@ def remove_bad_waters_hook(params: WaterParams = WaterParams()):
     return remove_bad
 
 
-def pick_waters_hook(params: WaterParams = WaterParams(), remove: bool = True):
+def pick_waters_hook(params: WaterConfig = WaterConfig(), remove: bool = True):
     """Action: water picking between coordinate macrocycles (not after the last): remove bad waters,
     add waters at mFo−DFc peaks, and rebuild the problem for the new atoms (this recompiles the energy)."""
     def pick(ctx):
         if "xyz" not in ctx.blocks or ctx.last:
             return ctx
-        from ..problem.setup import build_setup, model_of
+        from ..problem.setup import build_setup
+        from ..problem.xray_state import model_of
 
         setup, problem = ctx.setup, ctx.problem
         model_now = model_of(setup.model, ctx.params, problem)
@@ -282,6 +259,6 @@ def pick_waters_hook(params: WaterParams = WaterParams(), remove: bool = True):
         if not upd.report["added"] and not upd.removed and keep.all():
             return ctx
         new = build_setup(None, None, setup.config, model=upd.model, refl=setup.refl)
-        return ctx._replace(setup=new, params=new.params, problem=new.problem._replace(w_a=problem.w_a))
+        return ctx._replace(setup=new, params=new.params, problem=new.problem, state=new.state._replace(w_a=ctx.state.w_a))
 
     return pick

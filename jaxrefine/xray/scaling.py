@@ -29,6 +29,14 @@ K_ISO_PER_NODE = 500  # work reflections per node of the resolution-dependent sc
 K_ISO_MAX_NODES = 20
 B_SOL_BOUNDS = (10.0, 300.0)  # as servalcat; B_sol and the overall B are strongly correlated at low resolution
 K_SOL_BOUNDS = (0.0, 1.5)
+K_ISO_RANGE = (0.05, 20.0)  # the resolution-dependent scale is clipped here (a node fitted on few, weak reflections)
+# Levenberg–Marquardt of the joint scale fit (Marquardt 1963): damping λ·diag(JᵀJ), ×10 on a rejected
+# step and ÷10 on an accepted one; stop when an accepted step gains less than LM_REL_TOL of the cost
+LM_LAMBDA_START = 1e-3
+LM_LAMBDA_MIN = 1e-9
+LM_MAX_ITER = 30  # accepted steps
+LM_MAX_TRIES = 10  # damping increases per step before giving up
+LM_REL_TOL = 1e-9
 
 
 class Scales(NamedTuple):
@@ -138,7 +146,7 @@ def fit_k_iso(f_obs, f_amp, s2, n_per_node: int = K_ISO_PER_NODE, max_nodes: int
     nodes = np.array([s2[g].mean() for g in groups])
     a = _hat_weights(s2, nodes) * f_amp[:, None]
     vals, *_ = np.linalg.lstsq(a, f_obs, rcond=None)
-    return nodes, np.clip(vals, 0.05, 20.0)
+    return nodes, np.clip(vals, *K_ISO_RANGE)
 
 
 def _loglinear_design(q, basis):
@@ -166,8 +174,8 @@ def _lm_cost(x, f_obs, f_calc, f_mask, q, s2, basis, w, mult):
     return jnp.sum(w * (f_obs - mult * _amp_model(x, f_calc, f_mask, q, s2, basis)) ** 2)
 
 
-def _levenberg_marquardt(x, args, n_iter=30, fix_solvent=False):
-    lam = 1e-3
+def _levenberg_marquardt(x, args, n_iter=LM_MAX_ITER, fix_solvent=False):
+    lam = LM_LAMBDA_START
     cost = float(_lm_cost(x, *args))
     for _ in range(n_iter):
         r, jac = (np.asarray(v) for v in _lm_pieces(x, *args))
@@ -177,7 +185,7 @@ def _levenberg_marquardt(x, args, n_iter=30, fix_solvent=False):
         jtj = jac.T @ jac
         g = jac.T @ r
         improved = False
-        for _ in range(10):
+        for _ in range(LM_MAX_TRIES):
             a = jtj + lam * np.diag(np.diag(jtj) + 1e-12)
             step = -np.linalg.lstsq(a, g, rcond=None)[0]
             x_new = x + step
@@ -188,10 +196,10 @@ def _levenberg_marquardt(x, args, n_iter=30, fix_solvent=False):
             if c_new < cost:
                 improved = True
                 rel = (cost - c_new) / max(cost, 1e-300)
-                x, cost, lam = x_new, c_new, max(lam / 10, 1e-9)
+                x, cost, lam = x_new, c_new, max(lam / 10, LM_LAMBDA_MIN)
                 break
             lam *= 10
-        if not improved or rel < 1e-9:
+        if not improved or rel < LM_REL_TOL:
             break
     return x, cost
 

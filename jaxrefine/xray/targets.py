@@ -26,6 +26,11 @@ from jax.scipy.special import i0e
 MIN_PER_BIN = 50  # reflections per σA bin (servalcat's default for the test set)
 MAX_BINS = 20
 _TINY = 1e-12  # added to |F|² so that |F| is differentiable at F = 0
+# σA fit (estimate_sigma_a): D and S per bin by L-BFGS-B on ln D, ln S from a least-squares start
+D_START_RANGE = (0.05, 2.0)  # the LS start of D is clipped here: D is a fraction of F_model that is correct (≤ ~1)
+S_START_FLOOR = 0.05  # the start of S is at least this × mean(Fo²/ε): a perfect-looking bin still has model error
+LN_D_BOUNDS = (-6.0, 1.0)  # ln D: D in [0.0025, 2.7]
+LN_S_BOUNDS = (-20.0, 30.0)  # ln S: wide; S is in electrons², its scale depends on the cell content
 
 
 class SigmaA(NamedTuple):
@@ -172,9 +177,9 @@ def estimate_sigma_a(f_obs, f_model, use, bins, centric, epsilon, sig_f_obs=None
         if not sel.any():
             sel = bins == i
         dd = np.sum(fo[sel] * fm[sel]) / max(np.sum(fm[sel] ** 2), 1e-300)
-        dd = float(np.clip(dd, 0.05, 2.0))
+        dd = float(np.clip(dd, *D_START_RANGE))
         ss = np.mean((fo[sel] ** 2 - (dd * fm[sel]) ** 2) / eps[sel])
-        ss = max(ss, 0.05 * np.mean(fo[sel] ** 2 / eps[sel]), 1e-6)
+        ss = max(ss, S_START_FLOOR * np.mean(fo[sel] ** 2 / eps[sel]), 1e-6)
         p0[i] = np.log(dd), np.log(ss)
     args = tuple(jnp.asarray(a) for a in (fo, sig, fm, np.asarray(centric, bool), eps, use.astype(float), bins))
 
@@ -182,7 +187,7 @@ def estimate_sigma_a(f_obs, f_model, use, bins, centric, epsilon, sig_f_obs=None
         v, g = _binned_grad(jnp.asarray(x.reshape(n_bins, 2)), *args)
         return float(v), np.asarray(g, float).ravel()
 
-    res = minimize(fun, p0.ravel(), jac=True, method="L-BFGS-B", bounds=[(-6.0, 1.0), (-20.0, 30.0)] * n_bins)
+    res = minimize(fun, p0.ravel(), jac=True, method="L-BFGS-B", bounds=[LN_D_BOUNDS, LN_S_BOUNDS] * n_bins)
     p = res.x.reshape(n_bins, 2)
     empty = np.array([not (use & (bins == i)).any() for i in range(n_bins)])
     p[empty] = p0[empty]

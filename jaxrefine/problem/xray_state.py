@@ -1,0 +1,105 @@
+"""The per-macrocycle X-ray state: solvent mask -> scales -> F_model -> σA, neighbours, w_A.
+
+Everything here runs outside jit, between minimisations, and returns a new
+:class:`jaxrefine.problem.problem.XrayState` with the shapes of the old one (no recompile).
+The fit itself is :func:`jaxrefine.problem.fmodel.fit_scales_and_sigma_a`, shared with
+``rfactors``, validation and omit maps.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..io.model import Model
+from ..xray.fmodel import f_model
+from ..xray.structure_factors import structure_factors
+from .fmodel import fit_scales_and_sigma_a, model_f_mask
+from .neighbours import build_nonbonded
+from .params import Params, atom_b, atom_occ, atom_xyz
+from .problem import Problem, XrayState
+
+
+def cast_floats(tree, dtype):
+    """The pytree with every floating-point array leaf cast to ``dtype`` (ints and bools kept)."""
+    cdtype = jnp.complex128 if dtype == jnp.float64 else jnp.complex64
+
+    def cast(a):
+        if isinstance(a, (np.ndarray, jax.Array)):
+            if jnp.issubdtype(a.dtype, jnp.floating):
+                return jnp.asarray(a, dtype)
+            if jnp.issubdtype(a.dtype, jnp.complexfloating):
+                return jnp.asarray(a, cdtype)
+        return a
+
+    return jax.tree_util.tree_map(cast, tree)
+
+
+# ----------------------------------------------------------------------------- Params -> atoms, F
+def current_model_arrays(params: Params, problem: Problem):
+    """numpy (xyz_cart (n, 3) Å, b_iso (n,) Å², occ (n,)) for the parameters."""
+    xyz_cart, _ = atom_xyz(params, problem.maps)
+    return np.asarray(xyz_cart, float), np.asarray(atom_b(params, problem.maps), float), np.asarray(atom_occ(params, problem.maps), float)
+
+
+def model_of(model: Model, params: Params, problem: Problem) -> Model:
+    """``model`` (the one the problem was built from) with the coordinates, B and occupancies of ``params``:
+    the one way from parameters back to a :class:`jaxrefine.io.model.Model`."""
+    from ..io.build import with_coordinates
+
+    xyz, b, occ = current_model_arrays(params, problem)
+    return with_coordinates(model, xyz_cart=xyz, b_iso=b, occ=occ)
+
+
+def f_calc_of(params: Params, problem: Problem):
+    """(n_refl,) complex F_calc of the parameters (pure JAX)."""
+    _, xyz_frac = atom_xyz(params, problem.maps)
+    return structure_factors(xyz_frac, atom_b(params, problem.maps), atom_occ(params, problem.maps), problem.sf,
+                             problem.u_shape)
+
+
+def f_model_of(params: Params, problem: Problem, state: XrayState):
+    """(n_refl,) complex F_model of the parameters with the state's mask and scales (pure JAX):
+    the one way from parameters to F_model, used by the energy and by every report."""
+    return f_model(f_calc_of(params, problem), state.f_mask, problem.xray.s_cart, state.scales)
+
+
+f_calc_of_jit = jax.jit(f_calc_of)
+f_model_of_jit = jax.jit(f_model_of)
+
+
+# ----------------------------------------------------------------------------- state updates
+def solvent_f_mask(model: Model, refl, xyz_cart, r_probe: float, r_shrink: float, dtype):
+    """(n_refl,) complex F of the bulk-solvent mask of ``model`` at the coordinates ``xyz_cart`` (Å)."""
+    f_mask, _, _ = model_f_mask(model, model.crystal, refl.hkl, refl.d_min, r_probe=r_probe, r_shrink=r_shrink,
+                                xyz_cart=xyz_cart)
+    return jnp.asarray(f_mask, dtype)
+
+
+def update_xray_state(setup, problem: Problem, state: XrayState, params: Params, rebuild_mask: bool = True) -> XrayState:
+    """Rebuild the solvent mask (F_mask), refit the scales on the work set and re-estimate σA.
+
+    Args:
+        setup: the :class:`jaxrefine.problem.problem.Setup` (its model and data; its
+            ``config.solvent`` radii).
+        problem, state, params: the current refinement (``problem`` may differ from
+            ``setup.problem``, e.g. waters switched off).
+        rebuild_mask: False keeps ``state.f_mask`` (``solvent.update_every``).
+    """
+    x = problem.xray
+    f_mask = state.f_mask
+    if rebuild_mask:
+        xyz, _, _ = current_model_arrays(params, problem)
+        solvent = setup.config.solvent
+        f_mask = solvent_f_mask(setup.model, setup.refl, xyz, solvent.r_probe, solvent.r_shrink, state.f_mask.dtype)
+    f_calc = f_calc_of_jit(params, problem)
+    scales, _, sigma_a = fit_scales_and_sigma_a(x.f_obs, x.sig_f_obs, f_calc, f_mask, x.s_cart, x.work, x.sigma_a_use,
+                                                x.bins, x.centric, x.epsilon, setup.model.crystal)
+    return cast_floats(state._replace(f_mask=f_mask, scales=scales, sigma_a=sigma_a), x.s2.dtype)
+
+
+def refresh_neighbours(setup, problem: Problem, state: XrayState, params: Params) -> XrayState:
+    """The state with the non-bonded list rebuilt at the current coordinates (same capacity)."""
+    xyz, _, _ = current_model_arrays(params, problem)
+    nb = build_nonbonded(xyz, problem.restraints, setup.model.crystal, max_pairs=int(state.nonbonded.i.shape[0]))
+    return state._replace(nonbonded=cast_floats(nb, problem.maps.orth.dtype))

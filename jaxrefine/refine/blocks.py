@@ -1,0 +1,62 @@
+"""Minimisation over parameter blocks: which blocks a strategy refines, and one minimisation.
+
+Each block ("xyz", "b", "occ", "rigid") is minimised in turn by the same compiled optax loop
+(:func:`jaxrefine.refine.optimize.minimise` over the masked shifts of
+:mod:`jaxrefine.refine.energy`), so switching blocks never recompiles.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from ..problem.params import Params
+from ..problem.problem import Problem, XrayState
+from .energy import SHIFT_ENERGY, apply_shifts, block_mask, zero_shifts
+from .optimize import minimise
+
+STRATEGY_BLOCKS = {
+    "rigid": ("rigid",),
+    "xyz": ("xyz",),
+    "b": ("b",),
+    "xyz_b": ("xyz", "b"),
+    "xyz_b_occ": ("xyz", "b", "occ"),
+}
+
+
+def cycle_plan(strategy: str, n_cycles: int, rigid_first: bool = False, n_rigid_cycles: int = 0) -> list:
+    """The blocks of each macrocycle: optional rigid-body cycles first, then ``n_cycles`` of the strategy."""
+    plan = []
+    if rigid_first and strategy != "rigid":
+        plan += [STRATEGY_BLOCKS["rigid"]] * n_rigid_cycles
+    return plan + [STRATEGY_BLOCKS[strategy]] * n_cycles
+
+
+def low_resolution_work_set(problem: Problem, d, d_min: float, d_cut: float | None) -> Problem:
+    """The problem with the work set limited to d >= ``d_cut`` (Å; low-resolution data give rigid-body
+    refinement a wide radius of convergence; same shapes, so no recompile).
+
+    Args:
+        d: (n_refl,) resolution of each reflection (Å); d_min: the data's limit.
+    """
+    if not d_cut or d_cut <= d_min:
+        return problem
+    low = jnp.asarray(np.asarray(d) >= d_cut)
+    return problem._replace(xray=problem.xray._replace(work=problem.xray.work & low))
+
+
+def minimise_blocks(blocks, params: Params, problem: Problem, state: XrayState, n_steps: int, target: str = "ml",
+                    optimizer: str = "lbfgs", learning_rate: float = 0.02) -> Params:
+    """Minimise E_total over the given parameter blocks (one jit-compiled optax loop for all blocks).
+
+    Args:
+        blocks: names of the free blocks, e.g. ("xyz",).
+        n_steps: optimiser steps (0: the parameters unchanged).
+        target: "ml" or "ls"; optimizer: "lbfgs", "adam" or "sgd"; learning_rate: adam/sgd step.
+    """
+    if n_steps <= 0:
+        return params
+    mask = block_mask(params, blocks)
+    lr = jnp.asarray(learning_rate, problem.maps.orth.dtype)
+    shifts, _ = minimise(SHIFT_ENERGY[target], zero_shifts(params), (mask, params, problem, state), n_steps=n_steps,
+                         method=optimizer, learning_rate=lr)
+    return apply_shifts(shifts, mask, params, problem)

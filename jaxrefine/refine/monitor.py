@@ -1,0 +1,71 @@
+"""What is reported per macrocycle: R-work, R-free, geometry, w_A, bulk solvent and time.
+
+One line per macrocycle is logged at INFO (:data:`HEADER`, :func:`format_cycle`); the same numbers
+go to metrics.json (:meth:`CycleStats.as_dict`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+from ..problem.params import Params
+from ..problem.problem import Problem, XrayState
+from ..problem.xray_state import current_model_arrays, f_model_of_jit
+from ..restraints import geometry_report
+from ..xray.stats import r_factors
+
+log = logging.getLogger("jaxrefine")
+
+
+class CycleStats(NamedTuple):
+    """Statistics of one macrocycle (cycle 0 = the input model)."""
+
+    cycle: int
+    r_work: float
+    r_free: float
+    rms_bond: float
+    rms_angle: float
+    rmsz_bond: float
+    w_a: float
+    k_sol: float
+    b_sol: float
+    time_s: float
+
+    def as_dict(self):
+        return {k: (float(v) if k != "cycle" else int(v)) for k, v in self._asdict().items()}
+
+
+def cycle_statistics(cycle: int, params: Params, problem: Problem, state: XrayState, t0: float) -> CycleStats:
+    """R-factors with the state's mask and scales, RMS deviations of the covalent geometry, and the
+    time since ``t0`` (``time.perf_counter()``)."""
+    fm = np.asarray(f_model_of_jit(params, problem, state))
+    x = problem.xray
+    r = r_factors(np.asarray(x.f_obs), fm, np.asarray(x.free))
+    xyz, _, _ = current_model_arrays(params, problem)
+    geo = geometry_report(xyz, problem.restraints, None)
+    sc = state.scales
+    return CycleStats(
+        cycle=cycle, r_work=float(r["r_work"]), r_free=float(r["r_free"]), rms_bond=float(geo.rms_bond),
+        rms_angle=float(geo.rms_angle), rmsz_bond=float(geo.rms_z_bond), w_a=float(state.w_a),
+        k_sol=float(sc.k_sol), b_sol=float(sc.b_sol), time_s=time.perf_counter() - t0,
+    )
+
+
+HEADER = "cycle  R-work  R-free  rms_bond  rms_angle  rmsZ_bond     w_A   k_sol   B_sol   time_s"
+
+
+def format_cycle(st: CycleStats) -> str:
+    return (f"{st.cycle:5d}  {st.r_work:.4f}  {st.r_free:.4f}  {st.rms_bond:8.4f}  {st.rms_angle:9.3f}  {st.rmsz_bond:9.3f}"
+            f"  {st.w_a:6.3g}  {st.k_sol:6.3f}  {st.b_sol:6.1f}  {st.time_s:7.1f}")
+
+
+def log_cycle(st: CycleStats, callback=None):
+    """Log the cycle's line (with the header before cycle 0) and pass the stats to ``callback``."""
+    if st.cycle == 0:
+        log.info(HEADER)
+    log.info(format_cycle(st))
+    if callback is not None:
+        callback(st)
