@@ -204,6 +204,48 @@ def _levenberg_marquardt(x, args, n_iter=LM_MAX_ITER, fix_solvent=False):
     return x, cost
 
 
+def _solvent_grid_search(fo, fc, fm, qw, s2w, basis, k_sol_grid, b_sol_grid):
+    """Start of the scale fit: for each (k_sol, B_sol) of the grid, k_overall and B_cart by a
+    log-linear least-squares fit; returns x = [k, p (anisotropy parameters), k_sol, B_sol] of the
+    grid point with the lowest R (work reflections only)."""
+    # |Fc + a Fm|² = |Fc|² + 2a Re(Fc Fm*) + a²|Fm|², a = k_sol exp(−B_sol s²/4); the log-linear
+    # design matrix does not depend on (k_sol, B_sol), so its pseudo-inverse is computed once.
+    fc2, cross, fm2 = np.abs(fc) ** 2, 2 * (fc * np.conj(fm)).real, np.abs(fm) ** 2
+    log_fo = np.log(fo)
+    design = _loglinear_design(qw, basis)
+    pinv = np.linalg.pinv(design)
+    best = None
+    for b_sol in b_sol_grid:
+        e = np.exp(-b_sol * s2w / 4)
+        for k_sol in k_sol_grid:
+            a = k_sol * e
+            f_abs = np.sqrt(np.maximum(fc2 + a * cross + a * a * fm2, 1e-30))
+            p = pinv @ (log_fo - np.log(f_abs))
+            calc = np.exp(design @ p) * f_abs
+            kk = np.sum(fo * calc) / max(np.sum(calc * calc), 1e-300)  # LS scale on top of the log fit
+            r = np.sum(np.abs(fo - kk * calc)) / np.sum(fo)
+            if best is None or r < best[0]:
+                best = (r, np.exp(p[0]) * kk, basis.T @ p[1:], k_sol, b_sol)
+    _, k, b6, k_sol, b_sol = best
+    return np.concatenate([[k], basis @ b6, [k_sol, b_sol]])
+
+
+def _joint_refinement(x, fo, fc, fm, qw, s2w, basis, refine, use_solvent, resolution_scale, n_macro):
+    """Rounds of (Levenberg–Marquardt of all scale parameters, resolution-dependent k_iso fit) from
+    the grid-search start ``x``.  Returns (x, k_iso nodes or None, k_iso values or None)."""
+    mult = np.ones_like(fo)
+    nodes = vals = None
+    fo_j, fc_j, fm_j, q_j, s2_j, basis_j, w_j = (jnp.asarray(a) for a in (fo, fc, fm, qw, s2w, basis, np.ones_like(fo)))
+    for _ in range(n_macro if resolution_scale else 1):
+        if refine:
+            x, _ = _levenberg_marquardt(x, (fo_j, fc_j, fm_j, q_j, s2_j, basis_j, w_j, jnp.asarray(mult)), fix_solvent=not use_solvent)
+        if resolution_scale:
+            amp = np.asarray(_amp_model(jnp.asarray(x), fc_j, fm_j, q_j, s2_j, basis_j))
+            nodes, vals = fit_k_iso(fo, amp, s2w)
+            mult = _hat_weights(s2w, nodes) @ vals
+    return x, nodes, vals
+
+
 def fit_scales(
     f_obs,
     f_calc,
@@ -250,37 +292,8 @@ def fit_scales(
     q = np.asarray(aniso_quadratic(s_cart))
     basis = aniso_basis(crystal)
     fo, fc, fm, qw, s2w = f_obs[work], f_calc[work], f_mask[work], q[work], s2[work]
-    ones = np.ones_like(fo)
-    # |Fc + a Fm|² = |Fc|² + 2a Re(Fc Fm*) + a²|Fm|², a = k_sol exp(−B_sol s²/4); the log-linear
-    # design matrix does not depend on (k_sol, B_sol), so its pseudo-inverse is computed once.
-    fc2, cross, fm2 = np.abs(fc) ** 2, 2 * (fc * np.conj(fm)).real, np.abs(fm) ** 2
-    log_fo = np.log(fo)
-    design = _loglinear_design(qw, basis)
-    pinv = np.linalg.pinv(design)
-    best = None
-    for b_sol in b_sol_grid:
-        e = np.exp(-b_sol * s2w / 4)
-        for k_sol in k_sol_grid:
-            a = k_sol * e
-            f_abs = np.sqrt(np.maximum(fc2 + a * cross + a * a * fm2, 1e-30))
-            p = pinv @ (log_fo - np.log(f_abs))
-            calc = np.exp(design @ p) * f_abs
-            kk = np.sum(fo * calc) / max(np.sum(calc * calc), 1e-300)  # LS scale on top of the log fit
-            r = np.sum(np.abs(fo - kk * calc)) / np.sum(fo)
-            if best is None or r < best[0]:
-                best = (r, np.exp(p[0]) * kk, basis.T @ p[1:], k_sol, b_sol)
-    _, k, b6, k_sol, b_sol = best
-    x = np.concatenate([[k], basis @ b6, [k_sol, b_sol]])
-    mult = np.ones_like(fo)
-    nodes = vals = None
-    fo_j, fc_j, fm_j, q_j, s2_j, basis_j, w_j = (jnp.asarray(a) for a in (fo, fc, fm, qw, s2w, basis, ones))
-    for _ in range(n_macro if resolution_scale else 1):
-        if refine:
-            x, _ = _levenberg_marquardt(x, (fo_j, fc_j, fm_j, q_j, s2_j, basis_j, w_j, jnp.asarray(mult)), fix_solvent=not use_solvent)
-        if resolution_scale:
-            amp = np.asarray(_amp_model(jnp.asarray(x), fc_j, fm_j, q_j, s2_j, basis_j))
-            nodes, vals = fit_k_iso(fo, amp, s2w)
-            mult = _hat_weights(s2w, nodes) @ vals
+    x = _solvent_grid_search(fo, fc, fm, qw, s2w, basis, k_sol_grid, b_sol_grid)
+    x, nodes, vals = _joint_refinement(x, fo, fc, fm, qw, s2w, basis, refine, use_solvent, resolution_scale, n_macro)
     b_cart = basis.T @ x[1:-2]
     return Scales(
         k_overall=jnp.asarray(x[0]),
