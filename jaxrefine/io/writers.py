@@ -157,6 +157,8 @@ def json_safe(obj):
         return None
     if obj is None or isinstance(obj, (str, int, float, bool)):
         return obj
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
     raise TypeError(f"not JSON serialisable: {type(obj)}")
 
 
