@@ -397,8 +397,8 @@ def merge_duplicates(hkl, x, sx, d, free, crystal):
         (hkl, x, sx, d, free, n_merged) with the first copy's hkl; n_merged = rows removed.
     """
     eq = symmetry_equivalents(hkl, crystal)
-    eq = np.concatenate([eq, -eq], axis=0).astype(np.int64) + 1024
-    key = ((eq[..., 0] << 22) | (eq[..., 1] << 11) | eq[..., 2]).max(axis=0)
+    eq = np.concatenate([eq, -eq], axis=0).astype(np.int64) + 2**15  # |h|, |k|, |l| < 32768: one int64 key each
+    key = ((eq[..., 0] << 32) | (eq[..., 1] << 16) | eq[..., 2]).max(axis=0)
     _, first, inv, counts = np.unique(key, return_index=True, return_inverse=True, return_counts=True)
     if len(first) == len(hkl):
         return hkl, x, sx, d, free, 0
