@@ -202,6 +202,8 @@ CASES = {
     "ligand_is_a_model": (lambda t, b: refine(t, b, "--ligand", str(b / "model.pdb")), 1,
                           ["model.pdb", "not a CIF restraint dictionary"]),
     "monlib_missing": (lambda t, b: refine(t, b, "--monlib", str(t / "monomers")), 1, ["monomers", "monomer library", "--monlib"]),
+    "geometry_ligand_is_a_model": (lambda t, b: ["geometry", str(b / "model.pdb"), "--ligand", str(b / "model.pdb")], 1,
+                                   ["model.pdb", "not a CIF restraint dictionary"]),
     "ligand_missing": (lambda t, b: refine(t, b, "--ligand", str(t / "lig.cif")), 1, ["lig.cif", "not found"]),
     # reflection files
     "data_missing": (lambda t, b: refine(t, b, data=t / "none.mtz"), 1, ["none.mtz", "not found"]),

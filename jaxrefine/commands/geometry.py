@@ -15,11 +15,14 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ..io.model import read_model
-    from ..io.topology import build_restraints
+    from ..io.model import check_restraint_dictionary, read_model
+    from ..io.topology import build_restraints, find_monlib
     from ..problem.neighbours import build_nonbonded
     from ..restraints import geometry_report
 
+    for p in args.ligand:
+        check_restraint_dictionary(p)
+    find_monlib(args.monlib)
     model = read_model(args.model, hydrogens=args.hydrogens)
     restraints = build_restraints(model, monlib=args.monlib, ligands=args.ligand, hydrogens=args.hydrogens)
     rep = geometry_report(model.xyz_cart, restraints, build_nonbonded(model, restraints), model)
