@@ -44,6 +44,15 @@ _check_target = check_not_input
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask sets it, which
+    would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
