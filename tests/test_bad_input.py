@@ -197,7 +197,7 @@ CASES = {
     "atom_renamed_cb_to_ca": (lambda t, b: refine(t, b, model=_model(t, b, lambda s: s.replace(" CB  LEU A   1", " CA  LEU A   1"))),
                               1, ["bad.pdb", "duplicated atoms", "A/LEU 1/CA"]),
     "no_cryst1": (lambda t, b: ["info", str(_model(t, b, lambda s: "".join(ln for ln in s.splitlines(True)
-                                                                            if not ln.startswith("CRYST1"))))], 1, ["bad.pdb"]),
+                                                                            if not ln.startswith("CRYST1"))))], 1, ["bad.pdb", "space group", "CRYST1"]),
     "cell_mismatch": (lambda t, b: refine(t, b, model=_model(t, b, _other_cell)), 1, ["bad.pdb", "data.mtz", "differ"]),
     "ligand_is_a_model": (lambda t, b: refine(t, b, "--ligand", str(b / "model.pdb")), 1,
                           ["model.pdb", "not a CIF restraint dictionary"]),
