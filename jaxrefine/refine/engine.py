@@ -17,6 +17,7 @@ import logging
 import time
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -24,7 +25,9 @@ from ..config import Config
 from ..problem.params import Params
 from ..problem.problem import Problem, Setup, XrayState
 from ..problem.setup import build_setup
-from ..problem.xray_state import model_of, refresh_neighbours, update_xray_state
+from ..problem.riding import riding_problem
+from ..problem.xray_state import current_model_arrays, f_model_of, model_of, refresh_neighbours, update_xray_state
+from ..xray.targets import ml_amplitude_target
 from . import weights as wmod
 from .blocks import STRATEGY_BLOCKS, cycle_plan, low_resolution_work_set, minimise_blocks  # noqa: F401 (STRATEGY_BLOCKS re-exported)
 from .energy import xray_gradient_norm
@@ -49,6 +52,7 @@ class LoopSettings(NamedTuple):
     mask_every: int  # macrocycles between solvent-mask rebuilds
     w_a: Any  # a number, or "auto"
     target_rmsz: float  # RMS Z(bond) the automatic w_A aims at
+    scan_w_a: bool  # choose w_A each macrocycle by a short scan (automatic weight, low resolution)
     max_gap: float
     keep_best: bool
 
@@ -62,6 +66,7 @@ class LoopSettings(NamedTuple):
             target=r.target, optimizer=r.optimizer, learning_rate=r.learning_rate, rigid_d_min=r.rigid_d_min,
             mask_every=max(cfg.solvent.update_every, 1), w_a=cfg.weights.w_a,
             target_rmsz=wmod.target_rmsz_for(d_min, cfg.weights.target_rmsz_bond),
+            scan_w_a=wmod.scan_applies(cfg.weights.w_a, d_min),
             max_gap=cfg.guard.max_gap, keep_best=cfg.guard.keep_best,
         )
 
@@ -137,17 +142,46 @@ def choose_initial_w_a(setup: Setup, problem: Problem | None = None, state: Xray
     return wmod.initial_w_a(gx, problem.restraints, setup.model.n_atoms, settings.target_rmsz)
 
 
-def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSettings) -> Params:
-    """One macrocycle's minimisation: each block of ``blocks`` in turn."""
+def _free_nll(params: Params, problem: Problem, state: XrayState):
+    """Free-set −log-likelihood of the parameters with the state's scales and σA (pure JAX)."""
+    x = problem.xray
+    return ml_amplitude_target(x.f_obs, x.sig_f_obs, f_model_of(params, problem, state), state.sigma_a, x.centric,
+                               x.epsilon, x.free)
+
+
+_free_nll_jit = jax.jit(_free_nll)
+
+
+def _weight_trial(w_a: float, params, problem, state, settings: LoopSettings):
+    """Coordinate steps from ``params`` with weight ``w_a`` (same compiled minimiser: w_A is traced)
+    and the trial's score: ((params, state), :class:`jaxrefine.refine.weights.WeightTrial`)."""
+    trial_state = state._replace(w_a=jnp.asarray(w_a, state.w_a.dtype))
+    p = minimise_blocks(("xyz",), params, problem, trial_state, settings.steps["xyz"], settings.target,
+                        settings.optimizer, settings.learning_rate)
+    st = cycle_statistics(0, p, problem, trial_state, time.perf_counter())
+    nll = float(_free_nll_jit(p, problem, trial_state))
+    return (p, trial_state), wmod.WeightTrial(w_a, nll, st.r_free, st.rms_bond, st.rms_angle)
+
+
+def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSettings):
+    """One macrocycle's minimisation: each block of ``blocks`` in turn.  With ``settings.scan_w_a``
+    the coordinate block is a w_A scan (:func:`jaxrefine.refine.weights.scan_w_a`) and the state
+    returned carries the chosen w_A.  Returns (params, state)."""
     for block in blocks:
         if block == "occ" and params.occ_raw.shape[0] == 0:
+            continue
+        if block == "xyz" and settings.scan_w_a:
+            start = params
+            (params, state), _, line = wmod.scan_w_a(
+                float(state.w_a), lambda w: _weight_trial(w, start, problem, state, settings))
+            log.info(line)
             continue
         block_problem = problem
         if block == "rigid":
             block_problem = low_resolution_work_set(problem, setup.refl.d, setup.refl.d_min, settings.rigid_d_min)
         params = minimise_blocks((block,), params, block_problem, state, settings.steps[block], settings.target,
                                  settings.optimizer, settings.learning_rate)
-    return params
+    return params, state
 
 
 def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = None, callback=None,
@@ -177,7 +211,10 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
         last = cycle == len(plan)
         if cycle > 1:  # the mask, scales and σA were refreshed at the end of the previous cycle
             state = refresh_neighbours(setup, problem, state, params)
-        params = _minimise_cycle(blocks, params, problem, state, setup, settings)
+        params, state = _minimise_cycle(blocks, params, problem, state, setup, settings)
+        if "xyz" in blocks or "rigid" in blocks:  # riding hydrogens re-placed on the moved atoms
+            problem = riding_problem(problem, setup.model, current_model_arrays(params, problem)[0], setup.monlib,
+                                     setup.config.model.ligands)
         for hook in after_minimise:
             ctx = hook(CycleContext(cycle, last, blocks, setup, params, problem, state))
             params, problem, state = ctx.params, ctx.problem, ctx.state
@@ -194,7 +231,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
                 kept = Kept(st.r_free, cycle, ctx.params, ctx.problem, ctx.state, ctx.setup)
             setup, params, problem, state = ctx.setup, ctx.params, ctx.problem, ctx.state
             removed_labels += list(ctx.removed)
-        if settings.w_a == "auto" and "xyz" in blocks:
+        if settings.w_a == "auto" and "xyz" in blocks and not settings.scan_w_a:
             w_a = wmod.adjust_w_a(float(state.w_a), st.rmsz_bond, settings.target_rmsz)
             state = state._replace(w_a=jnp.asarray(w_a, problem.maps.orth.dtype))
     if kept.cycle != len(history) - 1:
