@@ -94,6 +94,35 @@ def _worst(idx, value, ideal, z, model, scale=1.0):
     ]
 
 
+def _plane_outliers(pidx, atom_mask, dist, z_plane, model) -> list:
+    """The worst planes with RMS Z above OUTLIER_Z: atoms, RMS distance to the plane (Å), Z."""
+    return [
+        {"atoms": [_label(model, i) for i, ok in zip(pidx[k], atom_mask[k]) if ok],
+         "rms_distance": float(np.sqrt(np.mean(dist[k][atom_mask[k]] ** 2))), "z": float(z_plane[k])}
+        for k in np.argsort(-z_plane)[:N_WORST]
+        if z_plane[k] > OUTLIER_Z
+    ]
+
+
+def _clashes(nonbonded: NonbondedList, pair_distance, model):
+    """(clashes sorted by overlap, number of listed pairs): pairs closer than d_min − CLASH_OVERLAP,
+    1-4 pairs left out (torsion-controlled), symmetry contacts once."""
+    w = np.asarray(nonbonded.weight) > 0
+    dnb = pair_distance[w]
+    dmin = np.asarray(nonbonded.d_min)[w]
+    ii, jj = np.asarray(nonbonded.i)[w], np.asarray(nonbonded.j)[w]
+    sym = np.asarray(nonbonded.weight)[w] < 1
+    not14 = np.asarray(nonbonded.kind)[w] != 1  # 1-4 contacts are torsion-controlled, not clashes
+    clashes = []
+    for k in np.nonzero((dmin - dnb >= CLASH_OVERLAP) & not14)[0]:
+        if sym[k] and ii[k] > jj[k]:
+            continue  # a symmetry contact is listed from both sides; report it once
+        clashes.append({"atoms": [_label(model, ii[k]), _label(model, jj[k])], "distance": float(dnb[k]),
+                        "d_min": float(dmin[k]), "symmetry": bool(sym[k])})
+    clashes.sort(key=lambda x: x["distance"] - x["d_min"])
+    return clashes, int(w.sum())
+
+
 def geometry_report(xyz_cart, restraints: Restraints, nonbonded: NonbondedList | None = None, model=None) -> GeometryReport:
     """Statistics of the model's deviations from its restraints.
 
@@ -143,12 +172,7 @@ def geometry_report(xyz_cart, restraints: Restraints, nonbonded: NonbondedList |
     zp_atoms = (dist / sig[:, None])[am]
     rms_plane = _rms(dist[am])
     zp_plane = np.sqrt(np.sum(np.where(am, dist / sig[:, None], 0.0) ** 2, axis=1) / am.sum(1))
-    pidx = np.asarray(p.idx)[m]
-    out["plane"] = [
-        {"atoms": [_label(model, i) for i, ok in zip(pidx[k], am[k]) if ok], "rms_distance": float(np.sqrt(np.mean(dist[k][am[k]] ** 2))), "z": float(zp_plane[k])}
-        for k in np.argsort(-zp_plane)[:N_WORST]
-        if zp_plane[k] > OUTLIER_Z
-    ]
+    out["plane"] = _plane_outliers(np.asarray(p.idx)[m], am, dist, zp_plane, model)
 
     c = restraints.chiral
     m = real(c)
@@ -159,20 +183,7 @@ def geometry_report(xyz_cart, restraints: Restraints, nonbonded: NonbondedList |
     sign = np.asarray(c.sign)[m]
     wrong = int(np.sum((sign != 0) & (np.sign(v) != sign)))
 
-    clashes, n_nb = [], 0
-    if nonbonded is not None:
-        w = np.asarray(nonbonded.weight) > 0
-        n_nb = int(w.sum())
-        dnb = vals["pair"][w]
-        dmin = np.asarray(nonbonded.d_min)[w]
-        ii, jj = np.asarray(nonbonded.i)[w], np.asarray(nonbonded.j)[w]
-        sym = np.asarray(nonbonded.weight)[w] < 1
-        not14 = np.asarray(nonbonded.kind)[w] != 1  # 1-4 contacts are torsion-controlled, not clashes
-        for k in np.nonzero((dmin - dnb >= CLASH_OVERLAP) & not14)[0]:
-            if sym[k] and ii[k] > jj[k]:
-                continue  # a symmetry contact is listed from both sides; report it once
-            clashes.append({"atoms": [_label(model, ii[k]), _label(model, jj[k])], "distance": float(dnb[k]), "d_min": float(dmin[k]), "symmetry": bool(sym[k])})
-        clashes.sort(key=lambda x: x["distance"] - x["d_min"])
+    clashes, n_nb = ([], 0) if nonbonded is None else _clashes(nonbonded, vals["pair"], model)
 
     return GeometryReport(
         n_bonds=int(zb.size), n_angles=int(za.size), n_torsions=int(zt.size), n_planes=int(real(p).sum()),
