@@ -2,12 +2,30 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
 import pytest
 
 jax.config.update("jax_enable_x64", True)  # numerical references are checked in float64
+
+# One persistent compilation cache for the session (and the CLI subprocesses it starts, through
+# $JAXREFINE_CACHE_DIR): modules that build problems of the same shapes (the deposited and shaken
+# checks of a dataset, the CLI and API runs of one refinement) load compiled code instead of
+# compiling it again.  A temporary folder per run unless $JAXREFINE_CACHE_DIR names one to keep.
+_OWN_CACHE = not os.environ.get("JAXREFINE_CACHE_DIR")
+if _OWN_CACHE:
+    os.environ["JAXREFINE_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxrefine-test-cache-")
+if os.environ["JAXREFINE_CACHE_DIR"].lower() != "off":
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAXREFINE_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.05)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAXREFINE_CACHE_DIR"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("JAXREFINE_DATA", REPO.parent / "shared" / "data"))

@@ -69,9 +69,10 @@ def run(args) -> int:
     _check_options(args)  # options and config first: their errors come before JAX is imported
     cfg = load_config(args.config, _overrides(args))
     from ..refine.run import run_refinement
+    from ..core.timing import process_age_s
     from ..validate.waters import water_hooks
 
-    metrics = run_refinement(args.model, args.data, args.out, cfg, **water_hooks(cfg))
+    metrics = run_refinement(args.model, args.data, args.out, cfg, startup_s=process_age_s(), **water_hooks(cfg))
     print(f"final: R-work {metrics['r_work']:.4f}  R-free {metrics['r_free']:.4f}  "
           f"rms bond {metrics['rms_bond']:.4f} Å  rms angle {metrics['rms_angle']:.2f}°  ({metrics['wall_s']:.1f} s)")
     print(f"wrote {args.out}/refined.cif, refined.pdb, maps.mtz, metrics.json, config.yaml, refine.log")

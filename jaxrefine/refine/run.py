@@ -15,13 +15,14 @@ import signal
 import threading
 
 from ..config import Config
+from ..core import timing
 from ..errors import InputError
 from ..io.model import check_b_limits, check_restraint_dictionary
 from ..io.reflections import read_map_coefficients
 from ..io.topology import find_monlib
 from ..io.writers import check_output_folder, protect, staged_output, write_json
 from ..problem.setup import build_setup, load_inputs
-from .cache import enable_compilation_cache
+from .cache import compile_counters, enable_compilation_cache
 from .engine import HEADER, format_cycle, refine
 from .outputs import write_outputs
 
@@ -139,8 +140,8 @@ def _write_ccp4_maps(stage) -> None:
 
 
 def run_refinement(model_path, data_path, out_dir, cfg: Config | None = None, progress=None, plot_title: str | None = None,
-                   after_minimise=(), between_cycles=()) -> dict:
-    """Read, refine, write.  Returns the metrics dict (as in metrics.json).
+                   after_minimise=(), between_cycles=(), startup_s: float | None = None) -> dict:
+    """Read, refine, write.  Returns the metrics dict (as in metrics.json, with its ``timing``).
 
     Args:
         progress: callable taking one line of text per macrocycle (e.g. ``print`` in a notebook; the
@@ -149,6 +150,8 @@ def run_refinement(model_path, data_path, out_dir, cfg: Config | None = None, pr
         after_minimise, between_cycles: actions run in each macrocycle (see
             :func:`jaxrefine.refine.engine.refine`); the CLI passes the water actions of
             :func:`jaxrefine.validate.waters.water_hooks`.  None by default.
+        startup_s: seconds the process spent starting before this call (interpreter, imports),
+            recorded as ``timing.start_s`` (the CLI passes it).
 
     Raises:
         JaxrefineError: bad input, before any refinement where it can be told.
@@ -157,10 +160,17 @@ def run_refinement(model_path, data_path, out_dir, cfg: Config | None = None, pr
             as it was.  On an error after the inputs were read, the log is kept as
             ``out_dir/refine.failed.log``.
     """
+    with timing.recording(compile_clock=compile_counters) as rec:
+        if startup_s is not None:
+            rec.add("start", startup_s)
+        return _refine_files(model_path, data_path, out_dir, cfg, progress, plot_title, after_minimise, between_cycles)
+
+
+def _refine_files(model_path, data_path, out_dir, cfg, progress, plot_title, after_minimise, between_cycles) -> dict:
     cfg = cfg or Config()
     early = logging.handlers.BufferingHandler(capacity=100_000)  # what the checks log goes to refine.log too
     with _SignalGuard() as guard:
-        with _logging_to(early):
+        with _logging_to(early), timing.section("read"):
             inputs = preflight(model_path, data_path, out_dir, cfg)
         guard.check()
         with _naming_the_folder(out_dir), staged_output(out_dir, managed=OUTPUT_FILES) as stage:
@@ -210,7 +220,8 @@ def _run(model_path, data_path, inputs, stage, cfg, progress, plot_title, after_
     cache = enable_compilation_cache(cfg.runtime.compilation_cache)
     log.info("compilation cache: %s", cache or "off")
     model, refl = inputs
-    setup = build_setup(model_path, data_path, cfg, model=model, refl=refl)
+    with timing.section("setup"):
+        setup = build_setup(model_path, data_path, cfg, model=model, refl=refl)
     refl = setup.refl
     log.info("%s: %d atoms; %s: %d reflections (%d free), %.2f-%.2f Å; monomer library: %s",
              model_path, setup.model.n_atoms, data_path, refl.n, refl.n_free, refl.d_max, refl.d_min, setup.monlib or "built-in")
@@ -229,7 +240,13 @@ def _run(model_path, data_path, inputs, stage, cfg, progress, plot_title, after_
         if progress is not None:
             progress("warning: " + w)
     guard.check()
-    metrics = _record_data(write_outputs(result, setup, stage), refl)
+    rec = timing.current()
+    rec.end_cycles()
+    with timing.section("write"):
+        metrics = _record_data(write_outputs(result, setup, stage), refl)
+    metrics["timing"] = rec.as_dict()
+    for line in rec.summary_lines():
+        log.info(line)
     write_json(os.path.join(stage, "metrics.json"), metrics)
     if cfg.output.ccp4_maps:
         _write_ccp4_maps(stage)
