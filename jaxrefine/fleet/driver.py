@@ -1,0 +1,179 @@
+"""Refine many entries on a Dask cluster: one task per entry, results written as they finish.
+
+The distributed engine is ``dask.distributed`` (the ``fleet`` extra): a LocalCluster of worker
+processes by default, or any running Dask scheduler (dask-jobqueue on SLURM/PBS, Kubernetes, a
+cloud cluster) through its address; the output folder must then be on a file system every worker
+sees.  Each task is :func:`jaxrefine.fleet.worker.run_entry`; it catches its own errors, so a task
+raises only when its worker dies, and then only that entry fails (no retries, and the LocalCluster's
+scheduler gives up on a task the first time its worker dies instead of moving it elsewhere).
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+from ..config import Config, config_to_dict, load_config
+from ..errors import ConfigError
+from ..io.writers import write_json
+from .manifest import as_entries
+from .progress import ProgressLine
+from .results import load_result, write_tables
+from .worker import KEEP_INPUT_TOLERANCE, failed_record, one_line, result_path, run_entry
+
+log = logging.getLogger("jaxrefine")
+
+FINISHED = ("refined", "kept input")
+# The LocalCluster's scheduler: a task whose worker dies fails at once (Dask's default moves it to
+# another worker up to 3 times, which would let one bad entry kill several workers), and each worker
+# thread holds one task at a time, so a worker that dies takes only the entry it was running with it.
+DASK_SETTINGS = {"distributed.scheduler.allowed-failures": 0, "distributed.scheduler.worker-saturation": 1.0}
+REFRESH_S = 2.0  # redraw interval of the progress line while nothing finishes
+
+
+def _require_dask():
+    if importlib.util.find_spec("distributed") is None:
+        raise ConfigError("batch refinement needs Dask: pip install 'jaxrefine[fleet]' (dask[distributed])")
+
+
+def shared_config(config=None, overrides=()) -> dict:
+    """The fleet's shared configuration as nested dicts (validated): a Config, a YAML path or None."""
+    if isinstance(config, Config):
+        if overrides:
+            raise ConfigError("pass overrides with a config file or None, not with a Config object")
+        return config_to_dict(config)
+    return config_to_dict(load_config(config, overrides))
+
+
+def _start_client(client, scheduler, workers: int):
+    """(client, owned): the given client, a client of ``scheduler``, or a new LocalCluster's."""
+    import dask
+    from dask.distributed import Client, LocalCluster
+
+    if client is not None:
+        return client, False
+    if scheduler:
+        return Client(scheduler), True
+    with dask.config.set(DASK_SETTINGS):
+        dashboard = ":0" if importlib.util.find_spec("bokeh") else None
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=dashboard,
+                               silence_logs=logging.ERROR)
+    return Client(cluster), True
+
+
+def _close(client) -> None:
+    cluster = getattr(client, "cluster", None)
+    client.close()
+    if cluster is not None:
+        cluster.close()
+
+
+def pending_entries(entries: list, out_root: str, retry_failed: bool = False):
+    """(records of entries already done, entries to run): finished entries are skipped, failed ones
+    too unless ``retry_failed``; an entry whose inputs or settings changed runs again."""
+    done, todo = {}, []
+    for e in entries:
+        rec = load_result(out_root, e)
+        if rec is not None and (rec["status"] in FINISHED or not retry_failed):
+            done[e.id] = rec
+        else:
+            todo.append(e)
+    return done, todo
+
+
+def refine_many(entries, out_dir, client=None, *, scheduler: str | None = None, workers: int = 2, config=None,
+                overrides=(), retry_failed: bool = False, tolerance: float = KEEP_INPUT_TOLERANCE,
+                progress: bool = True, as_dataframe: bool = False):
+    """Refine every entry with the normal engine, each into ``out_dir/<id>/``; one row per entry.
+
+    Args:
+        entries: a manifest path (YAML, CSV or a glob of model files), or a list of
+            :class:`~jaxrefine.fleet.manifest.Entry` or mappings with id, model, data
+            (and optionally labin, ligands, monlib, set).
+        out_dir: the fleet's output folder: ``<id>/`` per entry, ``results.csv``, ``results.md``.
+        client: a ``dask.distributed.Client`` to use (left open); else ``scheduler`` or a
+            LocalCluster of ``workers`` processes (closed at the end).
+        config, overrides: the shared configuration (YAML path or Config) and ``section.key=value``
+            strings; each entry's own settings are applied on top.
+        retry_failed: run entries again whose stored result is a failure.
+        tolerance: R-free rise above which the input model is kept (never worse).
+        progress: draw the progress line on stderr.
+        as_dataframe: return a pandas DataFrame (when pandas is installed) instead of a list of dicts.
+
+    Returns:
+        One record (dict, the columns of results.csv) per entry, in manifest order.
+    """
+    _require_dask()
+    entries = as_entries(entries)
+    base = shared_config(config, overrides)
+    out_root = os.path.abspath(os.fspath(out_dir))
+    os.makedirs(out_root, exist_ok=True)
+    records, todo = pending_entries(entries, out_root, retry_failed)
+    order = [e.id for e in entries]
+
+    def table():
+        write_tables(out_root, [records[i] for i in order if i in records])
+
+    line = ProgressLine(len(entries), skipped=len(records), enabled=progress)
+    if todo:
+        client, owned = _start_client(client, scheduler, workers)
+        try:
+            link = getattr(client, "dashboard_link", None)
+            if link:  # None when the scheduler runs no dashboard (bokeh not installed)
+                line.say(f"fleet: Dask dashboard at {link}")
+            _run(client, todo, out_root, base, tolerance, records, table, line)
+        finally:
+            line.close()
+            if owned:
+                _close(client)
+    table()
+    rows = [records[i] for i in order]
+    return _maybe_dataframe(rows, as_dataframe)
+
+
+def _run(client, todo, out_root, base, tolerance, records, table, line) -> None:
+    from dask.distributed import wait
+
+    by_key = {}
+    for e in todo:
+        fut = client.submit(run_entry, e, out_root, base, tolerance, key=f"jaxrefine-{e.id}-{os.urandom(4).hex()}",
+                            pure=False, retries=0)
+        by_key[fut.key] = (fut, e)
+    pending = {f for f, _ in by_key.values()}
+    slots = max(1, sum(client.nthreads().values()))
+    n_done = n_failed = 0
+    line.update(0, 0, min(slots, len(pending)))
+    while pending:
+        try:
+            finished, pending = wait(pending, timeout=REFRESH_S, return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            line.draw()
+            continue
+        for fut in finished:
+            entry = by_key[fut.key][1]
+            try:
+                rec = fut.result()
+            except Exception as exc:  # the worker died (or the task could not run): this entry only
+                rec = failed_record(entry, f"worker lost: {one_line(exc)}")
+                write_json(result_path(out_root, entry.id), rec)
+            records[entry.id] = rec
+            if rec["status"] == "failed":
+                n_failed += 1
+                line.say(f"fleet: {entry.id} failed: {rec['error']}")
+            else:
+                n_done += 1
+            table()
+        line.update(n_done, n_failed, min(slots, len(pending)))
+
+
+def _maybe_dataframe(rows: list, as_dataframe: bool):
+    if not as_dataframe:
+        return rows
+    if importlib.util.find_spec("pandas") is None:
+        log.warning("pandas is not installed: returning the fleet table as a list of records")
+        return rows
+    import pandas as pd
+
+    from .results import COLUMNS
+
+    return pd.DataFrame([{k: r.get(k) for k in COLUMNS} for r in rows], columns=list(COLUMNS))
