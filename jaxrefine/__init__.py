@@ -24,6 +24,7 @@ def __getattr__(name):
         "Problem": ("jaxrefine.problem", "Problem"),
         "XrayState": ("jaxrefine.problem", "XrayState"),
         "run_refinement": ("jaxrefine.refine.run", "run_refinement"),
+        "refine_many": ("jaxrefine.fleet", "refine_many"),
     }
     if name in lazy:
         import importlib

@@ -5,7 +5,7 @@ The end-to-end checks run one small fleet on 5e5z (one macrocycle, few steps) wi
 poor setting, so that its input is better than what refinement reaches) and two broken ones (a
 missing model file, a residue with no restraint dictionary).  All refinable entries have the same
 model and reflections, hence the same shapes: each worker process compiles once and the workers
-share the persistent compilation cache.
+share the test session's persistent compilation cache.
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def fleet_inputs(tmp_path_factory):
 
     model, data = dataset_paths("5e5z")
     root = tmp_path_factory.mktemp("fleet")
-    shared = SHARED + [f"runtime.compilation_cache={root / 'jax-cache'}"]
+    shared = list(SHARED)  # workers inherit $JAXREFINE_CACHE_DIR: the test session's compilation cache
     (root / "copy").mkdir()
     for p in (model, data):
         (root / "copy" / p.name).write_bytes(p.read_bytes())
