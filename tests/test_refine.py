@@ -163,6 +163,21 @@ def test_minimise_loop_compiles_once_for_all_blocks(small_setup):
     assert minimise._cache_size() == before  # new blocks, step counts, data and state: no recompile
 
 
+def test_choice_lists_have_one_source():
+    """Every strategy, target and optimiser the config accepts is implemented by the loop (the config's
+    lists are the single definition; issue 13)."""
+    from jaxrefine.config import OPTIMIZERS, STRATEGIES, TARGETS
+    from jaxrefine.refine.blocks import STRATEGY_BLOCKS
+    from jaxrefine.refine.energy import SHIFT_ENERGY
+    from jaxrefine.refine.optimize import make_optimizer
+
+    assert set(STRATEGY_BLOCKS) == set(STRATEGIES) and set(SHIFT_ENERGY) == set(TARGETS)
+    for method in OPTIMIZERS:
+        make_optimizer(method, 0.01)
+    with pytest.raises(ValueError):
+        make_optimizer("newton", 0.01)
+
+
 def test_state_refresh_keeps_shapes_and_matches_a_fresh_fit(small_setup):
     """The per-cycle X-ray state is refitted outside jit with the shapes of the old one (so the
     energy never recompiles), and refitting at the starting parameters reproduces the state that
