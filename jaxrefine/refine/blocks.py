@@ -12,7 +12,8 @@ import numpy as np
 from ..problem.params import Params
 from ..problem.problem import Problem, XrayState
 from .energy import SHIFT_ENERGY, apply_shifts, block_mask, zero_shifts
-from .optimize import minimise
+from ..core import timing
+from .optimize import minimise_with_stats
 
 STRATEGY_BLOCKS = {
     "rigid": ("rigid",),
@@ -57,6 +58,8 @@ def minimise_blocks(blocks, params: Params, problem: Problem, state: XrayState, 
         return params
     mask = block_mask(params, blocks)
     lr = jnp.asarray(learning_rate, problem.maps.orth.dtype)
-    shifts, _ = minimise(SHIFT_ENERGY[target], zero_shifts(params), (mask, params, problem, state), n_steps=n_steps,
-                         method=optimizer, learning_rate=lr)
+    shifts, _, stats = minimise_with_stats(SHIFT_ENERGY[target], zero_shifts(params), (mask, params, problem, state),
+                                           n_steps=n_steps, method=optimizer, learning_rate=lr)
+    timing.count("steps", stats.steps)  # waits for the minimisation (timing sections stay honest)
+    timing.count("evaluations", stats.evaluations)
     return apply_shifts(shifts, mask, params, problem)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import Config
+from ..core import timing
 from ..problem.params import Params
 from ..problem.problem import Problem, Setup, XrayState
 from ..problem.setup import build_setup
@@ -200,7 +201,9 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
     settings = LoopSettings.from_config(setup.config, setup.refl.d_min, n_cycles, strategy)
     t0 = time.perf_counter()
     problem, params, state = setup.problem, setup.params, setup.state
-    w_a = choose_initial_w_a(setup, problem, state, params, settings)
+    timing.begin_cycle(0)  # the starting model: initial w_A and statistics
+    with timing.section("initial_w_a"):
+        w_a = choose_initial_w_a(setup, problem, state, params, settings)
     state = state._replace(w_a=jnp.asarray(w_a, problem.maps.orth.dtype))
     history = [cycle_statistics(0, params, problem, state, t0)]
     log_cycle(history[-1], callback)
@@ -209,17 +212,22 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
     plan = cycle_plan(settings.strategy, settings.n_cycles, settings.rigid_first, settings.n_rigid_cycles)
     for cycle, blocks in enumerate(plan, start=1):
         last = cycle == len(plan)
+        timing.begin_cycle(cycle)
         if cycle > 1:  # the mask, scales and σA were refreshed at the end of the previous cycle
-            state = refresh_neighbours(setup, problem, state, params)
-        params, state = _minimise_cycle(blocks, params, problem, state, setup, settings)
+            with timing.section("neighbours"):
+                state = refresh_neighbours(setup, problem, state, params)
+        with timing.section("optimise"):
+            params, state = _minimise_cycle(blocks, params, problem, state, setup, settings)
         if "xyz" in blocks or "rigid" in blocks:  # riding hydrogens re-placed on the moved atoms
-            problem = riding_problem(problem, setup.model, current_model_arrays(params, problem)[0], setup.monlib,
-                                     setup.config.model.ligands)
+            with timing.section("riding_h"):
+                problem = riding_problem(problem, setup.model, current_model_arrays(params, problem)[0], setup.monlib,
+                                         setup.config.model.ligands)
         for hook in after_minimise:
             ctx = hook(CycleContext(cycle, last, blocks, setup, params, problem, state))
             params, problem, state = ctx.params, ctx.problem, ctx.state
             removed_labels += list(ctx.removed)
-        state = update_xray_state(setup, problem, state, params, rebuild_mask=cycle % settings.mask_every == 0)
+        with timing.section("xray_state"):  # mask, scales, σA
+            state = update_xray_state(setup, problem, state, params, rebuild_mask=cycle % settings.mask_every == 0)
         st = cycle_statistics(cycle, params, problem, state, t0)
         history.append(st)
         log_cycle(st, callback)

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..core import timing
 from ..problem.params import Params
 from ..problem.problem import Problem, XrayState
 from ..problem.xray_state import current_model_arrays, f_model_of_jit
@@ -41,11 +42,13 @@ class CycleStats(NamedTuple):
 def cycle_statistics(cycle: int, params: Params, problem: Problem, state: XrayState, t0: float) -> CycleStats:
     """R-factors with the state's mask and scales, RMS deviations of the covalent geometry, and the
     time since ``t0`` (``time.perf_counter()``)."""
-    fm = np.asarray(f_model_of_jit(params, problem, state))
-    x = problem.xray
-    r = r_factors(np.asarray(x.f_obs), fm, np.asarray(x.free))
+    with timing.section("r_factors"):
+        fm = np.asarray(f_model_of_jit(params, problem, state))
+        x = problem.xray
+        r = r_factors(np.asarray(x.f_obs), fm, np.asarray(x.free))
     xyz, _, _ = current_model_arrays(params, problem)
-    geo = geometry_report(xyz, problem.restraints, None)
+    with timing.section("geometry"):
+        geo = geometry_report(xyz, problem.restraints, None)
     sc = state.scales
     return CycleStats(
         cycle=cycle, r_work=float(r["r_work"]), r_free=float(r["r_free"]), rms_bond=float(geo.rms_bond),
