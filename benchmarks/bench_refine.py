@@ -1,21 +1,31 @@
-"""jaxrefine vs servalcat (and TorchRef where installed) on the shared datasets, same yardstick.
+"""jaxrefine vs servalcat on the shared datasets: wall time (cold and warm), peak memory, R-free.
 
-For each dataset: the deposited model (hydrogens removed), shaken as in the shared data README
-(0.5 Å RMS, seed 7, B reset to the mean, ANISOU dropped), is refined for N macrocycles by each
-program; every final model is then scored by ``servalcat refine_xtal_norefmac --ncycle 0`` so all
-programs are measured the same way.  Wall times are for the refinement alone, same machine, same run.
+For each dataset the deposited model (hydrogens removed) is shaken as in the shared data README
+(0.5 Å RMS, seed 7, B reset to the mean, ANISOU dropped) and refined, in the same run, by
 
-    python benchmarks/bench_refine.py [--datasets 5e5z 1va7 ...] [--cycles 10] [--servalcat PATH] [--torchref PATH]
+* jaxrefine with its defaults (``jaxrefine refine``, a fresh process each time):
+  **cold** = a new, empty compilation cache folder; **warm** = a second process on the same cache;
+* servalcat, ``refine_xtal_norefmac --ncycle 10 -s xray --free 0`` (its usual 10 cycles).
 
-servalcat is found on PATH or given with --servalcat (it is on PyPI: pip install servalcat, ideally in
-its own virtual environment).  Prints a table and writes benchmarks/results_refine.json.
+Each program's final model is then scored under both yardsticks: servalcat with no refinement
+(``--ncycle 0 --adp aniso``) and ``jaxrefine rfactors``.  Peak memory is the child process's
+maximum resident set (``/usr/bin/time -v``, else ``resource.getrusage``).  jaxrefine's own
+``timing`` record (metrics.json) gives the split into start, setup, compilation and macrocycles,
+and its per-cycle R-free against the running count of F_calc evaluations (the R-free vs
+evaluations curve, saved as PNG with ``--plot``).
+
+    python benchmarks/bench_refine.py [--datasets 5e5z 1va7 ...] [--cycles N] [--servalcat-cycles 10]
+                                      [--set section.key=value ...] [--out results.json] [--plot curve.png]
+
+Prints one JSON line per dataset and a markdown table; writes benchmarks/results_refine.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import re
+import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -29,6 +39,9 @@ LABIN = {"5e5z": "FP,SIGFP,FREE", "4xof": "FP,SIGFP,FreeR_flag", "1l2h": "IMEAN,
          "5orl": "FP,SIGFP,FREE", "4iid": "FP,SIGFP,FREE", "1va7": "FOBS,SIGFOBS,R-free-flags",
          "5kzb": "FOBS,SIGFOBS,R-free-flags"}
 ORDER = ("5e5z", "1va7", "5kzb", "4xof", "1l2h", "5orl", "4iid")
+GNU_TIME = "/usr/bin/time"
+# the issue's goals, as ratios to servalcat measured in the same run
+GOAL_COLD, GOAL_WARM, GOAL_RSS = 1.0, 0.3, 2.0
 
 
 def paths(pid):
@@ -40,93 +53,207 @@ def paths(pid):
 
 def make_shaken(pid, out_dir):
     from jaxrefine.io.model import read_model
-    from jaxrefine.io.writers import write_model
     from jaxrefine.io.perturb import shake
+    from jaxrefine.io.writers import write_model
 
     model_path, _ = paths(pid)
-    m = read_model(model_path, hydrogens=False)
-    s = shake(m, 0.5, seed=7)
+    s = shake(read_model(model_path, hydrogens=False), 0.5, seed=7)
     out = Path(out_dir) / f"{pid}_shaken.pdb"
     write_model(s, out, b_iso=s.b_iso)
     return out
 
 
-def servalcat_score(servalcat, model, pid, work, ncycle=0):
-    """(r_work, r_free, rms_bond, rms_angle, wall_s) from servalcat refine_xtal_norefmac."""
-    _, data = paths(pid)
-    prefix = Path(work) / f"sv_{pid}_{ncycle}_{Path(model).stem}"
-    cmd = [servalcat, "refine_xtal_norefmac", "--model", str(model), "--hklin", str(data), "--labin", LABIN[pid],
-           "--free", "0", "-s", "xray", "--monlib", str(DATA / "monomers"), "--ncycle", str(ncycle), "-o", str(prefix)]
+def measured(cmd, cwd, env=None):
+    """Run ``cmd``; (CompletedProcess, wall s, peak RSS GB of the child)."""
     t = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
-    wall = time.perf_counter() - t
-    text = out.stdout + out.stderr
-    rw = re.findall(r"R(?:work)?\s*=\s*([0-9.]+)", text)
-    stats = _parse_servalcat_json(prefix)
+    if os.access(GNU_TIME, os.X_OK):
+        rss_file = Path(tempfile.mkstemp(prefix="jaxrefine-rss-")[1])
+        out = subprocess.run([GNU_TIME, "-f", "%M", "-o", str(rss_file)] + cmd, capture_output=True, text=True,
+                             cwd=cwd, env=env)
+        wall = time.perf_counter() - t
+        try:
+            rss = int(rss_file.read_text().split()[-1]) / 1e6  # kB -> GB
+        except (ValueError, IndexError):
+            rss = float("nan")
+        rss_file.unlink()
+    else:  # the largest child so far: exact only while each child is larger than the last
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env)
+        wall = time.perf_counter() - t
+        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
+    return out, wall, rss
+
+
+def servalcat(exe, model, pid, work, ncycle, extra=()):
+    """servalcat refine_xtal_norefmac: dict of R-work, R-free, RMS bond/angle, wall, RSS, output model."""
+    _, data = paths(pid)
+    prefix = Path(work) / f"sv_{pid}_{ncycle}_{Path(model).stem.split('.')[0]}"
+    cmd = [exe, "refine_xtal_norefmac", "--model", str(model), "--hklin", str(data), "--labin", LABIN[pid],
+           "--free", "0", "-s", "xray", "--monlib", str(DATA / "monomers"), "--ncycle", str(ncycle),
+           "-o", str(prefix), *extra]
+    out, wall, rss = measured(cmd, work)
+    stats = _servalcat_stats(prefix)
     if stats is None:
-        raise RuntimeError(f"servalcat failed on {model}:\n{text[-2000:]}")
-    stats["wall_s"] = wall
-    del rw
+        raise RuntimeError(f"servalcat failed on {model}:\n{(out.stdout + out.stderr)[-2000:]}")
+    stats.update(wall_s=wall, rss_gb=rss, model=str(prefix) + ".pdb" if Path(str(prefix) + ".pdb").exists()
+                 else str(prefix) + ".mmcif")
     return stats
 
 
-def _parse_servalcat_json(prefix):
+def _servalcat_stats(prefix):
     js = Path(str(prefix) + "_stats.json")
     if not js.exists():
         return None
-    stats = json.loads(js.read_text())
-    last = stats[-1]
+    last = json.loads(js.read_text())[-1]
     s = last["data"]["summary"]
     geom = last.get("geom", {}).get("summary", {}).get("r.m.s.d.", {})
     return {"r_work": s.get("R1work", s.get("Rwork")), "r_free": s.get("R1free", s.get("Rfree")),
             "rms_bond": geom.get("Bond distances, non H"), "rms_angle": geom.get("Bond angles, non H")}
 
 
-def run_jaxrefine(model, pid, out_dir, cycles):
-    from jaxrefine.config import load_config
-    from jaxrefine.refine.run import run_refinement
-
+def jaxrefine_refine(model, pid, out_dir, cache_dir, cycles, sets):
+    """One ``jaxrefine refine`` process; (metrics dict, wall s, peak RSS GB)."""
     _, data = paths(pid)
-    cfg = load_config(None, [f"refine.n_cycles={cycles}", f"model.monlib={DATA / 'monomers'}", f"data.labin={LABIN[pid]}"])
-    t = time.perf_counter()
-    m = run_refinement(model, data, out_dir, cfg)
-    return m, time.perf_counter() - t
+    cmd = [sys.executable, "-m", "jaxrefine.cli", "refine", str(model), str(data), "--out", str(out_dir),
+           "--monlib", str(DATA / "monomers"), "--labin", LABIN[pid], "--set", f"runtime.compilation_cache={cache_dir}"]
+    if cycles:
+        cmd += ["--cycles", str(cycles)]
+    for s in sets:
+        cmd += ["--set", s]
+    out, wall, rss = measured(cmd, REPO)
+    if out.returncode != 0:
+        raise RuntimeError(f"jaxrefine refine failed on {pid}:\n{(out.stdout + out.stderr)[-2000:]}")
+    return json.loads((Path(out_dir) / "metrics.json").read_text()), wall, rss
+
+
+def jaxrefine_score(model, pid):
+    """``jaxrefine rfactors --json`` of a model: (R-work, R-free)."""
+    _, data = paths(pid)
+    out = subprocess.run([sys.executable, "-m", "jaxrefine.cli", "-q", "rfactors", str(model), str(data), "--labin", LABIN[pid],
+                          "--no-hydrogens", "--json"], capture_output=True, text=True, cwd=REPO)
+    if out.returncode != 0:
+        raise RuntimeError(f"jaxrefine rfactors failed on {model}:\n{(out.stdout + out.stderr)[-2000:]}")
+    js = json.loads(out.stdout[out.stdout.index("{"):])
+    return js["r_work"], js["r_free"]
+
+
+def curve(metrics):
+    """[(F_calc evaluations so far, R-free)] per macrocycle from metrics.json's timing record."""
+    cycles = metrics.get("cycles", [])
+    per = {c.get("cycle"): c for c in (metrics.get("timing") or {}).get("cycles", [])}
+    n, out = 0, []
+    for c in cycles:
+        n += int(per.get(c["cycle"], {}).get("evaluations", 0))
+        out.append((n, c["r_free"]))
+    return out
+
+
+def bench_one(pid, args, work):
+    shaken = make_shaken(pid, work)
+    cache = Path(work) / f"cache_{pid}"  # fresh: the cold run compiles everything
+    row = {"pdb": pid}
+    m, row["jr_cold_s"], row["jr_cold_rss_gb"] = jaxrefine_refine(shaken, pid, Path(work) / f"jr_{pid}", cache, args.cycles, args.set)
+    m2, row["jr_warm_s"], row["jr_warm_rss_gb"] = jaxrefine_refine(shaken, pid, Path(work) / f"jr2_{pid}", cache, args.cycles, args.set)
+    row.update(jr_own=(m["r_work"], m["r_free"]), jr_bond=m["rms_bond"], jr_angle=m["rms_angle"],
+               jr_cycles=len(m.get("cycles", [])) - 1, jr_timing=m.get("timing"), jr_warm_timing=m2.get("timing"),
+               jr_curve=curve(m))
+    jr_model = Path(work) / f"jr_{pid}" / "refined.pdb"
+    row["jr_by_jr"] = jaxrefine_score(jr_model, pid)
+    if args.servalcat:
+        sc = servalcat(args.servalcat, jr_model, pid, work, 0, ("--adp", "aniso"))
+        row["jr_by_sv"] = (sc["r_work"], sc["r_free"])
+        sv = servalcat(args.servalcat, shaken, pid, work, args.servalcat_cycles)
+        row.update(sv_own=(sv["r_work"], sv["r_free"]), sv_bond=sv["rms_bond"], sv_angle=sv["rms_angle"],
+                   sv_s=sv["wall_s"], sv_rss_gb=sv["rss_gb"])
+        row["sv_by_jr"] = jaxrefine_score(sv["model"], pid)
+        sc2 = servalcat(args.servalcat, sv["model"], pid, work, 0, ("--adp", "aniso"))
+        row["sv_by_sv"] = (sc2["r_work"], sc2["r_free"])
+    return row
+
+
+def table(rows) -> str:
+    f2 = lambda t: f"{t[0]:.3f} / {t[1]:.3f}" if t else "–"  # noqa: E731
+    lines = [
+        "| PDB | jaxrefine cold s | warm s | servalcat s | cold / sv | warm / sv | jaxrefine RSS GB | servalcat RSS GB "
+        "| RSS ratio | R-work / R-free, servalcat yardstick: jaxrefine | servalcat | jaxrefine yardstick: jaxrefine "
+        "| servalcat | RMS bond / angle: jaxrefine | servalcat | goals (cold ≤ 1, warm ≤ 0.3, RSS ≤ 2) |",
+        "|---" * 16 + "|",
+    ]
+    for r in rows:
+        sv = r.get("sv_s")
+        cold = r["jr_cold_s"] / sv if sv else float("nan")
+        warm = r["jr_warm_s"] / sv if sv else float("nan")
+        rss = max(r["jr_cold_rss_gb"], r["jr_warm_rss_gb"]) / r["sv_rss_gb"] if r.get("sv_rss_gb") else float("nan")
+        unmet = [name for name, v, goal in (("cold", cold, GOAL_COLD), ("warm", warm, GOAL_WARM), ("RSS", rss, GOAL_RSS))
+                 if not v <= goal]
+        svg = f"{r['sv_bond']:.3f} / {r['sv_angle']:.2f}" if r.get("sv_bond") is not None else "–"
+        lines.append(
+            f"| {r['pdb']} | {r['jr_cold_s']:.0f} | {r['jr_warm_s']:.0f} | {sv or float('nan'):.0f} | {cold:.2f} | {warm:.2f} "
+            f"| {max(r['jr_cold_rss_gb'], r['jr_warm_rss_gb']):.2f} | {r.get('sv_rss_gb', float('nan')):.2f} | {rss:.1f} "
+            f"| {f2(r.get('jr_by_sv'))} | {f2(r.get('sv_by_sv'))} | {f2(r.get('jr_by_jr'))} | {f2(r.get('sv_by_jr'))} "
+            f"| {r['jr_bond']:.3f} / {r['jr_angle']:.2f} | {svg} | {'met' if not unmet else 'not met: ' + ', '.join(unmet)} |")
+    return "\n".join(lines)
+
+
+def timing_table(rows) -> str:
+    """Where jaxrefine's cold and warm wall time goes (metrics.json ``timing``)."""
+    lines = ["| PDB | run | start+read s | setup s | compile s | macrocycles s | optimiser s | F evaluations | host updates s |",
+             "|---" * 9 + "|"]
+    for r in rows:
+        for name, t in (("cold", r.get("jr_timing")), ("warm", r.get("jr_warm_timing"))):
+            if not t:
+                continue
+            cyc = t.get("cycles", [])
+            host = sum(sum(v for k, v in c.get("host_s", {}).items()) for c in cyc)
+            lines.append(f"| {r['pdb']} | {name} | {t.get('start_s', 0.0) + t.get('read_s', 0.0):.1f} | {t.get('setup_s', float('nan')):.1f} "
+                         f"| {t.get('compile_s', float('nan')):.1f} | {sum(c.get('wall_s', 0) for c in cyc):.1f} "
+                         f"| {sum(c.get('optimise_s', 0) for c in cyc):.1f} | {sum(c.get('evaluations', 0) for c in cyc)} "
+                         f"| {host:.1f} |")
+    return "\n".join(lines)
+
+
+def plot_curves(rows, path):
+    from jaxrefine.io.figures import new_figure, save_png
+
+    fig = new_figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for r in rows:
+        pts = r.get("jr_curve") or []
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=r["pdb"])
+            if r.get("sv_own"):
+                ax.axhline(r["sv_own"][1], ls=":", lw=0.8, color=ax.lines[-1].get_color())
+    ax.set_xlabel("F_calc evaluations (jaxrefine, cumulative)")
+    ax.set_ylabel("R-free (jaxrefine's own)")
+    ax.set_title("R-free vs evaluations; dotted: servalcat's final R-free")
+    ax.legend(fontsize=7)
+    save_png(fig, path)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", nargs="*", default=list(ORDER))
-    ap.add_argument("--cycles", type=int, default=10)
-    ap.add_argument("--servalcat", default=shutil.which("servalcat"))
-    ap.add_argument("--torchref", default=shutil.which("torchref.refine"))
-    ap.add_argument("--no-servalcat-refine", action="store_true", help="only score jaxrefine's models with servalcat")
+    ap.add_argument("--datasets", nargs="*", default=list(ORDER), choices=ORDER)
+    ap.add_argument("--cycles", type=int, default=None, help="jaxrefine macrocycles (default: its config's)")
+    ap.add_argument("--servalcat-cycles", type=int, default=10)
+    ap.add_argument("--servalcat", default=shutil.which("servalcat"), help="servalcat executable (else none: jaxrefine only)")
+    ap.add_argument("--set", action="append", default=[], help="extra jaxrefine --set overrides")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results_refine.json"))
+    ap.add_argument("--plot", help="PNG of R-free vs F_calc evaluations")
     args = ap.parse_args(argv)
     rows = []
     work = tempfile.mkdtemp(prefix="jaxrefine-bench-")
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for pid in args.datasets:
-        shaken = make_shaken(pid, work)
-        m, wall = run_jaxrefine(shaken, pid, Path(work) / f"jr_{pid}", args.cycles)
-        row = {"pdb": pid, "jr_own": (m["r_work"], m["r_free"]), "jr_bond": m["rms_bond"], "jr_angle": m["rms_angle"], "jr_wall": wall}
-        if args.servalcat:
-            sc = servalcat_score(args.servalcat, Path(work) / f"jr_{pid}" / "refined.pdb", pid, work, 0)
-            row["jr_scored"] = (sc["r_work"], sc["r_free"])
-            if not args.no_servalcat_refine:
-                sv = servalcat_score(args.servalcat, shaken, pid, work, args.cycles)
-                row["sv"] = (sv["r_work"], sv["r_free"])
-                row["sv_bond"], row["sv_angle"], row["sv_wall"] = sv["rms_bond"], sv["rms_angle"], sv["wall_s"]
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rows.append(bench_one(pid, args, work))
+        print(json.dumps({k: v for k, v in rows[-1].items() if "timing" not in k and k != "jr_curve"}), flush=True)
+        Path(args.out).write_text(json.dumps({"started": started, "machine": platform.processor() or platform.machine(),
+                                              "cpus": os.cpu_count(), "load_avg": os.getloadavg(), "rows": rows}, indent=1))
     print()
-    print("| PDB | jaxrefine R-work/R-free (servalcat scoring) | jaxrefine own | RMS bond / angle | wall s | "
-          "servalcat R-work/R-free | servalcat RMS bond / angle | servalcat wall s | time ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        f = lambda t: f"{t[0]:.3f} / {t[1]:.3f}" if t else "–"  # noqa: E731
-        ratio = f"{r['sv_wall'] / r['jr_wall']:.2f}×" if r.get("sv_wall") else "–"
-        svg = f"{r['sv_bond']:.3f} / {r['sv_angle']:.2f}" if r.get("sv_bond") is not None else "–"
-        print(f"| {r['pdb']} | {f(r.get('jr_scored'))} | {f(r['jr_own'])} | {r['jr_bond']:.3f} / {r['jr_angle']:.2f} | "
-              f"{r['jr_wall']:.0f} | {f(r.get('sv'))} | {svg} | {r.get('sv_wall', float('nan')):.0f} | {ratio} |")
-    (REPO / "benchmarks" / "results_refine.json").write_text(json.dumps(rows, indent=1))
+    print(table(rows))
+    print()
+    print(timing_table(rows))
+    if args.plot:
+        plot_curves(rows, args.plot)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
