@@ -56,6 +56,8 @@ class RefineConfig:
     b_min: float = 2.0  # Å², floor of the positive B reparametrisation (lower input B are raised to it)
     b_max: float = 300.0  # Å²: a model with B above this is refused (reset B or raise the limit)
     precision: str = "float32"  # float32 (fast; the GPU default) | float64 (needs jax_enable_x64)
+    adp: str = "iso"  # iso | aniso | tls | auto (by resolution and data per parameter; the reason is logged)
+    tls_groups: str = "auto"  # auto (the input's TLS groups, else one per chain) | chain | "A/1-120; A/121-250"
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,12 @@ class WeightConfig:
     plane: float = 1.0
     chiral: float = 1.0
     nonbonded: float = 1.0
+
+
+@dataclass(frozen=True)
+class RestraintsConfig:
+    ncs: str = "off"  # auto (local NCS restraints between copies of a chain found by sequence) | off
+    ncs_weight: float = 1.0  # weight of the NCS restraints within E_geometry
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     weights: WeightConfig = field(default_factory=WeightConfig)
+    restraints: RestraintsConfig = field(default_factory=RestraintsConfig)
     solvent: SolventConfig = field(default_factory=SolventConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     waters: WaterConfig = field(default_factory=WaterConfig)
@@ -131,12 +140,16 @@ TARGETS = ("ml", "ls")
 OPTIMIZERS = ("lbfgs", "adam", "sgd")
 PRECISIONS = ("float32", "float64")
 HYDROGENS = ("remove", "keep")
+ADP_MODELS = ("iso", "aniso", "tls", "auto")
+NCS_MODES = ("auto", "off")
 _CHOICES = {
     ("model", "hydrogens"): HYDROGENS,
     ("refine", "strategy"): STRATEGIES,
     ("refine", "target"): TARGETS,
     ("refine", "optimizer"): OPTIMIZERS,
     ("refine", "precision"): PRECISIONS,
+    ("refine", "adp"): ADP_MODELS,
+    ("restraints", "ncs"): NCS_MODES,
 }
 
 
@@ -201,6 +214,7 @@ _CHECKS = {
     ("weights", "plane"): _non_negative,
     ("weights", "chiral"): _non_negative,
     ("weights", "nonbonded"): _non_negative,
+    ("restraints", "ncs_weight"): _non_negative,
     ("solvent", "r_probe"): _non_negative,
     ("solvent", "r_shrink"): _non_negative,
     ("solvent", "update_every"): _positive,
@@ -262,6 +276,8 @@ def _coerce(value, annotation: str, where: str):
             raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return out
     if kind == "str":
+        if isinstance(value, bool):  # YAML reads a bare off/on as a boolean
+            value = "on" if value else "off"
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected text, got {value!r}")
         return value

@@ -30,6 +30,10 @@ from ..io.ncs import find_ncs_copies
 from ..io.tls import TlsGroups, read_tls_groups, tls_groups_from_spec
 from ..restraints.adp_aniso import AnisoAdpTerm, aniso_adp_term
 from ..restraints.ncs import NcsTerm, ncs_term
+from ..restraints import adp_energy
+from ..restraints.adp_aniso import aniso_adp_energy
+from ..restraints.ncs import ncs_energy
+from .params import atom_b, atom_xyz
 from ..xray.adp import (
     EIGHT_PI2,
     b_eq,
@@ -43,7 +47,6 @@ from ..xray.adp import (
 
 log = logging.getLogger("jaxrefine")
 
-ADP_MODELS = ("iso", "aniso", "tls", "auto")
 # automatic choice (REFMAC5/phenix practice: anisotropic U at atomic or near-atomic resolution,
 # TLS at medium and low resolution); parameters counted per non-hydrogen atom
 ANISO_D_MIN = 1.6  # Å: anisotropic U only at this resolution or better ...
@@ -160,7 +163,7 @@ def _start_tls(model, spec: str, b_min: float):
 
 
 def build_adp_model(model, mode: str, tls_spec: str, b_min: float, d_min: float, n_work: int,
-                    keep_anisou: bool = True, w_restraints=(1.0, 1.0, 1.0), pairs=None):
+                    u_shape=None, w_restraints=(1.0, 1.0, 1.0), pairs=None):
     """The ADP model, starting parameters and starting B for a refinement.
 
     Args:
@@ -169,7 +172,8 @@ def build_adp_model(model, mode: str, tls_spec: str, b_min: float, d_min: float,
         tls_spec: "auto" (the input's TLS groups, else one per chain), "chain" or selections.
         b_min: floor of B (Å²).
         d_min: resolution of the data (Å); n_work: work reflections (for ``auto``).
-        keep_anisou: keep deposited ANISOU shapes of isotropically refined atoms in F_calc.
+        u_shape: (n, 6) trace-free deposited ANISOU shapes kept in F_calc for atoms refined
+            isotropically (``refine.keep_anisou``), or None.
         w_restraints: weights of rigid bond, similarity and isotropy restraints.
         pairs: ((k, 2) bonded pairs, (m, 2) 1-3 pairs) for the anisotropic restraints.
 
@@ -184,9 +188,7 @@ def build_adp_model(model, mode: str, tls_spec: str, b_min: float, d_min: float,
     n = model.n_atoms
     u_min = b_min / EIGHT_PI2
     has_aniso = np.asarray(model.has_aniso, bool)
-    shape = np.where(has_aniso[:, None], model.u_aniso, 0.0)
-    shape[:, :3] -= shape[:, :3].mean(1, keepdims=True) * has_aniso[:, None]  # trace-free part
-    u_fixed = shape if keep_anisou else np.zeros((n, 6))
+    u_fixed = np.zeros((n, 6)) if u_shape is None else np.asarray(u_shape, float)
     tls_group, origin, scale, u_raw, tls_raw, tls = np.full(n, -1, np.int32), np.zeros((0, 3)), np.zeros((0, 21)), None, None, None
     aniso = np.zeros(n, bool)
     if mode == "aniso":
@@ -264,3 +266,38 @@ def ncs_log_lines(ncs: NcsModel | None, copies) -> list:
     which = np.asarray(ncs.term.copy_pair)[np.asarray(ncs.term.mask) > 0]
     return [f"NCS {c.name}: {len(c.atoms1)} matched atoms, {int((which == k).sum())} local distance restraints "
             f"(sequence identity {100 * c.identity:.0f}%)" for k, c in enumerate(copies)]
+
+
+def adp_of(params, problem):
+    """(b_sf, u_sf, u_total) of :func:`atom_adp` for the parameters of a problem."""
+    u_raw, tls_raw = getattr(params, "u_raw", None), getattr(params, "tls_raw", None)
+    xyz = atom_xyz(params, problem.maps)[0] if tls_raw is not None else None
+    return atom_adp(atom_b(params, problem.maps), u_raw, tls_raw, xyz, problem.adp, problem.u_shape)
+
+
+def adp_restraint_energy(params, problem):
+    """E_ADP (unweighted by w_B): B similarity on each atom's B_eq, plus rigid bond, similarity and
+    isotropy of the anisotropic atoms' U."""
+    if problem.adp is None:
+        return adp_energy(atom_b(params, problem.maps), problem.restraints, 1.0)
+    _, _, u_total = adp_of(params, problem)
+    e = adp_energy(b_eq(u_total), problem.restraints, 1.0)
+    if params.u_raw is not None and params.u_raw.shape[0]:
+        w = problem.adp.restraint_weights
+        e = e + aniso_adp_energy(atom_xyz(params, problem.maps)[0], u_total, problem.adp.restraints, (w[0], w[1], w[2]))
+    return e
+
+
+def ncs_restraint_energy(params, problem):
+    """Weighted local NCS energy (0 without NCS); part of E_geometry."""
+    if problem.ncs is None:
+        return 0.0
+    return problem.ncs.weight * ncs_energy(atom_xyz(params, problem.maps)[0], problem.ncs.term)
+
+
+def refined_tls(params, problem, choice: AdpChoice) -> TlsGroups | None:
+    """The TLS groups of ``choice`` with the tensors of ``params`` (numpy), or None."""
+    if choice is None or choice.tls is None or params.tls_raw is None:
+        return None
+    t, l, s = (np.asarray(a, float) for a in tls_from_cholesky(params.tls_raw))
+    return choice.tls._replace(t=t, l=l, s=s)

@@ -10,10 +10,14 @@
   starting sum (softmax); a set with a single group uses a sigmoid.
 - ``rot`` (n_bodies, 3): rotation vectors (axis × angle, radians) of rigid bodies about their centres.
 - ``trans`` (n_bodies, 3): rigid-body translations (Å).
+- ``u_raw`` (n_aniso, 6): Cholesky parameters of the anisotropic U of the atoms refined
+  anisotropically (``refine.adp=aniso``), None otherwise; see :mod:`jaxrefine.problem.adp_model`.
+- ``tls_raw`` (n_groups, 21): Cholesky parameters of each TLS group's joint (T, L, S) covariance
+  (``refine.adp=tls``; ``b_raw`` is then the residual isotropic B), None otherwise.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +30,8 @@ class Params(NamedTuple):
     occ_raw: jax.Array
     rot: jax.Array
     trans: jax.Array
+    u_raw: Any = None
+    tls_raw: Any = None
 
 
 class AtomMaps(NamedTuple):

@@ -70,6 +70,9 @@ class Problem(NamedTuple):
         u_shape: (n, 6) fixed anisotropic part of U (Cartesian Å², trace-free: ANISOU minus its
             isotropic equivalent) added to the refined isotropic B in F_calc; None when the model
             has no ANISOU (or refine.keep_anisou is false).
+        adp: :class:`jaxrefine.problem.adp_model.AdpModel` for anisotropic or TLS refinement,
+            None for isotropic B.
+        ncs: :class:`jaxrefine.problem.adp_model.NcsModel` (local NCS restraints) or None.
     """
 
     maps: AtomMaps
@@ -79,6 +82,8 @@ class Problem(NamedTuple):
     geo_weights: Any
     w_b: jax.Array
     u_shape: Any = None
+    adp: Any = None
+    ncs: Any = None
 
 
 class Setup(NamedTuple):
@@ -95,3 +100,5 @@ class Setup(NamedTuple):
     refl: Reflections
     config: Config
     monlib: str | None
+    adp_choice: Any = None  # jaxrefine.problem.adp_model.AdpChoice: the ADP model chosen and why
+    ncs_copies: tuple = ()  # jaxrefine.io.ncs.NcsCopies restrained to each other

@@ -23,6 +23,7 @@ from ..restraints import GeometryWeights
 from ..xray.scaling import reciprocal_vectors
 from ..xray.structure_factors import make_sf_setup
 from ..xray.targets import choose_sigma_a_set, sigma_a_bins
+from .adp_model import atom_adp, build_adp_model, build_ncs, ncs_log_lines
 from .neighbours import build_nonbonded
 from .params import AtomMaps, Params, b_to_raw, occ_to_raw, occupancy_groups
 from .problem import Problem, Setup, XrayData, XrayState
@@ -173,19 +174,52 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
     restraints = cast_floats(build_restraints(model, monlib=monlib, ligands=cfg.model.ligands), dtype)
     maps, params = atom_maps_and_params(model, cfg, dtype)
     u_shape = anisotropic_shape(model, cfg.refine.keep_anisou)
+    adp, params, b_sf, u_sf, choice = adp_model_and_params(model, refl, cfg, restraints, u_shape, params, dtype)
+    if adp is not None:
+        u_shape = None  # kept inside the ADP model for the atoms it leaves isotropic
+    ncs, copies = build_ncs(model, cfg.restraints.ncs, cfg.restraints.ncs_weight)
+    for line in [f"ADP model: {choice.mode} ({choice.reason})"] + ncs_log_lines(ncs, copies):
+        log.info(line)
     sf = make_sf_setup(model.crystal, refl.hkl, it92_form_factors(model.element, model.source), d_min=refl.d_min,
-                       b_iso=model.b_iso, b_margin=SF_B_MARGIN, dtype=dtype, u_aniso=u_shape)
+                       b_iso=b_sf, b_margin=SF_B_MARGIN, dtype=dtype, u_aniso=u_sf)
     problem = Problem(
         maps=maps, sf=sf, xray=xray_data(refl, dtype), restraints=restraints,
         geo_weights=geometry_weights(cfg, dtype), w_b=jnp.asarray(cfg.weights.w_b, dtype),
         u_shape=None if u_shape is None else jnp.asarray(u_shape, dtype),
+        adp=cast_floats(adp, dtype), ncs=cast_floats(ncs, dtype),
     )
     state = XrayState(  # w_A is chosen by the loop; mask, scales and σA are fitted just below
         f_mask=jnp.zeros(refl.n, jnp.complex128 if dtype == jnp.float64 else jnp.complex64), scales=None, sigma_a=None,
         nonbonded=cast_floats(build_nonbonded(model, restraints, model.crystal), dtype), w_a=jnp.asarray(1.0, dtype),
     )
-    setup = Setup(problem=problem, params=params, state=state, model=model, refl=refl, config=cfg, monlib=monlib)
+    setup = Setup(problem=problem, params=params, state=state, model=model, refl=refl, config=cfg, monlib=monlib,
+                  adp_choice=choice, ncs_copies=tuple(copies))
     return setup._replace(state=update_xray_state(setup, problem, state, params))
+
+
+def adp_model_and_params(model, refl, cfg: Config, restraints, u_shape, params: Params, dtype):
+    """The ADP model of ``cfg.refine.adp`` and the parameters that start it.
+
+    Returns:
+        (AdpModel or None, params with b_raw / u_raw / tls_raw set, b_sf (n,) and u_sf (n, 6) or None
+        at the start (for the structure-factor boxes), AdpChoice)
+    """
+    bond, angle = restraints.bond, restraints.angle
+    pairs = (np.asarray(bond.idx)[np.asarray(bond.mask) > 0], np.asarray(angle.idx)[np.asarray(angle.mask) > 0][:, [0, 2]])
+    adp, u_raw, tls_raw, b_start, choice = build_adp_model(
+        model, cfg.refine.adp, cfg.refine.tls_groups, cfg.refine.b_min, refl.d_min, int((~refl.free).sum()),
+        u_shape=u_shape, pairs=pairs)
+    if adp is None:
+        return None, params, model.b_iso, u_shape, choice
+    params = params._replace(
+        b_raw=jnp.asarray(b_to_raw(b_start, cfg.refine.b_min), dtype),
+        u_raw=None if u_raw is None else jnp.asarray(u_raw, dtype),
+        tls_raw=None if tls_raw is None else jnp.asarray(tls_raw, dtype),
+    )
+    xyz = jnp.asarray(model.xyz_cart, jnp.float64 if dtype == jnp.float64 else jnp.float32)
+    b_sf, u_sf, _ = atom_adp(jnp.asarray(np.maximum(b_start, cfg.refine.b_min), xyz.dtype), params.u_raw, params.tls_raw,
+                             xyz, adp, None)
+    return adp, params, np.asarray(b_sf, float), np.asarray(u_sf, float), choice
 
 
 def anisotropic_shape(model, keep: bool):

@@ -14,6 +14,8 @@ import numpy as np
 from ..io.model import Model
 from ..xray.fmodel import f_model
 from ..xray.structure_factors import structure_factors
+from ..xray.adp import b_eq
+from .adp_model import adp_of
 from .fmodel import fit_scales_and_sigma_a, model_f_mask
 from .neighbours import build_nonbonded
 from .params import Params, atom_b, atom_occ, atom_xyz
@@ -37,9 +39,16 @@ def cast_floats(tree, dtype):
 
 # ----------------------------------------------------------------------------- Params -> atoms, F
 def current_model_arrays(params: Params, problem: Problem):
-    """numpy (xyz_cart (n, 3) Å, b_iso (n,) Å², occ (n,)) for the parameters."""
+    """numpy (xyz_cart (n, 3) Å, b_iso (n,) Å², occ (n,)) for the parameters; b_iso is B_eq of the
+    total U where the ADP model is anisotropic or TLS."""
     xyz_cart, _ = atom_xyz(params, problem.maps)
-    return np.asarray(xyz_cart, float), np.asarray(atom_b(params, problem.maps), float), np.asarray(atom_occ(params, problem.maps), float)
+    b = atom_b(params, problem.maps) if problem.adp is None else b_eq(adp_of(params, problem)[2])
+    return np.asarray(xyz_cart, float), np.asarray(b, float), np.asarray(atom_occ(params, problem.maps), float)
+
+
+def current_u_aniso(params: Params, problem: Problem):
+    """numpy (n, 6) total U (Å²) of every atom for the writers' ANISOU, or None for an isotropic ADP model."""
+    return None if problem.adp is None else np.asarray(adp_of(params, problem)[2], float)
 
 
 def model_of(model: Model, params: Params, problem: Problem) -> Model:
@@ -54,8 +63,8 @@ def model_of(model: Model, params: Params, problem: Problem) -> Model:
 def f_calc_of(params: Params, problem: Problem):
     """(n_refl,) complex F_calc of the parameters (pure JAX)."""
     _, xyz_frac = atom_xyz(params, problem.maps)
-    return structure_factors(xyz_frac, atom_b(params, problem.maps), atom_occ(params, problem.maps), problem.sf,
-                             problem.u_shape)
+    b_sf, u_sf, _ = adp_of(params, problem)
+    return structure_factors(xyz_frac, b_sf, atom_occ(params, problem.maps), problem.sf, u_sf)
 
 
 def f_model_of(params: Params, problem: Problem, state: XrayState):

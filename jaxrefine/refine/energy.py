@@ -17,13 +17,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ..problem.params import Params, atom_b, atom_xyz
+from ..config import TARGETS
+from ..problem.adp_model import U_SHIFT_SCALE, adp_restraint_energy, ncs_restraint_energy
+from ..problem.params import Params, atom_xyz
 from ..problem.problem import Problem, XrayState
 from ..problem.xray_state import f_model_of
-from ..restraints import adp_energy, geometry_energy
+from ..restraints import geometry_energy
 from ..xray.targets import ls_amplitude_target, ml_amplitude_target
 
-TARGETS = ("ml", "ls")
 
 
 class EnergyTerms(NamedTuple):
@@ -49,13 +50,14 @@ def geometry_term(params: Params, problem: Problem, state: XrayState):
 
 
 def adp_term(params: Params, problem: Problem):
-    """E_ADP: B similarity of bonded atoms (unweighted by w_B)."""
-    return adp_energy(atom_b(params, problem.maps), problem.restraints, 1.0)
+    """E_ADP (unweighted by w_B): B similarity of bonded atoms; with anisotropic U also rigid bond,
+    U similarity and isotropy (see :func:`jaxrefine.problem.adp_model.adp_restraint_energy`)."""
+    return adp_restraint_energy(params, problem)
 
 
 def energy_terms(params: Params, problem: Problem, state: XrayState, target: str = "ml") -> EnergyTerms:
     e_x = xray_energy(params, problem, state, target)
-    e_g = geometry_term(params, problem, state)
+    e_g = geometry_term(params, problem, state) + ncs_restraint_energy(params, problem)
     e_b = adp_term(params, problem)
     return EnergyTerms(e_x + state.w_a * e_g + problem.w_b * e_b, e_x, e_g, e_b)
 
@@ -87,6 +89,8 @@ def block_mask(params: Params, blocks) -> Params:
         occ_raw=on(params.occ_raw, "occ" in blocks),
         rot=on(params.rot, "rigid" in blocks),
         trans=on(params.trans, "rigid" in blocks),
+        u_raw=None if params.u_raw is None else on(params.u_raw, "b" in blocks),
+        tls_raw=None if params.tls_raw is None else on(params.tls_raw, "b" in blocks),
     )
 
 
@@ -99,6 +103,8 @@ def apply_shifts(shifts: Params, mask: Params, params: Params, problem: Problem)
         occ_raw=params.occ_raw + z.occ_raw,
         rot=params.rot + z.rot / problem.maps.body_radius[:, None],
         trans=params.trans + z.trans,
+        u_raw=None if params.u_raw is None else params.u_raw + z.u_raw * U_SHIFT_SCALE,
+        tls_raw=None if params.tls_raw is None else params.tls_raw + z.tls_raw * problem.adp.tls_shift_scale,
     )
 
 
