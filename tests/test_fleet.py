@@ -93,6 +93,29 @@ def test_never_worse_rule_and_progress_line(tmp_path):
     assert line.text() == "fleet: 4/10 done (2 from before), 1 failed, 2 running, 3 left, 20 s/entry, about 2 min left"  # 20 s × (3 left + 2 running)
 
 
+def test_a_worker_that_dies_fails_its_own_entry_only(tmp_path):
+    """The LocalCluster's settings: a task whose worker process exits fails at once, alone."""
+    from jaxrefine.fleet import driver
+
+    def task(entry, out_root, base, tolerance):
+        if entry.id == "crash":
+            os._exit(1)  # the worker process dies mid-task
+        time.sleep(1.0)
+        return dict(driver.failed_record(entry, ""), status="refined")
+
+    entries = [Entry(i, "m.pdb", "d.mtz") for i in ("one", "crash", "two", "three")]
+    client, _ = driver._start_client(None, None, 2)
+    records = {}
+    try:
+        driver._run(client, entries, str(tmp_path), {}, 0.0, records, lambda: None, ProgressLine(4, enabled=False), task=task)
+    finally:
+        driver._close(client)
+    assert {k: r["status"] for k, r in records.items()} == {"one": "refined", "crash": "failed", "two": "refined",
+                                                            "three": "refined"}
+    assert records["crash"]["error"].startswith("worker lost: ")
+    assert json.loads((tmp_path / "crash" / "result.json").read_text())["status"] == "failed"
+
+
 # ----------------------------------------------------------------------------- a real fleet (slow)
 def _cli(*args, log, **kw):
     """``jaxrefine ARGS`` in a subprocess, stdout and stderr into the file ``log`` (no pipe to fill)."""

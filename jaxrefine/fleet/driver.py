@@ -25,9 +25,8 @@ log = logging.getLogger("jaxrefine")
 
 FINISHED = ("refined", "kept input")
 # The LocalCluster's scheduler: a task whose worker dies fails at once (Dask's default moves it to
-# another worker up to 3 times, which would let one bad entry kill several workers), and each worker
-# thread holds one task at a time, so a worker that dies takes only the entry it was running with it.
-DASK_SETTINGS = {"distributed.scheduler.allowed-failures": 0, "distributed.scheduler.worker-saturation": 1.0}
+# another worker up to 3 times, which would let one bad entry kill several workers).
+DASK_SETTINGS = {"distributed.scheduler.allowed-failures": 0}
 REFRESH_S = 2.0  # redraw interval of the progress line while nothing finishes
 
 
@@ -55,8 +54,7 @@ def _start_client(client, scheduler, workers: int):
     if scheduler:
         return Client(scheduler), True
     with dask.config.set(DASK_SETTINGS):
-        dashboard = ":0" if importlib.util.find_spec("bokeh") else None
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=dashboard,
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                                silence_logs=logging.ERROR)
     return Client(cluster), True
 
@@ -119,8 +117,9 @@ def refine_many(entries, out_dir, client=None, *, scheduler: str | None = None, 
         client, owned = _start_client(client, scheduler, workers)
         try:
             link = getattr(client, "dashboard_link", None)
-            if link:  # None when the scheduler runs no dashboard (bokeh not installed)
-                line.say(f"fleet: Dask dashboard at {link}")
+            if link:  # None when the scheduler runs no dashboard
+                note = "" if importlib.util.find_spec("bokeh") else " (its status pages need bokeh: pip install bokeh)"
+                line.say(f"fleet: Dask dashboard at {link}{note}")
             _run(client, todo, out_root, base, tolerance, records, table, line)
         finally:
             line.close()
@@ -131,26 +130,38 @@ def refine_many(entries, out_dir, client=None, *, scheduler: str | None = None, 
     return _maybe_dataframe(rows, as_dataframe)
 
 
-def _run(client, todo, out_root, base, tolerance, records, table, line) -> None:
+def _run(client, todo, out_root, base, tolerance, records, table, line, task=run_entry) -> None:
+    """Run one ``task(entry, out_root, base, tolerance)`` per entry and collect the rows as they end.
+
+    At most one task per worker thread is in flight (the next is submitted when one ends), so no
+    task waits in a worker's queue: a worker that dies takes only the entry it was running, and
+    "running" in the progress line is exact.  The thread count is asked again at each submission,
+    so a cluster that scales up or down is used as it is.
+    """
     from dask.distributed import wait
 
-    by_key = {}
-    for e in todo:
-        fut = client.submit(run_entry, e, out_root, base, tolerance, key=f"jaxrefine-{e.id}-{os.urandom(4).hex()}",
-                            pure=False, retries=0)
-        by_key[fut.key] = (fut, e)
-    pending = {f for f, _ in by_key.values()}
-    slots = max(1, sum(client.nthreads().values()))
+    queue = list(todo)
+    in_flight = {}  # future -> entry
     n_done = n_failed = 0
-    line.update(0, 0, min(slots, len(pending)))
-    while pending:
+
+    def submit_more():
+        slots = max(1, sum(client.nthreads().values()))
+        while queue and len(in_flight) < slots:
+            e = queue.pop(0)
+            fut = client.submit(task, e, out_root, base, tolerance, key=f"jaxrefine-{e.id}-{os.urandom(4).hex()}",
+                                pure=False, retries=0)
+            in_flight[fut] = e
+
+    submit_more()
+    line.update(0, 0, len(in_flight))
+    while in_flight:
         try:
-            finished, pending = wait(pending, timeout=REFRESH_S, return_when="FIRST_COMPLETED")
+            finished, _ = wait(list(in_flight), timeout=REFRESH_S, return_when="FIRST_COMPLETED")
         except TimeoutError:
             line.draw()
             continue
         for fut in finished:
-            entry = by_key[fut.key][1]
+            entry = in_flight.pop(fut)
             try:
                 rec = fut.result()
             except Exception as exc:  # the worker died (or the task could not run): this entry only
@@ -163,7 +174,8 @@ def _run(client, todo, out_root, base, tolerance, records, table, line) -> None:
             else:
                 n_done += 1
             table()
-        line.update(n_done, n_failed, min(slots, len(pending)))
+        submit_more()
+        line.update(n_done, n_failed, len(in_flight))
 
 
 def _maybe_dataframe(rows: list, as_dataframe: bool):
