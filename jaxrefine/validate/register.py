@@ -167,38 +167,25 @@ class RegisterScan(NamedTuple):
     threshold: float
 
 
-def scan_register(model, maps, shifts=DEFAULT_SHIFTS, window: int = DEFAULT_WINDOW,
-                  threshold: float = DEFAULT_THRESHOLD, radius: float | None = None) -> RegisterScan:
-    """Score the sequence slid by each shift along every chain's backbone against the 2mFo−DFc map.
+class _Candidates(NamedTuple):
+    """Side-chain atoms transplanted onto each position for each shift (concatenated over atoms)."""
 
-    Args:
-        model: :class:`jaxrefine.io.model.Model` (hydrogens are ignored).
-        maps: :class:`jaxrefine.validate.density.ModelMaps` (usually phased by this model).
-        shifts: nonzero shifts to try (residues).
-        window: residues per sliding window.
-        threshold: ΔCC = CC(shift) − CC(model) above which a window is flagged.
-        radius: Å around candidate side-chain atoms defining the scored grid points
-            (default :func:`fit_radius`).
+    xyz: np.ndarray  # (m, 3) Å
+    pos: np.ndarray  # (m,) position (residue of a scanned segment) they sit on
+    shift: np.ndarray  # (m,) shift they come from
+    weight: np.ndarray  # (m,) atomic number
+    b: np.ndarray  # (m,) B (Å²)
+    n_pos: int
 
-    Returns:
-        :class:`RegisterScan`.
-    """
-    frames = residue_frames(model)
-    radius = fit_radius(maps.d_min) if radius is None else float(radius)
-    shifts = tuple(int(s) for s in shifts if s != 0)
-    all_s = (0,) + shifts
-    heavy = ~model.is_hydrogen
-    seg_list = [(ch, seg) for ch, seg in frames.segments if len(seg) >= window]
-    side_all = np.concatenate([frames.side[ri] for _, seg in seg_list for ri in seg] or [np.zeros(0, np.int64)])
-    fixed = heavy.copy()
-    fixed[side_all] = False
-    # candidate side chains: (position, shift) -> donor; coordinates, weights, B
+
+def _candidate_side_chains(model, frames, seg_list, all_s):
+    """For every position of every scanned segment and every shift s, the side chain of the residue
+    s along the chain transplanted onto the position's backbone (None when there is none)."""
     cand_xyz, cand_pos, cand_s, cand_w, cand_b = [], [], [], [], []
-    pos_key = []  # (segment number, k) per position
-    for si, (_, seg) in enumerate(seg_list):
+    p = -1
+    for _, seg in seg_list:
         for k, acc in enumerate(seg):
-            pos_key.append((si, k))
-            p = len(pos_key) - 1
+            p += 1
             for s in all_s:
                 if not 0 <= k + s < len(seg):
                     continue
@@ -212,32 +199,44 @@ def scan_register(model, maps, shifts=DEFAULT_SHIFTS, window: int = DEFAULT_WIND
                 cand_w.append(model.atomic_number[idx].astype(float))
                 cand_b.append(model.b_iso[idx])
     if not cand_xyz:
-        return RegisterScan([], [], threshold)
-    cand_xyz = np.concatenate(cand_xyz)
-    cand_pos, cand_s = np.concatenate(cand_pos), np.concatenate(cand_s)
-    cand_w, cand_b = np.concatenate(cand_w), np.concatenate(cand_b)
+        return None
+    return _Candidates(np.concatenate(cand_xyz), np.concatenate(cand_pos), np.concatenate(cand_s),
+                       np.concatenate(cand_w), np.concatenate(cand_b), p + 1)
+
+
+def _position_sums(model, maps, frames, seg_list, all_s, cand: _Candidates, radius: float):
+    """Per shift and position, the six sums of the correlation of observed and calculated density
+    over the grid points near the position's candidate atoms; and (n_shifts, n_pos) bool: whether
+    the position has a donor at that shift (a Gly donor adds no atoms)."""
+    heavy = ~model.is_hydrogen
+    side_all = np.concatenate([frames.side[ri] for _, seg in seg_list for ri in seg] or [np.zeros(0, np.int64)])
+    fixed = heavy.copy()
+    fixed[side_all] = False
     crystal = maps.crystal
-    idx, pts = grid_points_near(cand_xyz, crystal, maps.two_fofc.shape, radius)
-    owner = cand_pos[cKDTree(cand_xyz).query(pts)[1]]  # position of the nearest candidate atom
+    idx, pts = grid_points_near(cand.xyz, crystal, maps.two_fofc.shape, radius)
+    owner = cand.pos[cKDTree(cand.xyz).query(pts)[1]]  # position of the nearest candidate atom
     rho_o = map_values_at(maps.two_fofc, idx)
     rho_fixed = calc_density_with_mates(pts, model.xyz_cart[fixed], model.atomic_number[fixed] * model.occ[fixed],
                                         model.b_iso[fixed], crystal, maps.d_min)
-    n_pos = len(pos_key)
-    # a position is valid for shift s when its donor exists in the segment (a Gly donor adds no atoms)
-    valid = np.zeros((len(all_s), n_pos), bool)
+    valid = np.zeros((len(all_s), cand.n_pos), bool)
     offset = 0
     for _, seg in seg_list:
         k = np.arange(len(seg))
         for j, s in enumerate(all_s):
             valid[j, offset + k] = (k + s >= 0) & (k + s < len(seg))
         offset += len(seg)
-    sums = np.zeros((len(all_s), 6, n_pos))
+    sums = np.zeros((len(all_s), 6, cand.n_pos))
     for j, s in enumerate(all_s):
         # positions without a donor at s keep their own side chain (their windows are not scored)
-        use = (cand_s == s) | ((cand_s == 0) & ~valid[j, cand_pos])
-        rho_c = rho_fixed + calc_density_with_mates(pts, cand_xyz[use], cand_w[use], cand_b[use], crystal, maps.d_min)
+        use = (cand.shift == s) | ((cand.shift == 0) & ~valid[j, cand.pos])
+        rho_c = rho_fixed + calc_density_with_mates(pts, cand.xyz[use], cand.weight[use], cand.b[use], crystal, maps.d_min)
         for q, w in enumerate((np.ones_like(rho_o), rho_o, rho_c, rho_o * rho_o, rho_c * rho_c, rho_o * rho_c)):
-            sums[j, q] = np.bincount(owner, w, minlength=n_pos)
+            sums[j, q] = np.bincount(owner, w, minlength=cand.n_pos)
+    return sums, valid
+
+
+def _score_windows(frames, seg_list, all_s, shifts, sums, valid, window: int, threshold: float):
+    """(every window with its CC per shift, the windows where a shift beats the model by > threshold)."""
     windows, flags = [], []
     offset = 0
     for si, (chain, seg) in enumerate(seg_list):
@@ -264,6 +263,35 @@ def scan_register(model, maps, shifts=DEFAULT_SHIFTS, window: int = DEFAULT_WIND
                               "score": round(float(delta), 4), "cc_model": round(float(c0), 4),
                               "cc_shift": round(float(alt[jb]), 4), "_w0": w0, "_seg": si})
         offset += L
+    return windows, flags
+
+
+def scan_register(model, maps, shifts=DEFAULT_SHIFTS, window: int = DEFAULT_WINDOW,
+                  threshold: float = DEFAULT_THRESHOLD, radius: float | None = None) -> RegisterScan:
+    """Score the sequence slid by each shift along every chain's backbone against the 2mFo−DFc map.
+
+    Args:
+        model: :class:`jaxrefine.io.model.Model` (hydrogens are ignored).
+        maps: :class:`jaxrefine.validate.density.ModelMaps` (usually phased by this model).
+        shifts: nonzero shifts to try (residues).
+        window: residues per sliding window.
+        threshold: ΔCC = CC(shift) − CC(model) above which a window is flagged.
+        radius: Å around candidate side-chain atoms defining the scored grid points
+            (default :func:`fit_radius`).
+
+    Returns:
+        :class:`RegisterScan`.
+    """
+    frames = residue_frames(model)
+    radius = fit_radius(maps.d_min) if radius is None else float(radius)
+    shifts = tuple(int(s) for s in shifts if s != 0)
+    all_s = (0,) + shifts
+    seg_list = [(ch, seg) for ch, seg in frames.segments if len(seg) >= window]
+    cand = _candidate_side_chains(model, frames, seg_list, all_s)
+    if cand is None:
+        return RegisterScan([], [], threshold)
+    sums, valid = _position_sums(model, maps, frames, seg_list, all_s, cand, radius)
+    windows, flags = _score_windows(frames, seg_list, all_s, shifts, sums, valid, window, threshold)
     return RegisterScan(_merge_flags(flags), windows, threshold)
 
 
