@@ -140,6 +140,74 @@ def _idx(atoms):
     return [a.serial - 1 for a in atoms]
 
 
+def _restraint_rows(topo, lib, model, is_h, hydrogens: bool):
+    """(bonds, angles, torsions, chirals, planes) of a gemmi topology as lists of rows, in the
+    atom order of ``model``; restraints touching a hydrogen are dropped unless ``hydrogens``."""
+
+    def keep(ix):
+        return hydrogens or not is_h[ix].any()
+
+    bonds = []
+    for b in topo.bonds:
+        ix = np.array(_idx(b.atoms))
+        if keep(ix):
+            bonds.append({"idx": ix, "ideal": b.restr.value, "sigma": b.restr.esd})
+    angles = []
+    for a in topo.angles:
+        ix = np.array(_idx(a.atoms))
+        if keep(ix):
+            angles.append({"idx": ix, "ideal": math.radians(a.restr.value), "sigma": math.radians(a.restr.esd)})
+    tors = []
+    peptide = {gemmi.ChemComp.Group.Peptide}  # servalcat matches group "peptide" only (not P-peptide)
+    res_group = {name: lib.monomers[name].group for name in set(model.res_name.tolist()) if name in lib.monomers}
+    for t in topo.torsions:
+        ix = np.array(_idx(t.atoms))
+        if keep(ix) and t.restr.esd > 0 and _torsion_used(t.restr.label, res_group.get(model.res_name[ix[1]]) in peptide):
+            tors.append({"idx": ix, "ideal": math.radians(t.restr.value), "sigma": math.radians(t.restr.esd), "period": max(int(t.restr.period), 1)})
+    chirs = []
+    sign_code = {gemmi.ChiralityType.Positive: 1, gemmi.ChiralityType.Negative: -1, gemmi.ChiralityType.Both: 0}
+    for c in topo.chirs:
+        ix = np.array(_idx(c.atoms))
+        if keep(ix):
+            chirs.append({"idx": ix, "ideal": topo.ideal_chiral_abs_volume(c), "sigma": CHIRAL_SIGMA, "sign": sign_code[c.restr.sign]})
+    planes = []
+    for p in topo.planes:
+        ix = [i for i in _idx(p.atoms) if hydrogens or not is_h[i]]
+        if len(ix) >= 4:
+            planes.append((ix, p.restr.esd))
+    return bonds, angles, tors, chirs, planes
+
+
+def _plane_term(planes, q) -> PlaneTerm:
+    """Padded planes: (idx, esd) rows -> (m, max atoms per plane) index and atom-mask arrays."""
+    max_pl = max([len(ix) for ix, _ in planes], default=4)
+    m = padded_length(len(planes), **q)
+    pl_idx = np.zeros((m, max_pl), np.int32)
+    pl_am = np.zeros((m, max_pl))
+    pl_sig = np.ones(m)
+    for k, (ix, esd) in enumerate(planes):
+        pl_idx[k, : len(ix)] = ix
+        pl_am[k, : len(ix)] = 1.0
+        pl_sig[k] = esd
+    return PlaneTerm(idx=pl_idx, atom_mask=pl_am, sigma=pl_sig, mask=pad_rows(np.ones(len(planes)), m, 0.0))
+
+
+def _adp_term(bonds, angles, q) -> AdpTerm:
+    """B-similarity pairs: bonded atoms (σ ADP_SIGMA_12) and the ends of each angle (ADP_SIGMA_13)."""
+    adp_pairs = {}
+    for r in bonds:
+        adp_pairs.setdefault(tuple(sorted(r["idx"].tolist())), ADP_SIGMA_12)
+    for r in angles:
+        adp_pairs.setdefault(tuple(sorted((int(r["idx"][0]), int(r["idx"][2])))), ADP_SIGMA_13)
+    adp_rows = [{"idx": np.array(k), "sigma": s} for k, s in sorted(adp_pairs.items())]
+    m = padded_length(len(adp_rows), **q)
+    return AdpTerm(
+        idx=pad_rows(np.array([r["idx"] for r in adp_rows], np.int32).reshape(-1, 2), m, 0),
+        sigma=pad_rows(np.array([r["sigma"] for r in adp_rows], float), m, 1.0),
+        mask=pad_rows(np.ones(len(adp_rows)), m, 0.0),
+    )
+
+
 def build_restraints(model, monlib=None, ligands=(), hydrogens=False, pad_quantum: int | None = None) -> Restraints:
     """Restraint arrays for a model, from the monomer library (or the built-in protein set).
 
@@ -175,67 +243,14 @@ def build_restraints(model, monlib=None, ligands=(), hydrogens=False, pad_quantu
         log.warning("%s: %d hydrogens in the model get no restraints (hydrogens=False); read the model with "
                     "read_model(..., hydrogens=False) to drop them", source, int(is_h.sum()))
 
-    def keep(ix):
-        return hydrogens or not is_h[ix].any()
-
     q = {} if pad_quantum is None else {"quantum": pad_quantum}
-
-    bonds = []
-    for b in topo.bonds:
-        ix = np.array(_idx(b.atoms))
-        if keep(ix):
-            bonds.append({"idx": ix, "ideal": b.restr.value, "sigma": b.restr.esd})
-    angles = []
-    for a in topo.angles:
-        ix = np.array(_idx(a.atoms))
-        if keep(ix):
-            angles.append({"idx": ix, "ideal": math.radians(a.restr.value), "sigma": math.radians(a.restr.esd)})
-    tors = []
-    peptide = {gemmi.ChemComp.Group.Peptide}  # servalcat matches group "peptide" only (not P-peptide)
-    res_group = {name: lib.monomers[name].group for name in set(model.res_name.tolist()) if name in lib.monomers}
-    for t in topo.torsions:
-        ix = np.array(_idx(t.atoms))
-        if keep(ix) and t.restr.esd > 0 and _torsion_used(t.restr.label, res_group.get(model.res_name[ix[1]]) in peptide):
-            tors.append({"idx": ix, "ideal": math.radians(t.restr.value), "sigma": math.radians(t.restr.esd), "period": max(int(t.restr.period), 1)})
-    chirs = []
-    sign_code = {gemmi.ChiralityType.Positive: 1, gemmi.ChiralityType.Negative: -1, gemmi.ChiralityType.Both: 0}
-    for c in topo.chirs:
-        ix = np.array(_idx(c.atoms))
-        if keep(ix):
-            chirs.append({"idx": ix, "ideal": topo.ideal_chiral_abs_volume(c), "sigma": CHIRAL_SIGMA, "sign": sign_code[c.restr.sign]})
-    planes = []
-    for p in topo.planes:
-        ix = [i for i in _idx(p.atoms) if hydrogens or not is_h[i]]
-        if len(ix) >= 4:
-            planes.append((ix, p.restr.esd))
-
+    bonds, angles, tors, chirs, planes = _restraint_rows(topo, lib, model, is_h, hydrogens)
     bt = _padded(bonds, 2, q)
     at = _padded(angles, 3, q)
     tt = _padded(tors, 4, q, extra={"period": (1, np.int32)})
     ct = _padded(chirs, 4, q, extra={"sign": (0, np.int32)})
-    max_pl = max([len(ix) for ix, _ in planes], default=4)
-    m = padded_length(len(planes), **q)
-    pl_idx = np.zeros((m, max_pl), np.int32)
-    pl_am = np.zeros((m, max_pl))
-    pl_sig = np.ones(m)
-    for k, (ix, esd) in enumerate(planes):
-        pl_idx[k, : len(ix)] = ix
-        pl_am[k, : len(ix)] = 1.0
-        pl_sig[k] = esd
-    pl_mask = pad_rows(np.ones(len(planes)), m, 0.0)
-
-    adp_pairs = {}
-    for r in bonds:
-        adp_pairs.setdefault(tuple(sorted(r["idx"].tolist())), ADP_SIGMA_12)
-    for r in angles:
-        adp_pairs.setdefault(tuple(sorted((int(r["idx"][0]), int(r["idx"][2])))), ADP_SIGMA_13)
-    adp_rows = [{"idx": np.array(k), "sigma": s} for k, s in sorted(adp_pairs.items())]
-    m = padded_length(len(adp_rows), **q)
-    adp = AdpTerm(
-        idx=pad_rows(np.array([r["idx"] for r in adp_rows], np.int32).reshape(-1, 2), m, 0),
-        sigma=pad_rows(np.array([r["sigma"] for r in adp_rows], float), m, 1.0),
-        mask=pad_rows(np.ones(len(adp_rows)), m, 0.0),
-    )
+    plane = _plane_term(planes, q)
+    adp = _adp_term(bonds, angles, q)
     radii, hb = _energy_types(st, lib)
     dinc14 = np.array([DINC_14.get(e.upper(), DINC_14_OTHER) for e in model.element])
     altloc = np.array([ord(a) if a else 0 for a in model.altloc], np.int32)
@@ -243,7 +258,7 @@ def build_restraints(model, monlib=None, ligands=(), hydrogens=False, pad_quantu
         bond=BondTerm(**bt),
         angle=AngleTerm(**at),
         torsion=TorsionTerm(**tt),
-        plane=PlaneTerm(idx=pl_idx, atom_mask=pl_am, sigma=pl_sig, mask=pl_mask),
+        plane=plane,
         chiral=ChiralTerm(**ct),
         adp=adp,
         vdw_radius=radii,
