@@ -25,6 +25,7 @@ COMMANDS = {
     "demo": "refine a built-in synthetic test crystal (no files needed)",
     "omit": "omit maps for a selection",
     "validate": "per-residue density fit and register-shift scan",
+    "uncertainty": "per-atom coordinate and B uncertainties (esds) of a model as given",
     "batch": "refine many datasets on Dask (a manifest or a folder pattern), never worse than the input",
 }
 

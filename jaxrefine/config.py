@@ -113,6 +113,7 @@ class OutputConfig:
     write_pdb: bool = True
     plots: bool = False
     ccp4_maps: bool = False  # also write 2mFo-DFc and mFo-DFc as CCP4 maps (2fofc.ccp4, fofc.ccp4)
+    uncertainties: bool = False  # per-atom esds from the curvature (refined.cif esd columns, metrics.json; slow)
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,10 @@ def run(args) -> int:
     from ..validate.waters import water_hooks
 
     metrics = run_refinement(args.model, args.data, args.out, cfg, startup_s=process_age_s(), **water_hooks(cfg))
+    if cfg.output.uncertainties:  # validate/ is above refine/: hooked here, after the outputs are written
+        from ..validate.uncertainty import add_to_refinement
+
+        add_to_refinement(args.out, args.data, cfg)
     print(f"final: R-work {metrics['r_work']:.4f}  R-free {metrics['r_free']:.4f}  "
           f"rms bond {metrics['rms_bond']:.4f} Å  rms angle {metrics['rms_angle']:.2f}°  ({metrics['wall_s']:.1f} s)")
     print(f"wrote {args.out}/refined.cif, refined.pdb, maps.mtz, metrics.json, config.yaml, refine.log")

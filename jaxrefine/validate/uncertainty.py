@@ -1,0 +1,667 @@
+"""Per-atom coordinate and B uncertainties from the curvature of the energy; sensitivities.
+
+**Which curvature.** The ML X-ray target is a sum of −log P(F_obs | F_model) (see
+:mod:`jaxrefine.xray.targets`), a proper negative log-likelihood.  The restraint energy is
+Σ ((x − x₀)/σ)², twice the −log prior of Gaussian restraints (see :mod:`jaxrefine.refine.energy`), so
+the negative log-posterior is
+
+    E_post = E_xray + ½ · E_geometry + ½ · w_B · E_ADP          (weights="posterior", the default)
+
+and the covariance of the parameters is approximated by H⁻¹, H = ∇²E_post at the refined model
+(Laplace approximation; e.g. MacKay 2003, Information Theory, Inference and Learning Algorithms,
+ch. 27).  ``weights="refinement"`` uses the refinement's own E_total (w_A as refined); it is the
+Hessian whose inverse gives implicit derivatives of the refined parameters.
+
+**Parameters.** Cartesian coordinate shifts (Å, the engine's "shift" variables of
+:func:`jaxrefine.refine.energy.apply_shifts`) and B shifts in Å² (mapped onto the engine's
+positive B parameter), so that an atom whose B sits at the floor ``refine.b_min`` keeps a finite curvature.
+A floating origin (polar space groups: P1, P2₁, C2, P4₁ ...) leaves E unchanged under a translation
+of all atoms; those directions are projected out (uncertainties relative to a fixed origin).
+
+**Two estimates.**
+1. Block-diagonal: the per-atom 4×4 blocks (x, y, z, B) of H from Hessian-vector products
+   (forward over reverse, ``jax.jvp`` of ``jax.grad``).  Atoms are coloured so that two atoms of a
+   colour are more than ``cutoff`` Å apart (symmetry mates included); one probe per colour and
+   component then gives the blocks of all atoms of that colour at once (Curtis, Powell & Reid 1974,
+   IMA J. Appl. Math. 13, 117: column grouping for sparse derivatives).  Inverting each block
+   ignores coupling between atoms and therefore gives a lower bound of each atom's variance
+   (the inverse of a Schur complement dominates the inverse of the diagonal block).
+2. Coupled: the per-atom blocks of H⁻¹, probed colour by colour with random signs
+   (probing: Tang & Saad 2012, Numer. Linear Algebra Appl. 19, 485; random signs as in Hutchinson
+   1990, Commun. Stat. Simul. 19, 433, make it unbiased), H⁻¹v by conjugate gradients
+   (``jax.scipy.sparse.linalg.cg``) preconditioned by the inverse blocks.  Only atoms of one colour
+   (≥ ``cutoff`` apart) leak into each other's estimate.  Each variance is clipped below at the
+   block-diagonal bound.
+
+**Overall figure.** Cruickshank's diffraction-component precision index (Cruickshank 1999, Acta
+Cryst. D55, 583, eqs. 27 and 28 in the R_free form of Blow 2002, Acta Cryst. D58, 792):
+
+    DPI_free = sqrt(N_atoms / N_obs) · C^(−1/3) · d_min · R_free
+    DPI_R    = sqrt(N_atoms / (N_obs − N_params)) · C^(−1/3) · d_min · R
+
+with N_obs the work reflections, N_params = 4 N_atoms, C the completeness to d_min.  DPI is σ(r), the
+positional error of an atom of average B; compare it with the RMS over atoms of σ_r = sqrt(σx²+σy²+σz²).
+
+**Arguments.** ``params`` is the engine's Params pytree; ``problem`` (or ``ps``) is always the pair
+(problem, state) of :mod:`jaxrefine.problem`: the static arrays and the X-ray state (mask, scales, σA,
+neighbours, w_A) at which the curvature is taken.
+
+**Sensitivities** by implicit differentiation at the minimum (no unrolling): for θ* = argmin E(θ, λ),
+dθ*/dλ = −H⁻¹ ∂²E/∂θ∂λ, so for a scalar φ(θ*), dφ/dλ = −∂/∂λ [uᵀ ∇_θ E(θ*, λ)] with H u = ∇_θ φ
+(one CG solve per φ, any number of λ at the cost of one gradient).  Scales, σA and the solvent mask
+are held at their refined values.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger("jaxrefine")
+
+COLOUR_CUTOFF = 6.0  # Å: beyond this the restraints (1–4 pairs, non-bonded contacts) do not couple two atoms
+CG_TOL = 1e-5  # relative residual of the CG solves
+CG_MAXITER = 400
+HVP_BATCH = 8  # Hessian-vector products evaluated together (vmap)
+EIG_FLOOR = 1e-8  # eigenvalues of a block below this × its largest are floored (not positive definite)
+WEIGHTS = ("posterior", "refinement")
+
+
+# ------------------------------------------------------------------ the one link to the engine
+# Everything below reaches the engine's energy through these two functions, so that a change of the
+# energy's signature is one edit here.
+def _engine():
+    from ..refine import energy
+
+    return energy
+
+
+def shifted_params(u, params, ps):
+    """Parameters after the shifts ``u`` (n, 4): Cartesian Å (x, y, z) and B (Å²) of every atom.
+
+    ``ps`` is the pair (problem, state) of the engine; B shifts act on the isotropic B parameter.
+    """
+    en = _engine()
+    problem, _ = ps
+    b = jax.nn.softplus(params.b_raw) + u[:, 3]  # B − b_min after the shift
+    d_raw = b + jnp.log(-jnp.expm1(-b)) - params.b_raw  # softplus⁻¹(b) − b_raw, stable for small and large b
+    shifts = en.zero_shifts(params)._replace(xyz_frac=u[:, :3], b_raw=d_raw)
+    return en.apply_shifts(shifts, en.block_mask(params, ("xyz", "b")), params, problem)
+
+
+def flat_energy(u, params, ps, target: str = "ml"):
+    """E_total at the shifts ``u`` (n, 4) (see :func:`shifted_params`); ``ps`` = (problem, state)."""
+    problem, state = ps
+    return _engine().total_energy(shifted_params(u, params, ps), problem, state, target)
+
+
+def weighted_problem(ps, weights: str = "posterior"):
+    """(problem, state) whose E_total is −log posterior (``posterior``) or the refinement's (``refinement``)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}; choose one of {', '.join(WEIGHTS)}")
+    if weights == "refinement":
+        return ps
+    problem, state = ps
+    half = jnp.asarray(0.5, state.w_a.dtype)
+    return problem._replace(w_b=half * problem.w_b), state._replace(w_a=half)
+
+
+def _model_f(params, ps):
+    from ..problem import f_model_of
+
+    return f_model_of(params, *ps)
+
+
+def r_free_of(u, params, ps):
+    """R-free (Σ_free |Fo − |Fm|| / Σ_free Fo) at the shifts ``u``, scales held fixed (differentiable a.e.)."""
+    fm = _model_f(shifted_params(u, params, ps), ps)
+    x = ps[0].xray
+    fm_abs = jnp.sqrt(fm.real**2 + fm.imag**2 + 1e-12)
+    free = x.free.astype(x.f_obs.dtype)
+    return jnp.sum(free * jnp.abs(x.f_obs - fm_abs)) / jnp.sum(free * x.f_obs)
+
+
+# ------------------------------------------------------------------ Hessian-vector products
+def _zeros(params):
+    return jnp.zeros((params.xyz_frac.shape[0], 4), params.xyz_frac.dtype)
+
+
+def _hvp(v, params, problem, target):
+    g = lambda u: jax.grad(flat_energy)(u, params, problem, target)  # noqa: E731
+    return jax.jvp(g, (_zeros(params),), (v,))[1]
+
+
+@partial(jax.jit, static_argnames="target")
+def hvp_batch(vs, params, problem, target: str = "ml"):
+    """H v for a batch of directions ``vs`` (k, n, 4) at the parameters (zero shifts)."""
+    return jax.vmap(_hvp, in_axes=(0, None, None, None))(vs, params, problem, target)
+
+
+def _project(v, basis):
+    """Remove uniform translations along the floating-origin directions ``basis`` (k, 3) from (.., n, 4)."""
+    if basis.shape[0] == 0:
+        return v
+    mean = jnp.mean(v[..., :3], axis=-2)  # (.., 3)
+    shift = (mean @ basis.T) @ basis  # (.., 3)
+    return v.at[..., :3].add(-shift[..., None, :])
+
+
+def floating_origin(crystal) -> np.ndarray:
+    """(k, 3) orthonormal Cartesian directions along which the origin floats (k = 0 for most groups).
+
+    A translation t is free when every rotation of the space group leaves it unchanged, R t = t
+    (fractional), i.e. t spans the null space of the stacked (R − I).
+    """
+    a = np.concatenate([np.asarray(r, float) - np.eye(3) for r in crystal.rot])
+    _, s, vt = np.linalg.svd(a)
+    null = vt[np.sum(s > 1e-6):]
+    if len(null) == 0:
+        return np.zeros((0, 3))
+    cart = null @ np.asarray(crystal.orth, float).T
+    q, _ = np.linalg.qr(cart.T)
+    return q.T[: len(null)]
+
+
+# ------------------------------------------------------------------ colouring
+def colour_atoms(xyz_cart, crystal, cutoff: float = COLOUR_CUTOFF) -> np.ndarray:
+    """Greedy colouring: (n,) int colours, two atoms of one colour ≥ ``cutoff`` Å apart (symmetry mates too).
+
+    ``cutoff`` = inf gives every atom its own colour (exact blocks).
+    """
+    from scipy.spatial import cKDTree
+
+    xyz = np.asarray(xyz_cart, float)
+    n = len(xyz)
+    if not np.isfinite(cutoff):
+        return np.arange(n)
+    frac = crystal.to_frac(xyz)
+    centre = frac.mean(0)
+    tree = cKDTree(xyz)
+    nbrs = [set() for _ in range(n)]
+    shifts = np.array(np.meshgrid([-1, 0, 1], [-1, 0, 1], [-1, 0, 1])).reshape(3, -1).T
+    for k in range(crystal.n_ops):
+        mate = frac @ np.asarray(crystal.rot[k]).T + crystal.trans[k]
+        mate = mate + np.round(centre - mate.mean(0))
+        for s in shifts:
+            for i, js in enumerate(cKDTree(crystal.to_cart(mate + s)).query_ball_tree(tree, cutoff)):
+                for j in js:
+                    if j != i:
+                        nbrs[i].add(j)
+                        nbrs[j].add(i)
+    colour = -np.ones(n, int)
+    for i in np.argsort([-len(s) for s in nbrs], kind="stable"):
+        used = {colour[j] for j in nbrs[i]}
+        c = 0
+        while c in used:
+            c += 1
+        colour[i] = c
+    return colour
+
+
+def hessian_blocks(params, problem, target: str = "ml", colours=None, batch: int = HVP_BATCH, basis=None):
+    """Per-atom 4×4 blocks (x, y, z in Å; B in Å²) of H, (n, 4, 4), from 4 HVPs per colour."""
+    n = params.xyz_frac.shape[0]
+    colours = np.arange(n) if colours is None else np.asarray(colours)
+    n_col = int(colours.max()) + 1
+    dtype = params.xyz_frac.dtype
+    probes = [(c, k) for c in range(n_col) for k in range(4)]
+    blocks = np.zeros((n, 4, 4))
+    for start in range(0, len(probes), batch):
+        chunk = probes[start:start + batch]
+        vs = np.zeros((batch, n, 4))
+        for b, (c, k) in enumerate(chunk):
+            vs[b, colours == c, k] = 1.0
+        hv = np.asarray(hvp_batch(jnp.asarray(vs, dtype), params, problem, target), float)
+        for b, (c, k) in enumerate(chunk):
+            sel = colours == c
+            blocks[sel, :, k] = hv[b, sel, :]
+    return 0.5 * (blocks + blocks.transpose(0, 2, 1))
+
+
+def invert_blocks(blocks):
+    """(inverse blocks, number of blocks that were not positive definite); small eigenvalues floored."""
+    w, v = np.linalg.eigh(blocks)
+    top = np.maximum(w.max(-1, keepdims=True), 1e-30)
+    bad = (w <= EIG_FLOOR * top).any(-1)
+    w = np.maximum(w, EIG_FLOOR * top)
+    return np.einsum("nij,nj,nkj->nik", v, 1.0 / w, v), int(bad.sum())
+
+
+# ------------------------------------------------------------------ CG solves
+@partial(jax.jit, static_argnames=("target", "maxiter"))
+def solve(rhs, params, problem, m_inv, basis, active, target: str = "ml", tol: float = CG_TOL, maxiter: int = CG_MAXITER):
+    """x = H⁺ rhs for a batch (k, n, 4) by preconditioned CG (H restricted to the ``active`` (n,) atoms and the
+    fixed-origin subspace; the projection of the floating origin is over all atoms, a good approximation
+    when few atoms are inactive).
+
+    Returns:
+        (x (k, n, 4), relative residuals (k,)).
+    """
+    from jax.scipy.sparse.linalg import cg
+
+    keep = active[:, None].astype(rhs.dtype)
+
+    def p(v):
+        return _project(v * keep, basis) * keep
+
+    def a(v):
+        return p(_hvp(p(v), params, problem, target))
+
+    def m(v):
+        return p(jnp.einsum("nij,nj->ni", m_inv, p(v)))
+
+    def one(b):
+        b = p(b)
+        x, _ = cg(a, b, tol=tol, maxiter=maxiter, M=m)
+        return x, jnp.linalg.norm(a(x) - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30)
+
+    return jax.vmap(one)(rhs)
+
+
+# ------------------------------------------------------------------ the estimates
+class Uncertainties(NamedTuple):
+    """Per-atom uncertainties (numpy; model order).
+
+    Attributes:
+        xyz_esd: (n, 3) σ of x, y, z (Å), coupled estimate.
+        b_esd: (n,) σ of B (Å²), coupled estimate.
+        sigma_r: (n,) sqrt(σx² + σy² + σz²) (Å), coupled.
+        xyz_esd_block, b_esd_block, sigma_r_block: the same from the block-diagonal inverse (lower bounds).
+        cov_xyz: (n, 3, 3) coupled covariance blocks (Å²).
+        info: dict: n_colours, n_hvp_blocks, n_cg_solves, not_positive_definite, cg_residual_max, seconds, weights.
+    """
+
+    xyz_esd: np.ndarray
+    b_esd: np.ndarray
+    sigma_r: np.ndarray
+    xyz_esd_block: np.ndarray
+    b_esd_block: np.ndarray
+    sigma_r_block: np.ndarray
+    cov_xyz: np.ndarray
+    info: dict
+
+
+def atom_uncertainties(params, problem, crystal, target: str = "ml", weights: str = "posterior", coupled: bool = True,
+                       cutoff: float = COLOUR_CUTOFF, seed: int = 0, active=None, progress=None) -> Uncertainties:
+    """Block-diagonal and coupled per-atom uncertainties at ``params`` (see the module docstring).
+
+    The coupled blocks of H⁻¹ are probed colour by colour: for colour c and component k, the probe
+    has random signs s_i on the atoms of c, and x = H⁻¹ v gives column k of atom i's block as s_i x_i
+    (unbiased; the noise comes only from the coupling of same-colour atoms, which are ≥ ``cutoff``
+    apart: probing, Tang & Saad 2012, Numer. Linear Algebra Appl. 19, 485, with random signs).
+    Cost: 4 × n_colours CG solves.
+
+    Args:
+        params, problem: the refined parameters and their problem (state: mask, scales, σA).
+        crystal: :class:`Crystal` (symmetry for the colouring and the floating origin).
+        target: "ml" or "ls".
+        weights: "posterior" (−log posterior, default) or "refinement" (the refinement's E_total).
+        coupled: False for the block-diagonal estimate only.
+        cutoff: colouring distance (Å); ``float("inf")`` gives every atom its own colour (exact).
+        active: (n,) bool atoms to estimate (default: occupancy > 0); the others are held fixed.
+        progress: callable taking a line of text (long runs).
+    """
+    t0 = time.perf_counter()
+    say = progress or log.info
+    prob = weighted_problem(problem, weights)
+    n = params.xyz_frac.shape[0]
+    dtype = params.xyz_frac.dtype
+    if active is None:
+        active = np.asarray(problem[0].maps.occ0, float) > 0
+    active = np.asarray(active, bool)
+    xyz = np.asarray(params.xyz_frac, float) @ np.asarray(crystal.orth, float).T
+    colours = np.where(active, colour_atoms(xyz, crystal, cutoff), -1)
+    n_col = int(colours.max()) + 1
+    basis = floating_origin(crystal)
+    say(f"uncertainty: {int(active.sum())} atoms, {n_col} colours ({cutoff:g} Å), {4 * n_col} Hessian-vector products "
+        f"for the blocks" + (f", floating origin along {len(basis)} direction(s)" if len(basis) else ""))
+    blocks = hessian_blocks(params, prob, target, colours)
+    blocks[~active] = np.eye(4)
+    m_inv, n_bad = invert_blocks(blocks)
+    cov = m_inv.copy()
+    res_max = 0.0
+    if coupled:
+        say(f"uncertainty: coupled estimate, {4 * n_col} preconditioned CG solves")
+        rng = np.random.default_rng(seed)
+        signs = rng.choice([-1.0, 1.0], size=n)
+        probes = [(c, k) for c in range(n_col) for k in range(4)]
+        est = np.zeros((n, 4, 4))
+        m_j, basis_j = jnp.asarray(m_inv * active[:, None, None], dtype), jnp.asarray(basis, dtype)
+        for start in range(0, len(probes), HVP_BATCH):
+            chunk = probes[start:start + HVP_BATCH]
+            vs = np.zeros((HVP_BATCH, n, 4))
+            for j, (c, k) in enumerate(chunk):
+                vs[j, colours == c, k] = signs[colours == c]
+            x, res = solve(jnp.asarray(vs, dtype), params, prob, m_j, basis_j, jnp.asarray(active), target=target)
+            x = np.asarray(x, float)
+            res_max = max(res_max, float(np.max(np.asarray(res)[: len(chunk)])))
+            for j, (c, k) in enumerate(chunk):
+                sel = colours == c
+                est[sel, :, k] = x[j, sel, :] * signs[sel, None]
+            if progress is not None and (start // HVP_BATCH) % 10 == 9:
+                say(f"uncertainty: {start + len(chunk)}/{len(probes)} solves")
+        est = 0.5 * (est + est.transpose(0, 2, 1))
+        idx = np.arange(4)
+        # a variance of H⁻¹ is never below that of the inverse diagonal block (Schur complement): clip the noise there
+        est[:, idx, idx] = np.maximum(est[:, idx, idx], m_inv[:, idx, idx])
+        cov = np.where(active[:, None, None], est, np.nan)
+    m_inv = np.where(active[:, None, None], m_inv, np.nan)
+    var_block = np.diagonal(m_inv, axis1=1, axis2=2)
+    var = np.diagonal(cov, axis1=1, axis2=2)
+    info = {"n_atoms": int(active.sum()), "n_colours": n_col, "cutoff": cutoff, "n_hvp_blocks": 4 * n_col,
+            "n_cg_solves": 4 * n_col if coupled else 0, "not_positive_definite": n_bad, "cg_residual_max": res_max,
+            "floating_origin": len(basis), "weights": weights, "target": target, "seconds": time.perf_counter() - t0}
+    if n_bad:
+        log.warning("uncertainty: %d atom blocks of the Hessian are not positive definite (model not at a minimum?); "
+                    "their uncertainties are unreliable", n_bad)
+    return Uncertainties(
+        xyz_esd=np.sqrt(var[:, :3]), b_esd=np.sqrt(var[:, 3]), sigma_r=np.sqrt(var[:, :3].sum(1)),
+        xyz_esd_block=np.sqrt(var_block[:, :3]), b_esd_block=np.sqrt(var_block[:, 3]),
+        sigma_r_block=np.sqrt(var_block[:, :3].sum(1)), cov_xyz=cov[:, :3, :3], info=info)
+
+
+def dpi(n_atoms: int, n_work: int, completeness: float, d_min: float, r_work: float, r_free: float) -> dict:
+    """Cruickshank's DPI (Å, σ(r)) in the R_free and R forms (module docstring); N_params = 4 N_atoms."""
+    c = completeness ** (-1.0 / 3.0)
+    dof = n_work - 4 * n_atoms
+    return {"dpi_free": float(np.sqrt(n_atoms / n_work) * c * d_min * r_free),
+            "dpi_r": float(np.sqrt(n_atoms / dof) * c * d_min * r_work) if dof > 0 else None,
+            "n_atoms": int(n_atoms), "n_obs": int(n_work), "n_params": int(4 * n_atoms),
+            "completeness": float(completeness), "d_min": float(d_min), "r_work": float(r_work), "r_free": float(r_free)}
+
+
+def residue_summary(model, unc: Uncertainties, keep=None) -> list:
+    """Per-residue rows: chain, seq, icode, name, n_atoms, mean and max σ_r (Å), mean σ_B (Å²)."""
+    keep = np.ones(model.n_atoms, bool) if keep is None else np.asarray(keep, bool)
+    rows = []
+    for r in np.unique(model.res_index[keep]):
+        sel = keep & (model.res_index == r)
+        i = int(np.nonzero(sel)[0][0])
+        rows.append({"chain": str(model.chain_id[i]), "seq": int(model.res_seq[i]), "icode": str(model.icode[i]).strip(),
+                     "name": str(model.res_name[i]), "n_atoms": int(sel.sum()),
+                     "sigma_r_mean": float(unc.sigma_r[sel].mean()), "sigma_r_max": float(unc.sigma_r[sel].max()),
+                     "sigma_b_mean": float(unc.b_esd[sel].mean())})
+    return rows
+
+
+# ------------------------------------------------------------------ sensitivities
+def _mixed(v, params, problem, target, name):
+    """∂/∂λ [vᵀ ∇_θ E(θ*, λ)] for λ = state.w_a ("w_a") or problem.xray.f_obs ("f_obs"); ``problem`` = (problem, state)."""
+
+    prob, state = problem
+
+    def with_lam(lam):
+        if name == "w_a":
+            return prob, state._replace(w_a=lam)
+        return prob._replace(xray=prob.xray._replace(f_obs=lam)), state
+
+    lam0 = state.w_a if name == "w_a" else prob.xray.f_obs
+
+    def inner(lam):
+        return jnp.vdot(v, jax.grad(flat_energy)(_zeros(params), params, with_lam(lam), target))
+
+    return jax.grad(inner)(lam0)
+
+
+_mixed_jit = jax.jit(_mixed, static_argnames=("target", "name"))
+_grad_r_free = jax.jit(jax.grad(r_free_of))
+
+
+def _preconditioner(params, problem, crystal, target, cutoff):
+    xyz = np.asarray(params.xyz_frac, float) @ np.asarray(crystal.orth, float).T
+    blocks = hessian_blocks(params, problem, target, colour_atoms(xyz, crystal, cutoff))
+    m_inv, _ = invert_blocks(blocks)
+    dtype = params.xyz_frac.dtype
+    return jnp.asarray(m_inv, dtype), jnp.asarray(floating_origin(crystal), dtype)
+
+
+def _all_atoms(params):
+    return jnp.ones(params.xyz_frac.shape[0], bool)
+
+
+def implicit_derivative(phi_grads, name, params, problem, crystal, target: str = "ml", cutoff: float = COLOUR_CUTOFF):
+    """dφ_k/dλ for functionals with gradients ``phi_grads`` (k, n, 4) at the minimum of the refinement energy.
+
+    Args:
+        phi_grads: ∇_θ φ_k (k, n, 4) in the shift variables.
+        name: "w_a" (returns (k,)) or "f_obs" (returns (k, n_refl)).
+        problem: with the refinement's weights (θ* must minimise its E_total).
+
+    Returns:
+        (derivatives, CG relative residuals (k,)).
+    """
+    m_inv, basis = _preconditioner(params, problem, crystal, target, cutoff)
+    u, res = solve(jnp.asarray(phi_grads, params.xyz_frac.dtype), params, problem, m_inv, basis, _all_atoms(params),
+                   target=target)
+    out = np.stack([-np.asarray(_mixed_jit(u[k], params, problem, target, name), float) for k in range(u.shape[0])])
+    return out, np.asarray(res, float)
+
+
+def d_r_free_d_w_a(params, problem, crystal, target: str = "ml", cutoff: float = COLOUR_CUTOFF) -> float:
+    """d R-free / d w_A at the refined model (implicit differentiation; scales, σA and mask fixed)."""
+    g = _grad_r_free(_zeros(params), params, problem)
+    d, _ = implicit_derivative(g[None], "w_a", params, problem, crystal, target, cutoff)
+    return float(d[0])
+
+
+def reflection_influence(atoms, params, problem, crystal, target: str = "ml", cutoff: float = COLOUR_CUTOFF):
+    """d(centroid of ``atoms``)/dF_obs(h): (3, n_refl) Å per unit of F, by three implicit solves.
+
+    The norm over the 3 components ranks reflections by how far a change of their amplitude moves
+    the selected atoms (e.g. a side chain).
+    """
+    n = params.xyz_frac.shape[0]
+    atoms = np.asarray(atoms)
+    sel = np.zeros(n, bool)
+    sel[atoms] = True
+    g = np.zeros((3, n, 4))
+    for c in range(3):
+        g[c, sel, c] = 1.0 / sel.sum()
+    d, _ = implicit_derivative(g, "f_obs", params, problem, crystal, target, cutoff)
+    return d
+
+
+# ------------------------------------------------------------------ the ensemble check
+def sample_f_obs(f_model_abs, sigma_a, sig_f_obs, centric, epsilon, rng) -> np.ndarray:
+    """Amplitudes drawn from the ML likelihood at the model (a parametric bootstrap of the data).
+
+    Acentric: |D|Fm| + sqrt(Σ/2)(n₁ + i n₂)|, Σ = εS + 2σ²;  centric: |D|Fm| + sqrt(Σ) n|, Σ = εS + σ²
+    — the amplitudes whose densities are the Rice and Woolfson distributions of
+    :mod:`jaxrefine.xray.targets`.
+    """
+    d, s = np.asarray(sigma_a.d, float), np.asarray(sigma_a.s, float)
+    eps, sig, cen = np.asarray(epsilon, float), np.asarray(sig_f_obs, float), np.asarray(centric, bool)
+    mean = d * np.asarray(f_model_abs, float)
+    var_a = eps * s + 2 * sig**2
+    var_c = eps * s + sig**2
+    n1, n2 = rng.normal(size=mean.shape), rng.normal(size=mean.shape)
+    acen = np.hypot(mean + np.sqrt(var_a / 2) * n1, np.sqrt(var_a / 2) * n2)
+    cent = np.abs(mean + np.sqrt(var_c) * n1)
+    return np.where(cen, cent, acen)
+
+
+def _with_f_obs(ps, f_obs):
+    return ps[0]._replace(xray=ps[0].xray._replace(f_obs=f_obs)), ps[1]
+
+
+def _ensemble_energy(u, f_obs, params, ps):
+    return flat_energy(u, params, _with_f_obs(ps, f_obs), "ml")
+
+
+def _ensemble_energy_ls(u, f_obs, params, ps):
+    return flat_energy(u, params, _with_f_obs(ps, f_obs), "ls")
+
+
+_ENSEMBLE_ENERGY = {"ml": _ensemble_energy, "ls": _ensemble_energy_ls}
+
+
+def ensemble_refine(f_obs_draws, starts, params, problem, target: str = "ml", n_steps: int = 60, batch: int = 8):
+    """Re-minimise from each start against each data set, batched with ``jax.vmap``.
+
+    Args:
+        f_obs_draws: (k, n_refl) amplitudes; starts: (k, n, 4) starting shifts (Å, Å²).
+        problem: with the weights to minimise (use the same ``weighted_problem`` as the estimate).
+
+    Returns:
+        (k, n, 4) refined shifts.
+    """
+    from ..refine.optimize import minimise
+
+    fun = _ENSEMBLE_ENERGY[target]
+    run = jax.jit(jax.vmap(lambda fo, x0: minimise(fun, x0, (fo, params, problem), n_steps)[0]))
+    dtype = params.xyz_frac.dtype
+    out = []
+    for s in range(0, len(starts), batch):
+        out.append(np.asarray(run(jnp.asarray(f_obs_draws[s:s + batch], dtype), jnp.asarray(starts[s:s + batch], dtype)), float))
+    return np.concatenate(out)
+
+
+def ensemble_spread(shifts, crystal) -> tuple:
+    """Per-atom spread of an ensemble of shifts (k, n, 4): σ_r (n,) Å and σ_B (n,) Å² (floating origin removed)."""
+    basis = floating_origin(crystal)
+    x = np.asarray(shifts, float)
+    if len(basis):
+        x = np.asarray(_project(jnp.asarray(x), jnp.asarray(basis)))
+    dev = x - x.mean(0)
+    sigma_r = np.sqrt((dev[..., :3] ** 2).sum(-1).mean(0) * len(x) / max(len(x) - 1, 1))
+    sigma_b = dev[..., 3].std(0, ddof=1)
+    return sigma_r, sigma_b
+
+
+def spearman(a, b) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b)[0])
+
+
+# ------------------------------------------------------------------ driver: summary, files
+def completeness(refl) -> float:
+    """Fraction of the unique reflections between d_max and d_min that were measured."""
+    from ..core.crystal import d_spacing
+    from ..io.build import unique_hkl
+
+    d = d_spacing(unique_hkl(refl.crystal, refl.d_min), refl.crystal)
+    return float(refl.n / max(int(np.sum(d <= refl.d_max + 1e-6)), 1))
+
+
+def uncertainty_summary(model, refl, params, problem, unc: Uncertainties) -> dict:
+    """metrics.json content: overall figures beside Cruickshank's DPI, and one row per residue."""
+    from ..xray.stats import r_factors
+
+    fm = np.asarray(jax.jit(_model_f)(params, problem))
+    x = problem[0].xray
+    r = r_factors(np.asarray(x.f_obs), fm, np.asarray(x.free))
+    ok = np.isfinite(unc.sigma_r)
+    d = dpi(int(ok.sum()), int(np.sum(np.asarray(x.work))), completeness(refl), refl.d_min, r["r_work"], r["r_free"])
+    return {
+        "sigma_r_rms": float(np.sqrt(np.mean(unc.sigma_r[ok] ** 2))),
+        "sigma_r_median": float(np.median(unc.sigma_r[ok])),
+        "sigma_r_block_rms": float(np.sqrt(np.mean(unc.sigma_r_block[ok] ** 2))),
+        "sigma_b_median": float(np.median(unc.b_esd[ok])),
+        "dpi": d, "method": unc.info, "residues": residue_summary(model, unc, ok),
+    }
+
+
+def log_summary(summary: dict, say=None) -> None:
+    say = say or log.info
+    d = summary["dpi"]
+    say(f"coordinate uncertainty: RMS σ_r {summary['sigma_r_rms']:.3f} Å (block-diagonal {summary['sigma_r_block_rms']:.3f} Å); "
+        f"Cruickshank DPI (R-free) {d['dpi_free']:.3f} Å" + (f", DPI (R) {d['dpi_r']:.3f} Å" if d["dpi_r"] else ""))
+    say("chain  res  name  atoms  mean σ_r (Å)  max σ_r (Å)  mean σ_B (Å²)")
+    for row in summary["residues"]:
+        say(f"{row['chain']:>5} {row['seq']:4d}{row['icode'] or ' '} {row['name']:4s} {row['n_atoms']:6d}  {row['sigma_r_mean']:12.3f}"
+            f"  {row['sigma_r_max']:11.3f}  {row['sigma_b_mean']:13.2f}")
+
+
+def plot_residue_uncertainty(summary: dict, path, title: str = "") -> None:
+    """σ_r (Å) and σ_B (Å²) per residue with the DPI as a line (PNG)."""
+    from matplotlib.figure import Figure
+
+    rows = summary["residues"]
+    x = np.arange(len(rows))
+    fig = Figure(figsize=(8, 4.5))
+    ax, bx = fig.subplots(2, 1, sharex=True)
+    ax.bar(x, [r["sigma_r_mean"] for r in rows], color="tab:blue", label="mean σ_r per residue")
+    ax.plot(x, [r["sigma_r_max"] for r in rows], "k.", ms=3, label="max σ_r")
+    ax.axhline(summary["dpi"]["dpi_free"], color="tab:red", ls="--", label="Cruickshank DPI (R-free)")
+    ax.set_ylabel("σ_r (Å)")
+    ax.legend(fontsize=7)
+    bx.bar(x, [r["sigma_b_mean"] for r in rows], color="tab:green")
+    bx.set_ylabel("σ_B (Å²)")
+    bx.set_xlabel("residue")
+    step = max(1, len(rows) // 20)
+    bx.set_xticks(x[::step], [f"{r['chain']}{r['seq']}" for r in rows[::step]], rotation=90, fontsize=6)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    from ..io.writers import atomic_write
+
+    with atomic_write(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
+
+
+def model_uncertainty(model_path, data_path, out_dir, cfg=None, coupled: bool = True, cutoff: float = COLOUR_CUTOFF,
+                      weights: str = "posterior", model_out: str = "uncertainty.cif", json_out: str = "uncertainty.json",
+                      progress=None, _rewrite_model: bool = False) -> dict:
+    """Uncertainties of a model as given (no refinement): writes ``model_out`` (mmCIF with esd columns),
+    ``json_out`` and ``uncertainty.png`` into ``out_dir``; returns the summary.
+
+    The model is read as is (no placement from the configuration: a refined model is already placed);
+    mask, scales and σA are fitted to it as at the end of a macrocycle.
+    """
+    import os
+
+    from ..config import Config
+    from ..io.esd import write_model_with_esds
+    from ..io.model import read_model
+    from ..io.reflections import check_compatible, read_reflections
+    from ..io.writers import protect, write_json
+    from ..problem import build_setup, current_model_arrays
+    from ..refine.engine import choose_initial_w_a
+
+    cfg = cfg or Config()
+    protect(data_path) if _rewrite_model else protect(model_path, data_path)
+    model = read_model(model_path, hydrogens=(cfg.model.hydrogens == "keep"))
+    d = cfg.data
+    refl = read_reflections(data_path, labin=d.labin, free_value=d.free_value, free_fraction=d.free_fraction,
+                            free_seed=d.free_seed, d_min=d.d_min, d_max=d.d_max)
+    check_compatible(model.crystal, refl.crystal, os.fspath(model_path), os.fspath(data_path))
+    setup = build_setup(None, None, cfg, model=model, refl=refl)
+    state = setup.state
+    state = state._replace(w_a=jnp.asarray(choose_initial_w_a(setup), state.w_a.dtype))
+    problem = (setup.problem, state)
+    unc = atom_uncertainties(setup.params, problem, model.crystal, target=cfg.refine.target, weights=weights,
+                             coupled=coupled, cutoff=cutoff, progress=progress)
+    summary = uncertainty_summary(model, refl, setup.params, problem, unc)
+    log_summary(summary, progress)
+    xyz, b, occ = current_model_arrays(setup.params, setup.problem)
+    os.makedirs(out_dir, exist_ok=True)
+    write_model_with_esds(model, os.path.join(out_dir, model_out), unc.xyz_esd, unc.b_esd, xyz_cart=xyz, b_iso=b, occ=occ)
+    write_json(os.path.join(out_dir, json_out), summary)
+    if cfg.output.plots:
+        plot_residue_uncertainty(summary, os.path.join(out_dir, "uncertainty.png"), os.path.basename(os.fspath(model_path)))
+    return summary
+
+
+def add_to_refinement(out_dir, data_path, cfg=None, progress=None) -> dict:
+    """After ``jaxrefine refine`` (output.uncertainties): esd columns into ``refined.cif`` and an
+    ``uncertainty`` entry in ``metrics.json`` of ``out_dir``."""
+    import json
+    import os
+
+    from ..io.writers import write_json
+
+    summary = model_uncertainty(os.path.join(out_dir, "refined.cif"), data_path, out_dir, cfg, model_out="refined.cif",
+                                json_out="uncertainty.json", progress=progress, _rewrite_model=True)
+    path = os.path.join(out_dir, "metrics.json")
+    with open(path) as fh:
+        metrics = json.load(fh)
+    metrics["uncertainty"] = {k: v for k, v in summary.items() if k != "residues"}
+    metrics["uncertainty"]["residues"] = summary["residues"]
+    write_json(path, metrics)
+    return summary
