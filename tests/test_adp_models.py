@@ -46,6 +46,10 @@ TOL_FD = 1e-6  # relative: float64 autodiff vs central differences with h = 1e-6
 TOL_GEMMI_TLS = 1e-9  # same formula as gemmi's calculate_u_from_tls, in double precision
 TOL_RIGID_COPY = 1e-18  # Σ z² with z ~ 1e-13 (float64 rounding of ~10 Å distances over σ = 0.1 Å)
 TOL_FILE = 1e-3  # Å²: TLS and ANISOU go through the files' fixed decimals (4 in mmCIF)
+# Å²: PDB REMARK 3 holds T, L, S to 4 decimals; a refined 6×6 TLS matrix with an eigenvalue near 0
+# (common) comes back slightly indefinite, and making it positive again moves U by up to ~2e-3 Å²
+# (0.2 Å² in B) for atoms 20 Å from the origin
+TOL_FILE_PDB_TLS = 4e-3
 
 
 def central_difference_check(fn, x, n_probe=6, h=1e-6, seed=0):
@@ -433,3 +437,38 @@ def test_tls_start_from_header_and_from_chains():
     _, _, u_total = atom_adp(jnp.asarray(b0), None, jnp.asarray(tls_raw), jnp.asarray(model.xyz_cart), adp)
     keep = np.asarray(b0) > 3.0 + 1e-9  # not clamped at b_min + 1
     np.testing.assert_allclose(np.asarray(b_eq(u_total))[keep], model.b_iso[keep], atol=1e-6)
+
+
+@pytest.mark.parametrize("suffix", [".cif", ".pdb"])
+def test_refined_tls_and_anisou_written_and_read_back_reproduce_the_adps(tmp_path, suffix):
+    """model_updates -> writers -> file -> read_model -> TLS start from the header: the same U."""
+    from types import SimpleNamespace
+
+    from jaxrefine.config import load_config
+    from jaxrefine.io.writers import write_model
+    from jaxrefine.problem.adp_model import atom_adp, build_adp_model
+    from jaxrefine.problem.params import b_to_raw
+    from jaxrefine.problem.problem import Problem
+    from jaxrefine.problem.setup import atom_maps_and_params
+    from jaxrefine.refine.outputs import model_updates
+
+    model = read_model(dataset_paths("1va7")[0])
+    maps, params = atom_maps_and_params(model, load_config(None, ["refine.adp=tls"]), jnp.float64)
+    adp, _, tls_raw, b0, choice = build_adp_model(model, "tls", "chain", 2.0, 2.9, 5900)
+    rng = np.random.default_rng(11)
+    params = params._replace(b_raw=jnp.asarray(b_to_raw(b0 + rng.uniform(0, 20, b0.shape), 2.0)),
+                             tls_raw=jnp.asarray(tls_raw + rng.normal(scale=0.02, size=tls_raw.shape)))
+    problem = Problem(maps=maps, sf=None, xray=None, restraints=None, geo_weights=None, w_b=None, adp=adp)
+    upd = model_updates(params, problem, SimpleNamespace(model=model, adp_choice=choice), np.ones(model.n_atoms, bool))
+    assert 20 < upd["b_iso"].mean() < 300  # realistic B: PDB's B column ends at 999.99
+    path = tmp_path / f"refined{suffix}"
+    write_model(model, path, remarks={"r_work": 0.2, "r_free": 0.25, "d_min": 2.9, "version": "test"}, **upd)
+    back = read_model(path)
+    adp2, _, tls_raw2, b2, choice2 = build_adp_model(back, "tls", "auto", 2.0, 2.9, 5900)
+    assert "header" in choice2.reason and choice2.tls.n_groups == 4
+    inside = np.asarray(adp2.tls_group) >= 0
+    np.testing.assert_array_equal(inside, np.asarray(adp.tls_group) >= 0)
+    _, _, u2 = atom_adp(jnp.asarray(b2), None, jnp.asarray(tls_raw2), jnp.asarray(back.xyz_cart), adp2)
+    np.testing.assert_allclose(back.u_aniso[inside], upd["u_aniso"][inside], atol=TOL_FILE)
+    tol = TOL_FILE if suffix == ".cif" else TOL_FILE_PDB_TLS
+    np.testing.assert_allclose(np.asarray(u2)[inside], upd["u_aniso"][inside], atol=tol)

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import InputError
 from .crystal_io import gemmi_cell, gemmi_space_group
+from .tls import set_tls_groups, tls_pdb_remarks
 
 _PROTECTED: set[str] = set()
 
@@ -171,7 +172,7 @@ def json_safe(obj):
     raise TypeError(f"not JSON serialisable: {type(obj)}")
 
 
-def updated_structure(model, xyz_cart=None, b_iso=None, occ=None, u_aniso=None, remarks=None) -> gemmi.Structure:
+def updated_structure(model, xyz_cart=None, b_iso=None, occ=None, u_aniso=None, remarks=None, tls=None) -> gemmi.Structure:
     """A clone of ``model.structure`` with new coordinates/B/occupancies (arrays in model order).
 
     Args:
@@ -181,6 +182,7 @@ def updated_structure(model, xyz_cart=None, b_iso=None, occ=None, u_aniso=None, 
             dropped (an isotropic refinement makes them stale).
         remarks: dict of refinement statistics for the header (r_work, r_free, d_min, rms_bond,
             rms_angle, program).
+        tls: :class:`jaxrefine.io.tls.TlsGroups` to write (mmCIF ``_pdbx_refine_tls*``, PDB REMARK 3), or None.
     """
     if model.structure is None:
         raise InputError(f"{model.source}: this model has no gemmi structure to write from")
@@ -209,6 +211,9 @@ def updated_structure(model, xyz_cart=None, b_iso=None, occ=None, u_aniso=None, 
     st.spacegroup_hm = gemmi_space_group(model.crystal).hm
     if remarks:
         _set_refinement_meta(st, remarks)
+    if tls is not None:
+        set_tls_groups(st, model, tls)
+        st.raw_remarks = list(st.raw_remarks) + tls_pdb_remarks(model, tls)
     return st
 
 
@@ -249,7 +254,8 @@ def _pdb_remarks(r: dict) -> list:
     lines = []
     if r.get("d_min") is not None:
         lines += ["REMARK   2", f"REMARK   2 RESOLUTION. {r['d_min']:7.2f} ANGSTROMS."]
-    lines += ["REMARK   3", "REMARK   3 REFINEMENT.", f"REMARK   3   PROGRAM     : JAXREFINE {r.get('version', '')}".rstrip()]
+    lines += ["REMARK   3", "REMARK   3 REFINEMENT.", f"REMARK   3   PROGRAM     : JAXREFINE {r.get('version', '')}".rstrip(),
+              "REMARK   3", "REMARK   3  DATA USED IN REFINEMENT."]  # readers (gemmi) start a refinement record here
     fmt = {
         "d_min": "REMARK   3   RESOLUTION RANGE HIGH (ANGSTROMS) : {:.2f}",
         "d_max": "REMARK   3   RESOLUTION RANGE LOW  (ANGSTROMS) : {:.2f}",

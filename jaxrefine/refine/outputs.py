@@ -19,7 +19,8 @@ from .. import __version__
 from ..config import dump_config
 from ..io.writers import write_json, write_model, write_mtz, write_text
 from ..xray.maps import map_coefficients
-from ..problem.xray_state import current_model_arrays, f_model_of_jit
+from ..problem.adp_model import refined_tls
+from ..problem.xray_state import current_model_arrays, current_u_aniso, f_model_of_jit
 from .engine import RefinementResult
 
 
@@ -44,22 +45,42 @@ def metrics(result: RefinementResult) -> dict:
     return out
 
 
+def model_updates(params, problem, setup, keep) -> dict:
+    """The arrays the writers put into the refined model (atoms ``keep`` only): coordinates, B
+    (B_eq of the total U for anisotropic and TLS atoms), occupancies, ANISOU and TLS groups.
+
+    ANISOU: the total U of atoms refined anisotropically or in a TLS group (TLS + residual B), or,
+    with isotropic refinement, the kept deposited shape + the refined isotropic part.
+    """
+    model = setup.model
+    xyz, b, occ = current_model_arrays(params, problem)
+    out = dict(xyz_cart=xyz[keep], b_iso=b[keep], occ=occ[keep])
+    u_total = current_u_aniso(params, problem)
+    if u_total is not None:
+        adp = problem.adp
+        has = (np.asarray(adp.aniso_index) >= 0) | (np.asarray(adp.tls_group) >= 0) | np.asarray(model.has_aniso, bool)
+        out["u_aniso"] = np.where(has[:, None], u_total, 0.0)[keep]
+    elif problem.u_shape is not None:
+        u = np.asarray(problem.u_shape, float) + (b / (8 * np.pi**2))[:, None] * np.array([1, 1, 1, 0, 0, 0.0])
+        out["u_aniso"] = np.where(model.has_aniso[:, None], u, 0.0)[keep]
+    tls = refined_tls(params, problem, setup.adp_choice)
+    if tls is not None:
+        out["tls"] = tls._replace(group=tls.group[keep])
+    return out
+
+
 def write_outputs(result: RefinementResult, setup, out_dir, argv=None) -> dict:
     """Write the refined model, maps, metrics, config and run record into ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
     setup = result.setup or setup
     model, refl, cfg = setup.model, setup.refl, setup.config
     params, problem = result.params, result.problem
-    xyz, b, occ = current_model_arrays(params, problem)
     m = metrics(result)
     remarks = {"r_work": m["r_work"], "r_free": m["r_free"], "d_min": refl.d_min, "d_max": refl.d_max,
                "rms_bond": m["rms_bond"], "rms_angle": m["rms_angle"], "version": __version__}
     keep = ~np.asarray(result.removed_atoms, bool)
     out_model = model.subset(keep) if not keep.all() else model
-    updates = dict(xyz_cart=xyz[keep], b_iso=b[keep], occ=occ[keep], remarks=remarks)
-    if problem.u_shape is not None:  # ANISOU = the kept anisotropic shape + the refined isotropic part
-        u = np.asarray(problem.u_shape, float) + (b / (8 * np.pi**2))[:, None] * np.array([1, 1, 1, 0, 0, 0.0])
-        updates["u_aniso"] = np.where(model.has_aniso[:, None], u, 0.0)[keep]
+    updates = dict(model_updates(params, problem, setup, keep), remarks=remarks)
     write_model(out_model, os.path.join(out_dir, "refined.cif"), **updates)
     if cfg.output.write_pdb:
         write_model(out_model, os.path.join(out_dir, "refined.pdb"), **updates)
