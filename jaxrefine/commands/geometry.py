@@ -17,6 +17,7 @@ def add_arguments(p):
 def run(args) -> int:
     from ..io.model import check_restraint_dictionary, read_model
     from ..io.topology import build_restraints, find_monlib
+    from ..problem.adp_model import model_adp_ncs_statistics, statistics_lines
     from ..problem.neighbours import build_nonbonded
     from ..restraints import geometry_report
 
@@ -26,8 +27,9 @@ def run(args) -> int:
     model = read_model(args.model, hydrogens=args.hydrogens)
     restraints = build_restraints(model, monlib=args.monlib, ligands=args.ligand, hydrogens=args.hydrogens)
     rep = geometry_report(model.xyz_cart, restraints, build_nonbonded(model, restraints), model)
+    extra = model_adp_ncs_statistics(model, restraints)  # NCS between copies; ADP restraints of ANISOU atoms
     if args.json:
-        print(json.dumps(rep.as_dict(), indent=2))
+        print(json.dumps({**rep.as_dict(), **extra}, indent=2))
         return 0
     print(f"model  {args.model}")
     print(f"{'type':10s} {'count':>7s} {'rmsd':>9s} {'rms Z':>7s}")
@@ -40,4 +42,6 @@ def run(args) -> int:
             print(f"  {kind:8s} z={r['z']:7.2f}  " + " - ".join(r["atoms"]))
     for c in rep.clashes[:10]:
         print(f"  clash    d={c['distance']:.2f} (min {c['d_min']:.2f}){' sym' if c['symmetry'] else ''}  " + " - ".join(c["atoms"]))
+    for line in statistics_lines(extra):
+        print(line)
     return 0

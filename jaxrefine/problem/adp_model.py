@@ -28,12 +28,9 @@ import numpy as np
 
 from ..io.ncs import find_ncs_copies
 from ..io.tls import TlsGroups, read_tls_groups, tls_groups_from_spec
-from ..restraints.adp_aniso import AnisoAdpTerm, aniso_adp_term
-from ..restraints.ncs import NcsTerm, ncs_term
 from ..restraints import adp_energy
-from ..restraints.adp_aniso import aniso_adp_energy
-from ..restraints.ncs import ncs_energy
-from .params import atom_b, atom_xyz
+from ..restraints.adp_aniso import AnisoAdpTerm, aniso_adp_energy, aniso_adp_report, aniso_adp_term
+from ..restraints.ncs import NcsTerm, ncs_energy, ncs_report, ncs_term
 from ..xray.adp import (
     EIGHT_PI2,
     b_eq,
@@ -44,6 +41,8 @@ from ..xray.adp import (
     u_from_tls,
     u_iso6,
 )
+
+from .params import atom_b, atom_xyz
 
 log = logging.getLogger("jaxrefine")
 
@@ -301,3 +300,46 @@ def refined_tls(params, problem, choice: AdpChoice) -> TlsGroups | None:
         return None
     t, l, s = (np.asarray(a, float) for a in tls_from_cholesky(params.tls_raw))
     return choice.tls._replace(t=t, l=l, s=s)
+
+
+def adp_ncs_statistics(xyz_cart, u_total, adp: AdpModel | None, ncs: NcsModel | None, copies) -> dict:
+    """Report entries (plain numbers): ``ncs`` per pair of copies (restraints, RMS and largest
+    distance difference, Å) and ``adp_restraints`` (rigid-bond and neighbour-U RMS, Å²) when there
+    are anisotropic atoms; empty dict when neither applies.
+
+    Args:
+        xyz_cart: (n, 3) Å; u_total: (n, 6) Å² total U (or None); adp, ncs: the problem's models
+        (None when off); copies: the :class:`jaxrefine.io.ncs.NcsCopies` of ``ncs``.
+    """
+    out = {}
+    if ncs is not None:
+        out["ncs"] = ncs_report(jnp.asarray(xyz_cart), ncs.term, [c.name for c in copies])
+    if adp is not None and u_total is not None and (np.asarray(adp.aniso_index) >= 0).any():
+        out["adp_restraints"] = aniso_adp_report(jnp.asarray(xyz_cart), jnp.asarray(u_total), adp.restraints)
+    return out
+
+
+def model_adp_ncs_statistics(model, restraints) -> dict:
+    """:func:`adp_ncs_statistics` of a model as read: NCS between the copies found by sequence,
+    rigid-bond and U similarity over bonded pairs of atoms with ANISOU (for ``jaxrefine geometry``)."""
+    ncs, copies = build_ncs(model, "auto", 1.0)
+    aniso = np.asarray(model.has_aniso, bool)
+    adp = u = None
+    if aniso.any():
+        bond, angle = restraints.bond, restraints.angle
+        term = aniso_adp_term(np.asarray(bond.idx)[np.asarray(bond.mask) > 0],
+                              np.asarray(angle.idx)[np.asarray(angle.mask) > 0][:, [0, 2]], aniso)
+        adp = AdpModel(np.where(aniso, 0, -1), None, None, None, None, None, term, None)
+        u = np.where(aniso[:, None], model.u_aniso, np.asarray(u_iso6(jnp.asarray(model.b_iso))))
+    return adp_ncs_statistics(model.xyz_cart, u, adp, ncs, copies)
+
+
+def statistics_lines(stats: dict) -> list:
+    """Text lines of :func:`adp_ncs_statistics` for logs and the geometry command."""
+    lines = [f"NCS {r['copies']}: {r['n_pairs']} restrained distances, RMS difference {r['rms_delta']:.3f} Å, "
+             f"largest {r['max_delta']:.2f} Å" for r in stats.get("ncs", [])]
+    a = stats.get("adp_restraints")
+    if a:
+        lines.append(f"ADP restraints: {a['n_pairs']} pairs, RMS rigid-bond difference {a['rms_rigid_bond']:.4f} Å², "
+                     f"RMS neighbour U difference {a['rms_similarity']:.4f} Å²")
+    return lines

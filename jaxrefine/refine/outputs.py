@@ -8,6 +8,7 @@ run.json                  versions, git commit, command line, inputs
 """
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import subprocess
@@ -19,9 +20,11 @@ from .. import __version__
 from ..config import dump_config
 from ..io.writers import write_json, write_model, write_mtz, write_text
 from ..xray.maps import map_coefficients
-from ..problem.adp_model import refined_tls
+from ..problem.adp_model import adp_ncs_statistics, refined_tls, statistics_lines
 from ..problem.xray_state import current_model_arrays, current_u_aniso, f_model_of_jit
 from .engine import RefinementResult
+
+log = logging.getLogger("jaxrefine")
 
 
 def git_commit() -> str | None:
@@ -81,6 +84,13 @@ def write_outputs(result: RefinementResult, setup, out_dir, argv=None) -> dict:
     keep = ~np.asarray(result.removed_atoms, bool)
     out_model = model.subset(keep) if not keep.all() else model
     updates = dict(model_updates(params, problem, setup, keep), remarks=remarks)
+    if setup.adp_choice is not None:
+        m["adp_model"] = {"mode": setup.adp_choice.mode, "reason": setup.adp_choice.reason}
+    stats = adp_ncs_statistics(current_model_arrays(params, problem)[0], current_u_aniso(params, problem),
+                               problem.adp, problem.ncs, setup.ncs_copies)
+    m.update(stats)
+    for line in statistics_lines(stats):
+        log.info(line)
     write_model(out_model, os.path.join(out_dir, "refined.cif"), **updates)
     if cfg.output.write_pdb:
         write_model(out_model, os.path.join(out_dir, "refined.pdb"), **updates)
