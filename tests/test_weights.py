@@ -39,7 +39,8 @@ def test_adjust_w_a_is_damped_and_bounded():
     target = 1.0
     assert wmod.adjust_w_a(0.1, 1.0, target) == 0.1  # inside the band: unchanged
     assert np.isclose(wmod.adjust_w_a(0.1, 2.0, target), 0.1 * np.sqrt(2.0))  # square root of the ratio
-    assert np.isclose(wmod.adjust_w_a(0.1, 0.5, target), 0.1 / np.sqrt(2.0))
+    assert np.isclose(wmod.adjust_w_a(0.1, 0.3, target), 0.1 / wmod.MAX_DECREASE)  # falls are smaller steps
+    assert wmod.adjust_w_a(0.1, 0.62, target) == 0.1  # the cycle-1 RMS Z of 5e5z/1l2h: no fall
     assert np.isclose(wmod.adjust_w_a(0.1, 10.0, target), 0.1 * wmod.MAX_FACTOR)  # at most MAX_FACTOR per cycle
 
 

@@ -104,7 +104,7 @@ def model_f_mask(model, crystal, hkl, d_min: float, r_probe: float = 1.0, r_shri
 
 
 def fit_scales_and_sigma_a(f_obs, sig_f_obs, f_calc, f_mask, s_cart, work, sigma_a_use, bins, centric, epsilon, crystal,
-                           use_solvent: bool = True):
+                           use_solvent: bool = True, resolution_scale: bool = True):
     """The X-ray state fit for fixed F_calc and F_mask: scales on the work set, then F_model, then σA.
 
     The one fit behind refinement (:func:`jaxrefine.problem.xray_state.update_xray_state`),
@@ -119,13 +119,15 @@ def fit_scales_and_sigma_a(f_obs, sig_f_obs, f_calc, f_mask, s_cart, work, sigma
         centric, epsilon: (n,) centric flags and epsilon factors.
         crystal: :class:`jaxrefine.core.crystal.Crystal` (symmetry constraints of the anisotropic scale).
         use_solvent: False: no bulk solvent (k_sol = 0).
+        resolution_scale: also fit the resolution-dependent scale k_iso(s²) (False: the smooth
+            k_overall · anisotropic scale only, as servalcat's F_model).
 
     Returns:
         (:class:`jaxrefine.xray.scaling.Scales`, (n,) complex F_model, :class:`jaxrefine.xray.targets.SigmaA`).
     """
     f_obs = np.asarray(f_obs)
     scales = fit_scales(f_obs, np.asarray(f_calc), np.asarray(f_mask), np.asarray(s_cart), np.asarray(work), crystal,
-                        use_solvent=use_solvent)
+                        use_solvent=use_solvent, resolution_scale=resolution_scale)
     fm = f_model(jnp.asarray(f_calc), jnp.asarray(f_mask), jnp.asarray(s_cart), scales)
     sigma_a = estimate_sigma_a(f_obs, np.asarray(fm), np.asarray(sigma_a_use), np.asarray(bins), np.asarray(centric),
                                np.asarray(epsilon), np.asarray(sig_f_obs))

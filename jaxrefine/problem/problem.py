@@ -73,6 +73,8 @@ class Problem(NamedTuple):
         adp: :class:`jaxrefine.problem.adp_model.AdpModel` for anisotropic or TLS refinement,
             None for isotropic B.
         ncs: :class:`jaxrefine.problem.adp_model.NcsModel` (local NCS restraints) or None.
+        riding: :class:`jaxrefine.problem.riding.Riding` hydrogens that ride on the atoms and scatter
+            in F_calc (``model.hydrogens: riding``); None without.
     """
 
     maps: AtomMaps
@@ -84,6 +86,7 @@ class Problem(NamedTuple):
     u_shape: Any = None
     adp: Any = None
     ncs: Any = None
+    riding: Any = None
 
 
 class Setup(NamedTuple):

@@ -16,6 +16,7 @@ import numpy as np
 from ..config import Config
 from ..errors import InputError
 from ..io.formfactor_io import it92_form_factors
+from ..io.hydrogens import riding_sites
 from ..io.model import Model, read_model
 from ..io.reflections import Reflections, check_compatible, read_reflections
 from ..io.topology import build_restraints, find_monlib
@@ -27,6 +28,7 @@ from .adp_model import atom_adp, build_adp_model, build_ncs, ncs_log_lines
 from .neighbours import build_nonbonded
 from .params import AtomMaps, Params, b_to_raw, occ_to_raw, occupancy_groups
 from .problem import Problem, Setup, XrayData, XrayState
+from .riding import H_B_FACTOR, riding_from_sites
 from .xray_state import cast_floats, update_xray_state
 
 log = logging.getLogger("jaxrefine")
@@ -180,13 +182,22 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
     ncs, copies = build_ncs(model, cfg.restraints.ncs, cfg.restraints.ncs_weight)
     for line in [f"ADP model: {choice.mode} ({choice.reason})"] + ncs_log_lines(ncs, copies):
         log.info(line)
-    sf = make_sf_setup(model.crystal, refl.hkl, it92_form_factors(model.element, model.source), d_min=refl.d_min,
+    riding, elements = None, model.element
+    if cfg.model.hydrogens == "riding":  # F_calc sums over the atoms, then their riding hydrogens
+        sites = riding_sites(model, monlib, cfg.model.ligands)
+        riding = riding_from_sites(sites, dtype)
+        elements = np.concatenate([model.element, sites.element])
+        b_sf = np.concatenate([np.asarray(b_sf, float), H_B_FACTOR * np.asarray(b_sf, float)[sites.parent]])
+        if u_sf is not None:
+            u_sf = np.concatenate([np.asarray(u_sf, float), np.zeros((sites.n, 6))])
+        log.info("riding hydrogens: %d", sites.n)
+    sf = make_sf_setup(model.crystal, refl.hkl, it92_form_factors(elements, model.source), d_min=refl.d_min,
                        b_iso=b_sf, b_margin=SF_B_MARGIN, dtype=dtype, u_aniso=u_sf)
     problem = Problem(
         maps=maps, sf=sf, xray=xray_data(refl, dtype), restraints=restraints,
         geo_weights=geometry_weights(cfg, dtype), w_b=jnp.asarray(cfg.weights.w_b, dtype),
         u_shape=None if u_shape is None else jnp.asarray(u_shape, dtype),
-        adp=cast_floats(adp, dtype), ncs=cast_floats(ncs, dtype),
+        adp=cast_floats(adp, dtype), ncs=cast_floats(ncs, dtype), riding=riding,
     )
     state = XrayState(  # w_A is chosen by the loop; mask, scales and σA are fitted just below
         f_mask=jnp.zeros(refl.n, jnp.complex128 if dtype == jnp.float64 else jnp.complex64), scales=None, sigma_a=None,

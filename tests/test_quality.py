@@ -1,0 +1,63 @@
+"""Refinement behaviour at low and at high resolution from the shaken start (issue 14).
+
+One shared dataset each, few macrocycles (CI time); the peer's number (servalcat 0.4.142, 10 cycles
+from the same shaken start, shared data README) is written beside each threshold.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from jaxrefine.config import load_config
+from jaxrefine.io.model import read_model
+from jaxrefine.io.perturb import shake
+from jaxrefine.io.reflections import read_reflections
+from jaxrefine.problem import build_setup
+from jaxrefine.refine.engine import refine
+
+from conftest import dataset_paths, monomer_dir
+
+CYCLES = 4
+STEPS = ("refine.steps_xyz=15", "refine.steps_b=8")  # fewer steps than the defaults (25 + 15): CI time
+MAX_RMS_BOND = 0.015  # Å, issue 14's limit (servalcat from the shaken start: 5kzb 0.016, 5e5z 0.014)
+MAX_RMS_ANGLE = 2.0  # degrees, issue 14's limit (servalcat: 5kzb 4.0, 5e5z 2.1)
+R_FREE_RISE = 0.005  # after cycle 2, R-free may exceed its best so far by at most this (231 free reflections at 5kzb)
+# R-free thresholds: servalcat's 10 cycles, plus what 4 short cycles leave (measured 2026-11-30)
+LOW_RES_R_FREE = 0.258 + 0.025  # 5kzb, 3.2 Å: servalcat 0.258; jaxrefine 5 full cycles 0.267
+HIGH_RES_R_FREE = 0.218  # 5e5z, 1.66 Å: servalcat 0.218; jaxrefine 0.17-0.19
+
+
+def _shaken_refinement(pid, caplog):
+    m, d = dataset_paths(pid)
+    model, refl = read_model(m, hydrogens=False), read_reflections(d)
+    cfg = load_config(None, [f"model.monlib={monomer_dir()}", f"refine.n_cycles={CYCLES}", *STEPS])
+    with caplog.at_level(logging.INFO, logger="jaxrefine"):
+        res = refine(build_setup(None, None, cfg, model=shake(model, 0.5, seed=7), refl=refl))
+    return res, [r.getMessage() for r in caplog.records]
+
+
+def _levels_off(history):
+    best_early = min(h.r_free for h in history[1:3])
+    return all(h.r_free <= best_early + R_FREE_RISE for h in history[3:])
+
+
+@pytest.mark.slow
+def test_low_resolution_weight_from_the_data_and_r_free_levels_off(caplog):
+    res, lines = _shaken_refinement("5kzb", caplog)
+    scans = [s for s in lines if s.startswith("w_A scan")]
+    assert len(scans) == CYCLES  # the weight was chosen from the data every macrocycle, and logged with why
+    final = res.history[res.best_cycle]
+    assert final.rms_bond <= MAX_RMS_BOND and final.rms_angle <= MAX_RMS_ANGLE, res.history
+    assert final.r_free <= LOW_RES_R_FREE, res.history
+    assert _levels_off(res.history), res.history
+
+
+@pytest.mark.slow
+def test_high_resolution_target_weight_and_r_free(caplog):
+    res, lines = _shaken_refinement("5e5z", caplog)
+    assert not any(s.startswith("w_A scan") for s in lines)  # 1.66 Å: steered to the target RMS Z instead
+    final = res.history[res.best_cycle]
+    assert final.r_free <= HIGH_RES_R_FREE, res.history
+    assert final.rms_bond <= MAX_RMS_BOND, res.history
+    assert _levels_off(res.history), res.history
