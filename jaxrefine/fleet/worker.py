@@ -14,6 +14,7 @@ from ..config import apply_overrides, config_from_dict
 from ..io.writers import write_json
 from ..refine.cache import enable_compilation_cache
 from ..refine.run import run_refinement
+from ..validate.waters import water_hooks
 
 RESULT_FILE = "result.json"
 # Never worse (PDB_REDO's rule): the input model is kept when refinement raises R-free by more than
@@ -122,7 +123,7 @@ def run_entry(entry, out_root: str, base_config: dict, tolerance: float = KEEP_I
         cfg = config_from_dict(apply_overrides(base_config, entry.config_overrides()))
         enable_compilation_cache(cfg.runtime.compilation_cache)  # shared by all workers of this machine
         rec["adp"] = adp_model(cfg)
-        metrics = run_refinement(entry.model, entry.data, out_dir, cfg)
+        metrics = run_refinement(entry.model, entry.data, out_dir, cfg, **water_hooks(cfg))  # as the CLI: bad waters removed
         rec.update(never_worse(metrics, entry, out_dir, tolerance))
     except Exception as exc:  # failures stay local: the row carries the error
         rec.update(status="failed", error=one_line(exc))
