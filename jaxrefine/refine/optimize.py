@@ -70,7 +70,9 @@ def minimise_with_stats(fun, x0, args, n_steps, method: str = "lbfgs", learning_
     Returns:
         (x, value, MinimiseStats): the best point seen, its objective value, steps and evaluations.
     """
-    f = lambda x: fun(x, *args)  # noqa: E731
+    # one jitted objective shared by every call site (the step, the line search's trials, the
+    # final check): traced and differentiated once, not once per call site
+    f = jax.jit(lambda x: fun(x, *args))
     opt = make_optimizer(method, learning_rate)
     if method == "lbfgs":
         value_and_grad = optax.value_and_grad_from_state(f)
