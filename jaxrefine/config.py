@@ -48,6 +48,7 @@ class RefineConfig:
     steps_occ: int = 10
     steps_rigid: int = 30
     learning_rate: float = 0.02  # for adam/sgd (Å for coordinates; B and occupancy scaled)
+    converge_rtol: float = 1e-5  # a block stops once a step lowers E by less than this fraction (0: all steps)
     rigid_bodies: str = "chain"  # chain | all | "sel1; sel2; ..." (selection strings)
     rigid_first: bool = False  # run rigid-body macrocycles before xyz_b (molecular replacement start)
     n_rigid_cycles: int = 3
@@ -202,6 +203,7 @@ _CHECKS = {
     ("refine", "steps_occ"): _non_negative,
     ("refine", "steps_rigid"): _non_negative,
     ("refine", "learning_rate"): _positive,
+    ("refine", "converge_rtol"): _non_negative,
     ("refine", "n_rigid_cycles"): _non_negative,
     ("refine", "rigid_d_min"): _positive,
     ("refine", "b_min"): _non_negative,

@@ -46,20 +46,22 @@ def low_resolution_work_set(problem: Problem, d, d_min: float, d_cut: float | No
 
 
 def minimise_blocks(blocks, params: Params, problem: Problem, state: XrayState, n_steps: int, target: str = "ml",
-                    optimizer: str = "lbfgs", learning_rate: float = 0.02) -> Params:
+                    optimizer: str = "lbfgs", learning_rate: float = 0.02, rtol: float = 0.0) -> Params:
     """Minimise E_total over the given parameter blocks (one jit-compiled optax loop for all blocks).
 
     Args:
         blocks: names of the free blocks, e.g. ("xyz",).
-        n_steps: optimiser steps (0: the parameters unchanged).
+        n_steps: largest number of optimiser steps (0: the parameters unchanged).
         target: "ml" or "ls"; optimizer: "lbfgs", "adam" or "sgd"; learning_rate: adam/sgd step.
+        rtol: stop once a step lowers the energy by less than this fraction (0: all ``n_steps``).
     """
     if n_steps <= 0:
         return params
     mask = block_mask(params, blocks)
     lr = jnp.asarray(learning_rate, problem.maps.orth.dtype)
     shifts, _, stats = minimise_with_stats(SHIFT_ENERGY[target], zero_shifts(params), (mask, params, problem, state),
-                                           n_steps=n_steps, method=optimizer, learning_rate=lr)
+                                           n_steps=n_steps, method=optimizer, learning_rate=lr,
+                                           rtol=jnp.asarray(rtol, lr.dtype))
     timing.count("steps", stats.steps)  # waits for the minimisation (timing sections stay honest)
     timing.count("evaluations", stats.evaluations)
     return apply_shifts(shifts, mask, params, problem)

@@ -49,6 +49,7 @@ class LoopSettings(NamedTuple):
     target: str
     optimizer: str
     learning_rate: float
+    converge_rtol: float  # a block stops once a step lowers E by less than this fraction
     rigid_d_min: float | None
     mask_every: int  # macrocycles between solvent-mask rebuilds
     w_a: Any  # a number, or "auto"
@@ -64,7 +65,8 @@ class LoopSettings(NamedTuple):
             strategy=strategy or r.strategy, n_cycles=r.n_cycles if n_cycles is None else n_cycles,
             rigid_first=r.rigid_first, n_rigid_cycles=r.n_rigid_cycles,
             steps={"xyz": r.steps_xyz, "b": r.steps_b, "occ": r.steps_occ, "rigid": r.steps_rigid},
-            target=r.target, optimizer=r.optimizer, learning_rate=r.learning_rate, rigid_d_min=r.rigid_d_min,
+            target=r.target, optimizer=r.optimizer, learning_rate=r.learning_rate, converge_rtol=r.converge_rtol,
+            rigid_d_min=r.rigid_d_min,
             mask_every=max(cfg.solvent.update_every, 1), w_a=cfg.weights.w_a,
             target_rmsz=wmod.target_rmsz_for(d_min, cfg.weights.target_rmsz_bond),
             scan_w_a=wmod.scan_applies(cfg.weights.w_a, d_min),
@@ -158,7 +160,7 @@ def _weight_trial(w_a: float, params, problem, state, settings: LoopSettings):
     and the trial's score: ((params, state), :class:`jaxrefine.refine.weights.WeightTrial`)."""
     trial_state = state._replace(w_a=jnp.asarray(w_a, state.w_a.dtype))
     p = minimise_blocks(("xyz",), params, problem, trial_state, settings.steps["xyz"], settings.target,
-                        settings.optimizer, settings.learning_rate)
+                        settings.optimizer, settings.learning_rate, settings.converge_rtol)
     st = cycle_statistics(0, p, problem, trial_state, time.perf_counter())
     nll = float(_free_nll_jit(p, problem, trial_state))
     return (p, trial_state), wmod.WeightTrial(w_a, nll, st.r_free, st.rms_bond, st.rms_angle)
@@ -181,7 +183,7 @@ def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSetting
         if block == "rigid":
             block_problem = low_resolution_work_set(problem, setup.refl.d, setup.refl.d_min, settings.rigid_d_min)
         params = minimise_blocks((block,), params, block_problem, state, settings.steps[block], settings.target,
-                                 settings.optimizer, settings.learning_rate)
+                                 settings.optimizer, settings.learning_rate, settings.converge_rtol)
     return params, state
 
 
