@@ -28,7 +28,8 @@ from jaxrefine.io.model import read_model
 from jaxrefine.validate import uncertainty as U
 
 # Tolerances, with the reason beside each
-BLOCK_RTOL = 1e-9  # coloured blocks vs dense Hessian: exact up to float64 rounding (6 Å colouring, exact HVPs)
+BLOCK_RTOL = 1e-9  # one colour per atom: blocks from HVPs are exact up to float64 rounding
+COLOURED_BLOCK_RTOL = 0.1  # 6 Å colouring: the X-ray term still couples atoms further apart; 3.3% measured on 5e5z
 COUPLED_RATIO = (0.85, 1.15)  # coupled σ_r / dense: same-colour leakage (≥ 6 Å apart) measured 0.95–1.06 on 5e5z
 COUPLED_SPEARMAN = 0.9  # measured 0.97 on 5e5z with a 6 Å colouring
 IMPLICIT_RTOL = 0.05  # implicit vs finite difference: re-minimisation to gtol 1e-9 leaves ~1% noise in a 1e-3 step
@@ -85,16 +86,28 @@ def test_dpi_formula():
 
 @pytest.fixture(scope="module")
 def minimum():
-    """5e5z in float64 at a minimum of its refinement energy (scipy L-BFGS-B to gtol 1e-9)."""
+    """5e5z in float64 at a minimum of its refinement energy (scipy L-BFGS-B to gtol 1e-9).
+
+    Structure factors by direct summation: the FFT's finite spreading boxes make the energy
+    piecewise smooth at the 1e-5 level, enough to stall a line search at the tight tolerances of
+    the finite-difference reference (mask, scales and σA come from the usual setup).
+    """
+    from jaxrefine.io.formfactor_io import it92_form_factors
     from jaxrefine.problem import build_setup
     from jaxrefine.refine.engine import choose_initial_w_a
+    from jaxrefine.xray.structure_factors import make_sf_setup
 
     model_path, data_path = dataset_paths("5e5z")
     setup = build_setup(model_path, data_path, load_config(None, ["refine.precision=float64"]))
+    m, r = setup.model, setup.refl
+    sf = make_sf_setup(m.crystal, r.hkl, it92_form_factors(m.element, m.source), method="direct", d_min=r.d_min,
+                       dtype=jnp.float64)
+    setup = setup._replace(problem=setup.problem._replace(sf=sf))
     state = setup.state._replace(w_a=jnp.asarray(choose_initial_w_a(setup), jnp.float64))
     ps = (setup.problem, state)
     params = setup.params
-    u, _ = _argmin(params, ps)
+    u, res = _argmin(params, ps)
+    assert np.abs(res.jac).max() < 1e-4, res.message  # at a minimum (|∇E| starts at ~50): implicit derivatives need ∇E = 0
     return setup, U.shifted_params(jnp.asarray(u), params, ps), ps
 
 
@@ -124,13 +137,17 @@ def dense(minimum):
                            for i in range(0, 4 * n, 8)])
     h = cols.reshape(4 * n, 4 * n)
     h = 0.5 * (h + h.T)
+    held = ~U.active_components(params, ps).ravel()  # B at the floor b_min: held fixed, as in the estimate
+    h_act = h.copy()
+    h_act[held] = 0.0
+    h_act[:, held] = 0.0
     proj = np.eye(4 * n)
     for e in U.floating_origin(setup.model.crystal):
         v = np.zeros((n, 4))
         v[:, :3] = e
         v = v.ravel() / np.sqrt(n)
         proj -= np.outer(v, v)
-    hinv = np.linalg.pinv(proj @ h @ proj, rcond=1e-12, hermitian=True).reshape(n, 4, n, 4)
+    hinv = np.linalg.pinv(proj @ h_act @ proj, rcond=1e-12, hermitian=True).reshape(n, 4, n, 4)
     return h.reshape(n, 4, n, 4), hinv
 
 
@@ -141,9 +158,12 @@ def test_coloured_blocks_match_dense_hessian(minimum, dense):
     n = params.xyz_frac.shape[0]
     colours = U.colour_atoms(np.asarray(params.xyz_frac) @ np.asarray(setup.model.crystal.orth).T, setup.model.crystal)
     assert colours.max() + 1 < n  # the colouring does group atoms
-    blocks = U.hessian_blocks(params, U.weighted_problem(ps), "ml", colours)
     ref = np.stack([h[i, :, i, :] for i in range(n)])
-    np.testing.assert_allclose(blocks, ref, atol=BLOCK_RTOL * np.abs(ref).max())
+    exact = U.hessian_blocks(params, U.weighted_problem(ps), "ml", None)  # one colour per atom
+    np.testing.assert_allclose(exact, ref, atol=BLOCK_RTOL * np.abs(ref).max())
+    coloured = U.hessian_blocks(params, U.weighted_problem(ps), "ml", colours)
+    err = np.abs(coloured - ref).max(axis=(1, 2)) / np.abs(ref).max(axis=(1, 2))
+    assert err.max() < COLOURED_BLOCK_RTOL, err.max()
 
 
 @pytest.mark.slow
@@ -157,7 +177,9 @@ def test_coupled_uncertainties_match_dense_inverse(minimum, dense):
     ratio = unc.sigma_r / ref
     assert COUPLED_RATIO[0] < ratio.min() and ratio.max() < COUPLED_RATIO[1], (ratio.min(), ratio.max())
     assert U.spearman(unc.sigma_r, ref) > COUPLED_SPEARMAN
-    ratio_b = unc.b_esd / ref_b
+    ok = np.isfinite(unc.b_esd)
+    assert ok.sum() > n // 2  # most B are above the floor
+    ratio_b = unc.b_esd[ok] / ref_b[ok]
     assert COUPLED_RATIO[0] < ratio_b.min() and ratio_b.max() < COUPLED_RATIO[1]
     assert np.all(unc.sigma_r_block <= ref * (1 + 1e-6))  # the block inverse is a lower bound
     assert np.median(unc.sigma_r_block / ref) < 0.9  # ... and on a peptide a loose one: coupling matters
@@ -201,3 +223,33 @@ def test_ensemble_spread_ranks_like_the_hessian(minimum):
     assert U.spearman(sigma_r, unc.sigma_r) > ENSEMBLE_SPEARMAN
     ratio = sigma_r.mean() / unc.sigma_r.mean()
     assert ENSEMBLE_RATIO[0] < ratio < ENSEMBLE_RATIO[1], ratio
+
+
+@pytest.mark.slow
+def test_command_and_refine_hook_write_esds(tmp_path):
+    import json
+    import shutil
+
+    from jaxrefine.cli import main
+    from jaxrefine.io.writers import write_model
+    from jaxrefine.validate.uncertainty import add_to_refinement
+
+    model_path, data_path = dataset_paths("5e5z")
+    out = tmp_path / "unc"
+    assert main(["uncertainty", str(model_path), str(data_path), "--out", str(out), "--block-only"]) == 0
+    x, b = read_esds(out / "uncertainty.cif")
+    summary = json.loads((out / "uncertainty.json").read_text())
+    bf = b[np.isfinite(b)]  # B at the floor b_min has no esd
+    assert np.all((x > 0.005) & (x < 2.0)) and len(bf) > 0 and np.all((bf > 0) & (bf < 50))  # Å, Å²: plausible at 1.66 Å
+    n_res = len(np.unique(read_model(model_path, hydrogens=False).res_index))
+    assert 0.05 < summary["dpi"]["dpi_free"] < 0.5 and len(summary["residues"]) == n_res
+    # the refine hook: esd columns added to refined.cif in place, the summary merged into metrics.json
+    ref = tmp_path / "refined"
+    ref.mkdir()
+    write_model(read_model(model_path, hydrogens=False), ref / "refined.cif")
+    (ref / "metrics.json").write_text(json.dumps({"r_free": 0.2}))
+    shutil.copy(data_path, ref / "data.mtz.gz")
+    add_to_refinement(ref, ref / "data.mtz.gz", coupled=False)
+    metrics = json.loads((ref / "metrics.json").read_text())
+    assert metrics["r_free"] == 0.2 and metrics["uncertainty"]["sigma_r_rms"] > 0
+    np.testing.assert_allclose(read_esds(ref / "refined.cif")[0], x, atol=1e-3)  # same model, same numbers

@@ -34,7 +34,8 @@ def run(args) -> int:
     s = model_uncertainty(args.model, args.data, args.out, cfg, coupled=not args.block_only, cutoff=args.cutoff,
                           weights=args.weights)
     d = s["dpi"]
-    print(f"RMS σ_r {s['sigma_r_rms']:.3f} Å (block-diagonal {s['sigma_r_block_rms']:.3f} Å), median σ_B "
-          f"{s['sigma_b_median']:.2f} Å²; Cruickshank DPI (R-free) {d['dpi_free']:.3f} Å")
+    sb = "n/a" if s["sigma_b_median"] is None else f"{s['sigma_b_median']:.2f} Å²"
+    print(f"RMS σ_r {s['sigma_r_rms']:.3f} Å (block-diagonal {s['sigma_r_block_rms']:.3f} Å), median σ_B {sb}; "
+          f"Cruickshank DPI (R-free) {d['dpi_free']:.3f} Å")
     print(f"wrote {args.out}/uncertainty.cif, uncertainty.json, uncertainty.png")
     return 0

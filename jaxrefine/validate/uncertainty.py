@@ -68,6 +68,7 @@ COLOUR_CUTOFF = 6.0  # Å: beyond this the restraints (1–4 pairs, non-bonded c
 CG_TOL = 1e-5  # relative residual of the CG solves
 CG_MAXITER = 400
 HVP_BATCH = 8  # Hessian-vector products evaluated together (vmap)
+B_AT_FLOOR = 0.05  # Å²: an atom whose B is within this of refine.b_min sits at a bound; its B is held fixed
 EIG_FLOOR = 1e-8  # eigenvalues of a block below this × its largest are floored (not positive definite)
 WEIGHTS = ("posterior", "refinement")
 
@@ -88,7 +89,7 @@ def shifted_params(u, params, ps):
     """
     en = _engine()
     problem, _ = ps
-    b = jax.nn.softplus(params.b_raw) + u[:, 3]  # B − b_min after the shift
+    b = jnp.maximum(jax.nn.softplus(params.b_raw) + u[:, 3], 1e-6)  # B − b_min after the shift (a line search may overshoot)
     d_raw = b + jnp.log(-jnp.expm1(-b)) - params.b_raw  # softplus⁻¹(b) − b_raw, stable for small and large b
     shifts = en.zero_shifts(params)._replace(xyz_frac=u[:, :3], b_raw=d_raw)
     return en.apply_shifts(shifts, en.block_mask(params, ("xyz", "b")), params, problem)
@@ -203,7 +204,7 @@ def colour_atoms(xyz_cart, crystal, cutoff: float = COLOUR_CUTOFF) -> np.ndarray
     return colour
 
 
-def hessian_blocks(params, problem, target: str = "ml", colours=None, batch: int = HVP_BATCH, basis=None):
+def hessian_blocks(params, problem, target: str = "ml", colours=None, batch: int = HVP_BATCH):
     """Per-atom 4×4 blocks (x, y, z in Å; B in Å²) of H, (n, 4, 4), from 4 HVPs per colour."""
     n = params.xyz_frac.shape[0]
     colours = np.arange(n) if colours is None else np.asarray(colours)
@@ -232,35 +233,72 @@ def invert_blocks(blocks):
     return np.einsum("nij,nj,nkj->nik", v, 1.0 / w, v), int(bad.sum())
 
 
+def active_components(params, ps) -> np.ndarray:
+    """(n, 4) bool: the x, y, z and B of atoms with occupancy > 0; B only where it is above the floor b_min
+    (a parameter at a bound has no Gaussian uncertainty; it is held fixed and reported as unknown)."""
+    occ = np.asarray(ps[0].maps.occ0, float) > 0
+    b_free = np.asarray(jax.nn.softplus(params.b_raw), float) > B_AT_FLOOR
+    return np.concatenate([np.repeat(occ[:, None], 3, 1), (occ & b_free)[:, None]], 1)
+
+
 # ------------------------------------------------------------------ CG solves
-@partial(jax.jit, static_argnames=("target", "maxiter"))
 def solve(rhs, params, problem, m_inv, basis, active, target: str = "ml", tol: float = CG_TOL, maxiter: int = CG_MAXITER):
-    """x = H⁺ rhs for a batch (k, n, 4) by preconditioned CG (H restricted to the ``active`` (n,) atoms and the
-    fixed-origin subspace; the projection of the floating origin is over all atoms, a good approximation
-    when few atoms are inactive).
+    """x = H⁺ rhs for a batch (k, n, 4) by preconditioned conjugate gradients (Hestenes & Stiefel 1952;
+    Nocedal & Wright 2006, Algorithm 5.3), H restricted to the ``active`` (n,) atoms or (n, 4) components and the fixed-origin
+    subspace.  The products H·p go through the compiled :func:`hvp_batch` (one compilation for blocks,
+    solves and sensitivities); the iteration itself is a numpy loop over the batch.
+
+    Args:
+        m_inv: (n, 4, 4) inverse blocks (the preconditioner); basis: (k, 3) floating-origin directions.
 
     Returns:
         (x (k, n, 4), relative residuals (k,)).
     """
-    from jax.scipy.sparse.linalg import cg
+    b = np.asarray(rhs, float)
+    keep = np.asarray(active, float)
+    keep = keep[:, None] if keep.ndim == 1 else keep
+    basis = np.asarray(basis, float)
+    m_inv = np.asarray(m_inv, float)
+    dtype = params.xyz_frac.dtype
 
-    keep = active[:, None].astype(rhs.dtype)
+    def p_(v):
+        return np.asarray(_project(jnp.asarray(v * keep), jnp.asarray(basis))) * keep if len(basis) else v * keep
 
-    def p(v):
-        return _project(v * keep, basis) * keep
+    def a_(v):
+        out = np.zeros_like(v)
+        for s in range(0, len(v), HVP_BATCH):
+            chunk = np.zeros((HVP_BATCH,) + v.shape[1:])
+            chunk[: len(v[s:s + HVP_BATCH])] = v[s:s + HVP_BATCH]
+            hv = np.asarray(hvp_batch(jnp.asarray(p_(chunk), dtype), params, problem, target=target), float)
+            out[s:s + HVP_BATCH] = hv[: len(v[s:s + HVP_BATCH])]
+        return p_(out)
 
-    def a(v):
-        return p(_hvp(p(v), params, problem, target))
+    def m_(v):
+        return p_(np.einsum("nij,knj->kni", m_inv, p_(v)))
 
-    def m(v):
-        return p(jnp.einsum("nij,nj->ni", m_inv, p(v)))
-
-    def one(b):
-        b = p(b)
-        x, _ = cg(a, b, tol=tol, maxiter=maxiter, M=m)
-        return x, jnp.linalg.norm(a(x) - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30)
-
-    return jax.vmap(one)(rhs)
+    dot = lambda u, v: np.sum(u * v, axis=(1, 2))  # noqa: E731
+    b = p_(b)
+    b_norm = np.maximum(np.sqrt(dot(b, b)), 1e-300)
+    x = np.zeros_like(b)
+    r = b.copy()
+    z = m_(r)
+    d = z.copy()
+    rz = dot(r, z)
+    for _ in range(maxiter):
+        res = np.sqrt(dot(r, r)) / b_norm
+        if np.all(res < tol):
+            break
+        ad = a_(d)
+        live = res >= tol
+        alpha = np.where(live, rz / np.where(live, dot(d, ad), 1.0), 0.0)[:, None, None]
+        x += alpha * d
+        r -= alpha * ad
+        z = m_(r)
+        rz_new = dot(r, z)
+        d = z + (rz_new / np.where(rz != 0, rz, 1.0))[:, None, None] * d
+        rz = rz_new
+    res = np.sqrt(dot(r, r)) / b_norm
+    return x, res
 
 
 # ------------------------------------------------------------------ the estimates
@@ -303,25 +341,25 @@ def atom_uncertainties(params, problem, crystal, target: str = "ml", weights: st
         weights: "posterior" (−log posterior, default) or "refinement" (the refinement's E_total).
         coupled: False for the block-diagonal estimate only.
         cutoff: colouring distance (Å); ``float("inf")`` gives every atom its own colour (exact).
-        active: (n,) bool atoms to estimate (default: occupancy > 0); the others are held fixed.
+        active: (n, 4) bool components to estimate (default :func:`active_components`); the others are held fixed
+            and their esds are NaN ("?" in the mmCIF).
         progress: callable taking a line of text (long runs).
     """
     t0 = time.perf_counter()
     say = progress or log.info
     prob = weighted_problem(problem, weights)
     n = params.xyz_frac.shape[0]
-    dtype = params.xyz_frac.dtype
-    if active is None:
-        active = np.asarray(problem[0].maps.occ0, float) > 0
-    active = np.asarray(active, bool)
+    comp = active_components(params, problem) if active is None else np.asarray(active, bool)
+    active = comp.any(1)
     xyz = np.asarray(params.xyz_frac, float) @ np.asarray(crystal.orth, float).T
     colours = np.where(active, colour_atoms(xyz, crystal, cutoff), -1)
     n_col = int(colours.max()) + 1
     basis = floating_origin(crystal)
     say(f"uncertainty: {int(active.sum())} atoms, {n_col} colours ({cutoff:g} Å), {4 * n_col} Hessian-vector products "
         f"for the blocks" + (f", floating origin along {len(basis)} direction(s)" if len(basis) else ""))
-    blocks = hessian_blocks(params, prob, target, colours)
-    blocks[~active] = np.eye(4)
+    blocks = hessian_blocks(params, prob, target, colours) * (comp[:, :, None] & comp[:, None, :])
+    idx = np.arange(4)
+    blocks[:, idx, idx] = np.where(comp, blocks[:, idx, idx], 1.0)  # held components: a unit row, esd NaN below
     m_inv, n_bad = invert_blocks(blocks)
     cov = m_inv.copy()
     res_max = 0.0
@@ -331,15 +369,13 @@ def atom_uncertainties(params, problem, crystal, target: str = "ml", weights: st
         signs = rng.choice([-1.0, 1.0], size=n)
         probes = [(c, k) for c in range(n_col) for k in range(4)]
         est = np.zeros((n, 4, 4))
-        m_j, basis_j = jnp.asarray(m_inv * active[:, None, None], dtype), jnp.asarray(basis, dtype)
         for start in range(0, len(probes), HVP_BATCH):
             chunk = probes[start:start + HVP_BATCH]
             vs = np.zeros((HVP_BATCH, n, 4))
             for j, (c, k) in enumerate(chunk):
                 vs[j, colours == c, k] = signs[colours == c]
-            x, res = solve(jnp.asarray(vs, dtype), params, prob, m_j, basis_j, jnp.asarray(active), target=target)
-            x = np.asarray(x, float)
-            res_max = max(res_max, float(np.max(np.asarray(res)[: len(chunk)])))
+            x, res = solve(vs[: len(chunk)] * comp, params, prob, m_inv, basis, comp, target=target)
+            res_max = max(res_max, float(np.max(res)))
             for j, (c, k) in enumerate(chunk):
                 sel = colours == c
                 est[sel, :, k] = x[j, sel, :] * signs[sel, None]
@@ -349,11 +385,14 @@ def atom_uncertainties(params, problem, crystal, target: str = "ml", weights: st
         idx = np.arange(4)
         # a variance of H⁻¹ is never below that of the inverse diagonal block (Schur complement): clip the noise there
         est[:, idx, idx] = np.maximum(est[:, idx, idx], m_inv[:, idx, idx])
-        cov = np.where(active[:, None, None], est, np.nan)
-    m_inv = np.where(active[:, None, None], m_inv, np.nan)
+        cov = est
+    held = ~(comp[:, :, None] & comp[:, None, :])
+    cov = np.where(held, np.nan, cov)
+    m_inv = np.where(held, np.nan, m_inv)
     var_block = np.diagonal(m_inv, axis1=1, axis2=2)
     var = np.diagonal(cov, axis1=1, axis2=2)
-    info = {"n_atoms": int(active.sum()), "n_colours": n_col, "cutoff": cutoff, "n_hvp_blocks": 4 * n_col,
+    info = {"n_atoms": int(active.sum()), "b_at_floor": int((active & ~comp[:, 3]).sum()), "n_colours": n_col,
+            "cutoff": cutoff, "n_hvp_blocks": 4 * n_col,
             "n_cg_solves": 4 * n_col if coupled else 0, "not_positive_definite": n_bad, "cg_residual_max": res_max,
             "floating_origin": len(basis), "weights": weights, "target": target, "seconds": time.perf_counter() - t0}
     if n_bad:
@@ -375,6 +414,11 @@ def dpi(n_atoms: int, n_work: int, completeness: float, d_min: float, r_work: fl
             "completeness": float(completeness), "d_min": float(d_min), "r_work": float(r_work), "r_free": float(r_free)}
 
 
+def _nanmean(a):
+    a = np.asarray(a, float)
+    return float(np.nanmean(a)) if np.isfinite(a).any() else None
+
+
 def residue_summary(model, unc: Uncertainties, keep=None) -> list:
     """Per-residue rows: chain, seq, icode, name, n_atoms, mean and max σ_r (Å), mean σ_B (Å²)."""
     keep = np.ones(model.n_atoms, bool) if keep is None else np.asarray(keep, bool)
@@ -385,7 +429,7 @@ def residue_summary(model, unc: Uncertainties, keep=None) -> list:
         rows.append({"chain": str(model.chain_id[i]), "seq": int(model.res_seq[i]), "icode": str(model.icode[i]).strip(),
                      "name": str(model.res_name[i]), "n_atoms": int(sel.sum()),
                      "sigma_r_mean": float(unc.sigma_r[sel].mean()), "sigma_r_max": float(unc.sigma_r[sel].max()),
-                     "sigma_b_mean": float(unc.b_esd[sel].mean())})
+                     "sigma_b_mean": _nanmean(unc.b_esd[sel])})
     return rows
 
 
@@ -416,12 +460,7 @@ def _preconditioner(params, problem, crystal, target, cutoff):
     xyz = np.asarray(params.xyz_frac, float) @ np.asarray(crystal.orth, float).T
     blocks = hessian_blocks(params, problem, target, colour_atoms(xyz, crystal, cutoff))
     m_inv, _ = invert_blocks(blocks)
-    dtype = params.xyz_frac.dtype
-    return jnp.asarray(m_inv, dtype), jnp.asarray(floating_origin(crystal), dtype)
-
-
-def _all_atoms(params):
-    return jnp.ones(params.xyz_frac.shape[0], bool)
+    return m_inv, floating_origin(crystal)
 
 
 def implicit_derivative(phi_grads, name, params, problem, crystal, target: str = "ml", cutoff: float = COLOUR_CUTOFF):
@@ -436,8 +475,8 @@ def implicit_derivative(phi_grads, name, params, problem, crystal, target: str =
         (derivatives, CG relative residuals (k,)).
     """
     m_inv, basis = _preconditioner(params, problem, crystal, target, cutoff)
-    u, res = solve(jnp.asarray(phi_grads, params.xyz_frac.dtype), params, problem, m_inv, basis, _all_atoms(params),
-                   target=target)
+    u, res = solve(phi_grads, params, problem, m_inv, basis, np.ones(params.xyz_frac.shape[0], bool), target=target)
+    u = jnp.asarray(u, params.xyz_frac.dtype)
     out = np.stack([-np.asarray(_mixed_jit(u[k], params, problem, target, name), float) for k in range(u.shape[0])])
     return out, np.asarray(res, float)
 
@@ -562,7 +601,7 @@ def uncertainty_summary(model, refl, params, problem, unc: Uncertainties) -> dic
         "sigma_r_rms": float(np.sqrt(np.mean(unc.sigma_r[ok] ** 2))),
         "sigma_r_median": float(np.median(unc.sigma_r[ok])),
         "sigma_r_block_rms": float(np.sqrt(np.mean(unc.sigma_r_block[ok] ** 2))),
-        "sigma_b_median": float(np.median(unc.b_esd[ok])),
+        "sigma_b_median": float(np.nanmedian(unc.b_esd[ok])) if np.isfinite(unc.b_esd[ok]).any() else None,
         "dpi": d, "method": unc.info, "residues": residue_summary(model, unc, ok),
     }
 
@@ -575,7 +614,7 @@ def log_summary(summary: dict, say=None) -> None:
     say("chain  res  name  atoms  mean σ_r (Å)  max σ_r (Å)  mean σ_B (Å²)")
     for row in summary["residues"]:
         say(f"{row['chain']:>5} {row['seq']:4d}{row['icode'] or ' '} {row['name']:4s} {row['n_atoms']:6d}  {row['sigma_r_mean']:12.3f}"
-            f"  {row['sigma_r_max']:11.3f}  {row['sigma_b_mean']:13.2f}")
+            f"  {row['sigma_r_max']:11.3f}  {row['sigma_b_mean'] or float('nan'):13.2f}")
 
 
 def plot_residue_uncertainty(summary: dict, path, title: str = "") -> None:
@@ -591,7 +630,7 @@ def plot_residue_uncertainty(summary: dict, path, title: str = "") -> None:
     ax.axhline(summary["dpi"]["dpi_free"], color="tab:red", ls="--", label="Cruickshank DPI (R-free)")
     ax.set_ylabel("σ_r (Å)")
     ax.legend(fontsize=7)
-    bx.bar(x, [r["sigma_b_mean"] for r in rows], color="tab:green")
+    bx.bar(x, [np.nan if r["sigma_b_mean"] is None else r["sigma_b_mean"] for r in rows], color="tab:green")
     bx.set_ylabel("σ_B (Å²)")
     bx.set_xlabel("residue")
     step = max(1, len(rows) // 20)
@@ -648,7 +687,7 @@ def model_uncertainty(model_path, data_path, out_dir, cfg=None, coupled: bool = 
     return summary
 
 
-def add_to_refinement(out_dir, data_path, cfg=None, progress=None) -> dict:
+def add_to_refinement(out_dir, data_path, cfg=None, progress=None, coupled: bool = True) -> dict:
     """After ``jaxrefine refine`` (output.uncertainties): esd columns into ``refined.cif`` and an
     ``uncertainty`` entry in ``metrics.json`` of ``out_dir``."""
     import json
@@ -657,7 +696,7 @@ def add_to_refinement(out_dir, data_path, cfg=None, progress=None) -> dict:
     from ..io.writers import write_json
 
     summary = model_uncertainty(os.path.join(out_dir, "refined.cif"), data_path, out_dir, cfg, model_out="refined.cif",
-                                json_out="uncertainty.json", progress=progress, _rewrite_model=True)
+                                json_out="uncertainty.json", progress=progress, _rewrite_model=True, coupled=coupled)
     path = os.path.join(out_dir, "metrics.json")
     with open(path) as fh:
         metrics = json.load(fh)
