@@ -70,9 +70,11 @@ class ProgressLine:
         if not self.enabled:
             return
         if self.tty:
+            shown = bool(self._last)
             self.stream.write("\r" + message.ljust(len(self._last)) + "\n")
             self._last = ""
+            if shown:  # put the live line back under the message
+                self.draw()
         else:
             self.stream.write(message + "\n")
         self.stream.flush()
-        self.draw(force=self.tty)
