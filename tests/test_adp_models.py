@@ -472,3 +472,52 @@ def test_refined_tls_and_anisou_written_and_read_back_reproduce_the_adps(tmp_pat
     np.testing.assert_allclose(back.u_aniso[inside], upd["u_aniso"][inside], atol=TOL_FILE)
     tol = TOL_FILE if suffix == ".cif" else TOL_FILE_PDB_TLS
     np.testing.assert_allclose(np.asarray(u2)[inside], upd["u_aniso"][inside], atol=tol)
+
+
+# ----------------------------------------------------------------- in the engine (5e5z, float64)
+@pytest.fixture(scope="module")
+def setups_5e5z():
+    from jaxrefine.config import load_config
+    from jaxrefine.io.reflections import read_reflections
+    from jaxrefine.problem.setup import build_setup
+
+    m, d = dataset_paths("5e5z")
+    model, refl = read_model(m, hydrogens=False), read_reflections(d)
+    return {mode: build_setup(None, None, load_config(None, ["refine.precision=float64", f"refine.adp={mode}",
+                                                               "refine.tls_groups=chain"]), model=model, refl=refl)
+            for mode in ("iso", "aniso", "tls")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, leaf", [("aniso", "u_raw"), ("tls", "tls_raw"), ("tls", "b_raw")])
+def test_total_energy_gradient_of_adp_parameters(setups_5e5z, mode, leaf):
+    from jaxrefine.refine.energy import total_energy
+
+    s = setups_5e5z[mode]
+    p = s.params
+    assert getattr(p, leaf).dtype == jnp.float64
+    central_difference_check(lambda a: total_energy(p._replace(**{leaf: a}), s.problem, s.state), getattr(p, leaf),
+                             n_probe=4, h=1e-5)
+
+
+@pytest.mark.slow
+def test_tls_with_only_isotropic_t_gives_the_isotropic_f_calc(setups_5e5z):
+    """T = t·I, L = S ≈ 0 and residual B: F_calc equals the isotropic model's with B + 8π²t (same FFT setup)."""
+    from jaxrefine.problem.params import atom_b, b_to_raw
+    from jaxrefine.problem.xray_state import f_calc_of
+
+    iso, tls = setups_5e5z["iso"], setups_5e5z["tls"]
+    t_iso = 0.05  # Å² (B 3.9 Å²)
+    raw = np.full((tls.params.tls_raw.shape[0], 21), 0.0)
+    raw[:, :3] = np.log(np.expm1(np.sqrt(t_iso)))  # softplus⁻¹ of the factor's diagonal √t
+    raw[:, 3:6] = -40.0  # L ≈ softplus(−40)² ≈ 2e-35 rad²
+    b_res = np.asarray(atom_b(iso.params, iso.problem.maps))  # residual B (>= b_min)
+    p = tls.params._replace(tls_raw=jnp.asarray(raw), b_raw=iso.params.b_raw)
+    f_tls = np.asarray(f_calc_of(p, tls.problem))
+    in_group = np.asarray(tls.problem.adp.tls_group) >= 0  # waters are in no group: residual B only
+    assert in_group.sum() > 40
+    p_iso = iso.params._replace(b_raw=jnp.asarray(b_to_raw(b_res + EIGHT_PI2 * t_iso * in_group, 2.0)))
+    # the isotropic model without 5e5z's deposited ANISOU shapes (TLS atoms drop them by design),
+    # on the FFT setup built for anisotropic U
+    f_iso = np.asarray(f_calc_of(p_iso, iso.problem._replace(sf=tls.problem.sf, u_shape=None)))
+    np.testing.assert_allclose(f_tls, f_iso, rtol=1e-9, atol=1e-9 * np.abs(f_iso).max())
