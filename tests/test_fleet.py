@@ -210,6 +210,9 @@ def test_rerun_skips_finished_and_retries_failed_on_request(fleet_run, fleet_inp
     assert again == records
     assert {e: os.path.getmtime(out / e / "result.json") for e in STATUS} == stamps
     assert time.perf_counter() - t0 < 10  # nothing ran, no cluster started (loose: only catches a rerun)
+    pd = pytest.importorskip("pandas")
+    frame = refine_many(manifest, out, overrides=shared, progress=False, as_dataframe=True)
+    assert isinstance(frame, pd.DataFrame) and list(frame["status"]) == list(STATUS.values())
     retried = refine_many(manifest, out, workers=2, overrides=shared, progress=False, retry_failed=True)
     changed = {e for e in STATUS if os.path.getmtime(out / e / "result.json") != stamps[e]}
     assert changed == {"missing", "nodict"}
