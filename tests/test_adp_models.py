@@ -464,6 +464,7 @@ def test_refined_tls_and_anisou_written_and_read_back_reproduce_the_adps(tmp_pat
     path = tmp_path / f"refined{suffix}"
     write_model(model, path, remarks={"r_work": 0.2, "r_free": 0.25, "d_min": 2.9, "version": "test"}, **upd)
     back = read_model(path)
+    assert back.meta["r_free"] == pytest.approx(0.25)  # the header's refinement record reads back (PDB too)
     adp2, _, tls_raw2, b2, choice2 = build_adp_model(back, "tls", "auto", 2.0, 2.9, 5900)
     assert "header" in choice2.reason and choice2.tls.n_groups == 4
     inside = np.asarray(adp2.tls_group) >= 0
