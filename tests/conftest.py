@@ -23,6 +23,20 @@ if os.environ["JAXREFINE_CACHE_DIR"].lower() != "off":
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.05)
 
 
+MAX_WORKERS = 4
+GB_PER_WORKER = 6  # peak RSS of one worker running the real-data refinements (4iid, 5orl)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject addopts): one worker per core, at most MAX_WORKERS and one per 6 GB."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        mem_gb = GB_PER_WORKER * MAX_WORKERS
+    return max(1, min(cores, MAX_WORKERS, int(mem_gb // GB_PER_WORKER)))
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_CACHE:
         shutil.rmtree(os.environ["JAXREFINE_CACHE_DIR"], ignore_errors=True)

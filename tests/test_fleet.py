@@ -25,6 +25,9 @@ from jaxrefine.fleet.manifest import Entry, read_manifest
 from jaxrefine.fleet.progress import ProgressLine
 from jaxrefine.fleet.worker import KEEP_INPUT_TOLERANCE, never_worse
 
+# one pytest-xdist worker runs the whole module: its module fixtures are computed once
+pytestmark = pytest.mark.xdist_group("fleet")
+
 pytest.importorskip("distributed")
 
 SHARED = ["refine.n_cycles=1", "refine.steps_xyz=5", "refine.steps_b=3"]

@@ -27,6 +27,9 @@ from jaxrefine.io.esd import read_esds, write_model_with_esds
 from jaxrefine.io.model import read_model
 from jaxrefine.validate import uncertainty as U
 
+# one pytest-xdist worker runs the whole module: its module fixtures are computed once
+pytestmark = pytest.mark.xdist_group("uncertainty")
+
 # Tolerances, with the reason beside each
 BLOCK_RTOL = 1e-9  # one colour per atom: blocks from HVPs are exact up to float64 rounding
 COLOURED_BLOCK_RTOL = 0.1  # 6 Å colouring: the X-ray term still couples atoms further apart; 3.3% measured on 5e5z
