@@ -61,8 +61,8 @@ def run_one(pid, variant, cycles, extra, shaken=False):
                          + list(extra))
     t0 = time.perf_counter()
     if shaken:
-        start = shake(jr.read_model(model, hydrogens=False), 0.5, seed=7)
-        setup = jr.build_setup(None, None, cfg, model=start, refl=jr.read_reflections(data))
+        shaken_model = shake(jr.read_model(model, hydrogens=False), 0.5, seed=7)
+        setup = jr.build_setup(None, None, cfg, model=shaken_model, refl=jr.read_reflections(data))
     else:
         setup = jr.build_setup(model, data, cfg)
     result = refine(setup, **water_hooks(cfg))
