@@ -189,9 +189,6 @@ def test_coupled_uncertainties_match_dense_inverse(minimum, dense):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 19, open: implicit d/dw_A 0.0064 (dx/dw_A -0.0033) vs re-minimisation 0.0195 "
-                          "(0.0090) on 5e5z, the differences stable from h = 1e-3 to 2e-2 w_A; a dense solve gives the "
-                          "same implicit value, so H or the mixed derivative is at fault, not CG", strict=False)
 def test_implicit_derivative_matches_reminimisation(minimum):
     setup, params, ps = minimum
     problem, state = ps
