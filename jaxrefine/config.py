@@ -57,7 +57,7 @@ class RefineConfig:
     b_min: float = 2.0  # Å², floor of the positive B reparametrisation (lower input B are raised to it)
     b_max: float = 300.0  # Å²: a model with B above this is refused (reset B or raise the limit)
     precision: str = "float32"  # float32 (fast; the GPU default) | float64 (needs jax_enable_x64)
-    adp: str = "iso"  # iso | aniso | tls | auto (by resolution and data per parameter; the reason is logged)
+    adp: str = "auto"  # iso | aniso | tls | auto (by resolution and data per parameter; the reason is logged)
     tls_groups: str = "auto"  # auto (the input's TLS groups, else one per chain) | chain | "A/1-120; A/121-250"
 
 
@@ -76,7 +76,7 @@ class WeightConfig:
 
 @dataclass(frozen=True)
 class RestraintsConfig:
-    ncs: str = "off"  # auto (local NCS restraints between copies of a chain found by sequence) | off
+    ncs: str = "auto"  # auto (local NCS restraints between copies of a chain found by sequence) | off
     ncs_weight: float = 1.0  # weight of the NCS restraints within E_geometry
 
 

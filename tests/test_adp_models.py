@@ -522,3 +522,30 @@ def test_tls_with_only_isotropic_t_gives_the_isotropic_f_calc(setups_5e5z):
     # on the FFT setup built for anisotropic U
     f_iso = np.asarray(f_calc_of(p_iso, iso.problem._replace(sf=tls.problem.sf, u_shape=None)))
     np.testing.assert_allclose(f_tls, f_iso, rtol=1e-9, atol=1e-9 * np.abs(f_iso).max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, leaf", [("aniso", "u_raw"), ("tls", "tls_raw")])
+def test_model_of_carries_refined_adps_into_a_rebuilt_setup(setups_5e5z, mode, leaf):
+    """model_of -> Model with ANISOU (and TLS) -> rebuild_setup (the water-picking path): the same U for
+    every atom, where the rebuild used to start again from the input's ANISOU / fresh TLS groups."""
+    from jaxrefine.problem.adp_model import adp_of
+    from jaxrefine.problem.setup import rebuild_setup
+    from jaxrefine.problem.xray_state import model_of
+
+    s = setups_5e5z[mode]
+    rng = np.random.default_rng(5)
+    raw = getattr(s.params, leaf)
+    p = s.params._replace(**{leaf: raw + jnp.asarray(rng.normal(scale=0.05, size=raw.shape))})
+    u_total = np.asarray(adp_of(p, s.problem)[2])
+    moved = model_of(s.model, p, s.problem, s.adp_choice)
+    has = np.asarray(moved.has_aniso, bool)
+    assert has.sum() > 40
+    np.testing.assert_allclose(moved.u_aniso[has], u_total[has], atol=1e-6)  # gemmi keeps U in float32
+    again = rebuild_setup(s, moved)
+    assert again.adp_choice.mode == mode
+    if mode == "tls":
+        assert "header" in again.adp_choice.reason
+    u_again = np.asarray(adp_of(again.params, again.problem)[2])
+    np.testing.assert_allclose(u_again[has], u_total[has], atol=1e-4)  # Å²; B 0.008 Å²
+    assert np.abs(u_again[has] - np.asarray(adp_of(s.params, s.problem)[2])[has]).max() > 1e-3  # the perturbation is seen

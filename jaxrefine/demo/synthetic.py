@@ -139,8 +139,9 @@ def _min_symmetry_distance(xyz_frac, crystal):
     return best
 
 
-def make_demo_crystal(seed: int = 0):
-    """(true Model, Reflections) of the synthetic crystal: ideal peptide, simulated data."""
+def make_demo_crystal(seed: int = 0, sequence: str = SEQUENCE, d_min: float = DEMO_D_MIN):
+    """(true Model, Reflections) of the synthetic crystal: ideal peptide, simulated data to ``d_min`` Å
+    (a shorter ``sequence`` gives a smaller crystal, e.g. for calibration tests)."""
     from ..core.crystal import d_spacing
     from ..io.build import model_from_atoms, unique_hkl
     from ..io.reflections import Reflections, generate_free_flags
@@ -149,7 +150,7 @@ def make_demo_crystal(seed: int = 0):
     from ..problem.fmodel import model_f_mask
     from ..xray.structure_factors import make_sf_setup, structure_factors
 
-    atoms = build_peptide()
+    atoms = build_peptide(sequence)
     xyz = np.array([a["xyz"] for a in atoms])
     xyz -= xyz.mean(0)
     cell = _orthorhombic_cell(xyz)
@@ -166,13 +167,13 @@ def make_demo_crystal(seed: int = 0):
         model = model_from_atoms(atoms, cell, "P 21 21 21", source="SYNTHETIC demo peptide")
     model = regularise(model)
     crystal = model.crystal
-    hkl = unique_hkl(crystal, DEMO_D_MIN)
+    hkl = unique_hkl(crystal, d_min)
     d = d_spacing(hkl, crystal)
     s2 = 1.0 / d**2
     ff = it92_form_factors(model.element)
-    setup = make_sf_setup(crystal, hkl, ff, d_min=DEMO_D_MIN)
+    setup = make_sf_setup(crystal, hkl, ff, d_min=d_min)
     f_calc = np.asarray(structure_factors(model.xyz_frac, model.b_iso, model.occ, setup))
-    f_mask, _, _ = model_f_mask(model, crystal, hkl, DEMO_D_MIN)
+    f_mask, _, _ = model_f_mask(model, crystal, hkl, d_min)
     f_true = np.abs((f_calc + K_SOL * np.exp(-B_SOL * s2 / 4) * f_mask) * np.exp(-B_OVERALL * s2 / 4))
     rng = np.random.default_rng(seed)
     sig = NOISE_REL * f_true + NOISE_ABS * f_true.mean()

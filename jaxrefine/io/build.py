@@ -58,11 +58,12 @@ def model_from_atoms(atoms, cell, space_group: str, source: str = "synthetic") -
     return model_from_structure(structure_from_atoms(atoms, cell, space_group), source=source)
 
 
-def with_coordinates(model: Model, xyz_cart=None, b_iso=None, occ=None) -> Model:
-    """A copy of ``model`` whose arrays and gemmi structure carry new coordinates / B / occupancies."""
+def with_coordinates(model: Model, xyz_cart=None, b_iso=None, occ=None, u_aniso=None, tls=None) -> Model:
+    """A copy of ``model`` whose arrays and gemmi structure carry new coordinates / B / occupancies
+    (and ANISOU / TLS groups, as :func:`jaxrefine.io.writers.updated_structure` takes them)."""
     from .writers import updated_structure
 
-    st = updated_structure(model, xyz_cart=xyz_cart, b_iso=b_iso, occ=occ)
+    st = updated_structure(model, xyz_cart=xyz_cart, b_iso=b_iso, occ=occ, u_aniso=u_aniso, tls=tls)
     return model_from_structure(st, source=model.source, hydrogens=True)
 
 

@@ -208,6 +208,19 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
     return setup._replace(state=update_xray_state(setup, problem, state, params))
 
 
+def rebuild_setup(setup: Setup, model: Model) -> Setup:
+    """A setup for ``model`` (e.g. after water picking, written by :func:`model_of` with its ANISOU and
+    TLS groups) that keeps the ADP model chosen for ``setup``: the same mode (``auto`` is not
+    chosen again) and, for TLS, the groups read back from the model (refined T, L, S and residual B)."""
+    import dataclasses
+
+    cfg = setup.config
+    if setup.adp_choice is not None:
+        tls = "auto" if setup.adp_choice.tls is not None else cfg.refine.tls_groups
+        cfg = dataclasses.replace(cfg, refine=dataclasses.replace(cfg.refine, adp=setup.adp_choice.mode, tls_groups=tls))
+    return build_setup(None, None, cfg, model=model, refl=setup.refl)
+
+
 def adp_model_and_params(model, refl, cfg: Config, restraints, u_shape, params: Params, dtype):
     """The ADP model of ``cfg.refine.adp`` and the parameters that start it.
 

@@ -15,7 +15,7 @@ from ..io.model import Model
 from ..xray.fmodel import f_model
 from ..xray.structure_factors import structure_factors
 from ..xray.adp import b_eq
-from .adp_model import adp_of
+from .adp_model import adp_of, refined_tls
 from .fmodel import fit_scales_and_sigma_a, model_f_mask
 from .neighbours import build_nonbonded
 from .params import Params, atom_b, atom_occ, atom_xyz
@@ -59,13 +59,35 @@ def current_u_aniso(params: Params, problem: Problem):
     return None if problem.adp is None else np.asarray(adp_of(params, problem)[2], float)
 
 
-def model_of(model: Model, params: Params, problem: Problem) -> Model:
-    """``model`` (the one the problem was built from) with the coordinates, B and occupancies of ``params``:
-    the one way from parameters back to a :class:`jaxrefine.io.model.Model`."""
+def written_adps(model: Model, params: Params, problem: Problem, adp_choice=None) -> dict:
+    """``u_aniso`` (n, 6) and ``tls`` for a model written from ``params`` (None where they do not apply).
+
+    ANISOU: the total U of atoms refined anisotropically or in a TLS group (TLS + residual B), or,
+    with isotropic refinement, the kept deposited shape + the refined isotropic part.  TLS: the
+    groups of ``adp_choice`` (the setup's :class:`AdpChoice`) with the refined tensors.
+    """
+    out = {"u_aniso": None, "tls": None}
+    u_total = current_u_aniso(params, problem)
+    if u_total is not None:
+        adp = problem.adp
+        has = (np.asarray(adp.aniso_index) >= 0) | (np.asarray(adp.tls_group) >= 0) | np.asarray(model.has_aniso, bool)
+        out["u_aniso"] = np.where(has[:, None], u_total, 0.0)
+    elif problem.u_shape is not None:
+        b = current_model_arrays(params, problem)[1]
+        u = np.asarray(problem.u_shape, float) + (b / (8 * np.pi**2))[:, None] * np.array([1, 1, 1, 0, 0, 0.0])
+        out["u_aniso"] = np.where(np.asarray(model.has_aniso, bool)[:, None], u, 0.0)
+    out["tls"] = refined_tls(params, problem, adp_choice)
+    return out
+
+
+def model_of(model: Model, params: Params, problem: Problem, adp_choice=None) -> Model:
+    """``model`` (the one the problem was built from) with the coordinates, B, occupancies, ANISOU
+    and TLS groups (``adp_choice``: the setup's) of ``params``: the one way from parameters back to
+    a :class:`jaxrefine.io.model.Model`, the same arrays the writers put into the refined files."""
     from ..io.build import with_coordinates
 
     xyz, b, occ = current_model_arrays(params, problem)
-    return with_coordinates(model, xyz_cart=xyz, b_iso=b, occ=occ)
+    return with_coordinates(model, xyz_cart=xyz, b_iso=b, occ=occ, **written_adps(model, params, problem, adp_choice))
 
 
 def f_calc_of(params: Params, problem: Problem):

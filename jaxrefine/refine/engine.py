@@ -257,7 +257,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
 
 def refined_model(result: RefinementResult):
     """The kept model of a refinement as a :class:`jaxrefine.io.model.Model` (removed waters left out)."""
-    model = model_of(result.setup.model, result.params, result.problem)
+    model = model_of(result.setup.model, result.params, result.problem, result.setup.adp_choice)
     keep = ~np.asarray(result.removed_atoms, bool)
     return model if keep.all() else model.subset(keep)
 
@@ -267,4 +267,4 @@ def refine_briefly(model, refl, n_cycles: int, cfg: Config | None = None, **hook
     atoms (waters removed by a hook keep their row with occupancy 0).  ``hooks``: as for :func:`refine`."""
     setup = build_setup(None, None, cfg, model=model, refl=refl)
     result = refine(setup, n_cycles=n_cycles, **hooks)
-    return model_of(model, result.params, result.problem)
+    return model_of(model, result.params, result.problem, result.setup.adp_choice)

@@ -20,8 +20,8 @@ from .. import __version__
 from ..config import dump_config
 from ..io.writers import write_json, write_model, write_mtz, write_text
 from ..xray.maps import map_coefficients
-from ..problem.adp_model import adp_ncs_statistics, refined_tls, statistics_lines
-from ..problem.xray_state import current_model_arrays, current_u_aniso, f_model_of_jit
+from ..problem.adp_model import adp_ncs_statistics, statistics_lines
+from ..problem.xray_state import current_model_arrays, current_u_aniso, f_model_of_jit, written_adps
 from .engine import RefinementResult
 
 log = logging.getLogger("jaxrefine")
@@ -50,25 +50,15 @@ def metrics(result: RefinementResult) -> dict:
 
 def model_updates(params, problem, setup, keep) -> dict:
     """The arrays the writers put into the refined model (atoms ``keep`` only): coordinates, B
-    (B_eq of the total U for anisotropic and TLS atoms), occupancies, ANISOU and TLS groups.
-
-    ANISOU: the total U of atoms refined anisotropically or in a TLS group (TLS + residual B), or,
-    with isotropic refinement, the kept deposited shape + the refined isotropic part.
-    """
-    model = setup.model
+    (B_eq of the total U for anisotropic and TLS atoms), occupancies, ANISOU and TLS groups
+    (:func:`jaxrefine.problem.xray_state.written_adps`)."""
     xyz, b, occ = current_model_arrays(params, problem)
     out = dict(xyz_cart=xyz[keep], b_iso=b[keep], occ=occ[keep])
-    u_total = current_u_aniso(params, problem)
-    if u_total is not None:
-        adp = problem.adp
-        has = (np.asarray(adp.aniso_index) >= 0) | (np.asarray(adp.tls_group) >= 0) | np.asarray(model.has_aniso, bool)
-        out["u_aniso"] = np.where(has[:, None], u_total, 0.0)[keep]
-    elif problem.u_shape is not None:
-        u = np.asarray(problem.u_shape, float) + (b / (8 * np.pi**2))[:, None] * np.array([1, 1, 1, 0, 0, 0.0])
-        out["u_aniso"] = np.where(model.has_aniso[:, None], u, 0.0)[keep]
-    tls = refined_tls(params, problem, setup.adp_choice)
-    if tls is not None:
-        out["tls"] = tls._replace(group=tls.group[keep])
+    adps = written_adps(setup.model, params, problem, setup.adp_choice)
+    if adps["u_aniso"] is not None:
+        out["u_aniso"] = adps["u_aniso"][keep]
+    if adps["tls"] is not None:
+        out["tls"] = adps["tls"]._replace(group=adps["tls"].group[keep])
     return out
 
 

@@ -483,6 +483,61 @@ def implicit_derivative(phi_grads, name, params, problem, crystal, target: str =
     return out, np.asarray(res, float)
 
 
+def _flat_energy_ml(u, params, ps):
+    return flat_energy(u, params, ps, "ml")
+
+
+def _flat_energy_ls(u, params, ps):
+    return flat_energy(u, params, ps, "ls")
+
+
+_FLAT_ENERGY = {"ml": _flat_energy_ml, "ls": _flat_energy_ls}  # module-level functions: one compiled minimiser each
+
+
+def at_minimum(setup, n_steps: int = 1000, direct: bool = True, target: str = "ml"):
+    """The setup's model moved to a minimum of its refinement energy, for implicit derivatives (which
+    assume ∇E = 0: a model refined by another program, or by a few macrocycles, is not there).
+
+    Mask, scales and σA stay as the setup fitted them; w_A is the engine's starting choice.
+
+    Args:
+        setup: from :func:`jaxrefine.problem.build_setup` (float64 recommended: ``refine.precision=float64``).
+        n_steps: L-BFGS steps (the engine's minimiser, one compiled loop).
+        direct: structure factors by direct summation (smooth to rounding; the FFT's spreading boxes make
+            the energy piecewise smooth at the 1e-5 level); ignored with riding hydrogens.
+
+    Returns:
+        (params, (problem, state), largest |∂E/∂u| left).
+    """
+    from ..io.formfactor_io import it92_form_factors
+    from ..refine.engine import choose_initial_w_a
+    from ..refine.optimize import minimise
+    from ..xray.structure_factors import make_sf_setup
+
+    problem, params = setup.problem, setup.params
+    dtype = params.xyz_frac.dtype
+    if direct and problem.riding is None:
+        m, r = setup.model, setup.refl
+        problem = problem._replace(sf=make_sf_setup(m.crystal, r.hkl, it92_form_factors(m.element, m.source),
+                                                    method="direct", d_min=r.d_min, dtype=dtype))
+    ps = (problem, setup.state._replace(w_a=jnp.asarray(choose_initial_w_a(setup), dtype)))
+    u, _ = minimise(_FLAT_ENERGY[target], _zeros(params), (params, ps), n_steps)
+    params = shifted_params(u, params, ps)
+    g = jax.jit(jax.grad(flat_energy), static_argnames="target")(_zeros(params), params, ps, target=target)
+    return params, ps, float(jnp.abs(g * jnp.asarray(active_components(params, ps), dtype)).max())
+
+
+def r_free_reminimised(params, problem, w_a: float, n_steps: int = 1500, target: str = "ml") -> float:
+    """R-free after minimising again from ``params`` with w_A = ``w_a`` (mask, scales, σA held): the
+    brute-force counterpart of :func:`d_r_free_d_w_a` (central differences of two of these)."""
+    from ..refine.optimize import minimise
+
+    prob, state = problem
+    ps = (prob, state._replace(w_a=jnp.asarray(w_a, state.w_a.dtype)))
+    u, _ = minimise(_FLAT_ENERGY[target], _zeros(params), (params, ps), n_steps)
+    return float(jax.jit(r_free_of)(u, params, problem))
+
+
 def d_r_free_d_w_a(params, problem, crystal, target: str = "ml", cutoff: float = COLOUR_CUTOFF) -> float:
     """d R-free / d w_A at the refined model (implicit differentiation; scales, σA and mask fixed)."""
     g = _grad_r_free(_zeros(params), params, problem)

@@ -224,7 +224,7 @@ def remove_bad_waters_hook(params: WaterConfig = WaterConfig()):
         from ..problem.xray_state import f_calc_of_jit, model_of
         from .density import model_maps
 
-        model_now = model_of(setup.model, params_now, problem)
+        model_now = model_of(setup.model, params_now, problem, setup.adp_choice)
         occ = model_now.occ
         maps = model_maps(model_now, setup.refl, f_calc=np.asarray(f_calc_of_jit(params_now, problem)),
                           f_mask=np.asarray(ctx.state.f_mask))
@@ -247,18 +247,18 @@ def pick_waters_hook(params: WaterConfig = WaterConfig(), remove: bool = True):
     def pick(ctx):
         if "xyz" not in ctx.blocks or ctx.last:
             return ctx
-        from ..problem.setup import build_setup
+        from ..problem.setup import rebuild_setup
         from ..problem.xray_state import model_of
 
         setup, problem = ctx.setup, ctx.problem
-        model_now = model_of(setup.model, ctx.params, problem)
+        model_now = model_of(setup.model, ctx.params, problem, setup.adp_choice)
         keep = model_now.occ > 0
         if not keep.all():
             model_now = model_now.subset(keep)
         upd = update_waters(model_now, setup.refl, params, remove=remove)
         if not upd.report["added"] and not upd.removed and keep.all():
             return ctx
-        new = build_setup(None, None, setup.config, model=upd.model, refl=setup.refl)
+        new = rebuild_setup(setup, upd.model)
         return ctx._replace(setup=new, params=new.params, problem=new.problem, state=new.state._replace(w_a=ctx.state.w_a))
 
     return pick
