@@ -708,8 +708,10 @@ def model_uncertainty(model_path, data_path, out_dir, cfg=None, coupled: bool = 
     ``json_out`` and ``uncertainty.png`` into ``out_dir``; returns the summary.
 
     The model is read as is (no placement from the configuration: a refined model is already placed);
-    mask, scales and σA are fitted to it as at the end of a macrocycle.
+    mask, scales and σA are fitted to it as at the end of a macrocycle.  ADPs are isotropic B on top of
+    the model's ANISOU shapes (held), whatever ``refine.adp`` says: σ(B) is that of the isotropic part.
     """
+    import dataclasses
     import os
 
     from ..config import Config
@@ -721,6 +723,8 @@ def model_uncertainty(model_path, data_path, out_dir, cfg=None, coupled: bool = 
     from ..refine.engine import choose_initial_w_a
 
     cfg = cfg or Config()
+    if cfg.refine.adp != "iso":  # the curvature is taken in (x, y, z, B): ANISOU / TLS ADPs are held as shapes
+        cfg = dataclasses.replace(cfg, refine=dataclasses.replace(cfg.refine, adp="iso", keep_anisou=True))
     protect(data_path) if _rewrite_model else protect(model_path, data_path)
     model = read_model(model_path, hydrogens=(cfg.model.hydrogens == "keep"))
     d = cfg.data
