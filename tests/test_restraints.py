@@ -175,6 +175,23 @@ def test_missing_ligand_is_named(tmp_path):
     assert r.counts()["bond"] == README_COUNTS["5orl"][0]
 
 
+def test_renamed_atom_outside_the_dictionary_is_named(caplog):
+    """An atom whose name the dictionary does not know gets no restraints: the log names it (the
+    deposited 5e5z gives no such line)."""
+    model = read_model(dataset_paths("5e5z")[0], hydrogens=False)
+    with caplog.at_level("WARNING", logger="jaxrefine"):
+        build_restraints(model, monlib=monomer_dir())
+    assert "no bond restraints" not in caplog.text
+    st = model.structure.clone()
+    res = st[0][0][2]
+    res[4].name = "CBX"
+    renamed = model_from_structure(st, source="renamed.pdb", hydrogens=False)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="jaxrefine"):
+        build_restraints(renamed, monlib=monomer_dir())
+    assert f"1 atoms have no bond restraints (names not in the dictionary?): A/{res.name} {res.seqid.num}/CBX" in caplog.text
+
+
 def test_find_monlib_order(monkeypatch, tmp_path):
     monkeypatch.setenv("CLIBD_MON", str(tmp_path))
     assert find_monlib() == str(tmp_path)

@@ -245,6 +245,7 @@ def build_restraints(model, monlib=None, ligands=(), hydrogens=False, pad_quantu
 
     q = {} if pad_quantum is None else {"quantum": pad_quantum}
     bonds, angles, tors, chirs, planes = _restraint_rows(topo, lib, model, is_h, hydrogens)
+    _warn_unbonded(model, bonds, is_h, source)
     bt = _padded(bonds, 2, q)
     at = _padded(angles, 3, q)
     tt = _padded(tors, 4, q, extra={"period": (1, np.int32)})
@@ -266,6 +267,21 @@ def build_restraints(model, monlib=None, ligands=(), hydrogens=False, pad_quantu
         altloc=altloc,
         dinc14=dinc14,
     )
+
+
+def _warn_unbonded(model, bonds, is_h, source, show: int = 5) -> None:
+    """Log the non-hydrogen atoms of polymer/ligand residues that no bond restraint reaches: an atom
+    whose name the dictionary does not know (renamed, misspelt) is otherwise held only by the data."""
+    bonded = np.zeros(model.n_atoms, bool)
+    for r in bonds:
+        bonded[list(r["idx"])] = True
+    residue_size = np.bincount(model.res_index, weights=~is_h, minlength=int(model.res_index.max()) + 1)
+    lone = ~bonded & ~is_h & (model.kind != "water") & (residue_size[model.res_index] > 1)
+    if lone.any():
+        idx = np.nonzero(lone)[0]
+        labels = ", ".join(f"{model.chain_id[i]}/{model.res_name[i]} {model.res_seq[i]}/{model.atom_name[i]}" for i in idx[:show])
+        more = f" and {len(idx) - show} more" if len(idx) > show else ""
+        log.warning("%s: %d atoms have no bond restraints (names not in the dictionary?): %s%s", source, len(idx), labels, more)
 
 
 def _padded(rows, width, q, extra=None):
