@@ -455,6 +455,7 @@ def _mixed(v, params, problem, target, name):
 
 _mixed_jit = jax.jit(_mixed, static_argnames=("target", "name"))
 _grad_r_free = jax.jit(jax.grad(r_free_of))
+_r_free_jit = jax.jit(r_free_of)
 
 
 def _preconditioner(params, problem, crystal, target, cutoff):
@@ -535,7 +536,7 @@ def r_free_reminimised(params, problem, w_a: float, n_steps: int = 1500, target:
     prob, state = problem
     ps = (prob, state._replace(w_a=jnp.asarray(w_a, state.w_a.dtype)))
     u, _ = minimise(_FLAT_ENERGY[target], _zeros(params), (params, ps), n_steps)
-    return float(jax.jit(r_free_of)(u, params, problem))
+    return float(_r_free_jit(u, params, problem))
 
 
 def d_r_free_d_w_a(params, problem, crystal, target: str = "ml", cutoff: float = COLOUR_CUTOFF) -> float:
