@@ -45,6 +45,12 @@ def low_resolution_work_set(problem: Problem, d, d_min: float, d_cut: float | No
     return problem._replace(xray=problem.xray._replace(work=problem.xray.work & low))
 
 
+def _loop_args(learning_rate: float, rtol: float, dtype):
+    """The traced scalars of the minimiser, always of the same kinds (so that every call shares one executable)."""
+    lr = jnp.asarray(learning_rate, dtype)
+    return lr, jnp.asarray(rtol, dtype)
+
+
 def minimise_blocks(blocks, params: Params, problem: Problem, state: XrayState, n_steps: int, target: str = "ml",
                     optimizer: str = "lbfgs", learning_rate: float = 0.02, rtol: float = 0.0) -> Params:
     """Minimise E_total over the given parameter blocks (one jit-compiled optax loop for all blocks).
@@ -58,10 +64,22 @@ def minimise_blocks(blocks, params: Params, problem: Problem, state: XrayState, 
     if n_steps <= 0:
         return params
     mask = block_mask(params, blocks)
-    lr = jnp.asarray(learning_rate, problem.maps.orth.dtype)
+    lr, rtol_a = _loop_args(learning_rate, rtol, problem.maps.orth.dtype)
     shifts, _, stats = minimise_with_stats(SHIFT_ENERGY[target], zero_shifts(params), (mask, params, problem, state),
-                                           n_steps=n_steps, method=optimizer, learning_rate=lr,
-                                           rtol=jnp.asarray(rtol, lr.dtype))
+                                           n_steps=n_steps, method=optimizer, learning_rate=lr, rtol=rtol_a)
     timing.count("steps", stats.steps)  # waits for the minimisation (timing sections stay honest)
     timing.count("evaluations", stats.evaluations)
     return apply_shifts(shifts, mask, params, problem)
+
+
+def xray_gradient_norm(params: Params, problem: Problem, state: XrayState, target: str = "ml") -> float:
+    """‖∂E_xray/∂x‖ over Cartesian coordinate shifts (Å) at the parameters (the start of the automatic w_A).
+
+    Evaluated by the L-BFGS loop itself with no steps and w_A = 0 (E_total is then E_xray plus the ADP
+    restraints, which do not depend on coordinates): the executable the refinement compiles anyway.
+    """
+    lr, rtol_a = _loop_args(0.02, 0.0, problem.maps.orth.dtype)
+    state0 = state._replace(w_a=jnp.zeros_like(state.w_a))
+    _, _, stats = minimise_with_stats(SHIFT_ENERGY[target], zero_shifts(params), (block_mask(params, ("xyz",)), params, problem, state0),
+                                      n_steps=0, method="lbfgs", learning_rate=lr, rtol=rtol_a)
+    return float(stats.grad_norm)

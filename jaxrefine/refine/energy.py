@@ -118,16 +118,3 @@ def _make_shift_energy(target: str):
 
 # module-level function objects: stable identities, so jit caches them across calls
 SHIFT_ENERGY = {t: _make_shift_energy(t) for t in TARGETS}
-
-
-def _xray_energy_of_shifts(shifts, mask, params, problem, state, target):
-    return xray_energy(apply_shifts(shifts, mask, params, problem), problem, state, target)
-
-
-_xray_shift_gradient = jax.jit(jax.grad(_xray_energy_of_shifts), static_argnames="target")
-
-
-def xray_gradient_norm(params: Params, problem: Problem, state: XrayState, target: str = "ml") -> float:
-    """‖∂E_xray/∂x‖ over Cartesian coordinate shifts (Å) at the parameters (the start of the automatic w_A)."""
-    g = _xray_shift_gradient(zero_shifts(params), block_mask(params, ("xyz",)), params, problem, state, target)
-    return float(jnp.linalg.norm(g.xyz_frac))

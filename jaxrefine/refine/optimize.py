@@ -35,10 +35,14 @@ class MinimiseStats(NamedTuple):
         steps: optimiser steps taken (fewer than asked when it converged).
         evaluations: evaluations of the objective with its gradient: the line-search trials of
             L-BFGS (the start included), one per step plus a last value-only check otherwise.
+        grad_norm: Euclidean norm of the gradient at the returned point (L-BFGS; nan otherwise).
+            With ``n_steps=0`` L-BFGS only evaluates the start: a gradient from the loop's
+            compiled code, no other compilation.
     """
 
     steps: jnp.ndarray
     evaluations: jnp.ndarray
+    grad_norm: jnp.ndarray  # ‖gradient‖ at the returned point (L-BFGS; nan for adam / sgd)
 
 
 def minimise(fun, x0, args, n_steps, method: str = "lbfgs", learning_rate=0.01, rtol=0.0):
@@ -95,7 +99,7 @@ def minimise_with_stats(fun, x0, args, n_steps, method: str = "lbfgs", learning_
     v_last = f(x)
     take_last = jnp.isfinite(v_last) & (v_last < best_v)
     best_x = jax.tree_util.tree_map(lambda a, b: jnp.where(take_last, a, b), x, best_x)
-    return best_x, jnp.where(take_last, v_last, best_v), MinimiseStats(i, n_eval + 1)
+    return best_x, jnp.where(take_last, v_last, best_v), MinimiseStats(i, n_eval + 1, jnp.asarray(jnp.nan, v_dtype))
 
 
 # ------------------------------------------------------------------------------------ L-BFGS
@@ -231,4 +235,4 @@ def lbfgs_loop(value_and_grad, x0, n_steps, rtol=0.0, memory: int = LBFGS_MEMORY
                        y_mem=jnp.zeros((memory, n), dtype), rho=jnp.zeros((memory,), dtype), k=zero_i,
                        gamma=jnp.ones((), dtype), n_back=zero_i, started=jnp.asarray(False), done=jnp.asarray(False))
     c = jax.lax.while_loop(lambda c: ~c.started | ((c.i < n_steps) & ~c.done), body, init)
-    return unravel(c.x), c.fx, MinimiseStats(c.i, c.n_eval)
+    return unravel(c.x), c.fx, MinimiseStats(c.i, c.n_eval, jnp.linalg.norm(c.gx))
