@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .fft_grid import add_boxes, box_rows, fold_periodic_c, gaussian_boxes
+from .fft_grid import box_rows, fold_periodic_c, spread_boxes
 from .formfactors import FormFactors, f0
 
 TWO_PI = 2.0 * np.pi
@@ -581,8 +581,7 @@ def density_grid(xyz_frac, b_iso, occ, setup: SFSetup, u_aniso=None, symmetry: b
             norm = (1.0 / jnp.sqrt(det)).reshape(-1, det.shape[-1])
             z_coupled = True
         weight = jnp.tile(occ[atoms][:, None] * a_k, (n_ops, 1)) * norm * (2.0 * np.pi) ** -1.5
-        start, vals = gaussian_boxes(p, metric, weight, box, rows, z_coupled)
-        rho = add_boxes(rho, grid, start, vals, rows)
+        rho = spread_boxes(rho, p, metric, weight, grid, box, rows, z_coupled)
     return fold_periodic_c(rho, grid[2])
 
 
