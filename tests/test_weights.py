@@ -54,3 +54,12 @@ def test_scan_w_a_runs_every_trial_and_returns_the_kept_result():
     result, trial, line = wmod.scan_w_a(0.1, run_trial)
     assert seen == wmod.scan_weights(0.1)
     assert result == "params@0.2" and trial.w_a == 0.2 and "-> 0.2 " in line
+
+
+def test_trial_steps_split_the_cycle():
+    """Each scan trial takes part of the cycle's coordinate steps and the kept trial the rest: the
+    cycle's total is the configured number, and a trial always moves."""
+    assert wmod.trial_steps(25) == (10, 15)
+    for n in (1, 2, 7, 40):
+        first, rest = wmod.trial_steps(n)
+        assert first >= 1 and rest >= 0 and first + rest == n

@@ -154,11 +154,11 @@ def _free_nll(params: Params, problem: Problem, state: XrayState):
 _free_nll_jit = jax.jit(_free_nll)
 
 
-def _weight_trial(w_a: float, params, problem, state, settings: LoopSettings):
-    """Coordinate steps from ``params`` with weight ``w_a`` (same compiled minimiser: w_A is traced)
-    and the trial's score: ((params, state), :class:`jaxrefine.refine.weights.WeightTrial`)."""
+def _weight_trial(w_a: float, params, problem, state, settings: LoopSettings, n_steps: int):
+    """``n_steps`` coordinate steps from ``params`` with weight ``w_a`` (same compiled minimiser: w_A is
+    traced) and the trial's score: ((params, state), :class:`jaxrefine.refine.weights.WeightTrial`)."""
     trial_state = state._replace(w_a=jnp.asarray(w_a, state.w_a.dtype))
-    p = minimise_blocks(("xyz",), params, problem, trial_state, settings.steps["xyz"], settings.target,
+    p = minimise_blocks(("xyz",), params, problem, trial_state, n_steps, settings.target,
                         settings.optimizer, settings.learning_rate, settings.converge_rtol)
     st = cycle_statistics(0, p, problem, trial_state, time.perf_counter())
     nll = float(_free_nll_jit(p, problem, trial_state))
@@ -174,9 +174,12 @@ def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSetting
             continue
         if block == "xyz" and settings.scan_w_a:
             start = params
+            n_trial, n_rest = wmod.trial_steps(settings.steps["xyz"])
             (params, state), _, line = wmod.scan_w_a(
-                float(state.w_a), lambda w: _weight_trial(w, start, problem, state, settings))
+                float(state.w_a), lambda w: _weight_trial(w, start, problem, state, settings, n_trial))
             log.info(line)
+            params = minimise_blocks(("xyz",), params, problem, state, n_rest, settings.target, settings.optimizer,
+                                     settings.learning_rate, settings.converge_rtol)
             continue
         block_problem = problem
         if block == "rigid":

@@ -68,11 +68,13 @@ def adjust_w_a(w_a: float, rmsz_bond: float, target_rmsz: float) -> float:
 # the weight is chosen from the data instead, as phenix's weight optimisation does (Afonine et al.
 # 2011, Acta Cryst. D67, 296): each macrocycle a few trial weights around the current one are each
 # given the same coordinate steps from the same start, and the trial whose model has the lowest
-# free-set −log-likelihood (with the cycle's scales and σA) is kept; trials whose geometry is
-# beyond the limits below are not eligible.  w_A is a traced array, so the trials share one
+# free-set −log-likelihood (with the cycle's scales and σA) is kept and given the rest of the cycle's
+# steps; trials whose geometry is beyond the limits below are not eligible.  w_A is a traced array, so the trials share one
 # compiled minimiser.
 SCAN_D_MIN = 2.5  # Å: scan w_A when the data stop at d_min >= this (the target RMS Z is used above)
 SCAN_FACTORS = (0.5, 1.0, 2.0)  # trial weights as multiples of the current w_A
+SCAN_TRIAL_FRACTION = 0.4  # each trial takes this fraction of the cycle's coordinate steps; the kept one then
+# takes the rest (3 trials of 10 + 15 steps instead of 3 x 25: 5kzb, 1va7 same R-free, 1/3 fewer F evaluations)
 SCAN_MAX_RMS_BOND = 0.015  # Å: trials with looser geometry are not eligible (issue 14's limits)
 SCAN_MAX_RMS_ANGLE = 2.0  # degrees
 
@@ -94,6 +96,12 @@ class WeightTrial(NamedTuple):
 def scan_applies(w_a_setting, d_min: float) -> bool:
     """Whether w_A is chosen by a scan: automatic weight and data that stop at d_min >= SCAN_D_MIN."""
     return w_a_setting == "auto" and d_min >= SCAN_D_MIN
+
+
+def trial_steps(n_steps: int) -> tuple:
+    """(steps of each trial, steps the kept trial takes after the scan) out of a cycle's ``n_steps``."""
+    first = max(1, min(n_steps, int(round(SCAN_TRIAL_FRACTION * n_steps))))
+    return first, n_steps - first
 
 
 def scan_weights(w_a: float, factors=SCAN_FACTORS) -> list:
