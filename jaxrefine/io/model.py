@@ -119,6 +119,14 @@ class Model:
         return replace(self, structure=st, **arrays)
 
 
+def metal_atoms(element) -> np.ndarray:
+    """(n,) bool: atoms of a metal element (gemmi's periodic table), e.g. the Mg or Zn that waters and
+    side chains coordinate at ~2.0-2.3 Å."""
+    names = np.asarray(element).astype(str)
+    metal = {e: gemmi.Element(e).is_metal for e in np.unique(names)}
+    return np.array([metal[e] for e in names], bool)
+
+
 def _kind_of(res: gemmi.Residue) -> str:
     if res.is_water():
         return "water"
