@@ -20,7 +20,7 @@ of all atoms; those directions are projected out (uncertainties relative to a fi
 
 **Two estimates.**
 1. Block-diagonal: the per-atom 4×4 blocks (x, y, z, B) of H from Hessian-vector products
-   (forward over reverse, ``jax.jvp`` of ``jax.grad``).  Atoms are coloured so that two atoms of a
+   (reverse over reverse, ``jax.grad`` of ``∇E · v``).  Atoms are coloured so that two atoms of a
    colour are more than ``cutoff`` Å apart (symmetry mates included); one probe per colour and
    component then gives the blocks of all atoms of that colour at once (Curtis, Powell & Reid 1974,
    IMA J. Appl. Math. 13, 117: column grouping for sparse derivatives).  The X-ray term still couples
@@ -134,8 +134,10 @@ def _zeros(params):
 
 
 def _hvp(v, params, problem, target):
-    g = lambda u: jax.grad(flat_energy)(u, params, problem, target)  # noqa: E731
-    return jax.jvp(g, (_zeros(params),), (v,))[1]
+    # reverse over reverse: the FFT spreading has a custom VJP (xray/fft_grid.py), which
+    # forward-mode autodiff cannot enter; H v = ∇_u (∇E(u) · v)
+    g = lambda u: jnp.vdot(jax.grad(flat_energy)(u, params, problem, target), v)  # noqa: E731
+    return jax.grad(g)(_zeros(params))
 
 
 @partial(jax.jit, static_argnames="target")
