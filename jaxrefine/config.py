@@ -53,6 +53,7 @@ class RefineConfig:
     rigid_first: bool = False  # run rigid-body macrocycles before xyz_b (molecular replacement start)
     n_rigid_cycles: int = 3
     rigid_d_min: float = 3.0  # Å: rigid-body steps use reflections with d >= this (wider convergence)
+    rigid_target: str = "ls"  # ml | ls: the X-ray target of rigid-body steps (ls: σA of a misplaced model is ~0)
     keep_anisou: bool = True  # use the input ANISOU shapes in F_calc (isotropic B refined on top)
     b_min: float = 2.0  # Å², floor of the positive B reparametrisation (lower input B are raised to it)
     b_max: float = 300.0  # Å²: a model with B above this is refused (reset B or raise the limit)
@@ -148,6 +149,7 @@ _CHOICES = {
     ("model", "hydrogens"): HYDROGENS,
     ("refine", "strategy"): STRATEGIES,
     ("refine", "target"): TARGETS,
+    ("refine", "rigid_target"): TARGETS,
     ("refine", "optimizer"): OPTIMIZERS,
     ("refine", "precision"): PRECISIONS,
     ("refine", "adp"): ADP_MODELS,

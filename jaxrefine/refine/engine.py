@@ -50,6 +50,7 @@ class LoopSettings(NamedTuple):
     learning_rate: float
     converge_rtol: float  # a block stops once a step lowers E by less than this fraction
     rigid_d_min: float | None
+    rigid_target: str  # X-ray target of the rigid-body block
     mask_every: int  # macrocycles between solvent-mask rebuilds
     w_a: Any  # a number, or "auto"
     target_rmsz: float  # RMS Z(bond) the automatic w_A aims at
@@ -65,7 +66,7 @@ class LoopSettings(NamedTuple):
             rigid_first=r.rigid_first, n_rigid_cycles=r.n_rigid_cycles,
             steps={"xyz": r.steps_xyz, "b": r.steps_b, "occ": r.steps_occ, "rigid": r.steps_rigid},
             target=r.target, optimizer=r.optimizer, learning_rate=r.learning_rate, converge_rtol=r.converge_rtol,
-            rigid_d_min=r.rigid_d_min,
+            rigid_d_min=r.rigid_d_min, rigid_target=r.rigid_target,
             mask_every=max(cfg.solvent.update_every, 1), w_a=cfg.weights.w_a,
             target_rmsz=wmod.target_rmsz_for(d_min, cfg.weights.target_rmsz_bond),
             scan_w_a=wmod.scan_applies(cfg.weights.w_a, d_min),
@@ -181,10 +182,11 @@ def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSetting
             params = minimise_blocks(("xyz",), params, problem, state, n_rest, settings.target, settings.optimizer,
                                      settings.learning_rate, settings.converge_rtol)
             continue
-        block_problem = problem
+        block_problem, target = problem, settings.target
         if block == "rigid":
             block_problem = low_resolution_work_set(problem, setup.refl.d, setup.refl.d_min, settings.rigid_d_min)
-        params = minimise_blocks((block,), params, block_problem, state, settings.steps[block], settings.target,
+            target = settings.rigid_target
+        params = minimise_blocks((block,), params, block_problem, state, settings.steps[block], target,
                                  settings.optimizer, settings.learning_rate, settings.converge_rtol)
     return params, state
 
