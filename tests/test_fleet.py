@@ -42,6 +42,13 @@ R_REPRO = 1e-3
 STATUS = {"a": "refined", "b": "refined", "poor": "kept input", "missing": "failed", "nodict": "failed"}
 
 
+def test_module_is_one_work_unit_under_xdist(request):
+    """With ``--dist loadgroup`` the module must run on one worker, or each worker recomputes the fleet
+    fixtures (pytest 9.2 ignores the group name pytest-xdist 3.8 writes into the test id)."""
+    if getattr(request.config.option, "loadgroup", False):
+        assert request.node.nodeid.endswith("@fleet"), request.node.nodeid
+
+
 # ----------------------------------------------------------------------------- manifests (fast)
 def test_yaml_csv_and_pattern_manifests_give_the_same_entries(tmp_path):
     for name in ("x1", "x2"):
