@@ -92,6 +92,7 @@ class SolventConfig:
 class GuardConfig:
     max_gap: float = 0.07  # warn when R-free - R-work exceeds this
     keep_best: bool = True  # keep the model with the lowest R-free
+    keep_input: bool = True  # with keep_best: return the input model when no refined cycle lowers its R-free
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,10 @@ def test_never_worse_rule_and_progress_line(tmp_path):
     row = never_worse(worse, entry, str(tmp_path))
     assert row["status"] == "kept input" and row["r_free"] == 0.25 and row["rms_bond"] == 0.01
     assert (tmp_path / "input_in.pdb").read_text() == "MODEL\n" and row["model_out"] == os.path.join("e", "input_in.pdb")
+    # the engine's guard kept the input itself (guard.keep_input): cycle 0 is the kept model
+    kept_by_engine = dict(cyc0, w_a=1.0, cycles=[cyc0, dict(cyc0, r_free=0.2505)], best_cycle=0, r_free_refined=0.2505)
+    row = never_worse(kept_by_engine, entry, str(tmp_path))
+    assert row["status"] == "kept input" and row["r_free"] == 0.25 and row["r_free_refined"] == 0.2505
     line = ProgressLine(10, skipped=2, enabled=False)
     line.t0 -= 60.0  # one minute ago
     line.update(done=2, failed=1, running=2)

@@ -89,7 +89,10 @@ def never_worse(metrics: dict, entry, out_dir: str, tolerance: float = KEEP_INPU
     refinement).  When kept, the input model is copied into ``out_dir`` beside ``refined.cif``.
     """
     first = metrics["cycles"][0]
-    worse = metrics["r_free"] > first["r_free"] + tolerance
+    refined = metrics.get("r_free_refined")
+    refined = metrics["r_free"] if refined is None else refined
+    # the engine's guard may already have kept the input (best_cycle 0: no refined cycle beat it)
+    worse = metrics.get("best_cycle") == 0 and len(metrics["cycles"]) > 1 or metrics["r_free"] > first["r_free"] + tolerance
     kept = first if worse else metrics
     if worse:
         name = "input_" + os.path.basename(entry.model)
@@ -97,7 +100,7 @@ def never_worse(metrics: dict, entry, out_dir: str, tolerance: float = KEEP_INPU
     else:
         name = "refined.cif"
     return {"status": "kept input" if worse else "refined", "r_work_in": first["r_work"], "r_free_in": first["r_free"],
-            "r_work": kept["r_work"], "r_free": kept["r_free"], "r_free_refined": metrics["r_free"],
+            "r_work": kept["r_work"], "r_free": kept["r_free"], "r_free_refined": refined,
             "rms_bond": kept["rms_bond"], "rms_angle": kept["rms_angle"], "w_a": metrics["w_a"],
             "model_out": os.path.join(entry.id, name)}
 

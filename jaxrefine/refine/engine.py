@@ -57,6 +57,7 @@ class LoopSettings(NamedTuple):
     scan_w_a: bool  # choose w_A each macrocycle by a short scan (automatic weight, low resolution)
     max_gap: float
     keep_best: bool
+    keep_input: bool  # the input model competes with the refined cycles (with keep_best)
 
     @classmethod
     def from_config(cls, cfg: Config, d_min: float, n_cycles: int | None = None, strategy: str | None = None):
@@ -71,6 +72,7 @@ class LoopSettings(NamedTuple):
             target_rmsz=wmod.target_rmsz_for(d_min, cfg.weights.target_rmsz_bond),
             scan_w_a=wmod.scan_applies(cfg.weights.w_a, d_min),
             max_gap=cfg.guard.max_gap, keep_best=cfg.guard.keep_best,
+            keep_input=cfg.guard.keep_input,
         )
 
 
@@ -213,7 +215,9 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
     state = state._replace(w_a=jnp.asarray(w_a, problem.maps.orth.dtype))
     history = [cycle_statistics(0, params, problem, state, t0)]
     log_cycle(history[-1], callback)
-    kept = Kept(np.inf, 0, params, problem, state, setup)
+    # the input model competes only when asked; else the first refined cycle replaces it whatever its R-free
+    start_r_free = history[0].r_free if (settings.keep_input and settings.keep_best) else np.inf
+    kept = Kept(start_r_free, 0, params, problem, state, setup)
     warnings, removed_labels = [], []
     plan = cycle_plan(settings.strategy, settings.n_cycles, settings.rigid_first, settings.n_rigid_cycles)
     for cycle, blocks in enumerate(plan, start=1):
@@ -248,7 +252,13 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
         if settings.w_a == "auto" and "xyz" in blocks and not settings.scan_w_a:
             w_a = wmod.adjust_w_a(float(state.w_a), st.rmsz_bond, settings.target_rmsz)
             state = state._replace(w_a=jnp.asarray(w_a, problem.maps.orth.dtype))
-    if kept.cycle != len(history) - 1:
+    if kept.cycle == 0 and len(history) > 1:
+        best = min(h.r_free for h in history[1:])
+        msg = (f"no refined cycle lowered R-free below the input model's ({history[0].r_free:.4f}; best refined "
+               f"{best:.4f}): keeping the input model")
+        log.warning(msg)
+        warnings.append(msg)
+    elif kept.cycle != len(history) - 1:
         msg = (f"keeping the model of cycle {kept.cycle} (R-free {history[kept.cycle].r_free:.4f}) rather than the last "
                f"(R-free {history[-1].r_free:.4f})")
         log.info(msg)

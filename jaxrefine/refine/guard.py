@@ -1,7 +1,8 @@
 """The overfitting guard: warnings when R-free and R-work part ways, and the model it keeps.
 
-The guard keeps the refined macrocycle with the lowest R-free (``guard.keep_best``); the input
-model itself (cycle 0) is returned only when no macrocycle runs.
+The guard keeps the refined macrocycle with the lowest R-free (``guard.keep_best``), or the input
+model itself (cycle 0) when no refined macrocycle lowers the input's R-free (``guard.keep_input``:
+re-refining a model never ends with R-free above its start) or when no macrocycle runs.
 """
 from __future__ import annotations
 
