@@ -26,7 +26,6 @@ R_FREE_RISE = 0.005  # after cycle 2, R-free may exceed its best so far by at mo
 # R-free thresholds: servalcat's 10 cycles, plus what 4 short cycles leave (measured 2026-11-30)
 LOW_RES_R_FREE = 0.258 + 0.025  # 5kzb, 3.2 Å: servalcat 0.258; jaxrefine 5 full cycles 0.267
 HIGH_RES_R_FREE = 0.218  # 5e5z, 1.66 Å: servalcat 0.218; jaxrefine 0.17-0.19
-HIGH_RES_MAX_RMS_BOND = 0.02  # Å (servalcat 0.014); see the test
 
 
 def _shaken_refinement(pid, caplog):
@@ -60,7 +59,9 @@ def test_high_resolution_target_weight_and_r_free(caplog):
     assert not any(s.startswith("w_A scan") for s in lines)  # 1.66 Å: steered to the target RMS Z instead
     final = res.history[res.best_cycle]
     assert final.r_free <= HIGH_RES_R_FREE, res.history
-    # bonds: 0.016-0.020 Å after cycle 2 at the target RMS Z of 1.66 Å, above issue 14's 0.015 (servalcat
-    # 0.014); held to the 0.02 of tests/test_refine.py.  No R-free trend check: 18 free reflections
-    # (standard error ~0.05) cannot show one.
-    assert final.rms_bond <= HIGH_RES_MAX_RMS_BOND, res.history
+    # bonds within issue 14's limit at every cycle after the first (w_A also steers to the RMS limits;
+    # before, bonds reached 0.016-0.020 Å at the target RMS Z of 1.66 Å; servalcat 0.014 Å).  Angles lag
+    # in these short cycles (2.1-2.4°, w_A rising each cycle); the default cycles' angles are checked in
+    # tests/test_refine.py.  No R-free trend check: 18 free reflections (standard error ~0.05) cannot show one.
+    for h in res.history[2:] + [final]:
+        assert h.rms_bond <= MAX_RMS_BOND, res.history

@@ -41,9 +41,12 @@ TOL_DEPOSITED = 0.01  # issue 7, check 1
 TOL_SHAKEN = 0.03  # issue 7, check 2
 MAX_RMS_BOND = 0.02  # Å, checks 1 and 2
 RIGID_RMSD = 0.2  # Å, check 3
+# issue 14's 2.0° and some rounding room; CLI runs from the shaken start (2026-12-01): 4xof 1.97, 1l2h 2.00,
+# 5e5z 1.80; before w_A also steered to the RMS limits: 4xof 2.31, 1l2h 3.04 (servalcat 3.12)
+MAX_RMS_ANGLE_SHAKEN = 2.1
 LS_ML_DROP = 0.015  # check 4: R-free must fall by more than this (was 0.02 with optax's L-BFGS; LS now falls 0.0156)
 SHAKEN_CYCLES = 5  # the default number of macrocycles
-DEPOSITED_CYCLES = 3  # from the deposited model R-free is lowest after cycle 1-2 (the guard keeps it)
+DEPOSITED_CYCLES = 2  # from the deposited model R-free is lowest after cycle 1-2 (the guard keeps it)
 # CI has 2 cores and the suite must stay well under 20 minutes: the two large problems (5orl: 12
 # operators and 8 scattering types on a 7-million-point grid; 4iid: 14.8k atoms) run the same checks
 # with fewer optimiser steps per macrocycle and fewer macrocycles from the shaken start.
@@ -52,6 +55,9 @@ LIGHT_SHAKEN = ("refine.steps_xyz=10", "refine.steps_b=5")
 LARGE = ("5orl", "4iid")
 SHAKEN_CYCLES_LIGHT = 4
 FD_RTOL = 1e-4  # finite differences in float64
+# the deposited and shaken refinements of one dataset run in one worker process (pytest-xdist
+# loadgroup): the second reuses the first's traced and compiled programs where the shapes agree
+BY_DATASET = [pytest.param(p, marks=pytest.mark.xdist_group(f"refine-{p}")) for p in DATASETS]
 
 
 def _cfg(*extra):
@@ -262,18 +268,21 @@ def _refined(pid, start_model, refl, cycles, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pid", DATASETS)
+@pytest.mark.parametrize("pid", BY_DATASET)
 def test_rerefine_deposited(pid):
     model, refl = _inputs(pid)
     res = _refined(pid, model, refl, DEPOSITED_CYCLES, *(LIGHT_DEPOSITED if pid in LARGE else ()))
-    final = res.history[res.best_cycle]
+    # the best *refined* cycle: the guard may return the input model itself (guard.keep_input), which
+    # would pass whatever the refinement did
+    final = min(res.history[1:], key=lambda h: h.r_free)
     floor = max(DEPOSITED_R_FREE[pid], SERVALCAT_5_FROM_DEPOSITED[pid])
     assert final.r_free <= floor + TOL_DEPOSITED, res.history
     assert final.rms_bond <= MAX_RMS_BOND
+    assert res.history[res.best_cycle].r_free <= res.history[0].r_free  # never above the start
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pid", DATASETS)
+@pytest.mark.parametrize("pid", BY_DATASET)
 def test_shaken_model_refines_back(pid):
     model, refl = _inputs(pid)
     start = shake(model, 0.5, seed=7)
@@ -284,6 +293,8 @@ def test_shaken_model_refines_back(pid):
     floor = max(DEPOSITED_R_FREE[pid], SERVALCAT_10_FROM_SHAKEN[pid])
     assert final.r_free <= floor + TOL_SHAKEN, res.history
     assert final.rms_bond <= MAX_RMS_BOND
+    if not light:  # the default cycles: w_A holds the angles near issue 14's 2.0°
+        assert final.rms_angle <= MAX_RMS_ANGLE_SHAKEN, res.history
 
 
 @pytest.mark.slow

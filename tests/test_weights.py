@@ -42,6 +42,12 @@ def test_adjust_w_a_is_damped_and_bounded():
     assert np.isclose(wmod.adjust_w_a(0.1, 0.3, target), 0.1 / wmod.MAX_DECREASE)  # falls are smaller steps
     assert wmod.adjust_w_a(0.1, 0.62, target) == 0.1  # the cycle-1 RMS Z of 5e5z/1l2h: no fall
     assert np.isclose(wmod.adjust_w_a(0.1, 10.0, target), 0.1 * wmod.MAX_FACTOR)  # at most MAX_FACTOR per cycle
+    # the geometry limits: angles beyond LIMIT_AIM x 2.0° raise w_A even with RMS Z(bond) inside the band
+    aim = wmod.LIMIT_AIM * wmod.MAX_RMS_ANGLE
+    assert np.isclose(wmod.adjust_w_a(0.1, 1.0, target, 0.010, 1.1 * aim), 0.1 * 1.1 ** wmod.LIMIT_POWER)
+    assert wmod.adjust_w_a(0.1, 1.0, target, 0.010, 0.99 * aim) == 0.1
+    assert wmod.adjust_w_a(0.1, 0.3, target, 0.010, 1.1 * aim) > 0.1  # the angles win over tight bonds
+    assert np.isclose(wmod.adjust_w_a(0.1, 1.0, target, 1.2 * wmod.LIMIT_AIM * wmod.MAX_RMS_BOND, 1.0), 0.1 * 1.2 ** 2)
 
 
 def test_scan_w_a_runs_every_trial_and_returns_the_kept_result():

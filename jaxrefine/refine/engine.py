@@ -250,7 +250,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
             setup, params, problem, state = ctx.setup, ctx.params, ctx.problem, ctx.state
             removed_labels += list(ctx.removed)
         if settings.w_a == "auto" and "xyz" in blocks and not settings.scan_w_a:
-            w_a = wmod.adjust_w_a(float(state.w_a), st.rmsz_bond, settings.target_rmsz)
+            w_a = wmod.adjust_w_a(float(state.w_a), st.rmsz_bond, settings.target_rmsz, st.rms_bond, st.rms_angle)
             state = state._replace(w_a=jnp.asarray(w_a, problem.maps.orth.dtype))
     if kept.cycle == 0 and len(history) > 1:
         best = min(h.r_free for h in history[1:])

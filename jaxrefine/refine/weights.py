@@ -53,12 +53,28 @@ def target_rmsz_for(d_min: float, target="auto") -> float:
     return float(np.clip(1.0 - 0.3 * (d_min - 1.5), 0.45, 1.0))
 
 
-def adjust_w_a(w_a: float, rmsz_bond: float, target_rmsz: float) -> float:
-    """New w_A after a macrocycle that ended with RMS Z(bond) = ``rmsz_bond``."""
+# Geometry limits the steering also holds (issue 14's RMS bond 0.015 Å and RMS angle 2.0°): at high
+# resolution RMS Z(bond) 1.0 can leave angles at 2.3-3.0° (4xof, 4iid, 1l2h), so w_A also rises when
+# either RMS deviation is beyond LIMIT_AIM of its limit, by (RMS / aim)^LIMIT_POWER, whatever the bonds'
+# RMS Z says (aiming at the limit itself left 4xof, 1l2h, 5orl, 4iid at 2.06-2.08° after 5 cycles).
+MAX_RMS_BOND = 0.015  # Å
+MAX_RMS_ANGLE = 2.0  # degrees
+LIMIT_AIM = 0.95
+LIMIT_POWER = 2.0
+
+
+def adjust_w_a(w_a: float, rmsz_bond: float, target_rmsz: float, rms_bond: float = 0.0, rms_angle: float = 0.0) -> float:
+    """New w_A after a macrocycle that ended with RMS Z(bond) = ``rmsz_bond`` (and RMS deviations
+    ``rms_bond`` Å, ``rms_angle`` degrees: w_A rises when either is beyond its limit)."""
     lo, hi = RMSZ_BAND[0] * target_rmsz, RMSZ_BAND[1] * target_rmsz
-    if lo <= rmsz_bond <= hi or not np.isfinite(rmsz_bond):
+    factor = 1.0
+    if not (lo <= rmsz_bond <= hi or not np.isfinite(rmsz_bond)):
+        factor = (rmsz_bond / target_rmsz) ** ADJUST_POWER
+    over = max(rms_bond / MAX_RMS_BOND, rms_angle / MAX_RMS_ANGLE) / LIMIT_AIM
+    if np.isfinite(over) and over > 1.0:
+        factor = max(factor, over ** LIMIT_POWER)
+    if factor == 1.0:
         return w_a
-    factor = (rmsz_bond / target_rmsz) ** ADJUST_POWER
     factor = float(np.clip(factor, 1 / MAX_DECREASE, MAX_FACTOR))
     return float(np.clip(w_a * factor, *W_A_LIMITS))
 
@@ -75,8 +91,8 @@ SCAN_D_MIN = 2.5  # Å: scan w_A when the data stop at d_min >= this (the target
 SCAN_FACTORS = (0.5, 1.0, 2.0)  # trial weights as multiples of the current w_A
 SCAN_TRIAL_FRACTION = 0.4  # each trial takes this fraction of the cycle's coordinate steps; the kept one then
 # takes the rest (3 trials of 10 + 15 steps instead of 3 x 25: 5kzb, 1va7 same R-free, 1/3 fewer F evaluations)
-SCAN_MAX_RMS_BOND = 0.015  # Å: trials with looser geometry are not eligible (issue 14's limits)
-SCAN_MAX_RMS_ANGLE = 2.0  # degrees
+SCAN_MAX_RMS_BOND = MAX_RMS_BOND  # Å: trials with looser geometry are not eligible (issue 14's limits)
+SCAN_MAX_RMS_ANGLE = MAX_RMS_ANGLE  # degrees
 
 
 class WeightTrial(NamedTuple):
