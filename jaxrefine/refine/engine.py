@@ -30,6 +30,7 @@ from ..problem.riding import riding_problem
 from ..problem.xray_state import current_model_arrays, f_model_of, model_of, refresh_neighbours, update_xray_state
 from ..xray.targets import ml_amplitude_target
 from . import weights as wmod
+from .cache import enable_compilation_cache
 from .blocks import STRATEGY_BLOCKS, cycle_plan, low_resolution_work_set, minimise_blocks, xray_gradient_norm  # noqa: F401 (STRATEGY_BLOCKS re-exported)
 from .guard import Kept, keep_better, overfitting_warnings
 from .monitor import HEADER, CycleStats, cycle_statistics, format_cycle, log_cycle  # noqa: F401 (re-exported)
@@ -207,6 +208,9 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
             :func:`jaxrefine.validate.waters.water_hooks`.  None by default.
     """
     settings = LoopSettings.from_config(setup.config, setup.refl.d_min, n_cycles, strategy)
+    # the persistent compilation cache, as for the CLI (runtime.compilation_cache): notebooks and scripts that
+    # call refine() directly load the loop's compiled code from an earlier process instead of compiling it
+    enable_compilation_cache(setup.config.runtime.compilation_cache)
     t0 = time.perf_counter()
     problem, params, state = setup.problem, setup.params, setup.state
     timing.begin_cycle(0)  # the starting model: initial w_A and statistics
