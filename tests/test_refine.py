@@ -126,7 +126,7 @@ def test_total_energy_gradient_matches_finite_differences(small_setup):
     """∂E_total/∂(xyz_frac, b_raw) by autodiff vs central differences, float64."""
     p, prob, state = small_setup.params, small_setup.problem, small_setup.state
     assert p.xyz_frac.dtype == jnp.float64
-    g = jax.grad(total_energy)(p, prob, state)
+    g = jax.jit(jax.grad(total_energy))(p, prob, state)  # op by op, the gradient took ~20 s of dispatch
     energy = jax.jit(total_energy)  # one compile for the 16 evaluations (op by op they take seconds each)
     rng = np.random.default_rng(3)
     for leaf, h in (("xyz_frac", 1e-6), ("b_raw", 1e-4)):
@@ -147,7 +147,8 @@ def test_rigid_motion_leaves_restraint_energy_unchanged(small_setup):
     """A rigid rotation+translation of the whole model (P1-style) changes no bond/angle energy."""
     p, prob, state = small_setup.params, small_setup.problem, small_setup.state
     moved = p._replace(rot=p.rot + 0.3, trans=p.trans + 1.7)
-    e0, e1 = energy_terms(p, prob, state), energy_terms(moved, prob, state)
+    terms = jax.jit(energy_terms)
+    e0, e1 = terms(p, prob, state), terms(moved, prob, state)
     from jaxrefine.restraints import geometry_terms
     from jaxrefine.problem.params import atom_xyz
 
@@ -235,7 +236,7 @@ def test_energy_api_for_ml_code(small_setup):
     """The documented notebook API: energy(params) and its gradient, vmapped over an ensemble."""
     p, prob, state = small_setup.params, small_setup.problem, small_setup.state
     energy = jax.jit(lambda xyz: total_energy(p._replace(xyz_frac=xyz), prob, state))
-    grad = jax.grad(lambda xyz: total_energy(p._replace(xyz_frac=xyz), prob, state))(p.xyz_frac)
+    grad = jax.jit(jax.grad(lambda xyz: total_energy(p._replace(xyz_frac=xyz), prob, state)))(p.xyz_frac)
     assert grad.shape == p.xyz_frac.shape and np.all(np.isfinite(np.asarray(grad)))
     ens = p.xyz_frac[None] + 0.002 * jax.random.normal(jax.random.PRNGKey(0), (3,) + p.xyz_frac.shape, p.xyz_frac.dtype)
     batch = jax.vmap(energy)(ens)
