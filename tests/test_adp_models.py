@@ -505,7 +505,7 @@ def test_total_energy_gradient_of_adp_parameters(setups_5e5z, mode, leaf):
 def test_tls_with_only_isotropic_t_gives_the_isotropic_f_calc(setups_5e5z):
     """T = t·I, L = S ≈ 0 and residual B: F_calc equals the isotropic model's with B + 8π²t (same FFT setup)."""
     from jaxrefine.problem.params import atom_b, b_to_raw
-    from jaxrefine.problem.xray_state import f_calc_of
+    from jaxrefine.problem.xray_state import f_calc_of_jit as f_calc_of  # op by op it took ~10 s
 
     iso, tls = setups_5e5z["iso"], setups_5e5z["tls"]
     t_iso = 0.05  # Å² (B 3.9 Å²)
