@@ -144,7 +144,10 @@ def choose_initial_w_a(setup: Setup, problem: Problem | None = None, state: Xray
     problem = setup.problem if problem is None else problem
     state = setup.state if state is None else state
     params = setup.params if params is None else params
-    gx = xray_gradient_norm(params, problem, state, settings.target)
+    # a rigid-body-only run minimises the rigid target throughout: balance against that one (and compile
+    # only its loop)
+    target = settings.rigid_target if settings.strategy == "rigid" else settings.target
+    gx = xray_gradient_norm(params, problem, state, target)
     return wmod.initial_w_a(gx, problem.restraints, setup.model.n_atoms, settings.target_rmsz)
 
 
