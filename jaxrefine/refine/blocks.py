@@ -1,6 +1,6 @@
 """Minimisation over parameter blocks: which blocks a strategy refines, and one minimisation.
 
-Each block ("xyz", "b", "occ", "rigid") is minimised in turn by the same compiled optax loop
+Each block ("xyz", "b", "occ", "rigid") is minimised in turn by the same compiled L-BFGS loop
 (:func:`jaxrefine.refine.optimize.minimise` over the masked shifts of
 :mod:`jaxrefine.refine.energy`), so switching blocks never recompiles.
 """
@@ -53,7 +53,8 @@ def _loop_args(learning_rate: float, rtol: float, dtype):
 
 def minimise_blocks(blocks, params: Params, problem: Problem, state: XrayState, n_steps: int, target: str = "ml",
                     optimizer: str = "lbfgs", learning_rate: float = 0.02, rtol: float = 0.0) -> Params:
-    """Minimise E_total over the given parameter blocks (one jit-compiled optax loop for all blocks).
+    """Minimise E_total over the given parameter blocks (one jit-compiled loop for all blocks: L-BFGS,
+    or optax's adam / sgd).
 
     Args:
         blocks: names of the free blocks, e.g. ("xyz",).

@@ -64,12 +64,13 @@ LIMIT_AIM = 0.9
 LIMIT_POWER = 2.0
 
 
-def adjust_w_a(w_a: float, rmsz_bond: float, target_rmsz: float, rms_bond: float = 0.0, rms_angle: float = 0.0) -> float:
+def adjust_w_a(w_a: float, rmsz_bond: float, target_rmsz: float, rms_bond: float = 0.0,
+               rms_angle: float = 0.0) -> float:
     """New w_A after a macrocycle that ended with RMS Z(bond) = ``rmsz_bond`` (and RMS deviations
     ``rms_bond`` Å, ``rms_angle`` degrees: w_A rises when either is beyond its limit)."""
     lo, hi = RMSZ_BAND[0] * target_rmsz, RMSZ_BAND[1] * target_rmsz
     factor = 1.0
-    if not (lo <= rmsz_bond <= hi or not np.isfinite(rmsz_bond)):
+    if np.isfinite(rmsz_bond) and not lo <= rmsz_bond <= hi:
         factor = (rmsz_bond / target_rmsz) ** ADJUST_POWER
     over = max(rms_bond / MAX_RMS_BOND, rms_angle / MAX_RMS_ANGLE) / LIMIT_AIM
     if np.isfinite(over) and over > 1.0:
