@@ -20,7 +20,9 @@ if _OWN_CACHE:
     os.environ["JAXREFINE_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxrefine-test-cache-")
 if os.environ["JAXREFINE_CACHE_DIR"].lower() != "off":
     jax.config.update("jax_compilation_cache_dir", os.environ["JAXREFINE_CACHE_DIR"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.05)
+    from jaxrefine.refine.cache import MIN_COMPILE_TIME_S
+
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S)
 
 
 MAX_WORKERS = 4
