@@ -178,9 +178,16 @@ def test_coupled_uncertainties_match_dense_inverse(minimum, dense):
     setup, params, ps = minimum
     _, hinv = dense
     n = params.xyz_frac.shape[0]
-    unc = U.atom_uncertainties(params, ps, setup.model.crystal)
+    unc = U.atom_uncertainties(params, ps, setup.model.crystal, method="probe")
     ref = np.sqrt(np.array([np.trace(hinv[i, :3, i, :3]) for i in range(n)]))
     ref_b = np.sqrt(np.array([hinv[i, 3, i, 3] for i in range(n)]))
+    exact = U.atom_uncertainties(params, ps, setup.model.crystal)  # "auto": the exact Hessian at this size
+    assert exact.info["method"] == "dense" and unc.info["method"] == "probe"
+    np.testing.assert_allclose(exact.sigma_r, ref, rtol=1e-6)
+    held = ~np.isfinite(exact.b_esd)  # B at the floor: NaN here, a zero row of the reference
+    np.testing.assert_allclose(exact.b_esd[~held], ref_b[~held], rtol=1e-6)
+    assert np.all(ref_b[held] < 1e-6 * np.nanmax(exact.b_esd))
+    np.testing.assert_allclose(exact.sigma_r_block, unc.sigma_r_block, rtol=COLOURED_BLOCK_RTOL)
     ratio = unc.sigma_r / ref
     assert COUPLED_RATIO[0] < ratio.min() and ratio.max() < COUPLED_RATIO[1], (ratio.min(), ratio.max())
     assert U.spearman(unc.sigma_r, ref) > COUPLED_SPEARMAN
@@ -200,8 +207,10 @@ def test_implicit_derivative_matches_reminimisation(minimum):
     g = np.zeros((2,) + (params.xyz_frac.shape[0], 4))
     g[0] = np.asarray(jax.grad(U.r_free_of)(U._zeros(params), params, ps))
     g[1, atom, 0] = 1.0  # x of one atom (perpendicular to the floating b axis)
-    implicit, res = U.implicit_derivative(g, "w_a", params, ps, setup.model.crystal)
+    implicit, res = U.implicit_derivative(g, "w_a", params, ps, setup.model.crystal, method="probe")  # CG
     assert res.max() < 1e-4
+    exact, res_exact = U.implicit_derivative(g, "w_a", params, ps, setup.model.crystal)  # "auto": dense here
+    assert res_exact.max() < 1e-8
     h = 1e-3 * float(state.w_a)
     vals = []
     for sign in (1, -1):
@@ -210,6 +219,7 @@ def test_implicit_derivative_matches_reminimisation(minimum):
         vals.append([float(U.r_free_of(jnp.asarray(u), params, ps)), u[atom, 0]])
     fd = (np.array(vals[0]) - np.array(vals[1])) / (2 * h)
     np.testing.assert_allclose(implicit, fd, rtol=IMPLICIT_RTOL)
+    np.testing.assert_allclose(exact, fd, rtol=IMPLICIT_RTOL)
 
 
 @pytest.mark.slow

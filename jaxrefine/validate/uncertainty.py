@@ -30,9 +30,13 @@ of all atoms; those directions are projected out (uncertainties relative to a fi
 2. Coupled: the per-atom blocks of H⁻¹, probed colour by colour with random signs
    (probing: Tang & Saad 2012, Numer. Linear Algebra Appl. 19, 485; random signs as in Hutchinson
    1990, Commun. Stat. Simul. 19, 433, make it unbiased), H⁻¹v by conjugate gradients
-   (``jax.scipy.sparse.linalg.cg``) preconditioned by the inverse blocks.  Only atoms of one colour
+   (:func:`solve`, a batched numpy loop over HVPs) preconditioned by the inverse blocks.  Only atoms of one colour
    (≥ ``cutoff`` apart) leak into each other's estimate.  Each variance is clipped below at the
    block-diagonal bound.
+3. Exact (``method="dense"``; what ``"auto"`` chooses up to :data:`DENSE_MAX_PARAMS` parameters): the whole
+   H from one HVP per parameter, restricted to the active components and the fixed-origin subspace, and its
+   pseudo-inverse by an eigendecomposition.  The block-diagonal estimate is then the inverse of H's
+   exact diagonal blocks.  Implicit derivatives use the same inverse instead of CG solves.
 
 **Overall figure.** Cruickshank's diffraction-component precision index (Cruickshank 1999, Acta
 Cryst. D55, 583, eqs. 27 and 28 in the R_free form of Blow 2002, Acta Cryst. D58, 792):
@@ -71,6 +75,11 @@ PROBE_CG_TOL = 1e-3  # ... of the probing solves of the coupled esds: on 5e5z σ
 # 1e-5 to 1e-4 relatively (far below the probing noise of a few %); atom_uncertainties 30 s against 36 s at 1e-4
 CG_MAXITER = 400
 HVP_BATCH = 8  # Hessian-vector products evaluated together (vmap)
+# Parameters (4 per atom) up to which the coupled estimate and the implicit solves use the exact Hessian, one
+# HVP per parameter and a dense eigendecomposition (method "auto"): on 5e5z (188 parameters) 188 HVPs against
+# 92 for the blocks + ~40 CG iterations x 92 probes, and exact.  At 2400 the matrix is 46 MB and its
+# eigendecomposition takes a few seconds; probing is cheaper beyond (its HVPs scale with colours, not atoms).
+DENSE_MAX_PARAMS = 2400
 B_AT_FLOOR = 0.05  # Å²: an atom whose B is within this of refine.b_min sits at a bound; its B is held fixed
 EIG_FLOOR = 1e-8  # eigenvalues of a block below this × its largest are floored (not positive definite)
 WEIGHTS = ("posterior", "refinement")
@@ -238,6 +247,57 @@ def invert_blocks(blocks):
     return np.einsum("nij,nj,nkj->nik", v, 1.0 / w, v), int(bad.sum())
 
 
+def dense_hessian(params, problem, target: str = "ml", batch: int = HVP_BATCH) -> np.ndarray:
+    """The whole Hessian (n, 4, n, 4) at the parameters (zero shifts), one HVP per parameter, symmetrised."""
+    n = params.xyz_frac.shape[0]
+    dtype = params.xyz_frac.dtype
+    cols = np.zeros((4 * n, n, 4))
+    for start in range(0, 4 * n, batch):
+        vs = np.zeros((batch, 4 * n))
+        k = min(batch, 4 * n - start)
+        vs[np.arange(k), start + np.arange(k)] = 1.0
+        hv = hvp_batch(jnp.asarray(vs.reshape(batch, n, 4), dtype), params, problem, target)
+        cols[start:start + k] = np.asarray(hv, float)[:k]
+    h = cols.reshape(4 * n, 4 * n)
+    return (0.5 * (h + h.T)).reshape(n, 4, n, 4)
+
+
+def dense_inverse(h, active, basis) -> tuple:
+    """(pseudo-inverse (n, 4, n, 4) of H restricted to the ``active`` (n, 4) components and to the
+    fixed-origin subspace (``basis`` (k, 3) floating-origin directions), number of eigenvalues floored).
+
+    Held components get zero rows and columns; eigenvalues below EIG_FLOOR × the largest are dropped
+    (the floating origin's and the held components' null directions) and counted when they are negative.
+    """
+    n = h.shape[0]
+    keep = np.asarray(active, float).ravel()
+    a = np.asarray(h, float).reshape(4 * n, 4 * n) * keep[:, None] * keep[None, :]
+    proj = np.eye(4 * n)
+    for e in np.asarray(basis, float):
+        v = np.zeros((n, 4))
+        v[:, :3] = e
+        v = v.ravel() * keep
+        if v @ v > 0:
+            v /= np.sqrt(v @ v)
+            proj -= np.outer(v, v)
+    a = proj @ a @ proj
+    w, vec = np.linalg.eigh(0.5 * (a + a.T))
+    top = max(float(np.abs(w).max()), 1e-30)
+    good = w > EIG_FLOOR * top
+    n_neg = int((w < -EIG_FLOOR * top).sum())
+    inv = (vec[:, good] / w[good]) @ vec[:, good].T
+    return inv.reshape(n, 4, n, 4), n_neg
+
+
+def choose_method(method: str, n_params: int) -> str:
+    """"dense" or "probe" for ``method`` ("auto", "dense" or "probe") and the number of active parameters."""
+    if method not in ("auto", "dense", "probe"):
+        raise ValueError(f"uncertainty method {method!r}: expected auto, dense or probe")
+    if method == "auto":
+        return "dense" if n_params <= DENSE_MAX_PARAMS else "probe"
+    return method
+
+
 def active_components(params, ps) -> np.ndarray:
     """(n, 4) bool: the x, y, z and B of atoms with occupancy > 0; B only where it is above the floor b_min
     (a parameter at a bound has no Gaussian uncertainty; it is held fixed and reported as unknown)."""
@@ -330,7 +390,8 @@ class Uncertainties(NamedTuple):
 
 
 def atom_uncertainties(params, problem, crystal, target: str = "ml", weights: str = "posterior", coupled: bool = True,
-                       cutoff: float = COLOUR_CUTOFF, seed: int = 0, active=None, progress=None) -> Uncertainties:
+                       cutoff: float = COLOUR_CUTOFF, seed: int = 0, active=None, progress=None,
+                       method: str = "auto") -> Uncertainties:
     """Block-diagonal and coupled per-atom uncertainties at ``params`` (see the module docstring).
 
     The coupled blocks of H⁻¹ are probed colour by colour: for colour c and component k, the probe
@@ -349,12 +410,16 @@ def atom_uncertainties(params, problem, crystal, target: str = "ml", weights: st
         active: (n, 4) bool components to estimate (default :func:`active_components`); the others are held fixed
             and their esds are NaN ("?" in the mmCIF).
         progress: callable taking a line of text (long runs).
+        method: "probe" (colours and CG, as above), "dense" (the exact Hessian and its inverse) or
+            "auto" (dense up to :data:`DENSE_MAX_PARAMS` active parameters, with ``coupled``).
     """
     t0 = time.perf_counter()
     say = progress or log.info
     prob = weighted_problem(problem, weights)
     n = params.xyz_frac.shape[0]
     comp = active_components(params, problem) if active is None else np.asarray(active, bool)
+    if coupled and choose_method(method, int(comp.sum())) == "dense":
+        return _dense_uncertainties(params, prob, crystal, target, weights, comp, say, t0)
     active = comp.any(1)
     xyz = np.asarray(params.xyz_frac, float) @ np.asarray(crystal.orth, float).T
     colours = np.where(active, colour_atoms(xyz, crystal, cutoff), -1)
@@ -399,10 +464,44 @@ def atom_uncertainties(params, problem, crystal, target: str = "ml", weights: st
     info = {"n_atoms": int(active.sum()), "b_at_floor": int((active & ~comp[:, 3]).sum()), "n_colours": n_col,
             "cutoff": cutoff, "n_hvp_blocks": 4 * n_col,
             "n_cg_solves": 4 * n_col if coupled else 0, "not_positive_definite": n_bad, "cg_residual_max": res_max,
-            "floating_origin": len(basis), "weights": weights, "target": target, "seconds": time.perf_counter() - t0}
+            "floating_origin": len(basis), "weights": weights, "target": target, "method": "probe" if coupled else "blocks",
+            "seconds": time.perf_counter() - t0}
     if n_bad:
         log.warning("uncertainty: %d atom blocks of the Hessian are not positive definite (model not at a minimum?); "
                     "their uncertainties are unreliable", n_bad)
+    return Uncertainties(
+        xyz_esd=np.sqrt(var[:, :3]), b_esd=np.sqrt(var[:, 3]), sigma_r=np.sqrt(var[:, :3].sum(1)),
+        xyz_esd_block=np.sqrt(var_block[:, :3]), b_esd_block=np.sqrt(var_block[:, 3]),
+        sigma_r_block=np.sqrt(var_block[:, :3].sum(1)), cov_xyz=cov[:, :3, :3], info=info)
+
+
+def _dense_uncertainties(params, prob, crystal, target, weights, comp, say, t0) -> Uncertainties:
+    """:func:`atom_uncertainties` by the exact Hessian (method "dense"): coupled = blocks of its pseudo-inverse,
+    block-diagonal = inverses of its diagonal blocks."""
+    n = params.xyz_frac.shape[0]
+    basis = floating_origin(crystal)
+    say(f"uncertainty: {int(comp.any(1).sum())} atoms, exact Hessian from {4 * n} Hessian-vector products"
+        + (f", floating origin along {len(basis)} direction(s)" if len(basis) else ""))
+    h = dense_hessian(params, prob, target)
+    hinv, n_neg = dense_inverse(h, comp, basis)
+    idx = np.arange(n)
+    cov = hinv[idx, :, idx, :]  # (n, 4, 4)
+    held = ~(comp[:, :, None] & comp[:, None, :])
+    blocks = np.where(held, 0.0, h[idx, :, idx, :])
+    d4 = np.arange(4)
+    blocks[:, d4, d4] = np.where(comp, blocks[:, d4, d4], 1.0)
+    m_inv, n_bad = invert_blocks(blocks)
+    cov = np.where(held, np.nan, cov)
+    m_inv = np.where(held, np.nan, m_inv)
+    var_block = np.diagonal(m_inv, axis1=1, axis2=2)
+    var = np.diagonal(cov, axis1=1, axis2=2)
+    info = {"n_atoms": int(comp.any(1).sum()), "b_at_floor": int((comp.any(1) & ~comp[:, 3]).sum()), "n_colours": n,
+            "cutoff": float("inf"), "n_hvp_blocks": 4 * n, "n_cg_solves": 0, "not_positive_definite": max(n_bad, n_neg),
+            "cg_residual_max": 0.0, "floating_origin": len(basis), "weights": weights, "target": target,
+            "method": "dense", "seconds": time.perf_counter() - t0}
+    if info["not_positive_definite"]:
+        log.warning("uncertainty: the Hessian has %d negative eigenvalues (model not at a minimum?); the uncertainties "
+                    "are unreliable", info["not_positive_definite"])
     return Uncertainties(
         xyz_esd=np.sqrt(var[:, :3]), b_esd=np.sqrt(var[:, 3]), sigma_r=np.sqrt(var[:, :3].sum(1)),
         xyz_esd_block=np.sqrt(var_block[:, :3]), b_esd_block=np.sqrt(var_block[:, 3]),
@@ -469,20 +568,37 @@ def _preconditioner(params, problem, crystal, target, cutoff):
     return m_inv, floating_origin(crystal)
 
 
-def implicit_derivative(phi_grads, name, params, problem, crystal, target: str = "ml", cutoff: float = COLOUR_CUTOFF):
+def implicit_derivative(phi_grads, name, params, problem, crystal, target: str = "ml", cutoff: float = COLOUR_CUTOFF,
+                        method: str = "auto"):
     """dφ_k/dλ for functionals with gradients ``phi_grads`` (k, n, 4) at the minimum of the refinement energy.
 
     Args:
         phi_grads: ∇_θ φ_k (k, n, 4) in the shift variables.
         name: "w_a" (returns (k,)) or "f_obs" (returns (k, n_refl)).
         problem: with the refinement's weights (θ* must minimise its E_total).
+        method: "probe" (preconditioned CG), "dense" (the exact Hessian's pseudo-inverse) or "auto"
+            (dense up to :data:`DENSE_MAX_PARAMS` active parameters).
 
     Returns:
-        (derivatives, CG relative residuals (k,)).
+        (derivatives, relative residuals (k,) of the solves).
     """
-    m_inv, basis = _preconditioner(params, problem, crystal, target, cutoff)
     comp = active_components(params, problem)  # B at the floor stays there: held fixed
-    u, res = solve(np.asarray(phi_grads, float) * comp, params, problem, m_inv, basis, comp, target=target)
+    rhs = np.asarray(phi_grads, float) * comp
+    if choose_method(method, int(comp.sum())) == "dense":
+        n = params.xyz_frac.shape[0]
+        h = dense_hessian(params, problem, target)
+        hinv, _ = dense_inverse(h, comp, floating_origin(crystal))
+        u = np.einsum("ajbk,rbk->raj", hinv, rhs)
+        hu = np.einsum("ajbk,rbk->raj", h.reshape(n, 4, n, 4), u)
+        keep = comp * 1.0
+        r = (hu - rhs) * keep
+        basis = floating_origin(crystal)
+        r = np.asarray(_project(jnp.asarray(r), jnp.asarray(basis))) * keep if len(basis) else r
+        b = np.asarray(_project(jnp.asarray(rhs), jnp.asarray(basis))) * keep if len(basis) else rhs
+        res = np.sqrt((r ** 2).sum((1, 2))) / np.maximum(np.sqrt((b ** 2).sum((1, 2))), 1e-300)
+    else:
+        m_inv, basis = _preconditioner(params, problem, crystal, target, cutoff)
+        u, res = solve(rhs, params, problem, m_inv, basis, comp, target=target)
     u = jnp.asarray(u, params.xyz_frac.dtype)
     out = np.stack([-np.asarray(_mixed_jit(u[k], params, problem, target, name), float) for k in range(u.shape[0])])
     return out, np.asarray(res, float)
