@@ -94,13 +94,13 @@ def model_f_calc(model, crystal, hkl, method: str = "auto"):
 def model_f_mask(model, crystal, hkl, d_min: float, r_probe: float = 1.0, r_shrink: float = 0.8, xyz_cart=None):
     """(F_mask (n,) complex, grid shape, solvent fraction) of the model's bulk-solvent mask."""
     from ..io.mask import mask_grid_shape, solvent_mask
-    from ..xray.structure_factors import f_from_grid
+    from ..xray.structure_factors import f_from_grid_jit
 
     shape = mask_grid_shape(crystal, d_min)
     hmax = np.abs(np.asarray(hkl)).max(axis=0)
     shape = tuple(int(max(n, 2 * h + 2)) for n, h in zip(shape, hmax))
     grid = solvent_mask(model, crystal, shape, r_probe=r_probe, r_shrink=r_shrink, xyz_cart=xyz_cart)
-    return np.asarray(f_from_grid(jnp.asarray(grid), jnp.asarray(hkl), crystal)), shape, float(grid.mean())
+    return np.asarray(f_from_grid_jit(grid, hkl, crystal.volume)), shape, float(grid.mean())
 
 
 def fit_scales_and_sigma_a(f_obs, sig_f_obs, f_calc, f_mask, s_cart, work, sigma_a_use, bins, centric, epsilon, crystal,

@@ -6,6 +6,7 @@ Each block ("xyz", "b", "occ", "rigid") is minimised in turn by the same compile
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -14,6 +15,8 @@ from ..problem.problem import Problem, XrayState
 from .energy import SHIFT_ENERGY, apply_shifts, block_mask, zero_shifts
 from ..core import timing
 from .optimize import minimise_with_stats
+
+_apply_shifts_jit = jax.jit(apply_shifts)  # host code: one program, not one per operation
 
 STRATEGY_BLOCKS = {
     "rigid": ("rigid",),
@@ -70,7 +73,7 @@ def minimise_blocks(blocks, params: Params, problem: Problem, state: XrayState, 
                                            n_steps=n_steps, method=optimizer, learning_rate=lr, rtol=rtol_a)
     timing.count("steps", stats.steps)  # waits for the minimisation (timing sections stay honest)
     timing.count("evaluations", stats.evaluations)
-    return apply_shifts(shifts, mask, params, problem)
+    return _apply_shifts_jit(shifts, mask, params, problem)
 
 
 def xray_gradient_norm(params: Params, problem: Problem, state: XrayState, target: str = "ml") -> float:

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..config import TARGETS
 from ..problem.adp_model import U_SHIFT_SCALE, adp_restraint_energy, ncs_restraint_energy
@@ -75,14 +76,16 @@ def total_energy(params: Params, problem: Problem, state: XrayState, target: str
 BLOCKS = ("xyz", "b", "occ", "rigid")
 
 
+# numpy, not jax.numpy: host code calls these once per block, and each jax.numpy call outside jit compiles a
+# one-operation program per process (inside a traced function the numpy arrays become constants)
 def zero_shifts(params: Params) -> Params:
     """Shifts of every parameter, all zero (the minimiser's starting point)."""
-    return jax.tree_util.tree_map(jnp.zeros_like, params)
+    return jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), params)
 
 
 def block_mask(params: Params, blocks) -> Params:
     """0/1 arrays shaped like ``params`` that free the given blocks."""
-    on = lambda a, flag: jnp.full_like(a, 1.0 if flag else 0.0)  # noqa: E731
+    on = lambda a, flag: np.full(a.shape, 1.0 if flag else 0.0, a.dtype)  # noqa: E731
     return Params(
         xyz_frac=on(params.xyz_frac, "xyz" in blocks),
         b_raw=on(params.b_raw, "b" in blocks),

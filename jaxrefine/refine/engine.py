@@ -27,7 +27,7 @@ from ..problem.params import Params
 from ..problem.problem import Problem, Setup, XrayState
 from ..problem.setup import build_setup
 from ..problem.riding import riding_problem
-from ..problem.xray_state import current_model_arrays, f_model_of, model_of, refresh_neighbours, update_xray_state
+from ..problem.xray_state import current_model_arrays, f_model_of_jit, model_of, refresh_neighbours, update_xray_state
 from ..xray.targets import ml_amplitude_target
 from . import weights as wmod
 from .cache import enable_compilation_cache
@@ -151,14 +151,15 @@ def choose_initial_w_a(setup: Setup, problem: Problem | None = None, state: Xray
     return wmod.initial_w_a(gx, problem.restraints, setup.model.n_atoms, settings.target_rmsz)
 
 
+_ml_target_jit = jax.jit(ml_amplitude_target)
+
+
 def _free_nll(params: Params, problem: Problem, state: XrayState):
-    """Free-set −log-likelihood of the parameters with the state's scales and σA (pure JAX)."""
+    """Free-set −log-likelihood of the parameters with the state's scales and σA (F_model from the compiled
+    F_calc that every report shares: no program of its own around the structure factors)."""
     x = problem.xray
-    return ml_amplitude_target(x.f_obs, x.sig_f_obs, f_model_of(params, problem, state), state.sigma_a, x.centric,
-                               x.epsilon, x.free)
-
-
-_free_nll_jit = jax.jit(_free_nll)
+    return _ml_target_jit(x.f_obs, x.sig_f_obs, f_model_of_jit(params, problem, state), state.sigma_a, x.centric,
+                          x.epsilon, x.free)
 
 
 def _weight_trial(w_a: float, params, problem, state, settings: LoopSettings, n_steps: int):
@@ -168,7 +169,7 @@ def _weight_trial(w_a: float, params, problem, state, settings: LoopSettings, n_
     p = minimise_blocks(("xyz",), params, problem, trial_state, n_steps, settings.target,
                         settings.optimizer, settings.learning_rate, settings.converge_rtol)
     st = cycle_statistics(0, p, problem, trial_state, time.perf_counter())
-    nll = float(_free_nll_jit(p, problem, trial_state))
+    nll = float(_free_nll(p, problem, trial_state))
     return (p, trial_state), wmod.WeightTrial(w_a, nll, st.r_free, st.rms_bond, st.rms_angle)
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -629,6 +630,22 @@ def f_from_grid(grid, hkl, setup):
     idx = jnp.where(conj[:, None], hkl, -hkl) % jnp.asarray(shape, hkl.dtype)[None]
     vals = _read_half_complex(jnp.fft.rfftn(grid, axes=(-3, -2, -1)), idx, conj)
     return vals * (volume / float(np.prod(shape)))
+
+
+class _CellVolume(NamedTuple):
+    volume: float  # Å³
+
+
+@partial(jax.jit, static_argnames="volume")
+def _f_from_grid_compiled(grid, hkl, volume: float):
+    return f_from_grid(grid, hkl, _CellVolume(volume))
+
+
+def f_from_grid_jit(grid, hkl, volume: float):
+    """:func:`f_from_grid` as one compiled program (host code: solvent masks), for a cell of ``volume`` Å³
+    (static: one program per cell, as the grid is).  Run op by op it compiled a dozen one-operation
+    programs per process."""
+    return _f_from_grid_compiled(jnp.asarray(grid), jnp.asarray(hkl), volume=float(volume))
 
 
 # ----------------------------------------------------------------------------- entry point
