@@ -377,6 +377,22 @@ def test_jit_compiles_once_across_calls_and_rebuilds(small):
     assert len(traces) == 1
 
 
+def test_bucketed_capacity_is_shared_by_shaken_and_deposited_models():
+    """Size buckets: the non-bonded capacity of 5kzb's deposited model and of two shaken copies is one number
+    (1.5 x their pairs found differed: 8384, 8256, 8192), so their refinements share compiled code."""
+    from jaxrefine.core.restraint_terms import bucket_length
+    from jaxrefine.io.perturb import shake
+
+    sizes = [bucket_length(n) for n in range(1, 5000)]
+    assert all(b >= n and b % 64 == 0 for n, b in zip(range(1, 5000), sizes))
+    assert all(b <= 1.19 * n + 64 for n, b in zip(range(1, 5000), sizes))  # a quarter octave, then the quantum
+    assert len(set(sizes)) < 30  # few distinct shapes
+    model = read_model(dataset_paths("5kzb")[0], hydrogens=False)
+    r = build_restraints(model, monlib=find_monlib(monomer_dir()))
+    caps = {build_nonbonded(m, r, m.crystal).capacity for m in (model, shake(model, 0.3, seed=7), shake(model, 0.5, seed=7))}
+    assert len(caps) == 1, caps
+
+
 def test_minimisation_restores_geometry(small):
     """5e5z shaken by 0.25 Å RMS, minimised on E_geometry alone (scipy L-BFGS, JAX gradient)."""
     from scipy.optimize import minimize

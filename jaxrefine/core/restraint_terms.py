@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import math
+
 import numpy as np
 
 PAD_QUANTUM = 64  # restraint arrays are padded to a multiple of this (few distinct shapes)
@@ -126,6 +128,15 @@ class GeometryWeights(NamedTuple):
 def padded_length(n: int, quantum: int = PAD_QUANTUM) -> int:
     """Smallest multiple of ``quantum`` ≥ max(n, 1)."""
     return max(1, -(-max(n, 1) // quantum)) * quantum
+
+
+def bucket_length(n: int, steps_per_octave: int = 4, quantum: int = PAD_QUANTUM) -> int:
+    """``n`` rounded up to a coarse geometric grid (``steps_per_octave`` sizes per doubling, at most ~19%
+    over ``n`` with 4), then to a multiple of ``quantum``: problems of similar size get equal shapes and
+    share compiled code (JAX's cache keys on shapes)."""
+    n = max(int(n), 1)
+    k = math.ceil(math.log2(n) * steps_per_octave - 1e-9)
+    return padded_length(math.ceil(2.0 ** (k / steps_per_octave) - 1e-9), quantum)
 
 
 def pad_rows(a, length: int, fill=0):

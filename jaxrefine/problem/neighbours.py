@@ -10,7 +10,7 @@ import logging
 
 import numpy as np
 
-from ..core.restraint_terms import Restraints, pad_rows, padded_length
+from ..core.restraint_terms import Restraints, bucket_length, pad_rows
 from ..errors import InputError
 from ..restraints.nonbonded import NonbondedList
 
@@ -22,6 +22,10 @@ DINC_HBOND = -0.3
 NEIGHBOUR_HEADROOM = 1.5  # capacity of the padded list over the pairs found at the start: atoms move during
 NEIGHBOUR_SPARE = 64  # refinement and new contacts appear; a fixed capacity keeps one compiled energy
 NONBONDED_SLACK = 1.0  # Å; pairs up to d_min + slack are listed so atoms may move between rebuilds
+# The capacity is at least this many pairs per atom (proteins have ~6-7 within d_min + slack), rounded up to a
+# size bucket: the deposited and shaken models of one structure, or a rerun from the refined model, then get
+# the same capacity and share compiled code, where 1.5 x the pairs of each differed by a few percent.
+PAIRS_PER_ATOM = 12
 
 
 def _bond_graph(restraints: Restraints):
@@ -82,7 +86,8 @@ def build_nonbonded(model_or_xyz, restraints: Restraints, crystal=None, cutoff: 
         restraints: from :func:`build_restraints` (radii, altlocs, bonded pairs).
         crystal: :class:`jaxrefine.core.crystal.Crystal`; default the model's.
         cutoff: search radius (Å); default the largest possible d_min + ``slack``.
-        max_pairs: padded capacity; default NEIGHBOUR_HEADROOM × the pairs found now + NEIGHBOUR_SPARE.  If more pairs are
+        max_pairs: padded capacity; default NEIGHBOUR_HEADROOM × the pairs found now + NEIGHBOUR_SPARE, at least
+            PAIRS_PER_ATOM per atom, rounded up to a size bucket.  If more pairs are
             found the most distant are dropped with a warning.
         slack: list pairs with d < d_min + slack.
 
@@ -126,7 +131,8 @@ def build_nonbonded(model_or_xyz, restraints: Restraints, crystal=None, cutoff: 
     keep &= d < d_min + slack
     i, j, op, shift, d, d_min, ident, kind = (x[keep] for x in (i, j, op, shift, d, d_min, ident, kind))
     order = np.argsort(d - d_min, kind="stable")  # most violating first
-    cap = padded_length(int(NEIGHBOUR_HEADROOM * order.size) + NEIGHBOUR_SPARE) if max_pairs is None else int(max_pairs)
+    cap = (bucket_length(max(int(NEIGHBOUR_HEADROOM * order.size) + NEIGHBOUR_SPARE, PAIRS_PER_ATOM * xyz.shape[0]))
+           if max_pairs is None else int(max_pairs))
     if order.size > cap:
         log.warning("non-bonded list: %d pairs found, capacity %d; the %d most distant are dropped", order.size, cap, order.size - cap)
         order = order[:cap]
