@@ -101,7 +101,6 @@ def minimum():
     """
     from jaxrefine.io.formfactor_io import it92_form_factors
     from jaxrefine.problem import build_setup
-    from jaxrefine.refine.engine import choose_initial_w_a
     from jaxrefine.xray.structure_factors import make_sf_setup
 
     model_path, data_path = dataset_paths("5e5z")
@@ -110,7 +109,7 @@ def minimum():
     sf = make_sf_setup(m.crystal, r.hkl, it92_form_factors(m.element, m.source), method="direct", d_min=r.d_min,
                        dtype=jnp.float64)
     setup = setup._replace(problem=setup.problem._replace(sf=sf))
-    state = setup.state._replace(w_a=jnp.asarray(choose_initial_w_a(setup), jnp.float64))
+    state = setup.state._replace(w_a=jnp.asarray(U.starting_w_a(setup, (setup.problem, setup.state)), jnp.float64))
     ps = (setup.problem, state)
     params = setup.params
     u, res = _argmin(params, ps)
@@ -156,6 +155,16 @@ def dense(minimum):
         proj -= np.outer(v, v)
     hinv = np.linalg.pinv(proj @ h_act @ proj, rcond=1e-12, hermitian=True).reshape(n, 4, n, 4)
     return h.reshape(n, 4, n, 4), hinv
+
+
+@pytest.mark.slow
+def test_starting_w_a_is_the_engines(minimum):
+    """starting_w_a (one gradient of the flat energy, as the fixture used it) gives the engine's automatic w_A
+    (from the gradient its L-BFGS loop evaluates)."""
+    from jaxrefine.refine.engine import choose_initial_w_a
+
+    setup, _, _ = minimum
+    assert U.starting_w_a(setup, (setup.problem, setup.state)) == pytest.approx(choose_initial_w_a(setup), rel=1e-6)
 
 
 @pytest.mark.slow
@@ -250,12 +259,11 @@ def test_uncertainties_are_calibrated_on_a_synthetic_crystal():
     against σ_r per atom (ratio of RMS and rank order), B errors against σ_B."""
     from jaxrefine.demo.synthetic import make_demo_crystal
     from jaxrefine.problem import build_setup
-    from jaxrefine.refine.engine import choose_initial_w_a
 
     true_model, refl = make_demo_crystal(0, sequence="SEELLKKFLE", d_min=2.0)
     setup = build_setup(None, None, load_config(None, ["refine.precision=float64", "refine.adp=iso", "restraints.ncs=off"]),
                         model=true_model, refl=refl)
-    ps = (setup.problem, setup.state._replace(w_a=jnp.asarray(choose_initial_w_a(setup), jnp.float64)))
+    ps = (setup.problem, setup.state._replace(w_a=jnp.asarray(U.starting_w_a(setup, (setup.problem, setup.state)), jnp.float64)))
     params, n = setup.params, setup.params.xyz_frac.shape[0]
     fm = np.abs(np.asarray(jax.jit(U._model_f)(params, ps)))
     sig = np.asarray(ps[0].xray.sig_f_obs)

@@ -113,6 +113,26 @@ def flat_energy(u, params, ps, target: str = "ml"):
     return _engine().total_energy(shifted_params(u, params, ps), problem, state, target)
 
 
+_flat_grad = jax.jit(jax.grad(flat_energy), static_argnames="target")
+
+
+def starting_w_a(setup, ps, target: str = "ml") -> float:
+    """The engine's starting w_A (as :func:`jaxrefine.refine.engine.choose_initial_w_a`: the configured number,
+    or the balance of gradient norms of :func:`jaxrefine.refine.weights.initial_w_a`) for ``ps`` = (problem,
+    state), from one gradient of :func:`flat_energy` (w_A = 0: E_xray, whose coordinate gradient is the same
+    as over the engine's shifts): no L-BFGS program is compiled for it alone."""
+    from ..refine import weights as wmod
+
+    cfg = setup.config
+    if cfg.weights.w_a != "auto":
+        return float(cfg.weights.w_a)
+    problem, state = ps
+    params = setup.params
+    g = _flat_grad(_zeros(params), params, (problem, state._replace(w_a=jnp.zeros_like(state.w_a))), target=target)
+    target_rmsz = wmod.target_rmsz_for(setup.refl.d_min, cfg.weights.target_rmsz_bond)
+    return wmod.initial_w_a(float(jnp.linalg.norm(g[:, :3])), problem.restraints, setup.model.n_atoms, target_rmsz)
+
+
 def weighted_problem(ps, weights: str = "posterior"):
     """(problem, state) whose E_total is −log posterior (``posterior``) or the refinement's (``refinement``)."""
     if weights not in WEIGHTS:
@@ -631,7 +651,6 @@ def at_minimum(setup, n_steps: int = 1000, direct: bool = True, target: str = "m
         (params, (problem, state), largest |∂E/∂u| left).
     """
     from ..io.formfactor_io import it92_form_factors
-    from ..refine.engine import choose_initial_w_a
     from ..refine.optimize import minimise
     from ..xray.structure_factors import make_sf_setup
 
@@ -641,10 +660,10 @@ def at_minimum(setup, n_steps: int = 1000, direct: bool = True, target: str = "m
         m, r = setup.model, setup.refl
         problem = problem._replace(sf=make_sf_setup(m.crystal, r.hkl, it92_form_factors(m.element, m.source),
                                                     method="direct", d_min=r.d_min, dtype=dtype))
-    ps = (problem, setup.state._replace(w_a=jnp.asarray(choose_initial_w_a(setup), dtype)))
+    ps = (problem, setup.state._replace(w_a=jnp.asarray(starting_w_a(setup, (problem, setup.state), target), dtype)))
     u, _ = minimise(_FLAT_ENERGY[target], _zeros(params), (params, ps), n_steps)
     params = shifted_params(u, params, ps)
-    g = jax.jit(jax.grad(flat_energy), static_argnames="target")(_zeros(params), params, ps, target=target)
+    g = _flat_grad(_zeros(params), params, ps, target=target)
     return params, ps, float(jnp.abs(g * jnp.asarray(active_components(params, ps), dtype)).max())
 
 
@@ -841,7 +860,6 @@ def model_uncertainty(model_path, data_path, out_dir, cfg=None, coupled: bool = 
     from ..io.reflections import check_compatible, read_reflections
     from ..io.writers import protect, write_json
     from ..problem import build_setup, current_model_arrays
-    from ..refine.engine import choose_initial_w_a
 
     cfg = cfg or Config()
     if cfg.refine.adp != "iso":  # the curvature is taken in (x, y, z, B): ANISOU / TLS ADPs are held as shapes
@@ -854,7 +872,7 @@ def model_uncertainty(model_path, data_path, out_dir, cfg=None, coupled: bool = 
     check_compatible(model.crystal, refl.crystal, os.fspath(model_path), os.fspath(data_path))
     setup = build_setup(None, None, cfg, model=model, refl=refl)
     state = setup.state
-    state = state._replace(w_a=jnp.asarray(choose_initial_w_a(setup), state.w_a.dtype))
+    state = state._replace(w_a=jnp.asarray(starting_w_a(setup, (setup.problem, state), cfg.refine.target), state.w_a.dtype))
     problem = (setup.problem, state)
     unc = atom_uncertainties(setup.params, problem, model.crystal, target=cfg.refine.target, weights=weights,
                              coupled=coupled, cutoff=cutoff, progress=progress)
