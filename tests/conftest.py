@@ -20,7 +20,7 @@ if _OWN_CACHE:
     os.environ["JAXREFINE_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxrefine-test-cache-")
 if os.environ["JAXREFINE_CACHE_DIR"].lower() != "off":
     jax.config.update("jax_compilation_cache_dir", os.environ["JAXREFINE_CACHE_DIR"])
-    from jaxrefine.refine.cache import MIN_COMPILE_TIME_S
+    from jaxrefine.core.cache import MIN_COMPILE_TIME_S
 
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S)
 

@@ -10,7 +10,7 @@ import jax
 import pytest
 
 from jaxrefine.errors import ConfigError
-from jaxrefine.refine import cache
+from jaxrefine.core import cache
 
 
 @pytest.fixture
@@ -50,10 +50,23 @@ def test_enable_and_disable(tmp_path, monkeypatch, restore_jax_cache):
         cache.enable_compilation_cache(str(tmp_path / "file" / "sub"))
 
 
+def test_build_setup_turns_the_cache_on(tmp_path, monkeypatch, restore_jax_cache):
+    """Scripts and notebooks that build a problem without calling refine() use the cache too."""
+    from conftest import dataset_paths
+    from jaxrefine.config import load_config
+    from jaxrefine.problem import build_setup
+
+    monkeypatch.delenv(cache.ENV_VAR, raising=False)
+    cache.enable_compilation_cache("off")
+    build_setup(*dataset_paths("5e5z"), load_config(None, [f"runtime.compilation_cache={tmp_path / 'c'}", "refine.adp=iso"]))
+    assert jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir == str(tmp_path / "c")
+    assert any((tmp_path / "c").iterdir())  # and the setup's own programs were written there
+
+
 _CHILD = """
 import json, sys
 import jax, jax.numpy as jnp
-from jaxrefine.refine.cache import enable_compilation_cache, compile_counters, compile_delta
+from jaxrefine.core.cache import enable_compilation_cache, compile_counters, compile_delta
 enable_compilation_cache(sys.argv[1])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # write even a fast compile
 before = compile_counters()

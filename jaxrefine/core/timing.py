@@ -36,7 +36,7 @@ class Timing:
     Args:
         compile_clock: optional callable returning running compile totals (a dict with
             ``trace_s``, ``lower_s``, ``compile_s``, ``cache_hits``, ``cache_misses``), e.g.
-            :func:`jaxrefine.refine.cache.compile_counters`; the time spent compiling is then
+            :func:`jaxrefine.core.cache.compile_counters`; the time spent compiling is then
             reported per run and per macrocycle.
     """
 

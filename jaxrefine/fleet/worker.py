@@ -12,7 +12,7 @@ import time
 
 from ..config import apply_overrides, config_from_dict
 from ..io.writers import write_json
-from ..refine.cache import enable_compilation_cache
+from ..core.cache import enable_compilation_cache
 from ..refine.run import run_refinement
 from ..validate.waters import water_hooks
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import Config
+from ..core.cache import enable_compilation_cache
 from ..errors import InputError
 from ..io.formfactor_io import it92_form_factors
 from ..io.hydrogens import riding_sites
@@ -169,6 +170,9 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
         model, refl: already-read inputs (for notebooks and tests).
     """
     cfg = cfg or Config()
+    # the persistent compilation cache (runtime.compilation_cache), as the CLI and refine() turn it on: a script,
+    # notebook or test that builds a problem loads the programs an earlier process compiled for the same shapes
+    enable_compilation_cache(cfg.runtime.compilation_cache)
     if model is None or refl is None:
         model, refl = load_inputs(model_path, data_path, cfg)
     dtype = _dtype(cfg)

@@ -30,7 +30,7 @@ from ..problem.riding import riding_problem
 from ..problem.xray_state import current_model_arrays, f_model_of_jit, model_of, refresh_neighbours, update_xray_state
 from ..xray.targets import ml_amplitude_target
 from . import weights as wmod
-from .cache import enable_compilation_cache
+from ..core.cache import enable_compilation_cache
 from .blocks import STRATEGY_BLOCKS, cycle_plan, low_resolution_work_set, minimise_blocks, xray_gradient_norm  # noqa: F401 (STRATEGY_BLOCKS re-exported)
 from .guard import Kept, keep_better, overfitting_warnings
 from .monitor import HEADER, CycleStats, cycle_statistics, format_cycle, log_cycle  # noqa: F401 (re-exported)

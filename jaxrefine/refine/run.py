@@ -22,7 +22,7 @@ from ..io.reflections import read_map_coefficients
 from ..io.topology import find_monlib
 from ..io.writers import check_output_folder, protect, staged_output, write_json
 from ..problem.setup import build_setup, load_inputs
-from .cache import compile_counters, enable_compilation_cache
+from ..core.cache import compile_counters, enable_compilation_cache
 from .engine import HEADER, format_cycle, refine
 from .outputs import write_outputs
 
