@@ -25,6 +25,12 @@ if os.environ["JAXREFINE_CACHE_DIR"].lower() != "off":
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S)
 
 
+# Restraint weights 10^3-10^4 times too strong: refinement pulls a deposited model to ideal geometry and
+# flat B and R-free rises (the never-worse rules of the engine's guard and of the fleet are tested with them)
+OVER_STRONG_RESTRAINTS = ("weights.w_a=10000", "weights.w_b=10000", "weights.torsion=1000", "weights.plane=1000",
+                          "weights.nonbonded=1000", "weights.chiral=1000")
+
+
 MAX_WORKERS = 4
 GB_PER_WORKER = 6  # peak RSS of one worker running the real-data refinements (4iid, 5orl)
 
@@ -37,6 +43,26 @@ def pytest_xdist_auto_num_workers(config):
     except (ValueError, OSError, AttributeError):
         mem_gb = GB_PER_WORKER * MAX_WORKERS
     return max(1, min(cores, MAX_WORKERS, int(mem_gb // GB_PER_WORKER)))
+
+
+# Longest work units first (longest-processing-time-first list scheduling): xdist hands out work units in
+# collection order, and the uncertainty module (~260 s on one worker), collected near the end, ran last while
+# the other worker idled.  Measured per unit on 2 cores (2026-12-01): uncertainty 260 s, each refine-<pid>
+# group 65-110 s, fleet 100 s, notebooks 25-70 s each.  Only under xdist (workers): a serial run keeps modules
+# together.
+FIRST_UNITS = ("uncertainty", "refine-1va7", "refine-4iid", "refine-1l2h", "refine-4xof", "fleet", "refine-5orl",
+               "refine-5kzb", "test_notebooks.py", "refine-5e5z")
+
+
+def _unit_rank(item) -> int:
+    marker = item.get_closest_marker("xdist_group")
+    name = (marker.args[0] if marker and marker.args else marker.kwargs.get("name")) if marker else item.path.name
+    return FIRST_UNITS.index(name) if name in FIRST_UNITS else len(FIRST_UNITS)
+
+
+def pytest_collection_modifyitems(config, items):
+    if hasattr(config, "workerinput"):
+        items.sort(key=_unit_rank)  # stable: the order within a unit is kept
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from conftest import dataset_paths
+from conftest import OVER_STRONG_RESTRAINTS, dataset_paths
 from jaxrefine.errors import ConfigError, InputError
 from jaxrefine.fleet.manifest import Entry, read_manifest
 from jaxrefine.fleet.progress import ProgressLine
@@ -35,8 +35,7 @@ SHARED = ["refine.n_cycles=1", "refine.steps_xyz=5", "refine.steps_b=3"]
 # The poor setting: restraints 10^3-10^4 times too strong pull the deposited model to ideal torsions,
 # planes and flat B.  Measured on 5kzb (2026-12-01, this one-cycle fleet setting): R-free 0.2499 ->
 # 0.2617 (+0.012, 6x the tolerance).
-POOR = ["weights.w_a=10000", "weights.w_b=10000", "weights.torsion=1000", "weights.plane=1000",
-        "weights.nonbonded=1000", "weights.chiral=1000"]
+POOR = list(OVER_STRONG_RESTRAINTS)
 # Same inputs and compiled code in another process: R-factors agree to float32 rounding.
 R_REPRO = 1e-3
 STATUS = {"a": "refined", "b": "refined", "poor": "kept input", "missing": "failed", "nodict": "failed"}

@@ -30,7 +30,7 @@ from jaxrefine.problem import build_setup
 from jaxrefine.refine.engine import refine
 from jaxrefine.validate.waters import water_hooks
 
-from conftest import DATASETS, dataset_paths, monomer_dir
+from conftest import DATASETS, OVER_STRONG_RESTRAINTS, dataset_paths, monomer_dir
 
 # deposited R-free, servalcat 0.4.142 R-free after 5 cycles from the deposited model and after 10
 # cycles from the shaken model (shared data README, "Reference figures from a peer program")
@@ -328,7 +328,7 @@ def test_guard_keeps_the_input_when_no_cycle_beats_it():
     """Restraints 10^3-10^4 too strong pull the deposited 5kzb to ideal geometry and flat B: R-free rises
     (measured 2026-12-01 in the fleet test's setting: 0.2499 -> 0.2617), so the input model is returned."""
     model, refl = _inputs("5kzb")
-    poor = ("weights.w_a=10000", "weights.w_b=10000", "weights.torsion=1000", "weights.plane=1000")
+    poor = OVER_STRONG_RESTRAINTS[:4]  # w_A, w_B, torsions, planes
     setup = build_setup(None, None, _cfg("refine.n_cycles=1", "refine.steps_xyz=5", "refine.steps_b=3", *poor),
                         model=model, refl=refl)
     res = refine(setup)
