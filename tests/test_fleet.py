@@ -48,6 +48,22 @@ def test_module_is_one_work_unit_under_xdist(request):
         assert request.node.nodeid.endswith("@fleet"), request.node.nodeid
 
 
+def test_longest_first_units_exist():
+    """The work units conftest.py schedules first name existing xdist groups or test files: a renamed group
+    would silently lose its place (and the suite its balance on CI's 2 cores)."""
+    from pathlib import Path
+
+    import test_refine
+    import test_uncertainty
+    from conftest import DATASETS, FIRST_UNITS
+
+    groups = {"fleet", test_uncertainty.pytestmark.args[0]}
+    groups |= {m.args[0] for p in test_refine.BY_DATASET for m in p.marks if m.name == "xdist_group"}
+    assert {f"refine-{p}" for p in DATASETS} <= groups
+    files = {p.name for p in Path(__file__).parent.glob("test_*.py")}
+    assert set(FIRST_UNITS) <= groups | files, set(FIRST_UNITS) - groups - files
+
+
 # ----------------------------------------------------------------------------- manifests (fast)
 def test_yaml_csv_and_pattern_manifests_give_the_same_entries(tmp_path):
     for name in ("x1", "x2"):
