@@ -409,6 +409,27 @@ class Uncertainties(NamedTuple):
     info: dict
 
 
+def _invert_active_blocks(blocks, comp):
+    """(inverse blocks, number not positive definite) of the (n, 4, 4) Hessian blocks with the held components
+    (``comp`` False) given a unit row and column (their esd is NaN in :func:`_uncertainties_of`)."""
+    blocks = blocks * (comp[:, :, None] & comp[:, None, :])
+    idx = np.arange(4)
+    blocks[:, idx, idx] = np.where(comp, blocks[:, idx, idx], 1.0)
+    return invert_blocks(blocks)
+
+
+def _uncertainties_of(cov, m_inv, comp, info) -> Uncertainties:
+    """:class:`Uncertainties` from the coupled (n, 4, 4) covariance blocks ``cov`` and the inverse diagonal blocks
+    ``m_inv``; entries of held components (``comp`` False) become NaN."""
+    held = ~(comp[:, :, None] & comp[:, None, :])
+    var = np.diagonal(np.where(held, np.nan, cov), axis1=1, axis2=2)
+    var_block = np.diagonal(np.where(held, np.nan, m_inv), axis1=1, axis2=2)
+    return Uncertainties(
+        xyz_esd=np.sqrt(var[:, :3]), b_esd=np.sqrt(var[:, 3]), sigma_r=np.sqrt(var[:, :3].sum(1)),
+        xyz_esd_block=np.sqrt(var_block[:, :3]), b_esd_block=np.sqrt(var_block[:, 3]),
+        sigma_r_block=np.sqrt(var_block[:, :3].sum(1)), cov_xyz=np.where(held, np.nan, cov)[:, :3, :3], info=info)
+
+
 def atom_uncertainties(params, problem, crystal, target: str = "ml", weights: str = "posterior", coupled: bool = True,
                        cutoff: float = COLOUR_CUTOFF, seed: int = 0, active=None, progress=None,
                        method: str = "auto") -> Uncertainties:
@@ -447,10 +468,7 @@ def atom_uncertainties(params, problem, crystal, target: str = "ml", weights: st
     basis = floating_origin(crystal)
     say(f"uncertainty: {int(active.sum())} atoms, {n_col} colours ({cutoff:g} Å), {4 * n_col} Hessian-vector products "
         f"for the blocks" + (f", floating origin along {len(basis)} direction(s)" if len(basis) else ""))
-    blocks = hessian_blocks(params, prob, target, colours) * (comp[:, :, None] & comp[:, None, :])
-    idx = np.arange(4)
-    blocks[:, idx, idx] = np.where(comp, blocks[:, idx, idx], 1.0)  # held components: a unit row, esd NaN below
-    m_inv, n_bad = invert_blocks(blocks)
+    m_inv, n_bad = _invert_active_blocks(hessian_blocks(params, prob, target, colours), comp)
     cov = m_inv.copy()
     res_max = 0.0
     if coupled:
@@ -476,11 +494,6 @@ def atom_uncertainties(params, problem, crystal, target: str = "ml", weights: st
         # a variance of H⁻¹ is never below that of the inverse diagonal block (Schur complement): clip the noise there
         est[:, idx, idx] = np.maximum(est[:, idx, idx], m_inv[:, idx, idx])
         cov = est
-    held = ~(comp[:, :, None] & comp[:, None, :])
-    cov = np.where(held, np.nan, cov)
-    m_inv = np.where(held, np.nan, m_inv)
-    var_block = np.diagonal(m_inv, axis1=1, axis2=2)
-    var = np.diagonal(cov, axis1=1, axis2=2)
     info = {"n_atoms": int(active.sum()), "b_at_floor": int((active & ~comp[:, 3]).sum()), "n_colours": n_col,
             "cutoff": cutoff, "n_hvp_blocks": 4 * n_col,
             "n_cg_solves": 4 * n_col if coupled else 0, "not_positive_definite": n_bad, "cg_residual_max": res_max,
@@ -489,10 +502,7 @@ def atom_uncertainties(params, problem, crystal, target: str = "ml", weights: st
     if n_bad:
         log.warning("uncertainty: %d atom blocks of the Hessian are not positive definite (model not at a minimum?); "
                     "their uncertainties are unreliable", n_bad)
-    return Uncertainties(
-        xyz_esd=np.sqrt(var[:, :3]), b_esd=np.sqrt(var[:, 3]), sigma_r=np.sqrt(var[:, :3].sum(1)),
-        xyz_esd_block=np.sqrt(var_block[:, :3]), b_esd_block=np.sqrt(var_block[:, 3]),
-        sigma_r_block=np.sqrt(var_block[:, :3].sum(1)), cov_xyz=cov[:, :3, :3], info=info)
+    return _uncertainties_of(cov, m_inv, comp, info)
 
 
 def _dense_uncertainties(params, prob, crystal, target, weights, comp, say, t0) -> Uncertainties:
@@ -505,16 +515,7 @@ def _dense_uncertainties(params, prob, crystal, target, weights, comp, say, t0) 
     h = dense_hessian(params, prob, target)
     hinv, n_neg = dense_inverse(h, comp, basis)
     idx = np.arange(n)
-    cov = hinv[idx, :, idx, :]  # (n, 4, 4)
-    held = ~(comp[:, :, None] & comp[:, None, :])
-    blocks = np.where(held, 0.0, h[idx, :, idx, :])
-    d4 = np.arange(4)
-    blocks[:, d4, d4] = np.where(comp, blocks[:, d4, d4], 1.0)
-    m_inv, n_bad = invert_blocks(blocks)
-    cov = np.where(held, np.nan, cov)
-    m_inv = np.where(held, np.nan, m_inv)
-    var_block = np.diagonal(m_inv, axis1=1, axis2=2)
-    var = np.diagonal(cov, axis1=1, axis2=2)
+    m_inv, n_bad = _invert_active_blocks(h[idx, :, idx, :], comp)
     info = {"n_atoms": int(comp.any(1).sum()), "b_at_floor": int((comp.any(1) & ~comp[:, 3]).sum()), "n_colours": n,
             "cutoff": float("inf"), "n_hvp_blocks": 4 * n, "n_cg_solves": 0, "not_positive_definite": max(n_bad, n_neg),
             "cg_residual_max": 0.0, "floating_origin": len(basis), "weights": weights, "target": target,
@@ -522,10 +523,7 @@ def _dense_uncertainties(params, prob, crystal, target, weights, comp, say, t0) 
     if info["not_positive_definite"]:
         log.warning("uncertainty: the Hessian has %d negative eigenvalues (model not at a minimum?); the uncertainties "
                     "are unreliable", info["not_positive_definite"])
-    return Uncertainties(
-        xyz_esd=np.sqrt(var[:, :3]), b_esd=np.sqrt(var[:, 3]), sigma_r=np.sqrt(var[:, :3].sum(1)),
-        xyz_esd_block=np.sqrt(var_block[:, :3]), b_esd_block=np.sqrt(var_block[:, 3]),
-        sigma_r_block=np.sqrt(var_block[:, :3].sum(1)), cov_xyz=cov[:, :3, :3], info=info)
+    return _uncertainties_of(hinv[idx, :, idx, :], m_inv, comp, info)
 
 
 def dpi(n_atoms: int, n_work: int, completeness: float, d_min: float, r_work: float, r_free: float) -> dict:
@@ -606,13 +604,13 @@ def implicit_derivative(phi_grads, name, params, problem, crystal, target: str =
     rhs = np.asarray(phi_grads, float) * comp
     if choose_method(method, int(comp.sum())) == "dense":
         n = params.xyz_frac.shape[0]
+        basis = floating_origin(crystal)
         h = dense_hessian(params, problem, target)
-        hinv, _ = dense_inverse(h, comp, floating_origin(crystal))
+        hinv, _ = dense_inverse(h, comp, basis)
         u = np.einsum("ajbk,rbk->raj", hinv, rhs)
         hu = np.einsum("ajbk,rbk->raj", h.reshape(n, 4, n, 4), u)
         keep = comp * 1.0
         r = (hu - rhs) * keep
-        basis = floating_origin(crystal)
         r = np.asarray(_project(jnp.asarray(r), jnp.asarray(basis))) * keep if len(basis) else r
         b = np.asarray(_project(jnp.asarray(rhs), jnp.asarray(basis))) * keep if len(basis) else rhs
         res = np.sqrt((r ** 2).sum((1, 2))) / np.maximum(np.sqrt((b ** 2).sum((1, 2))), 1e-300)
