@@ -45,11 +45,11 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(cores, MAX_WORKERS, int(mem_gb // GB_PER_WORKER)))
 
 
-# Longest work units first (longest-processing-time-first list scheduling): xdist hands out work units in
-# collection order, and the uncertainty module (~260 s on one worker), collected near the end, ran last while
-# the other worker idled.  Measured per unit on 2 cores (2026-12-01): uncertainty 260 s, each refine-<pid>
-# group 65-110 s, fleet 100 s, notebooks 25-70 s each.  Only under xdist (workers): a serial run keeps modules
-# together.
+# Longest work units first (longest-processing-time-first list scheduling).  By default xdist's loadgroup orders
+# the work units by their number of tests, not their cost; pyproject's addopts pass --no-loadscope-reorder, so
+# units go out in collection order, which this hook sorts by the costs measured per unit on 2 cores (2026-12-01):
+# uncertainty 260 s, each refine-<pid> group 65-110 s, fleet 100 s, notebooks 25-70 s each (pytest 866 -> 821 s).
+# Only under xdist (workers): a serial run keeps modules together.
 FIRST_UNITS = ("uncertainty", "refine-1va7", "refine-4iid", "refine-1l2h", "refine-4xof", "fleet", "refine-5orl",
                "refine-5kzb", "test_notebooks.py", "refine-5e5z")
 

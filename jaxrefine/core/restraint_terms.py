@@ -9,9 +9,8 @@ target; Murshudov et al. 2011, Acta Cryst. D67, 355, eq. 6).  Angles are in radi
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import math
+from typing import NamedTuple
 
 import numpy as np
 
