@@ -247,14 +247,22 @@ def test_fft_gradient_matches_direct_gradient(small_problem):
 
 
 @pytest.mark.parametrize("z_coupled", [False, True])
-def test_spreading_rule_matches_autodiff(z_coupled):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_spreading_rule_matches_autodiff(z_coupled, chunked, monkeypatch):
     """The hand-written VJP of spread_boxes equals reverse-mode autodiff of the plain spreading
-    (gaussian_boxes + add_boxes) for every input, float64; boxes that wrap the cell included."""
+    (gaussian_boxes + add_boxes) for every input, float64; boxes that wrap the cell included; in one
+    pass and over chunks of atoms (7 atoms in chunks of 2: the last chunk padded); box rows with the corners
+    cut, so that no row starts at the box's first index."""
+    from jaxrefine.xray import fft_grid
     from jaxrefine.xray.fft_grid import add_boxes, box_rows, gaussian_boxes, spread_boxes
 
     rng = np.random.default_rng(0)
-    grid, box, m, k = (16, 18, 20), (7, 6, 8), 5, 3
-    rows = box_rows(box, np.array([[2.0, 0.3], [0.3, 1.5]]), 2 * 6.9)
+    grid, box, m, k = (16, 18, 20), (7, 6, 8), 7, 3
+    rows = box_rows(box, np.array([[0.35, 0.1], [0.1, 0.3]]), 2 * 6.9)  # corners cut: the first row is (1, 1)
+    assert rows[0] == (1, 1)
+    if chunked:
+        monkeypatch.setattr(fft_grid, "CHUNK_ABOVE", 1)
+        monkeypatch.setattr(fft_grid, "CHUNK_POINTS", 2 * len(rows) * box[2])  # two atoms' boxes a chunk
     p = jnp.asarray(rng.uniform(-2.0, 21.0, (m, 3)))
     a = rng.normal(size=(m, k, 3, 3)) * 0.3
     metric = jnp.asarray(np.einsum("mkab,mkcb->mkac", a, a) + 0.5 * np.eye(3))
