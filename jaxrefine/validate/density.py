@@ -80,16 +80,39 @@ def model_maps(model, refl, sample_rate: float = 3.0, f_calc=None, f_mask=None, 
     Returns:
         :class:`ModelMaps`.
     """
-    from ..io.maps_io import map_from_coefficients
     from ..problem.fmodel import compute_fmodel, fmodel_maps
-    from ..xray.stats import r_factors
 
     res = compute_fmodel(model, refl, f_calc=f_calc, f_mask=f_mask)
-    r = r_factors(refl.f_obs, res.f_model, refl.free, refl.d, n_bins=1)
     hkl, two, diff = fmodel_maps(model, refl, res, fill_missing=fill_missing)
+    return _maps_of_coefficients(refl, hkl, two, diff, res.f_model, res, sample_rate, grid_shape)
+
+
+def maps_of_f_model(refl, f_model, sigma_a, sample_rate: float = 3.0) -> ModelMaps:
+    """2mFo−DFc and mFo−DFc maps from an F_model and σA at hand (a refinement's X-ray state: its scales
+    and σA, the current F_calc), without refitting scales and σA as :func:`model_maps` does.
+
+    Args:
+        refl: the reflections; f_model: (n,) complex F_model at ``refl.hkl``; sigma_a: their
+            :class:`jaxrefine.xray.targets.SigmaA`.
+
+    Returns:
+        :class:`ModelMaps` (``fmodel`` None).
+    """
+    from ..xray.maps import map_coefficients
+
+    f_model = np.asarray(f_model)
+    two, diff = map_coefficients(refl.f_obs, f_model, sigma_a, refl.centric, refl.epsilon)
+    return _maps_of_coefficients(refl, refl.hkl, two, diff, f_model, None, sample_rate)
+
+
+def _maps_of_coefficients(refl, hkl, two, diff, f_model, fmodel, sample_rate: float, grid_shape=None) -> ModelMaps:
+    from ..io.maps_io import map_from_coefficients
+    from ..xray.stats import r_factors
+
+    r = r_factors(refl.f_obs, f_model, refl.free, refl.d, n_bins=1)
     two_map = map_from_coefficients(refl.crystal, hkl, two, grid_shape=grid_shape, sample_rate=sample_rate)
     diff_map = map_from_coefficients(refl.crystal, hkl, diff, grid_shape=two_map.shape)
-    return ModelMaps(two_map, diff_map, refl.crystal, float(refl.d_min), float(r["r_work"]), float(r["r_free"]), res,
+    return ModelMaps(two_map, diff_map, refl.crystal, float(refl.d_min), float(r["r_work"]), float(r["r_free"]), fmodel,
                      hkl, np.asarray(two), np.asarray(diff))
 
 

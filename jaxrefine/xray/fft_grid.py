@@ -78,8 +78,8 @@ def gaussian_boxes(p, metric, weight, box: tuple, rows: tuple, z_coupled: bool):
     Each centre carries K Gaussians (one atom's form factor as a sum of Gaussians, all blurred by
     the atom's B), g(d) = Σ_k w_k exp(−½ dᵀ M_k d).  The exponent is split: the (x, y) part is
     evaluated once per row and the z part once per z offset, so that without a z coupling
-    (M_xz = M_yz = 0: orthogonal, hexagonal and isotropic atoms) the sum over k is one small
-    matrix product per centre, (rows, K) @ (K, bz); otherwise one exponential per point and k.
+    (M_xz = M_yz = 0: orthogonal, hexagonal and isotropic atoms) each Gaussian is an outer product of
+    its row and z factors; otherwise one exponential per point and k.
 
     Args:
         p: (m, 3) grid coordinates of the centres.
@@ -100,12 +100,14 @@ def gaussian_boxes(p, metric, weight, box: tuple, rows: tuple, z_coupled: bool):
     m = lambda a, b: metric[:, :, a, b][:, :, None]  # noqa: E731  (m, K, 1)
     q_xy = 0.5 * m(0, 0) * dx * dx + 0.5 * m(1, 1) * dy * dy + m(0, 1) * dx * dy  # (m, K, r)
     q_z = 0.5 * m(2, 2) * dz * dz  # (m, K, bz)
+    # the sum over k unrolled (K is static and small): XLA fuses it into one pass over the box, where a
+    # contraction over k ran as a batched product per atom (1va7's shapes, z-coupled: 2.8 vs 6.9 ms; 4iid's
+    # 8870 atoms in 10³ boxes, isotropic: 18 vs 38 ms)
     if not z_coupled:
-        vals = jnp.einsum("mkr,mkz->mrz", jnp.exp(-q_xy) * weight[:, :, None], jnp.exp(-q_z))
+        e_xy, e_z = jnp.exp(-q_xy) * weight[:, :, None], jnp.exp(-q_z)
+        vals = sum(e_xy[:, k, :, None] * e_z[:, k, None, :] for k in range(weight.shape[1]))
     else:
         lin = (m(0, 2) * dx + m(1, 2) * dy)[..., None] * dz[:, :, None, :]  # (m, K, r, bz)
-        # the sum over k unrolled (K is static and small): XLA fuses it into one pass over the box, where a
-        # contraction over k ran as a batched product per atom (measured 2.8 vs 6.9 ms on 1va7's shapes)
         vals = sum(weight[:, k, None, None] * jnp.exp(-(q_xy[:, k, :, None] + q_z[:, k, None, :] + lin[:, k]))
                    for k in range(weight.shape[1]))
     return start, vals
