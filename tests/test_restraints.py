@@ -377,6 +377,29 @@ def test_jit_compiles_once_across_calls_and_rebuilds(small):
     assert len(traces) == 1
 
 
+def test_rebuilt_list_with_cached_pair_keys_equals_a_fresh_build(small):
+    """The excluded and 1-4 pair keys are kept for the last restraints (refresh_neighbours rebuilds the list
+    every macrocycle): a rebuild that reuses them equals one computed from scratch, and other restraints
+    (5kzb's) do not get 5e5z's keys."""
+    from jaxrefine.problem import neighbours
+
+    model, r, _ = small
+    x2 = model.xyz_cart + 0.05
+    neighbours._KEYS_CACHE.clear()
+    fresh = build_nonbonded(x2, r, model.crystal)
+    assert neighbours._KEYS_CACHE and neighbours._KEYS_CACHE[0][0][0] is r.bond.idx
+    cached = build_nonbonded(x2, r, model.crystal)
+    for a, b in zip(fresh, cached):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other = read_model(dataset_paths("5kzb")[0], hydrogens=False)
+    r_other = build_restraints(other, monlib=find_monlib(monomer_dir()))
+    keys_other = neighbours._pair_keys(r_other, other.n_atoms)
+    neighbours._KEYS_CACHE.clear()
+    for a, b in zip(keys_other, neighbours._pair_keys(r_other, other.n_atoms)):
+        np.testing.assert_array_equal(a, b)
+    assert len(keys_other[0]) > len(neighbours._pair_keys(r, model.n_atoms)[0])
+
+
 def test_bucketed_capacity_is_shared_by_shaken_and_deposited_models():
     """Size buckets: the non-bonded capacity of 5kzb's deposited model and of two shaken copies is one number
     (1.5 x their pairs found differed: 8384, 8256, 8192), so their refinements share compiled code."""

@@ -50,6 +50,23 @@ def _bond_graph(restraints: Restraints):
     return excl, one4 - excl
 
 
+_KEYS_CACHE: list = []  # [(the restraint arrays the keys came from, n, keys)]: the last restraints seen
+
+
+def _pair_keys(restraints: Restraints, n: int):
+    """Sorted int64 keys p·n + q (p < q) of the 1-2 / 1-3 pairs and of the 1-4 pairs (:func:`_bond_graph`).
+
+    The list is rebuilt every macrocycle for the same restraints: the keys of the last restraints are kept
+    (the graph walk in Python took ~0.2 s of each rebuild on 4iid's 14.8k atoms)."""
+    arrays = (restraints.bond.idx, restraints.bond.mask, restraints.angle.idx, restraints.angle.mask)
+    for cached, n_cached, keys in _KEYS_CACHE:
+        if n_cached == n and all(a is b for a, b in zip(cached, arrays)):
+            return keys
+    keys = tuple(np.unique(np.array([p * n + q for p, q in pairs], np.int64).reshape(-1)) for pairs in _bond_graph(restraints))
+    _KEYS_CACHE[:] = [(arrays, n, keys)]
+    return keys
+
+
 def _symmetry_candidates(xyz_cart, crystal, cutoff):
     """Symmetry/lattice images of all atoms that can come within ``cutoff`` of the model.
 
@@ -114,12 +131,9 @@ def build_nonbonded(model_or_xyz, restraints: Restraints, crystal=None, cutoff: 
     keep = np.where(ident, i < j, True) & ~((i == j) & (d < 0.5))  # once per pair; not special-position self images
     alt = np.asarray(restraints.altloc)
     keep &= ~((alt[i] != 0) & (alt[j] != 0) & (alt[i] != alt[j]))
-    excl, one4 = _bond_graph(restraints)
-    lo_, hi_ = np.minimum(i, j), np.maximum(i, j)
-    key = lo_ * xyz.shape[0] + hi_
     n = xyz.shape[0]
-    excl_keys = np.array([p * n + q for p, q in excl], np.int64)
-    one4_keys = np.array([p * n + q for p, q in one4], np.int64)
+    key = np.minimum(i, j) * n + np.maximum(i, j)
+    excl_keys, one4_keys = _pair_keys(restraints, n)
     keep &= ~(ident & np.isin(key, excl_keys))
     d_min = radius[i] + radius[j]
     is14 = ident & np.isin(key, one4_keys)
