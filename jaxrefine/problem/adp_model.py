@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -135,6 +136,13 @@ def _tls_shift_scale(tls: TlsGroups, xyz_cart) -> np.ndarray:
     return out
 
 
+@jax.jit
+def _tls_start(raw, origin, xyz_cart, group):
+    """T, L, S of raw TLS parameters and the U they give the atoms (one compiled program for the host's start)."""
+    t, l, s = tls_from_cholesky(raw)  # noqa: E741
+    return t, l, s, u_from_tls(t, l, s, origin, xyz_cart, group)
+
+
 def _start_tls(model, spec: str, b_min: float):
     """Groups, their starting raw parameters and the residual B that keeps each atom's B_eq."""
     tls = read_tls_groups(model) if spec == "auto" else None
@@ -149,8 +157,7 @@ def _start_tls(model, spec: str, b_min: float):
         tls = tls._replace(t=np.tile(t6, (tls.n_groups, 1)), l=np.tile(l6, (tls.n_groups, 1)))
         source = "chains" if spec in ("auto", "chain") else f"selections {spec!r}"
     raw = tls_cholesky_params(tls.t, tls.l, tls.s)
-    t, l, s = (np.asarray(a) for a in tls_from_cholesky(jnp.asarray(raw)))  # as the raw values give them
-    u_tls = np.asarray(u_from_tls(t, l, s, tls.origin, model.xyz_cart, tls.group))
+    t, l, s, u_tls = (np.asarray(a) for a in _tls_start(raw, tls.origin, model.xyz_cart, tls.group))  # as the raw values give them
     inside = tls.group >= 0
     b_res = model.b_iso - np.asarray(b_eq(u_tls))
     if source.startswith("the input") and np.median(b_res[inside]) < 0:
@@ -294,11 +301,14 @@ def ncs_restraint_energy(params, problem):
     return problem.ncs.weight * ncs_energy(atom_xyz(params, problem.maps)[0], problem.ncs.term)
 
 
+_tls_from_cholesky_jit = jax.jit(tls_from_cholesky)  # for the writers (host code)
+
+
 def refined_tls(params, problem, choice: AdpChoice) -> TlsGroups | None:
     """The TLS groups of ``choice`` with the tensors of ``params`` (numpy), or None."""
     if choice is None or choice.tls is None or params.tls_raw is None:
         return None
-    t, l, s = (np.asarray(a, float) for a in tls_from_cholesky(params.tls_raw))
+    t, l, s = (np.asarray(a, float) for a in _tls_from_cholesky_jit(params.tls_raw))
     return choice.tls._replace(t=t, l=l, s=s)
 
 

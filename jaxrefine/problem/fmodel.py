@@ -12,7 +12,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from ..xray.fmodel import f_model
+from ..xray.fmodel import f_model_jit
 from ..xray.scaling import Scales, fit_scales, reciprocal_vectors
 from ..xray.stats import r_factor_best_scale, r_factors
 from ..xray.targets import SigmaA, choose_sigma_a_set, estimate_sigma_a, sigma_a_bins
@@ -128,7 +128,7 @@ def fit_scales_and_sigma_a(f_obs, sig_f_obs, f_calc, f_mask, s_cart, work, sigma
     f_obs = np.asarray(f_obs)
     scales = fit_scales(f_obs, np.asarray(f_calc), np.asarray(f_mask), np.asarray(s_cart), np.asarray(work), crystal,
                         use_solvent=use_solvent, resolution_scale=resolution_scale)
-    fm = f_model(jnp.asarray(f_calc), jnp.asarray(f_mask), jnp.asarray(s_cart), scales)
+    fm = f_model_jit(jnp.asarray(f_calc), jnp.asarray(f_mask), jnp.asarray(s_cart), scales)
     sigma_a = estimate_sigma_a(f_obs, np.asarray(fm), np.asarray(sigma_a_use), np.asarray(bins), np.asarray(centric),
                                np.asarray(epsilon), np.asarray(sig_f_obs))
     return scales, fm, sigma_a
@@ -271,7 +271,7 @@ def fmodel_maps(model, refl, result: FmodelResult, fill_missing: bool = True, sf
             f_calc[new] = model_f_calc(model, crystal, hkl_all[new], sf_method)
             if np.any(result.f_mask != 0):
                 f_mask[new] = model_f_mask(model, crystal, hkl_all[new], refl.d_min)[0]
-    fm = np.asarray(f_model(jnp.asarray(f_calc), jnp.asarray(f_mask), reciprocal_vectors(hkl_all, crystal), result.scales))
+    fm = np.asarray(f_model_jit(jnp.asarray(f_calc), jnp.asarray(f_mask), jnp.asarray(reciprocal_vectors(hkl_all, crystal)), result.scales))
     bins = np.zeros(len(hkl_all), np.int32)
     bins[obs_pos] = np.asarray(sig_a.bins)
     bins[new] = _expand_bins(sig_a, refl.d, d_all[new])

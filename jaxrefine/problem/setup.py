@@ -39,6 +39,10 @@ BODY_RADIUS_PAD = 1.0  # Å added to a rigid body's radius of gyration: rotation
 #                        (radius × angle), and a one-atom body must not get radius 0
 
 
+# the starting ADPs on the host: one compiled program (op by op it compiled ~30 small ones)
+_atom_adp_jit = jax.jit(atom_adp)
+
+
 def rigid_bodies(model: Model, spec: str):
     """(n,) body index and (n_bodies, 3) centres for the spec "chain", "all" or "sel1; sel2".
 
@@ -245,7 +249,7 @@ def adp_model_and_params(model, refl, cfg: Config, restraints, u_shape, params: 
         tls_raw=None if tls_raw is None else jnp.asarray(tls_raw, dtype),
     )
     xyz = jnp.asarray(model.xyz_cart, jnp.float64 if dtype == jnp.float64 else jnp.float32)
-    b_sf, u_sf, _ = atom_adp(jnp.asarray(np.maximum(b_start, cfg.refine.b_min), xyz.dtype), params.u_raw, params.tls_raw,
+    b_sf, u_sf, _ = _atom_adp_jit(jnp.asarray(np.maximum(b_start, cfg.refine.b_min), xyz.dtype), params.u_raw, params.tls_raw,
                              xyz, adp, None)
     return adp, params, np.asarray(b_sf, float), np.asarray(u_sf, float), choice
 

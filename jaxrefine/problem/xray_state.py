@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..io.model import Model
-from ..xray.fmodel import f_model
+from ..xray.fmodel import f_model, f_model_jit
 from ..xray.structure_factors import structure_factors
 from ..xray.adp import b_eq
 from .adp_model import adp_of, refined_tls
@@ -122,13 +122,12 @@ def f_model_of(params: Params, problem: Problem, state: XrayState):
 
 
 f_calc_of_jit = jax.jit(f_calc_of)
-_f_model_jit = jax.jit(f_model)
 
 
 def f_model_of_jit(params: Params, problem: Problem, state: XrayState):
     """:func:`f_model_of` for host code, as two compiled programs: F_calc (the one the state refits and the maps
     use too) and the cheap scaling.  One program per use compiled F_calc three times (cold 5kzb: 0.7-0.8 s each)."""
-    return _f_model_jit(f_calc_of_jit(params, problem), state.f_mask, problem.xray.s_cart, state.scales)
+    return f_model_jit(f_calc_of_jit(params, problem), state.f_mask, problem.xray.s_cart, state.scales)
 
 
 # ----------------------------------------------------------------------------- state updates

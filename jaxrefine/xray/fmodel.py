@@ -8,6 +8,7 @@ The fit of the scales, mask and σA around it lives in :mod:`jaxrefine.problem.f
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from .scaling import Scales, k_total
@@ -29,3 +30,7 @@ def f_model(f_calc, f_mask, s_cart, scales: Scales):
     s_cart = jnp.asarray(s_cart)
     s2 = jnp.sum(s_cart**2, axis=1)
     return k_total(scales, s_cart) * (f_calc + bulk_solvent(f_mask, scales.k_sol, scales.b_sol, s2))
+
+
+# host code (scale fits, reports, maps) calls this: one compiled program instead of one per operation
+f_model_jit = jax.jit(f_model)

@@ -12,6 +12,7 @@ fill-in, e.g. phenix.maps and servalcat).
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import i0e, i1e
@@ -42,11 +43,16 @@ def map_coefficients(f_obs, f_model, sigma_a, centric, epsilon, observed=None, s
     Returns:
         (two_fofc, fofc): (n,) complex each.
     """
-    fo = jnp.asarray(np.nan_to_num(np.asarray(f_obs, float)))
-    fm = jnp.asarray(f_model)
+    return _coefficients(jnp.asarray(np.nan_to_num(np.asarray(f_obs, float))), jnp.asarray(f_model), sigma_a.d, sigma_a.s,
+                         jnp.asarray(centric, bool), jnp.asarray(epsilon), None if observed is None else jnp.asarray(observed, bool),
+                         None if sig_f_obs is None else jnp.asarray(sig_f_obs))
+
+
+@jax.jit
+def _coefficients(fo, fm, d, s, centric, epsilon, observed, sig_f_obs):
+    """:func:`map_coefficients` on arrays (one compiled program: host code called it op by op)."""
     fm_abs = jnp.abs(fm)
     phase = jnp.where(fm_abs > 0, fm / jnp.where(fm_abs > 0, fm_abs, 1.0), 1.0)
-    d, s = sigma_a.d, sigma_a.s
     m = figure_of_merit(fo, fm_abs, d, s, centric, epsilon, sig_f_obs)
     cen = jnp.asarray(centric, bool)
     dfc = d * fm_abs

@@ -98,10 +98,11 @@ def aniso_basis(crystal) -> np.ndarray:
 
 
 def aniso_quadratic(s_cart):
-    """(n, 6) products such that sᵀ B s = q · (B11 B22 B33 B12 B13 B23)."""
-    s = jnp.asarray(s_cart)
-    x, y, z = s[:, 0], s[:, 1], s[:, 2]
-    return jnp.stack([x * x, y * y, z * z, 2 * x * y, 2 * x * z, 2 * y * z], axis=1)
+    """(n, 6) products such that sᵀ B s = q · (B11 B22 B33 B12 B13 B23) (numpy for numpy input: host code
+    compiles no programs for it)."""
+    xp = np if isinstance(s_cart, np.ndarray) else jnp
+    x, y, z = s_cart[:, 0], s_cart[:, 1], s_cart[:, 2]
+    return xp.stack([x * x, y * y, z * z, 2 * x * y, 2 * x * z, 2 * y * z], axis=1)
 
 
 def k_total(scales: Scales, s_cart):

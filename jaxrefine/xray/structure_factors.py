@@ -79,10 +79,11 @@ def split_adp(b_iso, u_aniso, has_aniso):
 
 
 def _u6_to_mat(u6):
-    """(..., 6) U11 U22 U33 U12 U13 U23 -> (..., 3, 3) symmetric."""
+    """(..., 6) U11 U22 U33 U12 U13 U23 -> (..., 3, 3) symmetric (numpy for numpy input)."""
+    xp = np if isinstance(u6, np.ndarray) else jnp
     u11, u22, u33, u12, u13, u23 = (u6[..., i] for i in range(6))
-    return jnp.stack(
-        [jnp.stack([u11, u12, u13], -1), jnp.stack([u12, u22, u23], -1), jnp.stack([u13, u23, u33], -1)], -2
+    return xp.stack(
+        [xp.stack([u11, u12, u13], -1), xp.stack([u12, u22, u23], -1), xp.stack([u13, u23, u33], -1)], -2
     )
 
 
