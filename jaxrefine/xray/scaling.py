@@ -162,6 +162,9 @@ def _amp_model(x, f_calc, f_mask, q, s2, basis):
     return k * jnp.exp(-0.25 * q @ (basis.T @ p)) * f_abs
 
 
+_amp_model_jit = jax.jit(_amp_model)  # host code: one program, not one per operation
+
+
 @jax.jit
 def _lm_pieces(x, f_obs, f_calc, f_mask, q, s2, basis, w, mult):
     r_fun = lambda xx: jnp.sqrt(w) * (f_obs - mult * _amp_model(xx, f_calc, f_mask, q, s2, basis))  # noqa: E731
@@ -241,7 +244,7 @@ def _joint_refinement(x, fo, fc, fm, qw, s2w, basis, refine, use_solvent, resolu
         if refine:
             x, _ = _levenberg_marquardt(x, (fo_j, fc_j, fm_j, q_j, s2_j, basis_j, w_j, jnp.asarray(mult)), fix_solvent=not use_solvent)
         if resolution_scale:
-            amp = np.asarray(_amp_model(jnp.asarray(x), fc_j, fm_j, q_j, s2_j, basis_j))
+            amp = np.asarray(_amp_model_jit(jnp.asarray(x), fc_j, fm_j, q_j, s2_j, basis_j))
             nodes, vals = fit_k_iso(fo, amp, s2w)
             mult = _hat_weights(s2w, nodes) @ vals
     return x, nodes, vals
