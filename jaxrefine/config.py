@@ -91,7 +91,7 @@ class SolventConfig:
 @dataclass(frozen=True)
 class GuardConfig:
     max_gap: float = 0.07  # warn when R-free - R-work exceeds this
-    keep_best: bool = True  # keep the model with the lowest R-free
+    keep_best: bool = True  # keep the latest cycle within 0.001 of the lowest R-free (refine/guard.py)
     keep_input: bool = True  # with keep_best: return the input model when no refined cycle lowers its R-free
 
 
