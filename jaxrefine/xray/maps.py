@@ -43,9 +43,13 @@ def map_coefficients(f_obs, f_model, sigma_a, centric, epsilon, observed=None, s
     Returns:
         (two_fofc, fofc): (n,) complex each.
     """
-    return _coefficients(jnp.asarray(np.nan_to_num(np.asarray(f_obs, float))), jnp.asarray(f_model), sigma_a.d, sigma_a.s,
+    # one dtype per argument whatever the caller holds (numpy float64 or device float32 σA, complex64 or
+    # complex128 F_model), so that the compiled program is reused
+    fo = jnp.asarray(np.nan_to_num(np.asarray(f_obs, float)))
+    real = lambda a: jnp.asarray(a, fo.dtype)  # noqa: E731
+    return _coefficients(fo, jnp.asarray(f_model, jnp.result_type(fo.dtype, jnp.complex64)), real(sigma_a.d), real(sigma_a.s),
                          jnp.asarray(centric, bool), jnp.asarray(epsilon), None if observed is None else jnp.asarray(observed, bool),
-                         None if sig_f_obs is None else jnp.asarray(sig_f_obs))
+                         None if sig_f_obs is None else real(sig_f_obs))
 
 
 @jax.jit
