@@ -66,13 +66,15 @@ def riding_xyz(xyz_cart, riding: Riding):
     return p + c[:, :1] * u + c[:, 1:2] * v + c[:, 2:3] * w
 
 
-def scattering_atoms(xyz_cart, b_iso, occ, riding: Riding | None):
+def scattering_atoms(xyz_cart, b_iso, occ, riding: Riding | None, b_parent=None):
     """The atoms F_calc sums over: (xyz_cart, b_iso, occ) of the refined atoms followed by their
-    riding hydrogens; unchanged when ``riding`` is None."""
+    riding hydrogens; unchanged when ``riding`` is None.  ``b_parent`` (n,): the B the hydrogens take
+    from their parent (``b_iso`` when None; an anisotropic or TLS parent's B_eq)."""
     if riding is None:
         return xyz_cart, b_iso, occ
+    b_parent = b_iso if b_parent is None else b_parent
     xyz_h = riding_xyz(xyz_cart, riding)
-    return (jnp.concatenate([xyz_cart, xyz_h]), jnp.concatenate([b_iso, riding.b_factor * b_iso[riding.parent]]),
+    return (jnp.concatenate([xyz_cart, xyz_h]), jnp.concatenate([b_iso, riding.b_factor * b_parent[riding.parent]]),
             jnp.concatenate([occ, occ[riding.parent]]))
 
 

@@ -105,10 +105,13 @@ def model_of(model: Model, params: Params, problem: Problem, adp_choice=None) ->
 def f_calc_of(params: Params, problem: Problem):
     """(n_refl,) complex F_calc of the parameters (pure JAX)."""
     xyz_cart, xyz_frac = atom_xyz(params, problem.maps)
-    b_sf, u_sf, _ = adp_of(params, problem)
+    b_sf, u_sf, u_total = adp_of(params, problem)
     occ = atom_occ(params, problem.maps)
-    if problem.riding is not None:  # riding hydrogens follow the atoms (B from the parent's isotropic part)
-        xyz_cart, b_sf, occ = scattering_atoms(xyz_cart, b_sf, occ, problem.riding)
+    if problem.riding is not None:  # riding hydrogens follow the atoms, isotropic with their parent's B_eq
+        # (the whole U: anisotropic and TLS parents carry their B in u_sf, and b_sf alone gave their H a B
+        # of 0 or of the TLS residual; 5kzb with TLS ended at R-free 0.285 against 0.264 without H)
+        b_parent = b_sf if u_sf is None else b_eq(u_total)
+        xyz_cart, b_sf, occ = scattering_atoms(xyz_cart, b_sf, occ, problem.riding, b_parent)
         xyz_frac = xyz_cart @ problem.maps.frac.T
         if u_sf is not None:
             u_sf = jnp.concatenate([u_sf, jnp.zeros((problem.riding.parent.shape[0], 6), u_sf.dtype)])
