@@ -19,6 +19,21 @@ from ..xray.targets import SigmaA, choose_sigma_a_set, estimate_sigma_a, sigma_a
 
 log = logging.getLogger(__name__)
 
+# Å: with data stopping at d_min >= this, F_model has only the smooth scale (k_overall and the
+# anisotropic B), no resolution-dependent k_iso(s²).  At 3.2 Å (5kzb) a refitted k_iso absorbed the
+# fall-off the B-factors should carry: the refined model scored R-free 0.257 under jaxrefine's
+# F_model but 0.283 under servalcat's; refined without k_iso it scores 0.257 under the full F_model
+# (rfactors) and 0.276 under servalcat's.  At 1.54 Å (1l2h) servalcat's score was the same either way.
+# The same rule in refinement and in ``rfactors`` / validation, so that both report one R: with k_iso in
+# rfactors alone, 5kzb's refined model scored R-free 0.253 there against 0.264 in the refinement's log and
+# under servalcat's yardstick (2026-12-01).
+SMOOTH_SCALE_D_MIN = 2.5
+
+
+def resolution_scale_for(d_min: float) -> bool:
+    """Whether F_model fits the resolution-dependent scale k_iso(s²) for data to ``d_min`` (Å)."""
+    return bool(d_min < SMOOTH_SCALE_D_MIN)
+
 
 class FmodelResult(NamedTuple):
     """Everything computed for a model against its data (arrays in the data's reflection order).
@@ -135,7 +150,8 @@ def fit_scales_and_sigma_a(f_obs, sig_f_obs, f_calc, f_mask, s_cart, work, sigma
 
 
 def compute_fmodel(model, refl, f_calc=None, f_mask=None, sf_method: str = "auto", r_probe: float = 1.0,
-                   r_shrink: float = 0.8, use_solvent: bool = True, complete: bool = False) -> FmodelResult:
+                   r_shrink: float = 0.8, use_solvent: bool = True, complete: bool = False,
+                   resolution_scale: bool | None = None) -> FmodelResult:
     """F_calc, bulk solvent, scales and σA for a model and its data (outside jit).
 
     Args:
@@ -148,6 +164,7 @@ def compute_fmodel(model, refl, f_calc=None, f_mask=None, sf_method: str = "auto
         use_solvent: False: no bulk solvent (k_sol = 0).
         complete: compute F_calc and F_mask on every unique reflection to the data's limits
             (one structure-factor call), for map coefficients with fill-in (:func:`fmodel_maps`).
+        resolution_scale: fit k_iso(s²); None: as refinement does (:func:`resolution_scale_for`).
     """
     t = {}
     crystal = refl.crystal
@@ -173,7 +190,8 @@ def compute_fmodel(model, refl, f_calc=None, f_mask=None, sf_method: str = "auto
     use, which = choose_sigma_a_set(refl.free)
     scales, fm, sig_a = fit_scales_and_sigma_a(
         refl.f_obs, refl.sig_f_obs, f_calc, f_mask, s_cart, ~np.asarray(refl.free, bool), use, sigma_a_bins(refl.d, use),
-        refl.centric, refl.epsilon, crystal, use_solvent=use_solvent)
+        refl.centric, refl.epsilon, crystal, use_solvent=use_solvent,
+        resolution_scale=resolution_scale_for(refl.d_min) if resolution_scale is None else resolution_scale)
     fm = np.asarray(fm)
     t["scales_sigma_a"] = time.perf_counter() - t0
     return FmodelResult(

@@ -16,18 +16,12 @@ from ..xray.fmodel import f_model, f_model_jit
 from ..xray.structure_factors import structure_factors
 from ..xray.adp import b_eq
 from .adp_model import adp_of, refined_tls
-from .fmodel import fit_scales_and_sigma_a, model_f_mask
+from .fmodel import fit_scales_and_sigma_a, model_f_mask, resolution_scale_for
 from .neighbours import build_nonbonded
 from .params import Params, atom_b, atom_occ, atom_xyz
 from .problem import Problem, XrayState
 from .riding import scattering_atoms
 
-# Å: with data stopping at d_min >= this, refinement fits only the smooth scale (k_overall and the
-# anisotropic B), no resolution-dependent k_iso(s²).  At 3.2 Å (5kzb) a refitted k_iso absorbed the
-# fall-off the B-factors should carry: the refined model scored R-free 0.257 under jaxrefine's
-# F_model but 0.283 under servalcat's; refined without k_iso it scores 0.257 under the full F_model
-# (rfactors) and 0.276 under servalcat's.  At 1.54 Å (1l2h) servalcat's score was the same either way.
-SMOOTH_SCALE_D_MIN = 2.5
 
 
 def cast_floats(tree, dtype):
@@ -160,7 +154,7 @@ def update_xray_state(setup, problem: Problem, state: XrayState, params: Params,
     f_calc = f_calc_of_jit(params, problem)
     scales, _, sigma_a = fit_scales_and_sigma_a(x.f_obs, x.sig_f_obs, f_calc, f_mask, x.s_cart, x.work, x.sigma_a_use,
                                                 x.bins, x.centric, x.epsilon, setup.model.crystal,
-                                                resolution_scale=setup.refl.d_min < SMOOTH_SCALE_D_MIN)
+                                                resolution_scale=resolution_scale_for(setup.refl.d_min))
     return cast_floats(state._replace(f_mask=f_mask, scales=scales, sigma_a=sigma_a), x.s2.dtype)
 
 
