@@ -88,3 +88,68 @@ def test_second_process_hits_the_cache(tmp_path):
     assert runs[0]["cache_misses"] >= 1 and runs[0]["cache_hits"] == 0
     assert runs[1]["cache_hits"] >= 1 and runs[1]["cache_misses"] == 0
     assert any((tmp_path / "c").iterdir())
+
+
+# ------------------------------------------------------------------- lowered programs kept on disk
+_TRACES = []
+
+
+def _weighted_sum(x, w, *, power):
+    _TRACES.append(power)  # runs only while tracing
+    return {"y": jax.numpy.sum(w * x**power), "n": x.shape[0]}
+
+
+_weighted_sum_jit = jax.jit(_weighted_sum, static_argnames=("power",))
+
+
+def _power_of(p):
+    def fn(x):
+        return x**p
+
+    return fn
+
+
+def test_exported_program_is_stored_and_read_back_without_tracing(tmp_path, restore_jax_cache):
+    """``call_exported``: the same values as the plain jit; a later process (here: the in-process table
+    cleared) reads the stored program and does not trace; other static arguments, shapes and dtypes are
+    other programs; inside a trace, and with the cache off, it is the plain call."""
+    cache.enable_compilation_cache(str(tmp_path / "c"))
+    cache._exported.clear()
+    _TRACES.clear()
+    x, w = jax.numpy.arange(4.0), jax.numpy.ones(4)
+    ref = _weighted_sum_jit(x, w, power=2)
+    got = cache.call_exported(_weighted_sum_jit, (x, w), {"power": 2}, "test")
+    assert float(got["y"]) == float(ref["y"]) == 14.0 and int(got["n"]) == 4
+    stored = list((tmp_path / "c" / cache.EXPORT_SUBFOLDER).glob("*.pkl"))
+    assert len(stored) == 1
+    cache._exported.clear()  # as in a new process
+    n_before = len(_TRACES)
+    again = cache.call_exported(_weighted_sum_jit, (x + 1, w), {"power": 2}, "test")
+    assert len(_TRACES) == n_before and float(again["y"]) == 30.0  # read back: not traced
+    cache.call_exported(_weighted_sum_jit, (x, w), {"power": 3}, "test")
+    cache.call_exported(_weighted_sum_jit, (jax.numpy.arange(5.0), jax.numpy.ones(5)), {"power": 2}, "test")
+    assert len(list(stored[0].parent.glob("*.pkl"))) == 3
+    # functions that differ only in the values they close over (like SHIFT_ENERGY's) are told apart
+    assert cache._static_id(_power_of(2)) != cache._static_id(_power_of(3))
+    inside = jax.jit(lambda a: cache.call_exported(_weighted_sum_jit, (a, w), {"power": 2}, "test")["y"])(x)
+    assert float(inside) == 14.0 and len(list(stored[0].parent.glob("*.pkl"))) == 3
+    cache.enable_compilation_cache("off")
+    assert float(cache.call_exported(_weighted_sum_jit, (x, w), {"power": 2}, "test")["y"]) == 14.0
+
+
+def test_minimiser_through_the_stored_program_matches_the_plain_one(restore_jax_cache, tmp_path):
+    """The refinement's L-BFGS loop gives the same point through its stored program as compiled directly."""
+    from jaxrefine.refine.optimize import _minimise_jit, minimise_with_stats
+
+    cache.enable_compilation_cache(str(tmp_path / "c"))
+    cache._exported.clear()
+    target = jax.numpy.array([1.0, -2.0, 3.0])
+    x0 = {"a": jax.numpy.zeros(3)}
+    got = minimise_with_stats(_quadratic, x0, (target,), 20)
+    ref = _minimise_jit(x0, (target,), 20, 0.01, 0.0, fun=_quadratic, method="lbfgs")
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool(jax.numpy.all(a == b)), got, ref))
+    assert float(jax.numpy.abs(got[0]["a"] - target).max()) < 1e-4 and int(got[2].steps) > 0
+
+
+def _quadratic(x, target):
+    return jax.numpy.sum((x["a"] - target) ** 2)

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
+from ..core.cache import call_exported
+
 LBFGS_MEMORY = 10  # correction pairs (Nocedal & Wright 2006, sec. 7.2: 3–20 is typical)
 
 
@@ -54,9 +56,11 @@ def minimise(fun, x0, args, n_steps, method: str = "lbfgs", learning_rate=0.01, 
     return x, value
 
 
-@partial(jax.jit, static_argnames=("fun", "method"))
 def minimise_with_stats(fun, x0, args, n_steps, method: str = "lbfgs", learning_rate=0.01, rtol=0.0):
     """Minimise ``fun(x, *args)`` from ``x0``, stopping after ``n_steps`` or on convergence.
+
+    One compiled program per (``fun``, ``method``, shapes); its lowered form is kept in the compilation
+    cache folder (:func:`jaxrefine.core.cache.call_exported`), so a warm run does not trace it again.
 
     Args:
         fun: a module-level (hashable, stable) function of (pytree x, *args) -> scalar.
@@ -71,6 +75,13 @@ def minimise_with_stats(fun, x0, args, n_steps, method: str = "lbfgs", learning_
     Returns:
         (x, value, MinimiseStats): the best point seen, its objective value, steps and evaluations.
     """
+    return call_exported(_minimise_jit, (x0, args, n_steps, learning_rate, rtol), {"fun": fun, "method": method},
+                         "minimise_with_stats")
+
+
+@partial(jax.jit, static_argnames=("fun", "method"))
+def _minimise_jit(x0, args, n_steps, learning_rate, rtol, *, fun, method: str):
+    """The compiled body of :func:`minimise_with_stats`."""
     # one jitted objective shared by every call site: traced and differentiated once
     f = jax.jit(lambda x: fun(x, *args))
     if method == "lbfgs":
