@@ -231,9 +231,7 @@ def call_exported(jitted, args: tuple, static: dict, name: str):
     leaves, treedef = jax.tree_util.tree_flatten(args)
     if folder is None or any(isinstance(x, jax.core.Tracer) for x in leaves):
         return jitted(*args, **static)
-    import jax.numpy as jnp
-
-    leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x) for x in leaves]
+    leaves = [x if isinstance(x, jax.Array) else jax.device_put(x) for x in leaves]  # (jnp.asarray: a program per shape)
     # all arguments committed to one device: the program compiled once more for every new mix of committed
     # (outputs of earlier programs) and uncommitted arguments (jax.device_put to their own device is no copy)
     devices = {d for x in leaves if x.committed for d in x.devices()}

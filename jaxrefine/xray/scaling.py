@@ -239,10 +239,11 @@ def _joint_refinement(x, fo, fc, fm, qw, s2w, basis, refine, use_solvent, resolu
     the grid-search start ``x``.  Returns (x, k_iso nodes or None, k_iso values or None)."""
     mult = np.ones_like(fo)
     nodes = vals = None
-    fo_j, fc_j, fm_j, q_j, s2_j, basis_j, w_j = (jnp.asarray(a) for a in (fo, fc, fm, qw, s2w, basis, np.ones_like(fo)))
+    # device_put, not jnp.asarray: jnp.asarray of a numpy array is a one-operation program per shape
+    fo_j, fc_j, fm_j, q_j, s2_j, basis_j, w_j = (jax.device_put(a) for a in (fo, fc, fm, qw, s2w, basis, np.ones_like(fo)))
     for _ in range(n_macro if resolution_scale else 1):
         if refine:
-            x, _ = _levenberg_marquardt(x, (fo_j, fc_j, fm_j, q_j, s2_j, basis_j, w_j, jnp.asarray(mult)), fix_solvent=not use_solvent)
+            x, _ = _levenberg_marquardt(x, (fo_j, fc_j, fm_j, q_j, s2_j, basis_j, w_j, jax.device_put(mult)), fix_solvent=not use_solvent)
         if resolution_scale:
             amp = np.asarray(_amp_model_jit(jnp.asarray(x), fc_j, fm_j, q_j, s2_j, basis_j))
             nodes, vals = fit_k_iso(fo, amp, s2w)
@@ -300,10 +301,10 @@ def fit_scales(
     x, nodes, vals = _joint_refinement(x, fo, fc, fm, qw, s2w, basis, refine, use_solvent, resolution_scale, n_macro)
     b_cart = basis.T @ x[1:-2]
     return Scales(
-        k_overall=jnp.asarray(x[0]),
-        b_aniso=jnp.asarray(b_cart),
-        k_sol=jnp.asarray(x[-2] if use_solvent else 0.0),
-        b_sol=jnp.asarray(x[-1] if use_solvent else 0.0),
-        k_iso_s2=None if nodes is None else jnp.asarray(nodes),
-        k_iso=None if vals is None else jnp.asarray(vals),
+        k_overall=jax.device_put(x[0]),
+        b_aniso=jax.device_put(b_cart),
+        k_sol=jax.device_put(x[-2] if use_solvent else 0.0),
+        b_sol=jax.device_put(x[-1] if use_solvent else 0.0),
+        k_iso_s2=None if nodes is None else jax.device_put(nodes),
+        k_iso=None if vals is None else jax.device_put(vals),
     )

@@ -181,10 +181,11 @@ def estimate_sigma_a(f_obs, f_model, use, bins, centric, epsilon, sig_f_obs=None
         ss = np.mean((fo[sel] ** 2 - (dd * fm[sel]) ** 2) / eps[sel])
         ss = max(ss, S_START_FLOOR * np.mean(fo[sel] ** 2 / eps[sel]), 1e-6)
         p0[i] = np.log(dd), np.log(ss)
-    args = tuple(jnp.asarray(a) for a in (fo, sig, fm, np.asarray(centric, bool), eps, use.astype(float), bins))
+    # device_put, not jnp.asarray: jnp.asarray of a numpy array is a one-operation program per shape
+    args = tuple(jax.device_put(np.asarray(a)) for a in (fo, sig, fm, np.asarray(centric, bool), eps, use.astype(float), bins))
 
     def fun(x):
-        v, g = _binned_grad(jnp.asarray(x.reshape(n_bins, 2)), *args)
+        v, g = _binned_grad(jax.device_put(x.reshape(n_bins, 2)), *args)
         return float(v), np.asarray(g, float).ravel()
 
     res = minimize(fun, p0.ravel(), jac=True, method="L-BFGS-B", bounds=[LN_D_BOUNDS, LN_S_BOUNDS] * n_bins)
