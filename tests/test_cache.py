@@ -153,3 +153,16 @@ def test_minimiser_through_the_stored_program_matches_the_plain_one(restore_jax_
 
 def _quadratic(x, target):
     return jax.numpy.sum((x["a"] - target) ** 2)
+
+
+def test_a_damaged_stored_program_is_exported_again(tmp_path, restore_jax_cache):
+    cache.enable_compilation_cache(str(tmp_path / "c"))
+    cache._exported.clear()
+    x, w = jax.numpy.arange(3.0), jax.numpy.ones(3)
+    cache.call_exported(_weighted_sum_jit, (x, w), {"power": 1}, "test")
+    (stored,) = (tmp_path / "c" / cache.EXPORT_SUBFOLDER).glob("*.pkl")
+    for junk in (b"not a pickle", __import__("pickle").dumps(("a", "b"))):
+        stored.write_bytes(junk)
+        cache._exported.clear()
+        assert float(cache.call_exported(_weighted_sum_jit, (x, w), {"power": 1}, "test")["y"]) == 3.0
+        assert stored.read_bytes() != junk  # replaced by a good one

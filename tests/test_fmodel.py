@@ -340,7 +340,7 @@ def test_r_factors_of_deposited_models(pdb_id):
     assert 0.0 <= st["k_sol"] < 1.0 and 10.0 <= st["b_sol"] <= 300.0
 
 
-@pytest.mark.parametrize("pdb_id", ["5kzb", "1l2h"])
+@pytest.mark.parametrize("pdb_id", ["5kzb"])  # (1l2h, 1.54 Å, k_iso in both: also within 1e-3; 14 s of CI)
 def test_rfactors_reports_the_refinements_r(pdb_id):
     """``rfactors`` and the refinement fit one F_model (k_iso(s²) only below 2.5 Å): the R of the setup's
     starting state equals ``fmodel_statistics``' on the same model.  With k_iso in rfactors alone, 5kzb's

@@ -256,7 +256,10 @@ def _load_or_export(jitted, treedef, leaves, static: dict, path: str):
 
     try:
         with open(path, "rb") as fh:
-            return pickle.load(fh)
+            exp, tree = pickle.load(fh)
+        if isinstance(exp, jax.export.Exported) and isinstance(tree, jax.tree_util.PyTreeDef):
+            return exp, tree
+        log.debug("stored program %s is not an exported program: exporting again", path)
     except FileNotFoundError:
         pass
     except Exception as exc:  # a damaged or foreign file: export again
