@@ -50,7 +50,7 @@ def pytest_xdist_auto_num_workers(config):
 # units go out in collection order, which this hook sorts by the costs measured per unit on 2 cores (2026-12-01):
 # uncertainty 260 s, each refine-<pid> group 65-110 s, fleet 100 s, notebooks 25-70 s each (pytest 866 -> 821 s).
 # Remeasured 2026-12-01 (a slower day, --durations): uncertainty ~290 s, notebooks 19-100 s each (05: 100 s, 04:
-# 68 s), refine groups 60-100 s, fleet ~90 s; the notebooks, scheduled after every refine group, ran last.
+# 68 s), refine groups 60-100 s, fleet ~90 s; the notebooks were the 9th of 10 units (pytest 930 -> 916 s).
 # Only under xdist (workers): a serial run keeps modules together.
 FIRST_UNITS = ("uncertainty", "test_notebooks.py", "refine-1va7", "refine-4iid", "refine-1l2h", "refine-4xof", "fleet",
                "refine-5orl", "refine-5kzb", "refine-5e5z")
