@@ -176,8 +176,7 @@ def _source_digest() -> str:
 
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         h = hashlib.sha256()
-        for folder, dirs, files in sorted(os.walk(root)):
-            dirs.sort()
+        for folder, _, files in sorted(os.walk(root)):  # sorted: the same order on every machine
             for name in sorted(f for f in files if f.endswith(".py")):
                 path = os.path.join(folder, name)
                 h.update(os.path.relpath(path, root).encode())
@@ -231,10 +230,10 @@ def call_exported(jitted, args: tuple, static: dict, name: str):
     leaves, treedef = jax.tree_util.tree_flatten(args)
     if folder is None or any(isinstance(x, jax.core.Tracer) for x in leaves):
         return jitted(*args, **static)
-    leaves = [x if isinstance(x, jax.Array) else jax.device_put(x) for x in leaves]  # (jnp.asarray: a program per shape)
     # all arguments committed to one device: the program compiled once more for every new mix of committed
-    # (outputs of earlier programs) and uncommitted arguments (jax.device_put to their own device is no copy)
-    devices = {d for x in leaves if x.committed for d in x.devices()}
+    # (outputs of earlier programs) and uncommitted arguments.  jax.device_put to an array's own device is no
+    # copy, and it moves numpy input without the one-operation program jnp.asarray compiles per shape.
+    devices = {d for x in leaves if isinstance(x, jax.Array) and x.committed for d in x.devices()}
     if len(devices) > 1:
         return jitted(*args, **static)
     leaves = jax.device_put(leaves, devices.pop() if devices else jax.devices()[0])
