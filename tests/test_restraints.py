@@ -416,6 +416,39 @@ def test_bucketed_capacity_is_shared_by_shaken_and_deposited_models():
     assert len(caps) == 1, caps
 
 
+def test_stretched_peptides_keep_their_links_and_chain_breaks_stay_open():
+    """gemmi links residues only when C-N < 2.01 Å: 5kzb shaken by 0.5 Å RMS lost 5 peptide links (bond, angles,
+    ω, planes) before the fix.  A stretched bond in one chain (Cα-Cα < 5 Å) keeps its link; a real break stays open."""
+    from jaxrefine.io.perturb import shake
+
+    model = read_model(dataset_paths("5kzb")[0], hydrogens=False)
+    lib = find_monlib(monomer_dir())
+
+    def bonds(m):
+        r = build_restraints(m, monlib=lib)
+        return {tuple(sorted(p)) for p in np.asarray(r.bond.idx)[np.asarray(r.bond.mask) > 0].tolist()}, r.counts()
+
+    ref, ref_counts = bonds(model)
+    shaken, shaken_counts = bonds(shake(model, 0.5, seed=7))
+    assert shaken == ref and shaken_counts == ref_counts
+    # move residues 21.. of the first chain away from 20 along 20's C -> 21's N: by 0.9 Å (stretched), by 4 Å (a break)
+    first = model.chain_id == model.chain_id[0]
+    c_20 = int(np.nonzero(first & (model.res_seq == 20) & (model.atom_name == "C"))[0][0])
+    n_21 = int(np.nonzero(first & (model.res_seq == 21) & (model.atom_name == "N"))[0][0])
+    u = model.xyz_cart[n_21] - model.xyz_cart[c_20]
+    u /= np.linalg.norm(u)
+    for shift, linked in ((0.9, True), (4.0, False)):
+        st = model.structure.clone()
+        for ch in st[0]:
+            for r in ch:
+                if ch.name == model.chain_id[0] and r.seqid.num > 20:
+                    for a in r:
+                        a.pos = gemmi.Position(*(np.array(a.pos.tolist()) + shift * u))
+        got, _ = bonds(model_from_structure(st, source="moved", hydrogens=False))
+        assert ((c_20, n_21) in got) is linked, shift
+        assert ref - got == (set() if linked else {(c_20, n_21)}), shift
+
+
 def test_minimisation_restores_geometry(small):
     """5e5z shaken by 0.25 Å RMS, minimised on E_geometry alone (scipy L-BFGS, JAX gradient)."""
     from scipy.optimize import minimize

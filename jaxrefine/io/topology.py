@@ -39,6 +39,12 @@ ADP_SIGMA_13 = 2.0  # Å²; ... between 1-3 (angle) neighbours
 BONDI_RADIUS = {"H": 1.20, "C": 1.70, "N": 1.55, "O": 1.52, "F": 1.47, "P": 1.80, "S": 1.80, "CL": 1.75, "SE": 1.90}
 HB_CODE = {"D": 1, "A": 2, "B": 3}
 
+# gemmi links consecutive amino acids only when C(i)–N(i+1) < 1.5 × 1.341 Å (its are_connected); its looser
+# test for a continuous chain is Cα–Cα < 5 Å (are_connected2, used to find where polymers end)
+PEPTIDE_C_N = 1.341  # Å, ideal peptide C–N (gemmi's reference length)
+PEPTIDE_LINK_TOL = 1.5  # gemmi's factor on it
+CHAIN_CA_CA = 5.0  # Å
+
 HELP_FIX = "supply its dictionary with --ligand FILE.cif (e.g. from acedrg or grade), or point --monlib DIR / $CLIBD_MON at a full CCP4 monomer library"
 
 
@@ -83,7 +89,52 @@ def _read_monlib(monlib_dir, resnames, ligands, source) -> gemmi.MonLib:
     return lib
 
 
+def _stretched_peptides(st: gemmi.Structure) -> list:
+    """(previous residue, residue) pairs of one chain that form a continuous polypeptide (consecutive
+    numbers, both amino acids, Cα–Cα < 5 Å) but whose C–N distance is beyond gemmi's link test.
+
+    A model shaken by 0.5 Å RMS, or a poor molecular-replacement model, has such bonds (1va7 shaken: 18
+    of ~250); gemmi would leave them unlinked: no bond, angle, ω or plane there, and a chain that
+    refinement cannot close again.
+    """
+    out = []
+    for ch in st[0]:
+        for r1, r2 in zip(ch, list(ch)[1:]):
+            if r2.seqid.num - r1.seqid.num not in (0, 1):
+                continue
+            if not (gemmi.find_tabulated_residue(r1.name) or gemmi.find_tabulated_residue("UNK")).is_amino_acid():
+                continue
+            if not (gemmi.find_tabulated_residue(r2.name) or gemmi.find_tabulated_residue("UNK")).is_amino_acid():
+                continue
+            c, n, ca1, ca2 = (r.find_atom(name, "*") for r, name in ((r1, "C"), (r2, "N"), (r1, "CA"), (r2, "CA")))
+            if None in (c, n, ca1, ca2):
+                continue
+            if c.pos.dist(n.pos) >= PEPTIDE_C_N * PEPTIDE_LINK_TOL and ca1.pos.dist(ca2.pos) < CHAIN_CA_CA:
+                out.append((r1, r2))
+    return out
+
+
+def _close_stretched_peptides(st: gemmi.Structure, source: str) -> int:
+    """Move N of each stretched peptide (in ``st``, a copy used for the topology only) along the C→N line
+    to the ideal distance, so that gemmi links the residues.  The ω dihedral (hence cis/trans) is
+    unchanged by a move along that axis.  Returns the number of links restored."""
+    pairs = _stretched_peptides(st)
+    for r1, r2 in pairs:
+        cs = {a.altloc: a for a in r1 if a.name == "C"}
+        for n in (a for a in r2 if a.name == "N"):
+            c = cs.get(n.altloc) or next(iter(cs.values()))
+            d = n.pos - c.pos
+            n.pos = c.pos + d * (PEPTIDE_C_N / d.length())
+    if pairs:
+        shown = ", ".join(f"{r1.name} {r1.seqid.num}-{r2.seqid.num}" for r1, r2 in pairs[:5])
+        log.warning("%s: %d peptide bonds longer than %.2f Å (Cα–Cα < %.0f Å: one chain) kept as links with their "
+                    "restraints: %s%s", source, len(pairs), PEPTIDE_C_N * PEPTIDE_LINK_TOL, CHAIN_CA_CA, shown,
+                    " ..." if len(pairs) > 5 else "")
+    return len(pairs)
+
+
 def _topology(st: gemmi.Structure, lib: gemmi.MonLib, source: str) -> gemmi.Topo:
+    _close_stretched_peptides(st, source)
     warnings = []
 
     class _Log:
