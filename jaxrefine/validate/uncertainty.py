@@ -744,15 +744,23 @@ def ensemble_refine(f_obs_draws, starts, params, problem, target: str = "ml", n_
     Returns:
         (k, n, 4) refined shifts.
     """
-    from ..refine.optimize import minimise
-
-    fun = _ENSEMBLE_ENERGY[target]
-    run = jax.jit(jax.vmap(lambda fo, x0: minimise(fun, x0, (fo, params, problem), n_steps)[0]))
     dtype = params.xyz_frac.dtype
     out = []
     for s in range(0, len(starts), batch):
-        out.append(np.asarray(run(jnp.asarray(f_obs_draws[s:s + batch], dtype), jnp.asarray(starts[s:s + batch], dtype)), float))
+        f_obs, x0 = jax.device_put((np.asarray(f_obs_draws[s:s + batch], dtype), np.asarray(starts[s:s + batch], dtype)))
+        out.append(np.asarray(_ensemble_run(f_obs, x0, n_steps, params, problem, target=target), float))
     return np.concatenate(out)
+
+
+@partial(jax.jit, static_argnames="target")
+def _ensemble_run(f_obs, x0, n_steps, params, problem, target):
+    """One batch of :func:`ensemble_refine`.  The model and problem are arguments, not constants closed
+    over: a closure put every array of the problem into the program as a literal (slower to compile,
+    and compiled again for every call)."""
+    from ..refine.optimize import minimise
+
+    fun = _ENSEMBLE_ENERGY[target]
+    return jax.vmap(lambda fo, x: minimise(fun, x, (fo, params, problem), n_steps)[0])(f_obs, x0)
 
 
 def ensemble_spread(shifts, crystal) -> tuple:
