@@ -38,7 +38,7 @@ SHARED = ["refine.n_cycles=1", "refine.steps_xyz=5", "refine.steps_b=3"]
 POOR = list(OVER_STRONG_RESTRAINTS)
 # Same inputs and compiled code in another process: R-factors agree to float32 rounding.
 R_REPRO = 1e-3
-STATUS = {"a": "refined", "b": "refined", "poor": "kept input", "missing": "failed", "nodict": "failed"}
+STATUS = {"a": "refined", "poor": "kept input", "b": "refined", "missing": "failed", "nodict": "failed"}  # manifest order
 
 
 def test_module_is_one_work_unit_under_xdist(request):
@@ -172,9 +172,11 @@ def fleet_inputs(tmp_path_factory):
         if res.name == "HOH":
             res.name = "ZZZ"  # in no dictionary
     st.write_pdb(str(root / "nodict.pdb"))
+    # a and poor start together on the two workers; b goes to the first one free, a's (5e5z is quick), which has
+    # its program compiled already (a and b second: both workers compiled 5e5z's program at once)
     rows = [{"id": "a", "model": str(model), "data": str(data)},
-            {"id": "b", "model": f"copy/{model.name}", "data": f"copy/{data.name}"},
             {"id": "poor", "model": str(poor_model), "data": str(poor_data), "set": POOR},
+            {"id": "b", "model": f"copy/{model.name}", "data": f"copy/{data.name}"},
             {"id": "missing", "model": "absent.pdb", "data": str(data)},
             {"id": "nodict", "model": "nodict.pdb", "data": str(data)}]
     import yaml
