@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import dataset_paths
+from conftest import MONOMERS, dataset_paths, monomer_dir
 from jaxrefine.config import load_config
 from jaxrefine.io.esd import read_esds, write_model_with_esds
 from jaxrefine.io.model import read_model
@@ -41,7 +41,42 @@ IMPLICIT_RTOL = 0.05  # implicit vs finite difference: re-minimisation to gtol 1
 ENSEMBLE_SPEARMAN = 0.5  # 24 runs: the sample σ of one atom scatters by ~1/sqrt(2·24) ≈ 15%, ranks over 47 atoms stay ≥ 0.5
 SYNTH_RATIO = (0.6, 1.4)  # RMS error to the truth / predicted σ_r (and σ_B): measured 0.85 (B 1.0) on the 30-residue demo
 SYNTH_SPEARMAN = 0.4  # per-atom RMS error vs σ_r over 16 noise draws: 0.76 measured on the 30-residue demo
+NOTEBOOK_05_FLOAT64 = [f"model.monlib={monomer_dir()}", "refine.precision=float64", "refine.adp=iso"] if MONOMERS.is_dir() else []
 ENSEMBLE_RATIO = (0.4, 1.5)  # ensemble / Hessian means: MAP spread is H⁻¹JH⁻¹ ≤ H⁻¹ (restraints shrink it), not above
+
+
+@pytest.mark.slow
+def test_command_and_refine_hook_write_esds(tmp_path):
+    import json
+    import shutil
+
+    from jaxrefine.cli import main
+    from jaxrefine.io.writers import write_model
+    from jaxrefine.validate.uncertainty import add_to_refinement
+
+    model_path, data_path = dataset_paths("5e5z")
+    out = tmp_path / "unc"
+    # refine.adp=aniso (as auto chooses at high resolution): the estimate stays in (x, y, z, B), ANISOU held
+    # notebook 05's float32 problem (monomer library; ANISOU shapes held): first in the module, so that the
+    # notebook finds its Hessian-vector program in the session's compilation cache
+    assert main(["uncertainty", str(model_path), str(data_path), "--out", str(out), "--block-only",
+                 "--monlib", str(monomer_dir()), "--set", "refine.adp=aniso"]) == 0
+    x, b = read_esds(out / "uncertainty.cif")
+    summary = json.loads((out / "uncertainty.json").read_text())
+    bf = b[np.isfinite(b)]  # B at the floor b_min has no esd
+    assert np.all((x > 0.005) & (x < 2.0)) and len(bf) > 0 and np.all((bf > 0) & (bf < 50))  # Å, Å²: plausible at 1.66 Å
+    n_res = len(np.unique(read_model(model_path, hydrogens=False).res_index))
+    assert 0.05 < summary["dpi"]["dpi_free"] < 0.5 and len(summary["residues"]) == n_res
+    # the refine hook: esd columns added to refined.cif in place, the summary merged into metrics.json
+    ref = tmp_path / "refined"
+    ref.mkdir()
+    write_model(read_model(model_path, hydrogens=False), ref / "refined.cif")
+    (ref / "metrics.json").write_text(json.dumps({"r_free": 0.2}))
+    shutil.copy(data_path, ref / "data.mtz.gz")
+    add_to_refinement(ref, ref / "data.mtz.gz", load_config(None, [f"model.monlib={monomer_dir()}"]), coupled=False)
+    metrics = json.loads((ref / "metrics.json").read_text())
+    assert metrics["r_free"] == 0.2 and metrics["uncertainty"]["sigma_r_rms"] > 0
+    np.testing.assert_allclose(read_esds(ref / "refined.cif")[0], x, atol=1e-3)  # same model, same numbers
 
 
 def test_esd_columns_read_back_with_gemmi(tmp_path):
@@ -104,7 +139,9 @@ def minimum():
     from jaxrefine.xray.structure_factors import make_sf_setup
 
     model_path, data_path = dataset_paths("5e5z")
-    setup = build_setup(model_path, data_path, load_config(None, ["refine.precision=float64"]))
+    # notebook 05's float64 setup (monomer library, isotropic B): the notebook, run later by the suite, finds these
+    # programs in the session's compilation cache
+    setup = build_setup(model_path, data_path, load_config(None, NOTEBOOK_05_FLOAT64))
     m, r = setup.model, setup.refl
     sf = make_sf_setup(m.crystal, r.hkl, it92_form_factors(m.element, m.source), method="direct", d_min=r.d_min,
                        dtype=jnp.float64)
@@ -283,35 +320,3 @@ def test_uncertainties_are_calibrated_on_a_synthetic_crystal():
     assert ok.sum() > n // 2
     ratio_b = np.sqrt((shifts[:, ok, 3] ** 2).mean() / (unc.b_esd[ok] ** 2).mean())
     assert SYNTH_RATIO[0] < ratio_b < SYNTH_RATIO[1], ratio_b
-
-
-@pytest.mark.slow
-def test_command_and_refine_hook_write_esds(tmp_path):
-    import json
-    import shutil
-
-    from jaxrefine.cli import main
-    from jaxrefine.io.writers import write_model
-    from jaxrefine.validate.uncertainty import add_to_refinement
-
-    model_path, data_path = dataset_paths("5e5z")
-    out = tmp_path / "unc"
-    # refine.adp=aniso (as auto chooses at high resolution): the estimate stays in (x, y, z, B), ANISOU held
-    assert main(["uncertainty", str(model_path), str(data_path), "--out", str(out), "--block-only",
-                 "--set", "refine.adp=aniso"]) == 0
-    x, b = read_esds(out / "uncertainty.cif")
-    summary = json.loads((out / "uncertainty.json").read_text())
-    bf = b[np.isfinite(b)]  # B at the floor b_min has no esd
-    assert np.all((x > 0.005) & (x < 2.0)) and len(bf) > 0 and np.all((bf > 0) & (bf < 50))  # Å, Å²: plausible at 1.66 Å
-    n_res = len(np.unique(read_model(model_path, hydrogens=False).res_index))
-    assert 0.05 < summary["dpi"]["dpi_free"] < 0.5 and len(summary["residues"]) == n_res
-    # the refine hook: esd columns added to refined.cif in place, the summary merged into metrics.json
-    ref = tmp_path / "refined"
-    ref.mkdir()
-    write_model(read_model(model_path, hydrogens=False), ref / "refined.cif")
-    (ref / "metrics.json").write_text(json.dumps({"r_free": 0.2}))
-    shutil.copy(data_path, ref / "data.mtz.gz")
-    add_to_refinement(ref, ref / "data.mtz.gz", coupled=False)
-    metrics = json.loads((ref / "metrics.json").read_text())
-    assert metrics["r_free"] == 0.2 and metrics["uncertainty"]["sigma_r_rms"] > 0
-    np.testing.assert_allclose(read_esds(ref / "refined.cif")[0], x, atol=1e-3)  # same model, same numbers
