@@ -305,8 +305,8 @@ def test_shaken_model_refines_back(pid):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pid", ["5kzb", "4xof"])  # low and high resolution; space groups without a free origin
-def test_rigid_body_brings_back_misplaced_model(pid):
+@pytest.mark.parametrize("pid", [p for p in BY_DATASET if p.values[0] in ("5kzb", "4xof")])  # low and high resolution;
+def test_rigid_body_brings_back_misplaced_model(pid):  # space groups without a free origin; in their dataset's unit
     model, refl = _inputs(pid)
     moved = rigid_move(model, 5.0, 1.5, seed=2)
     before = np.sqrt(((moved.xyz_cart - model.xyz_cart) ** 2).sum(1).mean())
@@ -319,6 +319,7 @@ def test_rigid_body_brings_back_misplaced_model(pid):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("refine-5kzb")  # ML: the shaken 5kzb problem (B = mean), compiled once in that unit
 @pytest.mark.parametrize("target", ["ls", "ml"])
 def test_ls_and_ml_both_lower_r_free(target):
     model, refl = _inputs("5kzb")
@@ -330,6 +331,7 @@ def test_ls_and_ml_both_lower_r_free(target):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("refine-5kzb")  # the deposited 5kzb problem, compiled once in that unit
 def test_guard_keeps_the_input_when_no_cycle_beats_it():
     """Restraints 10^3-10^4 too strong pull the deposited 5kzb to ideal geometry and flat B: R-free rises
     (measured 2026-12-01 in the fleet test's setting: 0.2499 -> 0.2617), so the input model is returned."""
