@@ -102,9 +102,7 @@ def _stretched_peptides(st: gemmi.Structure) -> list:
         for r1, r2 in zip(ch, list(ch)[1:]):
             if r2.seqid.num - r1.seqid.num not in (0, 1):
                 continue
-            if not (gemmi.find_tabulated_residue(r1.name) or gemmi.find_tabulated_residue("UNK")).is_amino_acid():
-                continue
-            if not (gemmi.find_tabulated_residue(r2.name) or gemmi.find_tabulated_residue("UNK")).is_amino_acid():
+            if not all(_polymer_amino_acid(r) for r in (r1, r2)):
                 continue
             c, n, ca1, ca2 = (r.find_atom(name, "*") for r, name in ((r1, "C"), (r2, "N"), (r1, "CA"), (r2, "CA")))
             if None in (c, n, ca1, ca2):
@@ -112,6 +110,12 @@ def _stretched_peptides(st: gemmi.Structure) -> list:
             if c.pos.dist(n.pos) >= PEPTIDE_C_N * PEPTIDE_LINK_TOL and ca1.pos.dist(ca2.pos) < CHAIN_CA_CA:
                 out.append((r1, r2))
     return out
+
+
+def _polymer_amino_acid(res) -> bool:
+    """An amino acid of gemmi's table in a polymer (not a ligand, not an unknown residue)."""
+    info = gemmi.find_tabulated_residue(res.name)
+    return info is not None and info.is_amino_acid() and res.entity_type == gemmi.EntityType.Polymer
 
 
 def _close_stretched_peptides(st: gemmi.Structure, source: str) -> int:
