@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -161,7 +162,7 @@ def test_a_damaged_stored_program_is_exported_again(tmp_path, restore_jax_cache)
     x, w = jax.numpy.arange(3.0), jax.numpy.ones(3)
     cache.call_exported(_weighted_sum_jit, (x, w), {"power": 1}, "test")
     (stored,) = (tmp_path / "c" / cache.EXPORT_SUBFOLDER).glob("*.pkl")
-    for junk in (b"not a pickle", __import__("pickle").dumps(("a", "b"))):
+    for junk in (b"not a pickle", pickle.dumps(("a", "b"))):
         stored.write_bytes(junk)
         cache._exported.clear()
         assert float(cache.call_exported(_weighted_sum_jit, (x, w), {"power": 1}, "test")["y"]) == 3.0

@@ -18,6 +18,7 @@ import gemmi
 import numpy as np
 
 from ..errors import InputError, RestraintError
+from .model import _kind_of
 from ..core.restraint_terms import (
     AdpTerm,
     AngleTerm,
@@ -113,9 +114,8 @@ def _stretched_peptides(st: gemmi.Structure) -> list:
 
 
 def _polymer_amino_acid(res) -> bool:
-    """An amino acid of gemmi's table in a polymer (not a ligand, not an unknown residue)."""
-    info = gemmi.find_tabulated_residue(res.name)
-    return info is not None and info.is_amino_acid() and res.entity_type == gemmi.EntityType.Polymer
+    """A protein residue (the model's own classification) of a polymer: not a ligand, not a free amino acid."""
+    return _kind_of(res) == "protein" and res.entity_type == gemmi.EntityType.Polymer
 
 
 def _close_stretched_peptides(st: gemmi.Structure, source: str) -> int:
