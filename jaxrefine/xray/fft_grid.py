@@ -225,18 +225,10 @@ def _box_gradients(p, metric, weight, g, grid_shape, box, rows, z_coupled):
     # (m, box) values with a constant (box, 10) matrix of monomials of o; then shifted to d.  Per-Gaussian
     # products over the flattened box (unrolled over K) measured fastest on CPU: 1va7's shapes 25 -> ~7 ms.
     o_x, o_y, o_z = _centred(box[0])[ox], _centred(box[1])[oy], _centred(box[2])
-    bx_, by_, bz_ = (np.broadcast_to(v, (len(rows), box[2])).reshape(-1) for v in (o_x[:, None], o_y[:, None], o_z[None]))
-    basis = jnp.asarray(np.stack([np.ones_like(bx_), bx_, by_, bz_, bx_ * bx_, by_ * by_, bz_ * bz_, bx_ * by_,
-                                  bx_ * bz_, by_ * bz_], -1), p.dtype)  # (r·bz, 10)
     if z_coupled:
-        lin = (mm(0, 2)[..., None] * dx[:, None] + mm(1, 2)[..., None] * dy[:, None])  # (m, K, r)
-    mom = []
-    for k in range(weight.shape[1]):
-        ex = q_xy[:, k, :, None] + q_z[:, k, None, :]
-        if z_coupled:
-            ex = ex + lin[:, k, :, None] * dz[:, None, :]
-        mom.append((jnp.exp(-ex) * gw).reshape(gw.shape[0], -1) @ basis)
-    raw = jnp.stack(mom, axis=1)  # (m, K, 10) about the centre: 1 x y z xx yy zz xy xz yz
+        raw = _moments_coupled(gw, q_xy, q_z, mm, dx, dy, dz, o_x, o_y, o_z, box)
+    else:
+        raw = _moments_separable(gw, q_xy, q_z, o_x, o_y, o_z)
     cx, cy, cz = ((offs[a][:, 0] + 0.5 * (box[a] - 1))[:, None] for a in range(3))  # (m, 1): d − o of box index 0
     s0, s_x, s_y, s_z = raw[..., 0], raw[..., 1], raw[..., 2], raw[..., 3]
     s1 = jnp.stack([s_x + cx * s0, s_y + cy * s0, s_z + cz * s0], axis=-1)  # Σ G E d_a  (m, K, 3)
@@ -259,6 +251,37 @@ def _box_gradients(p, metric, weight, g, grid_shape, box, rows, z_coupled):
                      jnp.stack([m02, m12, mm(2, 2)], -1)], -2)
     d_p = jnp.einsum("mk,mkab,mkb->ma", w, sym, s1)
     return d_p, d_metric, s0
+
+
+def _moments_coupled(gw, q_xy, q_z, mm, dx, dy, dz, o_x, o_y, o_z, box):
+    """(m, K, 10) moments Σ g·E_k·oᵃ about the box centre (1 x y z xx yy zz xy xz yz) when M_xz or M_yz is
+    non-zero: one exponential per point and Gaussian, then one product with a constant (box, 10) basis."""
+    bx_, by_, bz_ = (np.broadcast_to(v, (len(o_x), box[2])).reshape(-1) for v in (o_x[:, None], o_y[:, None], o_z[None]))
+    basis = jnp.asarray(np.stack([np.ones_like(bx_), bx_, by_, bz_, bx_ * bx_, by_ * by_, bz_ * bz_, bx_ * by_,
+                                  bx_ * bz_, by_ * bz_], -1), gw.dtype)  # (r·bz, 10)
+    lin = (mm(0, 2)[..., None] * dx[:, None] + mm(1, 2)[..., None] * dy[:, None])  # (m, K, r)
+    mom = []
+    for k in range(q_xy.shape[1]):
+        ex = q_xy[:, k, :, None] + q_z[:, k, None, :] + lin[:, k, :, None] * dz[:, None, :]
+        mom.append((jnp.exp(-ex) * gw).reshape(gw.shape[0], -1) @ basis)
+    return jnp.stack(mom, axis=1)
+
+
+def _moments_separable(gw, q_xy, q_z, o_x, o_y, o_z):
+    """The moments of :func:`_moments_coupled` when each Gaussian factorises into a row part and a z part
+    (M_xz = M_yz = 0), E_k = exp(−q_xy,k) · exp(−q_z,k): the z sums first, Σ_z g·exp(−q_z,k)·o_zʲ (j = 0, 1, 2:
+    three products per point for each k, no exponential per point), then the row sums with exp(−q_xy,k)."""
+    dtype = gw.dtype
+    zpow = jnp.asarray(np.stack([np.ones_like(o_z), o_z, o_z * o_z], -1), dtype)  # (bz, 3)
+    ez = jnp.exp(-q_z)[..., None] * zpow  # (m, K, bz, 3)
+    t = jnp.einsum("mrz,mkzj->mkrj", gw, ez)  # (m, K, r, 3): Σ_z g exp(−q_z) o_zʲ per row
+    u = jnp.exp(-q_xy)[..., None] * t  # (m, K, r, 3)
+    xy = jnp.asarray(np.stack([np.ones_like(o_x), o_x, o_y, o_x * o_x, o_y * o_y, o_x * o_y], -1), dtype)  # (r, 6)
+    m0 = jnp.einsum("mkr,rb->mkb", u[..., 0], xy)  # 1 x y xx yy xy
+    m1 = jnp.einsum("mkr,rb->mkb", u[..., 1], xy[:, :3])  # z xz yz
+    m2 = jnp.sum(u[..., 2], axis=-1)  # zz
+    return jnp.stack([m0[..., 0], m0[..., 1], m0[..., 2], m1[..., 0], m0[..., 3], m0[..., 4], m2, m0[..., 5],
+                      m1[..., 1], m1[..., 2]], axis=-1)
 
 
 spread_boxes.defvjp(_spread_fwd, _spread_bwd)
