@@ -24,7 +24,7 @@ import gemmi
 import numpy as np
 
 from ..errors import RestraintError
-from .topology import _read_monlib, find_monlib
+from .topology import _close_stretched_peptides, _read_monlib, find_monlib
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def riding_sites(model, monlib=None, ligands=(), xyz_cart=None, like: RidingSite
     if n != model.n_atoms:
         raise ValueError(f"{source}: riding hydrogens need a model read without hydrogens ({n} != {model.n_atoms})")
     lib = _read_monlib(find_monlib(monlib), st[0].get_all_residue_names(), ligands, source)
-    topo = _topology_with_h(st, lib, source, n)
+    topo, moved = _topology_with_h(st, lib, source, n)
     heavy_nb: dict[int, list[int]] = {}
     h_parent: dict[int, int] = {}  # hydrogen serial -> parent index
     for bond in topo.bonds:
@@ -114,6 +114,7 @@ def riding_sites(model, monlib=None, ligands=(), xyz_cart=None, like: RidingSite
         elif h1 != h2:
             hh, pp = (a1, a2) if h1 else (a2, a1)
             h_parent[hh.serial] = int(pp.fraction) - 1
+    _undo_peptide_moves(st, moved, h_parent)
     h_pos = {cra.atom.serial: np.array(cra.atom.pos.tolist()) for cra in st[0].all() if cra.atom.is_hydrogen()}
     if like is not None:
         return _refreshed(like, xyz, h_pos)
@@ -142,7 +143,12 @@ def riding_sites(model, monlib=None, ligands=(), xyz_cart=None, like: RidingSite
 
 def _topology_with_h(st, lib, source, n_heavy: int):
     """gemmi topology with hydrogens (re)placed from the library; hydrogens numbered after the
-    heavy atoms (serial), heavy atoms keep their index + 1 in ``fraction``."""
+    heavy atoms (serial), heavy atoms keep their index + 1 in ``fraction``.
+
+    Stretched peptides are closed first, as for the restraints (:func:`jaxrefine.io.topology._close_stretched_peptides`):
+    unlinked, gemmi treats such an N as a chain start and gives it three hydrogens (5kzb shaken: 10 extra).
+    Returns (topology, {heavy index: shift of its N}); :func:`_undo_peptide_moves` puts them back."""
+    moved = _close_stretched_peptides(st, source, quiet=True)
     try:
         topo = gemmi.prepare_topology(st, lib, h_change=gemmi.HydrogenChange.ReAddButWater, reorder=False)
     except (RuntimeError, ValueError) as exc:
@@ -153,7 +159,19 @@ def _topology_with_h(st, lib, source, n_heavy: int):
             k += 1
             cra.atom.serial = k
             cra.atom.fraction = 0.0
-    return topo
+    return topo, moved
+
+
+def _undo_peptide_moves(st, moved: dict, h_parent: dict) -> None:
+    """Move each N that :func:`_topology_with_h` moved back to its place in ``st``, with the hydrogens on it
+    (``h_parent``: hydrogen serial -> parent index)."""
+    if not moved:
+        return
+    for cra in st[0].all():
+        a = cra.atom
+        i = h_parent.get(a.serial, -1) if a.is_hydrogen() else int(round(a.fraction)) - 1
+        if i in moved:
+            a.pos = gemmi.Position(*(np.array(a.pos.tolist()) - moved[i]))
 
 
 def _refreshed(like, xyz, h_pos):

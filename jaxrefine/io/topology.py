@@ -118,23 +118,33 @@ def _polymer_amino_acid(res) -> bool:
     return _kind_of(res) == "protein" and res.entity_type == gemmi.EntityType.Polymer
 
 
-def _close_stretched_peptides(st: gemmi.Structure, source: str) -> int:
+def _close_stretched_peptides(st: gemmi.Structure, source: str, quiet: bool = False) -> dict:
     """Move N of each stretched peptide (in ``st``, a copy used for the topology only) along the C→N line
     to the ideal distance, so that gemmi links the residues.  The ω dihedral (hence cis/trans) is
-    unchanged by a move along that axis.  Returns the number of links restored."""
+    unchanged by a move along that axis.
+
+    Returns:
+        {id: (3,) shift (Å) applied to that N}, keyed by each moved atom's ``fraction`` field minus 1 (the
+        atom index where the caller numbered the atoms there, as :func:`jaxrefine.io.hydrogens.riding_sites`
+        does), one entry per N moved; its length is the number of links restored when ``fraction`` is unused.
+        ``quiet``: no warning (a second topology of a model already reported).
+    """
     pairs = _stretched_peptides(st)
+    moved = {}
     for r1, r2 in pairs:
         cs = {a.altloc: a for a in r1 if a.name == "C"}
         for n in (a for a in r2 if a.name == "N"):
             c = cs.get(n.altloc) or next(iter(cs.values()))
             d = n.pos - c.pos
-            n.pos = c.pos + d * (PEPTIDE_C_N / d.length())
-    if pairs:
+            new = c.pos + d * (PEPTIDE_C_N / d.length())
+            moved[int(round(n.fraction)) - 1 if n.fraction >= 1 else -1 - len(moved)] = np.array((new - n.pos).tolist())
+            n.pos = new
+    if pairs and not quiet:
         shown = ", ".join(f"{r1.name} {r1.seqid.num}-{r2.seqid.num}" for r1, r2 in pairs[:5])
         log.warning("%s: %d peptide bonds longer than %.2f Å (Cα–Cα < %.0f Å: one chain) kept as links with their "
                     "restraints: %s%s", source, len(pairs), PEPTIDE_C_N * PEPTIDE_LINK_TOL, CHAIN_CA_CA, shown,
                     " ..." if len(pairs) > 5 else "")
-    return len(pairs)
+    return moved
 
 
 def _topology(st: gemmi.Structure, lib: gemmi.MonLib, source: str) -> gemmi.Topo:
