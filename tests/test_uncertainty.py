@@ -41,7 +41,8 @@ IMPLICIT_RTOL = 0.05  # implicit vs finite difference: re-minimisation to gtol 1
 ENSEMBLE_SPEARMAN = 0.5  # 24 runs: the sample σ of one atom scatters by ~1/sqrt(2·24) ≈ 15%, ranks over 47 atoms stay ≥ 0.5
 SYNTH_RATIO = (0.6, 1.4)  # RMS error to the truth / predicted σ_r (and σ_B): measured 0.85 (B 1.0) on the 30-residue demo
 SYNTH_SPEARMAN = 0.4  # per-atom RMS error vs σ_r over 16 noise draws: 0.76 measured on the 30-residue demo
-NOTEBOOK_05_FLOAT64 = [f"model.monlib={monomer_dir()}", "refine.precision=float64", "refine.adp=iso"] if MONOMERS.is_dir() else []
+# notebook 05's float64 settings (its monomer library where the data ship one)
+NOTEBOOK_05_FLOAT64 = ([f"model.monlib={monomer_dir()}"] if MONOMERS.is_dir() else []) + ["refine.precision=float64", "refine.adp=iso"]
 ENSEMBLE_RATIO = (0.4, 1.5)  # ensemble / Hessian means: MAP spread is H⁻¹JH⁻¹ ≤ H⁻¹ (restraints shrink it), not above
 
 
@@ -56,9 +57,9 @@ def test_command_and_refine_hook_write_esds(tmp_path):
 
     model_path, data_path = dataset_paths("5e5z")
     out = tmp_path / "unc"
-    # refine.adp=aniso (as auto chooses at high resolution): the estimate stays in (x, y, z, B), ANISOU held
-    # notebook 05's float32 problem (monomer library; ANISOU shapes held): first in the module, so that the
-    # notebook finds its Hessian-vector program in the session's compilation cache
+    # notebook 05's float32 problem (monomer library; refine.adp=aniso as auto chooses at high resolution: the
+    # estimate stays in (x, y, z, B), ANISOU held): first in the module, so that the notebook finds its
+    # Hessian-vector program in the session's compilation cache
     assert main(["uncertainty", str(model_path), str(data_path), "--out", str(out), "--block-only",
                  "--monlib", str(monomer_dir()), "--set", "refine.adp=aniso"]) == 0
     x, b = read_esds(out / "uncertainty.cif")
