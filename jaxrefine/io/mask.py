@@ -87,8 +87,9 @@ def solvent_mask(
             preset uses 50); 0 keeps all.
 
     Returns:
-        (nu, nv, nw) float64 array, 1 = bulk solvent, 0 = macromolecule; index [i, j, k] is the
-        fractional point (i/nu, j/nv, k/nw).
+        (nu, nv, nw) float32 array (0 and 1 are exact; half the bytes of float64: 5kzb's 5.5-million-point
+        grid was copied in 44-120 ms each macrocycle), 1 = bulk solvent, 0 = macromolecule; index [i, j, k] is
+        the fractional point (i/nu, j/nv, k/nw).
     """
     if isinstance(model, tuple):
         gm = _gemmi_model_from_arrays(*model)
@@ -102,4 +103,4 @@ def solvent_mask(
     masker.rshrink = float(r_shrink)
     masker.island_min_volume = float(island_min_volume)
     masker.put_mask_on_float_grid(grid, gm)
-    return np.array(grid, copy=True).astype(np.float64)
+    return np.array(grid, copy=True)
