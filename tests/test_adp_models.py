@@ -26,7 +26,7 @@ from jaxrefine.restraints.adp_aniso import (
     rigid_bond_energy,
     similarity_energy,
 )
-from jaxrefine.restraints.ncs import geman_mcclure, ncs_energy, ncs_report, ncs_term
+from jaxrefine.restraints.ncs import NCS_RADIUS, geman_mcclure, local_pairs, ncs_energy, ncs_report, ncs_term
 from jaxrefine.xray.adp import (
     EIGHT_PI2,
     b_eq,
@@ -346,6 +346,21 @@ def ncs_1va7():
     model = read_model(dataset_paths("1va7")[0])
     copies = find_ncs_copies(model)
     return model, copies, ncs_term(model.xyz_cart, [(c.atoms1, c.atoms2) for c in copies])
+
+
+def test_ncs_local_pairs_are_every_pair_close_in_either_copy(ncs_1va7):
+    """The k-d tree search against the plain m × m distance test, on the first pair of 1va7's copies."""
+    model, copies, _ = ncs_1va7
+    c = copies[0]
+    got = local_pairs(model.xyz_cart, c.atoms1, c.atoms2)
+    close = np.zeros((len(c.atoms1),) * 2, bool)
+    for atoms in (c.atoms1, c.atoms2):
+        x = model.xyz_cart[atoms]
+        close |= np.sum((x[:, None] - x[None]) ** 2, axis=-1) < NCS_RADIUS**2
+    i, j = np.nonzero(np.triu(close, 1))
+    want = np.stack([c.atoms1[i], c.atoms1[j], c.atoms2[i], c.atoms2[j]], -1)
+    assert len(want) > 1000
+    np.testing.assert_array_equal(got, want)
 
 
 def copy_rigidly(model, copies):

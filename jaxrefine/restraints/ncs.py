@@ -44,32 +44,29 @@ class NcsTerm(NamedTuple):
     saturation: np.ndarray
 
 
-def local_pairs(xyz_cart, atoms1, atoms2, radius=NCS_RADIUS, chunk=256):
-    """(k, 4) int atoms (a, b, a', b') of matched pairs closer than ``radius`` in either copy.
+def local_pairs(xyz_cart, atoms1, atoms2, radius=NCS_RADIUS):
+    """(k, 4) int atoms (a, b, a', b') of matched pairs closer than ``radius`` in either copy, ordered by (a, b)
+    positions in ``atoms1``.
 
     Args:
         xyz_cart: (n_atoms, 3) Å.
         atoms1, atoms2: (m,) int matched atoms of copy 1 and copy 2 (atoms1[k] ↔ atoms2[k]).
         radius: Å.
-        chunk: rows per block of the (m × m) distance test (memory bound).
     """
+    from scipy.spatial import cKDTree  # scipy comes with jax
+
     a1 = np.asarray(atoms1, np.int64)
     a2 = np.asarray(atoms2, np.int64)
     x1, x2 = np.asarray(xyz_cart, float)[a1], np.asarray(xyz_cart, float)[a2]
-    m = len(a1)
-    rows = []
     r2 = radius * radius
-    for start in range(0, m, chunk):
-        stop = min(m, start + chunk)
-        close = np.zeros((stop - start, m), bool)
-        for x in (x1, x2):
-            d = x[start:stop, None, :] - x[None, :, :]
-            close |= np.einsum("ijk,ijk->ij", d, d) < r2
-        i, j = np.nonzero(close)
-        i = i + start
-        keep = j > i  # each unordered pair once, no self pairs
-        rows.append(np.stack([a1[i[keep]], a1[j[keep]], a2[i[keep]], a2[j[keep]]], -1))
-    return np.concatenate(rows) if rows else np.zeros((0, 4), np.int64)
+    found = [np.zeros((0, 2), np.int64)]
+    for x in (x1, x2):  # k-d tree pairs within the radius (4iid's four chains: 1.0 s -> ~0.05 s as an m × m test)
+        ij = cKDTree(x).query_pairs(radius, output_type="ndarray").astype(np.int64)
+        d = x[ij[:, 0]] - x[ij[:, 1]]
+        found.append(ij[np.einsum("ij,ij->i", d, d) < r2])
+    ij = np.unique(np.sort(np.concatenate(found), axis=1), axis=0)  # each unordered pair once, sorted by (i, j)
+    i, j = ij[:, 0], ij[:, 1]
+    return np.stack([a1[i], a1[j], a2[i], a2[j]], -1)
 
 
 def ncs_term(xyz_cart, copies, radius=NCS_RADIUS, sigma=NCS_SIGMA, saturation=NCS_SATURATION) -> NcsTerm:
