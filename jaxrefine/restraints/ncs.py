@@ -60,7 +60,7 @@ def local_pairs(xyz_cart, atoms1, atoms2, radius=NCS_RADIUS):
     x1, x2 = np.asarray(xyz_cart, float)[a1], np.asarray(xyz_cart, float)[a2]
     r2 = radius * radius
     found = [np.zeros((0, 2), np.int64)]
-    for x in (x1, x2):  # k-d tree pairs within the radius (4iid's four chains: 1.0 s -> ~0.05 s as an m × m test)
+    for x in (x1, x2):  # k-d tree pairs within the radius (4iid's two copies: 0.24 s, where an m × m test took 1.0 s)
         ij = cKDTree(x).query_pairs(radius, output_type="ndarray").astype(np.int64)
         d = x[ij[:, 0]] - x[ij[:, 1]]
         found.append(ij[np.einsum("ij,ij->i", d, d) < r2])

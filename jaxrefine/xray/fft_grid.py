@@ -224,6 +224,7 @@ def _box_gradients(p, metric, weight, g, grid_shape, box, rows, z_coupled):
     # centre, c the atom's shift, |c| <= ½), so that for each of the K Gaussians they are one product of the
     # (m, box) values with a constant (box, 10) matrix of monomials of o; then shifted to d.  Per-Gaussian
     # products over the flattened box (unrolled over K) measured fastest on CPU: 1va7's shapes 25 -> ~7 ms.
+    # Without a z coupling the Gaussians factorise and the z sums come first (:func:`_moments_separable`).
     o_x, o_y, o_z = _centred(box[0])[ox], _centred(box[1])[oy], _centred(box[2])
     if z_coupled:
         raw = _moments_coupled(gw, q_xy, q_z, mm, dx, dy, dz, o_x, o_y, o_z, box)
