@@ -37,6 +37,7 @@ TOL_VS_SERVALCAT = 0.02  # the issue's check: R within 0.02 of servalcat's on th
 TOL_VS_DEPOSITED = 0.03  # the issue's check against the deposited R (unless servalcat is farther, see below)
 MASK_MISMATCH = 2e-3  # fraction of grid points where the ASU-with-symmetry mask and the P1-expanded mask differ (rounding at the probe surface)
 TOL_REGRESSION = 0.005  # R may not rise above the recorded jaxrefine value by more than this (improvements pass)
+RIDING_R_TOL = 0.002  # R-free with library-placed riding hydrogens vs with the deposited ones (4xof)
 PEAK_SIGMA = 3.0  # mFo-DFc peak at removed atoms, in map r.m.s.
 
 # R-work / R-free: deposited (model header); servalcat 0.4.142 refine_xtal_norefmac --ncycle 0 (shared data
@@ -338,6 +339,29 @@ def test_r_factors_of_deposited_models(pdb_id):
     assert st["n_work"] + st["n_free"] == refl.n and st["n_free"] == refl.n_free
     assert sum(b["n_work"] for b in st["bins"]) == st["n_work"]
     assert 0.0 <= st["k_sol"] < 1.0 and 10.0 <= st["b_sol"] <= 300.0
+
+
+def test_rfactors_riding_hydrogens_reproduce_the_deposited_ones(capsys):
+    """``rfactors --riding-hydrogens`` scores a model with hydrogens placed from the monomer library, as servalcat's
+    scoring adds them.  4xof (1.15 Å) was deposited with riding hydrogens (704 with positions): the library's
+    726 give the same R-free within RIDING_R_TOL (measured 0.1702 against 0.1704), and both are far below the
+    model without hydrogens (0.1875)."""
+    from jaxrefine.cli import main
+    from jaxrefine.problem.fmodel import fmodel_statistics
+
+    from conftest import monomer_dir
+
+    model_path, data_path = dataset_paths("4xof")
+    model, refl = _load("4xof")
+    deposited = fmodel_statistics(model, refl)
+    bare = fmodel_statistics(*_load("4xof", hydrogens=False))
+    capsys.readouterr()
+    assert main(["-q", "rfactors", str(model_path), str(data_path), "--labin", LABIN["4xof"], "--free-value", "0",
+                 "--riding-hydrogens", "--monlib", str(monomer_dir()), "--json"]) == 0
+    out = capsys.readouterr().out
+    riding = json.loads(out[out.index("{"):])
+    assert abs(riding["r_free"] - deposited["r_free"]) < RIDING_R_TOL, (riding["r_free"], deposited["r_free"])
+    assert riding["r_free"] < bare["r_free"] - 0.01 and riding["r_work"] < bare["r_work"] - 0.01
 
 
 @pytest.mark.parametrize("pdb_id", ["5kzb"])  # (1l2h, 1.54 Å, k_iso in both: also within 1e-3; 14 s of CI)

@@ -20,6 +20,10 @@ def add_arguments(p):
     p.add_argument("--d-min", type=positive_length, help="high-resolution limit (Å)")
     p.add_argument("--d-max", type=positive_length, help="low-resolution limit (Å)")
     p.add_argument("--no-hydrogens", action="store_true", help="drop hydrogen atoms of the model")
+    p.add_argument("--riding-hydrogens", action="store_true",
+                   help="replace the model's hydrogens by riding hydrogens placed from the monomer library (as "
+                        "servalcat's scoring adds them)")
+    p.add_argument("--monlib", help="monomer library for --riding-hydrogens (default $CLIBD_MON, else the built-in protein set)")
     p.add_argument("--no-solvent", action="store_true", help="no bulk-solvent model (k_sol = 0)")
     p.add_argument("--bins", type=number_at_least(1, integer=True), default=10, help="resolution bins in the table (default 10)")
     p.add_argument("--sf-method", default="auto", choices=("auto", "fft", "direct"), help="structure-factor method (auto: direct sum for small problems)")
@@ -38,7 +42,13 @@ def run(args) -> int:
     protect(args.model, args.data)
     for path in ([args.mtz_out] if args.mtz_out else []) + ([f"{args.map_out}_2fofc.ccp4", f"{args.map_out}_fofc.ccp4"] if args.map_out else []):
         check_not_input(path)
-    model = read_model(args.model, hydrogens=not args.no_hydrogens)
+    model = read_model(args.model, hydrogens=not (args.no_hydrogens or args.riding_hydrogens))
+    if args.riding_hydrogens:
+        from ..io.hydrogens import riding_sites
+        from ..io.model import model_from_structure
+
+        # every hydrogen gemmi places (its structure), with the parent's B and occupancy
+        model = model_from_structure(riding_sites(model, args.monlib).structure, source=str(args.model))
     refl = read_reflections(args.data, labin=args.labin, free_value=args.free_value, d_min=args.d_min, d_max=args.d_max)
     check_compatible(model.crystal, refl.crystal, args.model, args.data)
     maps = bool(args.mtz_out or args.map_out)
