@@ -47,7 +47,8 @@ def run(args) -> int:
         from ..io.hydrogens import riding_sites
         from ..io.model import model_from_structure
 
-        # every hydrogen gemmi places (its structure), with the parent's B and occupancy
+        # every hydrogen gemmi places (its structure); gemmi gives a rotatable hydroxyl H, which has no fixed
+        # position, occupancy 0 (15 of the 726 placed on 4xof)
         model = model_from_structure(riding_sites(model, args.monlib).structure, source=str(args.model))
     refl = read_reflections(args.data, labin=args.labin, free_value=args.free_value, d_min=args.d_min, d_max=args.d_max)
     check_compatible(model.crystal, refl.crystal, args.model, args.data)

@@ -124,10 +124,9 @@ def _close_stretched_peptides(st: gemmi.Structure, source: str, quiet: bool = Fa
     unchanged by a move along that axis.
 
     Returns:
-        {id: (3,) shift (Å) applied to that N}, keyed by each moved atom's ``fraction`` field minus 1 (the
-        atom index where the caller numbered the atoms there, as :func:`jaxrefine.io.hydrogens.riding_sites`
-        does), one entry per N moved; its length is the number of links restored when ``fraction`` is unused.
-        ``quiet``: no warning (a second topology of a model already reported).
+        {atom index: (3,) shift (Å) applied to that N}, the index read from the atom's ``fraction`` field minus 1
+        (:func:`jaxrefine.io.hydrogens.riding_sites` numbers the atoms there to move them back; the restraints
+        need no return value).  ``quiet``: no warning (a second topology of a model already reported).
     """
     pairs = _stretched_peptides(st)
     moved = {}
@@ -137,7 +136,7 @@ def _close_stretched_peptides(st: gemmi.Structure, source: str, quiet: bool = Fa
             c = cs.get(n.altloc) or next(iter(cs.values()))
             d = n.pos - c.pos
             new = c.pos + d * (PEPTIDE_C_N / d.length())
-            moved[int(round(n.fraction)) - 1 if n.fraction >= 1 else -1 - len(moved)] = np.array((new - n.pos).tolist())
+            moved[int(round(n.fraction)) - 1] = np.array((new - n.pos).tolist())
             n.pos = new
     if pairs and not quiet:
         shown = ", ".join(f"{r1.name} {r1.seqid.num}-{r2.seqid.num}" for r1, r2 in pairs[:5])
