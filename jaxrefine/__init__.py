@@ -4,6 +4,10 @@ The public API is re-exported here; see README.md for a ten-line tour.
 """
 __version__ = "0.1.0"
 
+from .core.xla_options import apply_xla_defaults as _apply_xla_defaults
+
+_apply_xla_defaults()  # before JAX starts its backend (XLA reads $XLA_FLAGS once)
+
 from .errors import JaxrefineError, InputError, DataMismatchError, SelectionError, RestraintError, ConfigError  # noqa: F401
 from .io.model import Model, read_model, select  # noqa: F401
 from .io.reflections import Reflections, read_reflections, check_compatible  # noqa: F401

@@ -167,3 +167,31 @@ def test_a_damaged_stored_program_is_exported_again(tmp_path, restore_jax_cache)
         cache._exported.clear()
         assert float(cache.call_exported(_weighted_sum_jit, (x, w), {"power": 1}, "test")["y"]) == 3.0
         assert stored.read_bytes() != junk  # replaced by a good one
+
+
+def test_xla_defaults_only_for_tested_jaxlib_and_never_over_the_user():
+    from jaxrefine.core import xla_options as X
+
+    flag = X.FUSION_FLAG
+    tested = ".".join(map(str, X.TESTED_JAXLIB[0])) + ".7"
+    assert X.xla_flags_with_defaults("", tested) == flag
+    assert X.xla_flags_with_defaults("--xla_foo=1", tested) == f"--xla_foo=1 {flag}"
+    assert X.xla_flags_with_defaults("--xla_cpu_use_fusion_emitters=true", tested) == "--xla_cpu_use_fusion_emitters=true"
+    for untested in ("99.1.0", "0.4.30", "nonsense", None):  # XLA aborts on an unknown flag: add nothing
+        assert X.xla_flags_with_defaults("--xla_foo=1", untested) == "--xla_foo=1"
+
+
+def test_xla_defaults_reach_the_backend_of_a_fresh_process():
+    """import jaxrefine sets $XLA_FLAGS before JAX's backend starts, XLA accepts it (an unknown flag aborts the
+    process), and JAXREFINE_XLA_DEFAULTS=off leaves it alone."""
+    from importlib import metadata
+
+    from jaxrefine.core import xla_options as X
+
+    code = "import jaxrefine, jax, jax.numpy as jnp, os; print(float(jax.jit(jnp.sin)(1.0))); print(os.environ.get('XLA_FLAGS', ''))"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", X.ENV_VAR)}
+    for extra, expect in (({}, X.xla_flags_with_defaults("", metadata.version("jaxlib"))), ({X.ENV_VAR: "off"}, "")):
+        run = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        value, flags = run.stdout.split("\n")[:2]
+        assert float(value) == pytest.approx(0.841471, abs=1e-6) and flags == expect

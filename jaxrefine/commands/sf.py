@@ -33,14 +33,14 @@ def compute_fcalc(model, d_min: float, d_max: float = 0.0, method: str = "fft", 
 
     from ..io.formfactor_io import form_factors
     from ..io.miller_io import unique_miller_indices
-    from ..xray.structure_factors import make_sf_setup, split_adp, structure_factors
+    from ..xray.structure_factors import make_sf_setup, split_adp, structure_factors_jit
 
     hkl = unique_miller_indices(model.crystal, d_min, d_max)
     ff = form_factors(model.element, table, model.source)
     b_iso, u_aniso = split_adp(model.b_iso, model.u_aniso, model.has_aniso)
     use_u = bool(np.any(model.has_aniso))
     setup = make_sf_setup(model.crystal, hkl, ff, method=method, d_min=d_min, b_iso=b_iso, u_aniso=u_aniso if use_u else None)
-    f = jax.jit(structure_factors)(
+    f = structure_factors_jit(
         jnp.asarray(model.xyz_frac), jnp.asarray(b_iso), jnp.asarray(model.occ), setup, jnp.asarray(u_aniso) if use_u else None
     )
     return hkl, np.asarray(f)

@@ -148,7 +148,7 @@ def make_demo_crystal(seed: int = 0, sequence: str = SEQUENCE, d_min: float = DE
     from ..core.crystal import centric_flags, epsilon_factors
     from ..io.formfactor_io import it92_form_factors
     from ..problem.fmodel import model_f_mask
-    from ..xray.structure_factors import make_sf_setup, structure_factors
+    from ..xray.structure_factors import make_sf_setup, structure_factors_jit
 
     atoms = build_peptide(sequence)
     xyz = np.array([a["xyz"] for a in atoms])
@@ -172,7 +172,7 @@ def make_demo_crystal(seed: int = 0, sequence: str = SEQUENCE, d_min: float = DE
     s2 = 1.0 / d**2
     ff = it92_form_factors(model.element)
     setup = make_sf_setup(crystal, hkl, ff, d_min=d_min)
-    f_calc = np.asarray(structure_factors(model.xyz_frac, model.b_iso, model.occ, setup))
+    f_calc = np.asarray(structure_factors_jit(model.xyz_frac, model.b_iso, model.occ, setup))
     f_mask, _, _ = model_f_mask(model, crystal, hkl, d_min)
     f_true = np.abs((f_calc + K_SOL * np.exp(-B_SOL * s2 / 4) * f_mask) * np.exp(-B_OVERALL * s2 / 4))
     rng = np.random.default_rng(seed)

@@ -16,7 +16,7 @@ import numpy as np
 from ..xray.fmodel import f_model_jit
 from ..xray.scaling import Scales, fit_scales, reciprocal_vectors
 from ..xray.stats import r_factor_best_scale, r_factors
-from ..xray.structure_factors import structure_factors
+from ..xray.structure_factors import structure_factors_jit
 from ..xray.targets import SigmaA, choose_sigma_a_set, estimate_sigma_a, sigma_a_bins
 
 log = logging.getLogger(__name__)
@@ -105,13 +105,8 @@ def model_f_calc(model, crystal, hkl, method: str = "auto"):
     setup = make_sf_setup(crystal, hkl, ff, method=method, b_iso=model.b_iso, u_aniso=u)
     dtype = setup.s2.dtype
     xyz_frac, b, occ = jax.device_put(tuple(np.asarray(a, dtype) for a in (crystal.to_frac(model.xyz_cart), b_iso, model.occ)))
-    f = _structure_factors_jit(xyz_frac, b, occ, setup, None if u is None else jax.device_put(np.asarray(u, dtype)))
+    f = structure_factors_jit(xyz_frac, b, occ, setup, None if u is None else jax.device_put(np.asarray(u, dtype)))
     return np.asarray(f)
-
-
-# one program per problem (called eagerly, F_calc ran as ~120 one-operation programs, each compiled once per shape:
-# 120 of the 2000 compilations of notebook 04)
-_structure_factors_jit = jax.jit(structure_factors)
 
 
 def model_f_mask(model, crystal, hkl, d_min: float, r_probe: float = 1.0, r_shrink: float = 0.8, xyz_cart=None):
