@@ -11,7 +11,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.flatten_util import ravel_pytree
 
 from ..core.cache import call_exported
@@ -23,6 +22,8 @@ def make_optimizer(method: str, learning_rate):
     """optax transformation for ``method`` in {adam, sgd}; None for lbfgs (its loop is :func:`lbfgs_loop`)."""
     if method == "lbfgs":
         return None
+    import optax  # here: the default L-BFGS does not need it, and importing it takes ~0.12 s of every start
+
     if method == "adam":
         return optax.adam(learning_rate)
     if method == "sgd":
