@@ -54,9 +54,11 @@ def pytest_xdist_auto_num_workers(config):
 # 2026-12-01 h: the 5kzb unit also holds the rigid-body, LS/ML and guard checks on 5kzb (they share its problems) and the
 # 4xof unit its rigid-body check; costs from a profiled run of that day: 5kzb ~150 s, 4xof ~120 s, 5orl ~100 s,
 # 1va7 ~95 s, 4iid ~95 s, fleet ~90 s, 1l2h ~80 s, 5e5z ~40 s.
+# 2026-12-02, with XLA's older CPU fusion emitters (jaxrefine/core/xla_options.py; per-test wall summed by unit): uncertainty
+# 240 s, notebooks 148 s, 5kzb 89 s, 4xof 83 s, 1va7 73 s, 5orl 70 s, 4iid 68 s, 1l2h 59 s, fleet 54 s (pytest 620 s).
 # Only under xdist (workers): a serial run keeps modules together.
-FIRST_UNITS = ("uncertainty", "test_notebooks.py", "refine-5kzb", "refine-4xof", "refine-5orl", "refine-1va7", "refine-4iid",
-               "fleet", "refine-1l2h", "refine-5e5z")
+FIRST_UNITS = ("uncertainty", "test_notebooks.py", "refine-5kzb", "refine-4xof", "refine-1va7", "refine-5orl", "refine-4iid",
+               "refine-1l2h", "fleet", "refine-5e5z")
 
 
 def _unit_rank(item) -> int:
