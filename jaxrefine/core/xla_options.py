@@ -5,8 +5,8 @@ XLA reads ``$XLA_FLAGS`` once, when the first computation starts the backend, so
 A process that started JAX's backend before importing jaxrefine keeps its own settings.
 
 ``--xla_cpu_use_fusion_emitters=false``: the CPU backend generates code for fused loops with its
-older LLVM IR emitters instead of the newer MLIR fusion emitters.  On the refinement programs this
-cuts XLA compilation by 25-45 % with the same run time (energy value+gradient, jaxlib 0.10.2,
+older LLVM IR emitters instead of its newer (MLIR-based) fusion emitters.  On the refinement programs this
+cuts XLA compilation by 20-45 % with about the same run time (energy value+gradient, jaxlib 0.10.2,
 2 cores; compile / evaluation): 1l2h 7.6 -> 4.2 s / 57 -> 54 ms, 5kzb 7.8 -> 5.3 s / 16.6 ->
 16.7 ms, 5orl 9.5 -> 6.3 s / 168 -> 185 ms, 4iid 6.8 -> 5.4 s / 204 -> 175 ms.  Cold runs and
 the test suite are mostly compilation (benchmarks/README.md).
