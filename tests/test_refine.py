@@ -47,7 +47,7 @@ MAX_RMS_ANGLE_SHAKEN = 2.1
 LS_ML_DROP = 0.015  # check 4: R-free must fall by more than this (was 0.02 with optax's L-BFGS; LS now falls 0.0156)
 SHAKEN_CYCLES = 5  # the default number of macrocycles
 DEPOSITED_CYCLES = 2  # from the deposited model R-free is lowest after cycle 1-2 (the guard keeps it)
-# CI has 2 cores and the suite must stay well under 20 minutes: the two large problems (5orl: 12
+# CI has 2 cores and the suite must stay under 15 minutes: the two large problems (5orl: 12
 # operators and 8 scattering types on a 7-million-point grid; 4iid: 14.8k atoms) run the same checks
 # with fewer optimiser steps per macrocycle and fewer macrocycles from the shaken start.
 LIGHT_DEPOSITED = ("refine.steps_xyz=6", "refine.steps_b=3")
