@@ -27,7 +27,6 @@ def add_arguments(p):
 
 def compute_fcalc(model, d_min: float, d_max: float = 0.0, method: str = "fft", table: str = "it92"):
     """(hkl (n, 3) int, F_calc (n,) complex) of a model for its unique reflections d_min <= d <= d_max."""
-    import jax
     import jax.numpy as jnp
     import numpy as np
 
