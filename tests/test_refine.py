@@ -53,8 +53,6 @@ DEPOSITED_CYCLES = 2  # from the deposited model R-free is lowest after cycle 1-
 LIGHT_DEPOSITED = ("refine.steps_xyz=6", "refine.steps_b=3")
 LIGHT_SHAKEN = ("refine.steps_xyz=10", "refine.steps_b=5")
 LARGE = ("5orl", "4iid")
-# the deposited re-refinement (same assertions, fewer steps) also for these: CI time (the suite measured 873-921 s)
-LIGHT_DEPOSITED_TOO = ("1l2h", "1va7", "4xof")
 SHAKEN_CYCLES_LIGHT = 4
 FD_RTOL = 1e-4  # finite differences in float64
 # the deposited and shaken refinements of one dataset run in one worker process (pytest-xdist
@@ -280,7 +278,7 @@ def _refined(pid, start_model, refl, cycles, *extra):
 @pytest.mark.parametrize("pid", BY_DATASET)
 def test_rerefine_deposited(pid):
     model, refl = _inputs(pid)
-    res = _refined(pid, model, refl, DEPOSITED_CYCLES, *(LIGHT_DEPOSITED if pid in LARGE + LIGHT_DEPOSITED_TOO else ()))
+    res = _refined(pid, model, refl, DEPOSITED_CYCLES, *(LIGHT_DEPOSITED if pid in LARGE else ()))
     # the best *refined* cycle: the guard may return the input model itself (guard.keep_input), which
     # would pass whatever the refinement did
     final = min(res.history[1:], key=lambda h: h.r_free)
