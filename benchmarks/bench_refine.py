@@ -8,7 +8,8 @@ For each dataset the deposited model (hydrogens removed) is shaken as in the sha
 * servalcat, ``refine_xtal_norefmac --ncycle 10 -s xray --free 0`` (its usual 10 cycles).
 
 Each program's final model is then scored under both yardsticks: servalcat with no refinement
-(``--ncycle 0 --adp aniso``) and ``jaxrefine rfactors``.  Peak memory is the child process's
+(``--ncycle 0 --adp aniso``, which adds riding hydrogens) and ``jaxrefine rfactors`` (with riding hydrogens
+for both models where jaxrefine's refinement used them, ``model.hydrogens: auto`` below 2.5 Å).  Peak memory is the child process's
 maximum resident set (``/usr/bin/time -v``, else ``resource.getrusage``).  jaxrefine's own
 ``timing`` record (metrics.json) gives the split into start, setup, compilation and macrocycles,
 and its per-cycle R-free against the running count of F_calc evaluations (the R-free vs
@@ -125,11 +126,13 @@ def jaxrefine_refine(model, pid, out_dir, cache_dir, cycles, sets):
     return json.loads((Path(out_dir) / "metrics.json").read_text()), wall, rss
 
 
-def jaxrefine_score(model, pid):
-    """``jaxrefine rfactors --json`` of a model: (R-work, R-free)."""
+def jaxrefine_score(model, pid, hydrogens="remove"):
+    """``jaxrefine rfactors --json`` of a model: (R-work, R-free).  ``hydrogens``: what the refinement used
+    (metrics.json ``hydrogens.mode``: riding or remove), given to both programs' models alike."""
     _, data = paths(pid)
     out = subprocess.run([sys.executable, "-m", "jaxrefine.cli", "-q", "rfactors", str(model), str(data), "--labin", LABIN[pid],
-                          "--no-hydrogens", "--json"], capture_output=True, text=True, cwd=REPO)
+                          "--hydrogens", hydrogens, "--monlib", str(DATA / "monomers"), "--json"],
+                         capture_output=True, text=True, cwd=REPO)
     if out.returncode != 0:
         raise RuntimeError(f"jaxrefine rfactors failed on {model}:\n{(out.stdout + out.stderr)[-2000:]}")
     js = json.loads(out.stdout[out.stdout.index("{"):])
@@ -157,14 +160,16 @@ def bench_one(pid, args, work):
                jr_cycles=len(m.get("cycles", [])) - 1, jr_timing=m.get("timing"), jr_warm_timing=m2.get("timing"),
                jr_curve=curve(m))
     jr_model = Path(work) / f"jr_{pid}" / "refined.pdb"
-    row["jr_by_jr"] = jaxrefine_score(jr_model, pid)
+    h_mode = "riding" if (m.get("hydrogens") or {}).get("mode") == "riding" else "remove"
+    row["jr_hydrogens"] = h_mode
+    row["jr_by_jr"] = jaxrefine_score(jr_model, pid, h_mode)
     if args.servalcat:
         sc = servalcat(args.servalcat, jr_model, pid, work, 0, ("--adp", "aniso"))
         row["jr_by_sv"] = (sc["r_work"], sc["r_free"])
         sv = servalcat(args.servalcat, shaken, pid, work, args.servalcat_cycles)
         row.update(sv_own=(sv["r_work"], sv["r_free"]), sv_bond=sv["rms_bond"], sv_angle=sv["rms_angle"],
                    sv_s=sv["wall_s"], sv_rss_gb=sv["rss_gb"])
-        row["sv_by_jr"] = jaxrefine_score(sv["model"], pid)
+        row["sv_by_jr"] = jaxrefine_score(sv["model"], pid, h_mode)
         sc2 = servalcat(args.servalcat, sv["model"], pid, work, 0, ("--adp", "aniso"))
         row["sv_by_sv"] = (sc2["r_work"], sc2["r_free"])
     return row

@@ -29,7 +29,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    hydrogens: str = "remove"  # remove | keep | riding (placed from the library, ride on their parents in F_calc)
+    hydrogens: str = "auto"  # auto (riding below 2.5 Å, else remove) | remove | keep | riding (placed from the
+    #                          library, ride on their parents in F_calc)
     monlib: str | None = None  # CCP4 monomer library folder; $CLIBD_MON, then the built-in set
     ligands: tuple = ()  # extra restraint dictionaries (CIF files)
     place_rotation: tuple = ()  # MR placement: 3 ZYZ Euler angles (deg) or 9 matrix elements; x' = R x + t
@@ -143,7 +144,7 @@ STRATEGIES = ("rigid", "xyz_b", "xyz_b_occ", "xyz", "b")
 TARGETS = ("ml", "ls")
 OPTIMIZERS = ("lbfgs", "adam", "sgd")
 PRECISIONS = ("float32", "float64")
-HYDROGENS = ("remove", "keep", "riding")
+HYDROGENS = ("auto", "remove", "keep", "riding")
 ADP_MODELS = ("iso", "aniso", "tls", "auto")
 NCS_MODES = ("auto", "off")
 _CHOICES = {

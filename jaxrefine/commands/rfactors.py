@@ -19,11 +19,13 @@ def add_arguments(p):
     p.add_argument("--free-value", type=count, help="flag value of the free set (auto-detected otherwise)")
     p.add_argument("--d-min", type=positive_length, help="high-resolution limit (Å)")
     p.add_argument("--d-max", type=positive_length, help="low-resolution limit (Å)")
-    p.add_argument("--no-hydrogens", action="store_true", help="drop hydrogen atoms of the model")
-    p.add_argument("--riding-hydrogens", action="store_true",
-                   help="replace the model's hydrogens by riding hydrogens placed from the monomer library (as "
-                        "servalcat's scoring adds them)")
-    p.add_argument("--monlib", help="monomer library for --riding-hydrogens (default $CLIBD_MON, else the built-in protein set)")
+    p.add_argument("--hydrogens", choices=("auto", "keep", "remove", "riding"), default="auto",
+                   help="auto (default, as refine's model.hydrogens: the model's own hydrogens if it has any, else "
+                        "riding hydrogens from the monomer library below 2.5 Å); keep; remove; riding (replace the "
+                        "model's hydrogens by the library's, as servalcat's scoring adds them)")
+    p.add_argument("--no-hydrogens", action="store_true", help="drop hydrogen atoms of the model (--hydrogens remove)")
+    p.add_argument("--riding-hydrogens", action="store_true", help="--hydrogens riding")
+    p.add_argument("--monlib", help="monomer library for riding hydrogens (default $CLIBD_MON, else the built-in protein set)")
     p.add_argument("--no-solvent", action="store_true", help="no bulk-solvent model (k_sol = 0)")
     p.add_argument("--bins", type=number_at_least(1, integer=True), default=10, help="resolution bins in the table (default 10)")
     p.add_argument("--sf-method", default="auto", choices=("auto", "fft", "direct"), help="structure-factor method (auto: direct sum for small problems)")
@@ -33,6 +35,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    import numpy as np
 
     from ..io.model import read_model
     from ..io.reflections import check_compatible, read_reflections
@@ -42,20 +45,41 @@ def run(args) -> int:
     protect(args.model, args.data)
     for path in ([args.mtz_out] if args.mtz_out else []) + ([f"{args.map_out}_2fofc.ccp4", f"{args.map_out}_fofc.ccp4"] if args.map_out else []):
         check_not_input(path)
-    model = read_model(args.model, hydrogens=not (args.no_hydrogens or args.riding_hydrogens))
-    if args.riding_hydrogens:
+    mode = "remove" if args.no_hydrogens else "riding" if args.riding_hydrogens else args.hydrogens
+    model = read_model(args.model, hydrogens=mode in ("auto", "keep"))
+    refl = read_reflections(args.data, labin=args.labin, free_value=args.free_value, d_min=args.d_min, d_max=args.d_max)
+    check_compatible(model.crystal, refl.crystal, args.model, args.data)
+    if mode == "auto":
+        from ..problem.setup import choose_hydrogens
+
+        mode, why = choose_hydrogens("auto", refl.d_min, model)
+    else:
+        why = f"--hydrogens {mode}"
+    if mode == "riding":
         from ..io.hydrogens import riding_sites
         from ..io.model import model_from_structure
+        from ..io.topology import find_monlib
 
         # every hydrogen gemmi places (its structure); gemmi gives a rotatable hydroxyl H, which has no fixed
         # position, occupancy 0 (15 of the 726 placed on 4xof)
-        model = model_from_structure(riding_sites(model, args.monlib).structure, source=str(args.model))
-    refl = read_reflections(args.data, labin=args.labin, free_value=args.free_value, d_min=args.d_min, d_max=args.d_max)
-    check_compatible(model.crystal, refl.crystal, args.model, args.data)
+        from ..errors import RestraintError
+
+        auto = args.hydrogens == "auto" and not args.riding_hydrogens
+        try:
+            sites = riding_sites(model, find_monlib(args.monlib))
+        except RestraintError as exc:
+            if not auto:
+                raise
+            sites, why = None, f"{why}, but {exc}"
+        if sites is not None and sites.n:
+            model = model_from_structure(sites.structure, source=str(args.model))
+        elif auto:
+            mode, why = "remove", why + ("" if sites is None else ", but the restraint dictionary places none")
     maps = bool(args.mtz_out or args.map_out)
     res = compute_fmodel(model, refl, sf_method=args.sf_method, use_solvent=not args.no_solvent, complete=maps)
     stats = fmodel_statistics(model, refl, n_bins=args.bins, result=res)
     stats["model"], stats["data"] = str(args.model), str(args.data)
+    stats["hydrogens"] = {"mode": mode, "reason": why, "n": int(np.sum(model.is_hydrogen))}
     stats["deposited"] = {k: model.meta.get(k) for k in ("r_work", "r_free", "resolution")}
     if args.mtz_out or args.map_out:
         from ..io.maps_io import map_from_coefficients, write_ccp4_map
@@ -73,7 +97,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(json_safe(stats), indent=2))
         return 0
-    print(f"model        {args.model}  ({model.n_atoms} atoms)")
+    print(f"model        {args.model}  ({model.n_atoms} atoms; hydrogens: {mode}, {why})")
     print(f"data         {args.data}  ({refl.n} reflections, {refl.d_max:.2f}–{refl.d_min:.2f} Å)")
     print(f"R-work       {stats['r_work']:.4f}   (n_work {stats['n_work']})")
     print(f"R-free       {stats['r_free']:.4f}   (n_free {stats['n_free']})")

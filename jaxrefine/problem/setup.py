@@ -15,7 +15,7 @@ import numpy as np
 
 from ..config import Config
 from ..core.cache import enable_compilation_cache
-from ..errors import InputError
+from ..errors import InputError, RestraintError
 from ..io.formfactor_io import it92_form_factors
 from ..io.hydrogens import riding_sites
 from ..io.model import Model, read_model
@@ -35,6 +35,10 @@ from .xray_state import cast_floats, update_xray_state
 log = logging.getLogger("jaxrefine")
 
 SF_B_MARGIN = 15.0  # Å²: the FFT spreading boxes hold Gaussians up to the starting B + this (room for B refinement)
+# model.hydrogens: auto places riding hydrogens below this resolution.  Measured from the shaken starts (benchmarks/
+# README.md, run h): riding H lowered R-free at 1.15-2.3 Å (4xof 0.198 -> 0.179, 1l2h, 5orl, 4iid by 0.004-0.007)
+# and raised it at 2.9-3.2 Å (1va7 +0.008, 5kzb +0.019; servalcat's own F_model prefers 5kzb without them too).
+RIDING_H_D_MIN = 2.5  # Å
 BODY_RADIUS_PAD = 1.0  # Å added to a rigid body's radius of gyration: rotations are optimised as arcs
 #                        (radius × angle), and a one-atom body must not get radius 0
 
@@ -77,12 +81,25 @@ def initial_params(model: Model, maps: AtomMaps, group_start, group_set, set_tot
     )
 
 
+def choose_hydrogens(mode: str, d_min: float, model: Model) -> tuple:
+    """(mode, reason) of ``model.hydrogens``: ``mode`` itself unless it is ``auto``, which rides the library's
+    hydrogens on the atoms below RIDING_H_D_MIN and leaves them out otherwise.  A model that arrives with
+    hydrogens (passed in, read with them) keeps its own under ``auto``, as the former default did."""
+    if mode != "auto":
+        return mode, f"model.hydrogens={mode}"
+    if np.asarray(model.is_hydrogen).any():
+        return "keep", f"auto: the model holds {int(np.sum(model.is_hydrogen))} hydrogens of its own"
+    if d_min < RIDING_H_D_MIN:
+        return "riding", f"auto: d_min {d_min:.2f} Å < {RIDING_H_D_MIN} Å"
+    return "remove", f"auto: d_min {d_min:.2f} Å >= {RIDING_H_D_MIN} Å"
+
+
 def load_inputs(model_path, data_path, cfg: Config):
     """Read and check model and data files as the configuration says."""
     from ..io.writers import protect
 
     protect(model_path, data_path)
-    model = read_model(model_path, hydrogens=(cfg.model.hydrogens == "keep"))
+    model = read_model(model_path, hydrogens=(cfg.model.hydrogens == "keep"))  # auto and riding: the library's
     d = cfg.data
     refl = read_reflections(
         data_path, labin=d.labin, free_value=d.free_value, free_fraction=d.free_fraction,
@@ -190,9 +207,21 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
     ncs, copies = build_ncs(model, cfg.restraints.ncs, cfg.restraints.ncs_weight)
     for line in [f"ADP model: {choice.mode} ({choice.reason})"] + ncs_log_lines(ncs, copies):
         log.info(line)
+    h_mode = choose_hydrogens(cfg.model.hydrogens, refl.d_min, model)
     riding, elements = None, model.element
-    if cfg.model.hydrogens == "riding":  # F_calc sums over the atoms, then their riding hydrogens
-        sites = riding_sites(model, monlib, cfg.model.ligands)
+    sites = None
+    if h_mode[0] == "riding":
+        try:
+            sites = riding_sites(model, monlib, cfg.model.ligands)
+        except RestraintError as exc:  # auto must not stop a run that refines without hydrogens
+            if cfg.model.hydrogens != "auto":
+                raise
+            h_mode = ("remove", f"{h_mode[1]}, but {exc}")
+            log.warning("riding hydrogens left out: %s", exc)
+    if sites is not None and sites.n == 0 and cfg.model.hydrogens == "auto":  # e.g. the built-in dictionary
+        h_mode, sites = ("remove", h_mode[1] + ", but the restraint dictionary places none"), None
+    log.info("hydrogens: %s (%s)", *h_mode)
+    if sites is not None:  # F_calc sums over the atoms, then their riding hydrogens
         riding = riding_from_sites(sites, dtype)
         elements = np.concatenate([model.element, sites.element])
         b_sf = np.concatenate([np.asarray(b_sf, float), H_B_FACTOR * np.asarray(b_sf, float)[sites.parent]])
@@ -212,7 +241,7 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
         nonbonded=cast_floats(build_nonbonded(model, restraints, model.crystal), dtype), w_a=jnp.asarray(1.0, dtype),
     )
     setup = Setup(problem=problem, params=params, state=state, model=model, refl=refl, config=cfg, monlib=monlib,
-                  adp_choice=choice, ncs_copies=tuple(copies))
+                  adp_choice=choice, ncs_copies=tuple(copies), hydrogens=h_mode)
     return setup._replace(state=update_xray_state(setup, problem, state, params))
 
 

@@ -78,6 +78,9 @@ def write_outputs(result: RefinementResult, setup, out_dir, argv=None) -> dict:
     updates = dict(model_updates(params, problem, setup, keep), remarks=remarks)
     if setup.adp_choice is not None:
         m["adp_model"] = {"mode": setup.adp_choice.mode, "reason": setup.adp_choice.reason}
+    riding = getattr(problem, "riding", None)
+    m["hydrogens"] = {"mode": setup.hydrogens[0], "reason": setup.hydrogens[1],
+                      "n_riding": 0 if riding is None else int(riding.parent.shape[0])}
     stats = adp_ncs_statistics(current_model_arrays(params, problem)[0], current_u_aniso(params, problem),
                                problem.adp, problem.ncs, setup.ncs_copies)
     m.update(stats)
@@ -98,11 +101,10 @@ def write_outputs(result: RefinementResult, setup, out_dir, argv=None) -> dict:
     from importlib.metadata import version
 
     import jax
-    import optax
 
     write_json(os.path.join(out_dir, "run.json"), {
         "jaxrefine": __version__, "git_commit": git_commit(), "python": sys.version.split()[0],
-        "jax": jax.__version__, "optax": optax.__version__, "gemmi": version("gemmi"), "numpy": np.__version__,
+        "jax": jax.__version__, "optax": version("optax"), "gemmi": version("gemmi"), "numpy": np.__version__,
         "platform": platform.platform(), "device": str(jax.devices()[0]), "argv": list(argv or sys.argv),
         "model": model.source, "data": refl.source, "monlib": setup.monlib,
     })
