@@ -135,7 +135,6 @@ def minimum():
     piecewise smooth at the 1e-5 level, enough to stall a line search at the tight tolerances of
     the finite-difference reference (mask, scales and σA come from the usual setup).
     """
-    from jaxrefine.io.formfactor_io import it92_form_factors
     from jaxrefine.problem import build_setup
     from jaxrefine.xray.structure_factors import make_sf_setup
 
@@ -144,8 +143,7 @@ def minimum():
     # programs in the session's compilation cache
     setup = build_setup(model_path, data_path, load_config(None, NOTEBOOK_05_FLOAT64))
     m, r = setup.model, setup.refl
-    sf = make_sf_setup(m.crystal, r.hkl, it92_form_factors(m.element, m.source), method="direct", d_min=r.d_min,
-                       dtype=jnp.float64)
+    sf = make_sf_setup(m.crystal, r.hkl, setup.problem.sf.ff, method="direct", d_min=r.d_min, dtype=jnp.float64)
     setup = setup._replace(problem=setup.problem._replace(sf=sf))
     state = setup.state._replace(w_a=jnp.asarray(U.starting_w_a(setup, (setup.problem, setup.state)), jnp.float64))
     ps = (setup.problem, state)

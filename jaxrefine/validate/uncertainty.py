@@ -643,21 +643,20 @@ def at_minimum(setup, n_steps: int = 1000, direct: bool = True, target: str = "m
         setup: from :func:`jaxrefine.problem.build_setup` (float64 recommended: ``refine.precision=float64``).
         n_steps: L-BFGS steps (the engine's minimiser, one compiled loop).
         direct: structure factors by direct summation (smooth to rounding; the FFT's spreading boxes make
-            the energy piecewise smooth at the 1e-5 level); ignored with riding hydrogens.
+            the energy piecewise smooth at the 1e-5 level), riding hydrogens included.
 
     Returns:
         (params, (problem, state), largest |∂E/∂u| left).
     """
-    from ..io.formfactor_io import it92_form_factors
     from ..refine.optimize import minimise
     from ..xray.structure_factors import make_sf_setup
 
     problem, params = setup.problem, setup.params
     dtype = params.xyz_frac.dtype
-    if direct and problem.riding is None:
+    if direct:  # the FFT setup's form factors: one type per atom, then per riding hydrogen
         m, r = setup.model, setup.refl
-        problem = problem._replace(sf=make_sf_setup(m.crystal, r.hkl, it92_form_factors(m.element, m.source),
-                                                    method="direct", d_min=r.d_min, dtype=dtype))
+        problem = problem._replace(sf=make_sf_setup(m.crystal, r.hkl, problem.sf.ff, method="direct", d_min=r.d_min,
+                                                    dtype=dtype))
     ps = (problem, setup.state._replace(w_a=jnp.asarray(starting_w_a(setup, (problem, setup.state), target), dtype)))
     u, _ = minimise(_FLAT_ENERGY[target], _zeros(params), (params, ps), n_steps)
     params = shifted_params(u, params, ps)
