@@ -367,21 +367,24 @@ def make_sf_setup(
     )
 
 
-def _form_factor_extent(ff: FormFactors, b_total, log_eps_box: float):
+def _form_factor_extent(ff: FormFactors, b_total, log_eps_box: float, z_floor: float = 6.0):
     """(n,) B (Å²) of the single Gaussian cut at the same radius as each atom's whole density.
 
     An atom of total blur B (displacement + B_blur) has the density
     ρ(r) = Σ_k a_k (4π/B_k)^{3/2} exp(−4π² r²/B_k), B_k = B + b_k (its form factor's Gaussians,
-    the constant as b = 0).  The radius where ρ falls to eps_box·ρ(0) is found by bisection; a
-    single Gaussian of B_eff = 4π² r²/ln(1/eps_box) is cut there, so the box rules made for
-    single Gaussians apply.
+    the constant as b = 0).  The radius where ρ falls to eps_box·ρ(0)·max(1, z_floor/Z) is found by
+    bisection (Z = f0(0), the atom's electrons): atoms lighter than carbon are cut at the density level
+    of a carbon of their shape, so a hydrogen (Z = 1) leaves no more density outside its box than a carbon
+    does, in a box of ~0.6 the volume.  A single Gaussian of B_eff = 4π² r²/ln(1/eps_box) is cut there,
+    so the box rules made for single Gaussians apply.
     """
     t = np.asarray(ff.type_index)
     a = np.concatenate([np.asarray(ff.a, float)[t], np.asarray(ff.c, float)[t][:, None]], axis=1)
     bk = np.asarray(b_total, float)[:, None] + np.concatenate([np.asarray(ff.b, float)[t], np.zeros((len(t), 1))], axis=1)
     bk = np.maximum(bk, 1e-3)
     amp = a * (4.0 * np.pi / bk) ** 1.5
-    level = amp.sum(1) * math.exp(-log_eps_box)  # eps_box of the peak
+    z = np.maximum(np.abs(a.sum(1)), 1e-6)
+    level = amp.sum(1) * math.exp(-log_eps_box) * np.maximum(1.0, z_floor / z)  # eps_box of the (carbon's) peak
 
     def rho(r2):
         return (amp * np.exp(-4.0 * np.pi**2 * r2[:, None] / bk)).sum(1)
