@@ -430,6 +430,38 @@ def test_form_factor_tables():
     np.testing.assert_allclose(np.asarray(f0(n, np.array([0.0, 1.0])))[:, 0], 6.646, rtol=1e-3)
 
 
+@pytest.mark.parametrize("d_min, n_terms", [(2.9, 2), (1.69, 3), (1.15, 4)])
+def test_refitted_form_factors(d_min, n_terms):
+    """The FFT spreads each atom as the fewest Gaussians that give IT92's f0 to FIT_TOL over the data's
+    range: 2 of IT92's 5 terms at 2.9 Å, 3 at 1.69 Å, 4 at 1.15 Å (measured); checked here against the
+    table on a finer grid than the fit's and a little beyond it (the real-data FFT-vs-direct tests above
+    check F itself against the direct sum over the IT92 table)."""
+    from jaxrefine.xray.formfactors import FIT_TOL, fit_form_factors
+
+    ff = it92_form_factors(np.array(["C", "N", "O", "S", "H", "MG", "CL", "P", "ZN"]))
+    fitted, n = fit_form_factors(ff, 1.0 / d_min**2)
+    assert n == n_terms and fitted.a.shape == (9, n_terms) and not np.any(fitted.c)
+    s2 = np.linspace(0.0, 1.0 / d_min**2, 997)
+    ref, got = np.asarray(f0(ff, s2)), np.asarray(f0(fitted, s2))
+    assert np.max(np.abs(got / ref - 1.0)) < 1.5 * FIT_TOL
+    assert np.all(np.asarray(fitted.b) > 0)  # every term a Gaussian: B + B_blur + b_k > 0 for the spreading
+
+
+def test_fft_setup_spreads_the_refitted_terms():
+    """A 2.9 Å FFT setup carries the two-term fit (no constant term spread); fit_tol=None keeps IT92."""
+    model_path, data_path = dataset_paths("1va7")
+    model = read_model(model_path, hydrogens=False)
+    hkl = read_reflections(data_path).hkl
+    ff = it92_form_factors(model.element)
+    fitted = make_sf_setup(model.crystal, hkl, ff, "fft", b_iso=model.b_iso)
+    table = make_sf_setup(model.crystal, hkl, ff, "fft", b_iso=model.b_iso, fit_tol=None)
+    assert fitted.ff.a.shape[1] == 2 and not fitted.meta.constant
+    assert table.ff.a.shape[1] == 4 and table.meta.constant
+    (x, b, q), u = model_arrays(model)
+    f_fit, f_tab = (np.asarray(jax.jit(structure_factors)(x, b, q, st)) for st in (fitted, table))
+    assert r_amp(f_fit, f_tab) < TOL_FFT_R
+
+
 def test_cli_writes_fcalc(tmp_path):
     model_path, _ = dataset_paths("5e5z")
     out = tmp_path / "fc.mtz"

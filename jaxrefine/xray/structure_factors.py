@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .fft_grid import box_rows, fold_periodic_c, spread_boxes
-from .formfactors import FormFactors, f0
+from .formfactors import FIT_TOL, FormFactors, f0, fit_form_factors
 
 TWO_PI = 2.0 * np.pi
 # index pairs of the off-diagonal terms of a 3x3 metric
@@ -114,6 +114,8 @@ class SFMeta:
         box: per class of atoms, (3,) spreading box points along a, b, c (fft only).
         rows: per class, the (x, y) rows of the box that are spread (corners cut).
         cross_terms: index pairs (a, b) of grid axes whose metric couples (oblique cells).
+        constant: the form factors' constant term is spread (as a Gaussian of width 0); False with
+            refitted form factors (:func:`jaxrefine.xray.formfactors.fit_form_factors`, c = 0).
     """
 
     method: str
@@ -123,6 +125,7 @@ class SFMeta:
     box: tuple = ()
     rows: tuple = ()
     cross_terms: tuple = ()
+    constant: bool = True
 
 
 class SFSetup(NamedTuple):
@@ -233,6 +236,7 @@ def make_sf_setup(
     chunk: int | None = None,
     memory_bytes: float = 1.0e9,
     dtype=None,
+    fit_tol: float | None = FIT_TOL,
 ) -> SFSetup:
     """Precompute the arrays and static sizes of a structure-factor problem (numpy, outside jit).
 
@@ -259,6 +263,9 @@ def make_sf_setup(
         chunk: reflections per chunk (direct); default from memory_bytes.
         memory_bytes: memory budget of one chunk of the direct sum.
         dtype: float dtype of the real arrays (default: JAX's default float).
+        fit_tol: fft: spread the form factors as the fewest Gaussians that reproduce every type's f0
+            to this relative error over the reflections' range (:func:`jaxrefine.xray.formfactors.
+            fit_form_factors`: two instead of IT92's five terms at 2.9 Å, three at 1.7 Å); None: IT92.
 
     Returns:
         :class:`SFSetup`.
@@ -313,6 +320,13 @@ def make_sf_setup(
             meta=meta,
         )
 
+    constant = True
+    if fit_tol is not None and n_atoms:
+        fitted, n_terms = fit_form_factors(FormFactors(*(np.asarray(v, float) for v in ff[:3]), np.asarray(ff.type_index)),
+                                           s2_max, fit_tol)
+        if n_terms:
+            ff, constant = fitted, False
+            common["ff"] = FormFactors(*(jnp.asarray(v, dtype) for v in ff[:3]), jnp.asarray(ff.type_index, jnp.int32))
     # F(h) = Σ_ops exp(2πi h·t) F_asu(Rᵀh): the atoms are spread once, without symmetry copies,
     # and the transform is read at the rotated indices (International Tables B, eq. 1.4.2.14)
     rot_int = np.rint(np.asarray(crystal.rot)).astype(np.int64)
@@ -354,6 +368,7 @@ def make_sf_setup(
         box=tuple(box for box, _, _ in groups),
         rows=tuple(box_rows(box, cov_per_b[:2, :2] * b, 2.0 * log_eps_box) for box, _, b in groups),
         cross_terms=cross,
+        constant=constant,
     )
     return SFSetup(
         **common,
@@ -525,10 +540,12 @@ def f_calc_direct(
 # ------------------------------------------------------------------------------------- fft
 
 
-def _atom_gaussians(ff: FormFactors, atoms):
+def _atom_gaussians(ff: FormFactors, atoms, constant: bool = True):
     """(n_c, K) amplitudes (electrons) and widths b_k (Å²) of the form factors of ``atoms``: the
-    IT92 Gaussians, with the constant c as a Gaussian of width 0."""
+    Gaussians, with the constant c as a Gaussian of width 0 when ``constant``."""
     t = ff.type_index[atoms]
+    if not constant:
+        return ff.a[t], ff.b[t]
     c = ff.c[t][:, None]
     return jnp.concatenate([ff.a[t], c], axis=1), jnp.concatenate([ff.b[t], jnp.zeros_like(c)], axis=1)
 
@@ -570,7 +587,7 @@ def density_grid(xyz_frac, b_iso, occ, setup: SFSetup, u_aniso=None, symmetry: b
     pad = max(box[2] for box in meta.box)
     rho = jnp.zeros(tuple(grid[:2]) + (grid[2] + pad,), dtype)
     for atoms, box, rows in zip(setup.box_atoms, meta.box, meta.rows):
-        a_k, b_k = _atom_gaussians(setup.ff, atoms)
+        a_k, b_k = _atom_gaussians(setup.ff, atoms, meta.constant)
         a_k, b_k = a_k.astype(dtype), b_k.astype(dtype)
         p = p_all[:, atoms].reshape(-1, 3)
         if u_aniso is None:
