@@ -1,7 +1,6 @@
 """Riding hydrogens: placement (gemmi and deposited H as references), gradients, invariance."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.test_util import check_grads
@@ -106,6 +105,23 @@ def test_refresh_keeps_frames_and_follows_new_coordinates():
     np.testing.assert_allclose(h, _placed_by_gemmi(riding_sites(m, monomer_dir(), xyz_cart=moved)), atol=PLACEMENT_TOL)
     assert not np.allclose(s2.local, s.local)  # the local geometry was re-derived
 
+
+
+def test_frame_coordinates_many_equals_one_by_one():
+    """The vectorised frames of the per-cycle refresh give what frame_coordinates gives hydrogen by hydrogen,
+    degenerate (collinear) frames flagged alike."""
+    from jaxrefine.io.hydrogens import frame_coordinates, frame_coordinates_many
+
+    rng = np.random.default_rng(5)
+    p, a, b, h = (rng.normal(0, 1.5, (50, 3)) for _ in range(4))
+    b[:5] = p[:5] + 2.0 * (a[:5] - p[:5])  # B on the line P-A: no frame
+    got, ok = frame_coordinates_many(p, a, b, h)
+    for k in range(50):
+        one = frame_coordinates(p[k], a[k], b[k], h[k])
+        assert ok[k] == (one is not None)
+        if one is not None:
+            np.testing.assert_allclose(got[k], one, rtol=1e-12, atol=1e-12)
+    assert not ok[:5].any() and ok[5:].sum() >= 40
 
 
 def test_refreshed_riding_follows_gemmi_on_new_coordinates():

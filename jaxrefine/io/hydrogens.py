@@ -174,13 +174,32 @@ def _undo_peptide_moves(st, moved: dict, h_parent: dict) -> None:
             a.pos = gemmi.Position(*(np.array(a.pos.tolist()) - moved[i]))
 
 
+def frame_coordinates_many(p, a, b, h):
+    """:func:`frame_coordinates` of (k, 3) arrays at once: ((k, 3) coordinates, (k,) frame usable)."""
+    u = a - p
+    u = u / np.linalg.norm(u, axis=1, keepdims=True)
+    t = b - p
+    v = t - np.sum(t * u, axis=1, keepdims=True) * u
+    nv, nt = np.linalg.norm(v, axis=1), np.linalg.norm(t, axis=1)
+    ok = nv >= COLLINEAR_SIN * nt
+    v = v / np.where(ok, nv, 1.0)[:, None]
+    w = np.cross(u, v)
+    d = h - p
+    return np.stack([np.sum(d * u, 1), np.sum(d * v, 1), np.sum(d * w, 1)], axis=1), ok
+
+
 def _refreshed(like, xyz, h_pos):
-    """``like`` with local coordinates from the new placement (the old ones where a frame degenerates)."""
+    """``like`` with local coordinates from the new placement (the old ones where a frame degenerates or
+    gemmi placed no such hydrogen); vectorised: 12.5k hydrogens of 4iid in a few ms, not 0.6 s."""
     local = np.array(like.local, float).copy()
-    for k, (p, a, b, hs) in enumerate(zip(*(np.asarray(x) for x in (like.parent, like.ref_a, like.ref_b, like.h_serial)))):
-        c = frame_coordinates(xyz[p], xyz[a], xyz[b], h_pos[int(hs)]) if int(hs) in h_pos else None
-        if c is not None:
-            local[k] = c
+    p, a, b, hs = (np.asarray(x) for x in (like.parent, like.ref_a, like.ref_b, like.h_serial))
+    placed = np.array([int(k) in h_pos for k in hs], bool)
+    if not placed.any():
+        return like._replace(local=local)
+    h = np.stack([h_pos[int(k)] for k in hs[placed]])
+    c, ok = frame_coordinates_many(xyz[p[placed]], xyz[a[placed]], xyz[b[placed]], h)
+    rows = np.flatnonzero(placed)[ok]
+    local[rows] = c[ok]
     return like._replace(local=local)
 
 
