@@ -115,6 +115,7 @@ class WaterConfig:
 @dataclass(frozen=True)
 class OutputConfig:
     write_pdb: bool = True
+    hydrogens: str = "remove"  # remove | write: riding hydrogens in refined.cif/pdb, placed on the refined atoms
     plots: bool = False
     ccp4_maps: bool = False  # also write 2mFo-DFc and mFo-DFc as CCP4 maps (2fofc.ccp4, fofc.ccp4)
     uncertainties: bool = False  # per-atom esds from the curvature (refined.cif esd columns, metrics.json; slow)
@@ -147,6 +148,7 @@ PRECISIONS = ("float32", "float64")
 HYDROGENS = ("auto", "remove", "keep", "riding")
 ADP_MODELS = ("iso", "aniso", "tls", "auto")
 NCS_MODES = ("auto", "off")
+OUTPUT_HYDROGENS = ("remove", "write")
 _CHOICES = {
     ("model", "hydrogens"): HYDROGENS,
     ("refine", "strategy"): STRATEGIES,
@@ -156,6 +158,7 @@ _CHOICES = {
     ("refine", "precision"): PRECISIONS,
     ("refine", "adp"): ADP_MODELS,
     ("restraints", "ncs"): NCS_MODES,
+    ("output", "hydrogens"): OUTPUT_HYDROGENS,
 }
 
 

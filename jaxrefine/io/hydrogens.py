@@ -40,7 +40,8 @@ class RidingSites(NamedTuple):
         element: (n_h,) str, "H" (or "D").
         atom_name: (n_h,) str.
         structure: the gemmi.Structure with the hydrogens placed (for writing them out).
-        h_serial: (n_h,) int serial of each hydrogen in ``structure`` (1-based over st[0].all()).
+        h_serial: (n_h,) int serial of each hydrogen in ``structure`` (unique among its hydrogens only: heavy
+            atoms keep the input's serials).
     """
 
     parent: np.ndarray

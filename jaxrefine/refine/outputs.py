@@ -64,6 +64,42 @@ def model_updates(params, problem, setup, keep) -> dict:
     return out
 
 
+def with_riding_hydrogens(model, updates: dict, setup):
+    """(model, updates) with the library's hydrogens placed on the refined atoms, for the writers.
+
+    The hydrogens are those the refinement rode (gemmi's placement on the final coordinates: where the
+    last refresh of the riding frames put them), with the parent's B (× H_B_FACTOR) and occupancy, no
+    ANISOU, and the parent's TLS group."""
+    from ..io.hydrogens import riding_sites
+    from ..io.model import model_from_structure
+    from ..problem.riding import H_B_FACTOR
+
+    cfg = setup.config
+    sites = riding_sites(model, setup.monlib, cfg.model.ligands, xyz_cart=updates["xyz_cart"])
+    full = model_from_structure(sites.structure, source=model.source, hydrogens=True)
+    is_h = np.asarray(full.is_hydrogen, bool)
+    heavy = np.flatnonzero(~is_h)  # heavy atoms keep their order
+    # each riding hydrogen's row (model order = the structure's order); serials are unique among the hydrogens only
+    row_of = {cra.atom.serial: i for i, cra in enumerate(sites.structure[0].all()) if cra.atom.is_hydrogen()}
+    rows = np.array([row_of[int(k)] for k in sites.h_serial], int)
+    parent = np.full(full.n_atoms, -1)
+    parent[heavy] = np.arange(len(heavy))
+    parent[rows] = np.asarray(sites.parent)
+    keep = ~is_h
+    keep[rows] = True  # hydrogens without a frame (not ridden) are left out
+    out = {"xyz_cart": np.asarray(full.xyz_cart, float).copy()}
+    out["xyz_cart"][heavy] = np.asarray(updates["xyz_cart"], float)
+    out["b_iso"] = np.asarray(updates["b_iso"], float)[parent] * np.where(is_h, H_B_FACTOR, 1.0)
+    out["occ"] = np.asarray(updates["occ"], float)[parent]
+    if updates.get("u_aniso") is not None:
+        out["u_aniso"] = np.where(is_h[:, None], 0.0, np.asarray(updates["u_aniso"], float)[parent])
+    if updates.get("tls") is not None:
+        out["tls"] = updates["tls"]._replace(group=np.asarray(updates["tls"].group)[parent][keep])
+    out = {k: (v[keep] if k != "tls" else v) for k, v in out.items()}
+    out["remarks"] = updates.get("remarks")
+    return full.subset(keep), out
+
+
 def write_outputs(result: RefinementResult, setup, out_dir, argv=None) -> dict:
     """Write the refined model, maps, metrics, config and run record into ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
@@ -86,6 +122,9 @@ def write_outputs(result: RefinementResult, setup, out_dir, argv=None) -> dict:
     m.update(stats)
     for line in statistics_lines(stats):
         log.info(line)
+    if cfg.output.hydrogens == "write" and riding is not None:
+        out_model, updates = with_riding_hydrogens(out_model, updates, setup)
+        log.info("riding hydrogens written: %d", int(np.sum(out_model.is_hydrogen)))
     write_model(out_model, os.path.join(out_dir, "refined.cif"), **updates)
     if cfg.output.write_pdb:
         write_model(out_model, os.path.join(out_dir, "refined.pdb"), **updates)
