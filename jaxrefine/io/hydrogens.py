@@ -119,14 +119,22 @@ def riding_sites(model, monlib=None, ligands=(), xyz_cart=None, like: RidingSite
     h_pos = {cra.atom.serial: np.array(cra.atom.pos.tolist()) for cra in st[0].all() if cra.atom.is_hydrogen()}
     if like is not None:
         return _refreshed(like, xyz, h_pos)
+    hyd = [cra.atom for cra in st[0].all() if cra.atom.is_hydrogen()]
+    parents = [h_parent.get(hh.serial) if hh.occ > 0 else None for hh in hyd]
+    # the first (A, B) each hydrogen's search tries, for all hydrogens at once; the search itself only where it fails
+    first = [None if p is None else _first_pair(p, heavy_nb) for p in parents]
+    tried = [k for k, f in enumerate(first) if f is not None]
+    first_ok = {}
+    if tried:
+        c, ok = frame_coordinates_many(xyz[[parents[k] for k in tried]], xyz[[first[k][0] for k in tried]],
+                                       xyz[[first[k][1] for k in tried]], np.stack([h_pos[hyd[k].serial] for k in tried]))
+        first_ok = {k: (first[k][0], first[k][1], c[i]) for i, k in enumerate(tried) if ok[i]}
     rows = []
     dropped = 0
-    for cra in st[0].all():
-        hh = cra.atom
-        if not hh.is_hydrogen():
-            continue
-        p = h_parent.get(hh.serial)
-        frame = None if p is None or hh.occ <= 0 else _choose_frame(p, heavy_nb, xyz, h_pos[hh.serial])
+    for k, (hh, p) in enumerate(zip(hyd, parents)):
+        frame = first_ok.get(k)
+        if frame is None and p is not None:
+            frame = _choose_frame(p, heavy_nb, xyz, h_pos[hh.serial])
         if frame is None:
             dropped += 1
             continue
@@ -202,6 +210,16 @@ def _refreshed(like, xyz, h_pos):
     rows = np.flatnonzero(placed)[ok]
     local[rows] = c[ok]
     return like._replace(local=local)
+
+
+def _first_pair(p: int, heavy_nb: dict):
+    """The first (A, B) that :func:`_choose_frame` tries for a hydrogen on p, or None."""
+    nbs = heavy_nb.get(p, [])
+    for a in nbs:
+        bs = [x for x in nbs if x != a] + [x for x in heavy_nb.get(a, []) if x != p]
+        if bs:
+            return a, bs[0]
+    return None
 
 
 def _choose_frame(p: int, heavy_nb: dict, xyz: np.ndarray, h_pos: np.ndarray):
