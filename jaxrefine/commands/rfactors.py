@@ -56,14 +56,13 @@ def run(args) -> int:
     else:
         why = f"--hydrogens {mode}"
     if mode == "riding":
+        from ..errors import RestraintError
         from ..io.hydrogens import riding_sites
         from ..io.model import model_from_structure
         from ..io.topology import find_monlib
 
         # every hydrogen gemmi places (its structure); gemmi gives a rotatable hydroxyl H, which has no fixed
         # position, occupancy 0 (15 of the 726 placed on 4xof)
-        from ..errors import RestraintError
-
         auto = args.hydrogens == "auto" and not args.riding_hydrogens
         try:
             sites = riding_sites(model, find_monlib(args.monlib))

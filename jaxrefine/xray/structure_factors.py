@@ -46,8 +46,9 @@ PAIRS = ((0, 1), (0, 2), (1, 2))
 EIGHT_PI2 = 8.0 * np.pi**2
 # FFT grid oversampling of F_calc (spacing d_min / (2·rate)); the blur B_blur keeps aliasing at eps whatever the
 # rate.  1.25 rather than gemmi's usual 1.5: the grid has ~40 % fewer points and the boxes, counted in grid
-# steps, no more; F and gradient ~1.7x faster on 1l2h and 4xof, FFT-vs-direct R 1.2e-4 to 2.6e-4 on the seven
-# shared datasets (1.5: 0.6e-4 to 1.4e-4; tests allow 1e-3).  Measured 2026-12-02, benchmarks/README.md.
+# steps, no more; F and gradient 1.6-2.1x faster on 5orl, 1l2h and 4xof (4iid, whose large B needs a large
+# blur, about the same), FFT-vs-direct R 2.0e-4 to 4.2e-4 on the seven shared datasets (1.5: 1.5e-4 to
+# 2.8e-4; tests allow 1e-3).  Measured 2026-12-02, benchmarks/README.md run l.
 SF_GRID_RATE = 1.25
 
 
