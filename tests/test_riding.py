@@ -107,21 +107,26 @@ def test_refresh_keeps_frames_and_follows_new_coordinates():
 
 
 
-def test_frame_coordinates_many_equals_one_by_one():
-    """The vectorised frames of the per-cycle refresh give what frame_coordinates gives hydrogen by hydrogen,
-    degenerate (collinear) frames flagged alike."""
+def test_frame_coordinates_rebuild_the_hydrogen_in_the_energy():
+    """The frames of setup and of the per-cycle refresh (vectorised) give local coordinates from which the energy's
+    riding_xyz (JAX, written separately) puts each hydrogen back where it was; collinear frames are flagged."""
     from jaxrefine.io.hydrogens import frame_coordinates, frame_coordinates_many
+    from jaxrefine.problem.riding import Riding
 
     rng = np.random.default_rng(5)
-    p, a, b, h = (rng.normal(0, 1.5, (50, 3)) for _ in range(4))
+    n = 50
+    p, a, b, h = (rng.normal(0, 1.5, (n, 3)) for _ in range(4))
     b[:5] = p[:5] + 2.0 * (a[:5] - p[:5])  # B on the line P-A: no frame
     got, ok = frame_coordinates_many(p, a, b, h)
-    for k in range(50):
-        one = frame_coordinates(p[k], a[k], b[k], h[k])
-        assert ok[k] == (one is not None)
-        if one is not None:
-            np.testing.assert_allclose(got[k], one, rtol=1e-12, atol=1e-12)
     assert not ok[:5].any() and ok[5:].sum() >= 40
+    k = int(np.argmax(ok))  # one hydrogen at a time: the same flag and coordinates
+    assert frame_coordinates(p[0], a[0], b[0], h[0]) is None
+    np.testing.assert_allclose(frame_coordinates(p[k], a[k], b[k], h[k]), got[k], atol=1e-12)
+    idx = jnp.arange(n, dtype=jnp.int32)
+    r = Riding(parent=idx, ref_a=idx + n, ref_b=idx + 2 * n, local=jnp.asarray(got), b_factor=jnp.asarray(1.0),
+               h_serial=idx)
+    back = np.asarray(riding_xyz(jnp.asarray(np.concatenate([p, a, b])), r))
+    np.testing.assert_allclose(back[ok], h[ok], atol=1e-10)
 
 
 def test_refreshed_riding_follows_gemmi_on_new_coordinates():

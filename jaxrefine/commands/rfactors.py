@@ -49,31 +49,20 @@ def run(args) -> int:
     model = read_model(args.model, hydrogens=mode in ("auto", "keep"))
     refl = read_reflections(args.data, labin=args.labin, free_value=args.free_value, d_min=args.d_min, d_max=args.d_max)
     check_compatible(model.crystal, refl.crystal, args.model, args.data)
-    if mode == "auto":
-        from ..problem.setup import choose_hydrogens
-
-        mode, why = choose_hydrogens("auto", refl.d_min, model)
-    else:
-        why = f"--hydrogens {mode}"
-    if mode == "riding":
-        from ..errors import RestraintError
-        from ..io.hydrogens import riding_sites
+    if mode in ("auto", "riding"):
         from ..io.model import model_from_structure
         from ..io.topology import find_monlib
+        from ..problem.setup import hydrogens_and_sites
 
-        # every hydrogen gemmi places (its structure); gemmi gives a rotatable hydroxyl H, which has no fixed
-        # position, occupancy 0 (15 of the 726 placed on 4xof)
-        auto = args.hydrogens == "auto" and not args.riding_hydrogens
-        try:
-            sites = riding_sites(model, find_monlib(args.monlib))
-        except RestraintError as exc:
-            if not auto:
-                raise
-            sites, why = None, f"{why}, but {exc}"
+        asked = mode
+        (mode, why), sites = hydrogens_and_sites(asked, refl.d_min, model, find_monlib(args.monlib))
+        why = why if asked == "auto" else f"--hydrogens {asked}"
         if sites is not None and sites.n:
+            # every hydrogen gemmi places (its structure); gemmi gives a rotatable hydroxyl H, which has no fixed
+            # position, occupancy 0 (15 of the 726 placed on 4xof)
             model = model_from_structure(sites.structure, source=str(args.model))
-        elif auto:
-            mode, why = "remove", why + ("" if sites is None else ", but the restraint dictionary places none")
+    else:
+        why = f"--hydrogens {mode}"
     maps = bool(args.mtz_out or args.map_out)
     res = compute_fmodel(model, refl, sf_method=args.sf_method, use_solvent=not args.no_solvent, complete=maps)
     stats = fmodel_statistics(model, refl, n_bins=args.bins, result=res)

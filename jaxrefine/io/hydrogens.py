@@ -60,16 +60,22 @@ class RidingSites(NamedTuple):
 
 def frame_coordinates(p, a, b, h) -> np.ndarray | None:
     """Coordinates of h in the frame of (p, a, b) (see the module docstring); None when collinear."""
+    c, ok = frame_coordinates_many(*(np.asarray(x, float)[None] for x in (p, a, b, h)))
+    return c[0] if ok[0] else None
+
+
+def frame_coordinates_many(p, a, b, h):
+    """:func:`frame_coordinates` of (k, 3) arrays at once: ((k, 3) coordinates, (k,) frame usable)."""
     u = a - p
-    u = u / np.linalg.norm(u)
+    u = u / np.linalg.norm(u, axis=1, keepdims=True)
     t = b - p
-    v = t - (t @ u) * u
-    if np.linalg.norm(v) < COLLINEAR_SIN * np.linalg.norm(t):
-        return None
-    v = v / np.linalg.norm(v)
+    v = t - np.sum(t * u, axis=1, keepdims=True) * u
+    nv, nt = np.linalg.norm(v, axis=1), np.linalg.norm(t, axis=1)
+    ok = nv >= COLLINEAR_SIN * nt
+    v = v / np.where(ok, nv, 1.0)[:, None]
     w = np.cross(u, v)
     d = h - p
-    return np.array([d @ u, d @ v, d @ w])
+    return np.stack([np.sum(d * u, 1), np.sum(d * v, 1), np.sum(d * w, 1)], axis=1), ok
 
 
 def riding_sites(model, monlib=None, ligands=(), xyz_cart=None, like: RidingSites | None = None) -> RidingSites:
@@ -183,20 +189,6 @@ def _undo_peptide_moves(st, moved: dict, h_parent: dict) -> None:
             a.pos = gemmi.Position(*(np.array(a.pos.tolist()) - moved[i]))
 
 
-def frame_coordinates_many(p, a, b, h):
-    """:func:`frame_coordinates` of (k, 3) arrays at once: ((k, 3) coordinates, (k,) frame usable)."""
-    u = a - p
-    u = u / np.linalg.norm(u, axis=1, keepdims=True)
-    t = b - p
-    v = t - np.sum(t * u, axis=1, keepdims=True) * u
-    nv, nt = np.linalg.norm(v, axis=1), np.linalg.norm(t, axis=1)
-    ok = nv >= COLLINEAR_SIN * nt
-    v = v / np.where(ok, nv, 1.0)[:, None]
-    w = np.cross(u, v)
-    d = h - p
-    return np.stack([np.sum(d * u, 1), np.sum(d * v, 1), np.sum(d * w, 1)], axis=1), ok
-
-
 def _refreshed(like, xyz, h_pos):
     """``like`` with local coordinates from the new placement (the old ones where a frame degenerates or
     gemmi placed no such hydrogen); vectorised: 12.5k hydrogens of 4iid in a few ms, not 0.6 s."""
@@ -212,23 +204,24 @@ def _refreshed(like, xyz, h_pos):
     return like._replace(local=local)
 
 
-def _first_pair(p: int, heavy_nb: dict):
-    """The first (A, B) that :func:`_choose_frame` tries for a hydrogen on p, or None."""
+def _frame_pairs(p: int, heavy_nb: dict):
+    """The (A, B) a hydrogen on parent p may ride on, in the order they are tried: A a neighbour of P; B
+    another neighbour of P first, then a neighbour of A."""
     nbs = heavy_nb.get(p, [])
     for a in nbs:
-        bs = [x for x in nbs if x != a] + [x for x in heavy_nb.get(a, []) if x != p]
-        if bs:
-            return a, bs[0]
-    return None
+        for b in [x for x in nbs if x != a] + [x for x in heavy_nb.get(a, []) if x != p]:
+            yield a, b
+
+
+def _first_pair(p: int, heavy_nb: dict):
+    """The first (A, B) that :func:`_choose_frame` tries for a hydrogen on p, or None."""
+    return next(_frame_pairs(p, heavy_nb), None)
 
 
 def _choose_frame(p: int, heavy_nb: dict, xyz: np.ndarray, h_pos: np.ndarray):
     """(A, B, local coordinates) for a hydrogen on parent p, or None."""
-    nbs = heavy_nb.get(p, [])
-    for a in nbs:
-        # B: another neighbour of P first, then a neighbour of A
-        for b in [x for x in nbs if x != a] + [x for x in heavy_nb.get(a, []) if x != p]:
-            c = frame_coordinates(xyz[p], xyz[a], xyz[b], h_pos)
-            if c is not None:
-                return a, b, c
+    for a, b in _frame_pairs(p, heavy_nb):
+        c = frame_coordinates(xyz[p], xyz[a], xyz[b], h_pos)
+        if c is not None:
+            return a, b, c
     return None

@@ -94,6 +94,25 @@ def choose_hydrogens(mode: str, d_min: float, model: Model) -> tuple:
     return "remove", f"auto: d_min {d_min:.2f} Å >= {RIDING_H_D_MIN} Å"
 
 
+def hydrogens_and_sites(mode: str, d_min: float, model: Model, monlib=None, ligands=()):
+    """((mode, reason), RidingSites or None): :func:`choose_hydrogens`, and the riding hydrogens placed when it
+    chose them.  Under ``auto`` a placement that fails, or a dictionary that places none (the built-in one),
+    leaves the hydrogens out instead of stopping the run; an explicit ``riding`` raises."""
+    h_mode = choose_hydrogens(mode, d_min, model)
+    if h_mode[0] != "riding":
+        return h_mode, None
+    try:
+        sites = riding_sites(model, monlib, ligands)
+    except RestraintError as exc:
+        if mode != "auto":
+            raise
+        log.warning("riding hydrogens left out: %s", exc)
+        return ("remove", f"{h_mode[1]}, but {exc}"), None
+    if sites.n == 0 and mode == "auto":
+        return ("remove", h_mode[1] + ", but the restraint dictionary places none"), None
+    return h_mode, sites
+
+
 def load_inputs(model_path, data_path, cfg: Config):
     """Read and check model and data files as the configuration says."""
     from ..io.writers import protect
@@ -207,19 +226,8 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
     ncs, copies = build_ncs(model, cfg.restraints.ncs, cfg.restraints.ncs_weight)
     for line in [f"ADP model: {choice.mode} ({choice.reason})"] + ncs_log_lines(ncs, copies):
         log.info(line)
-    h_mode = choose_hydrogens(cfg.model.hydrogens, refl.d_min, model)
+    h_mode, sites = hydrogens_and_sites(cfg.model.hydrogens, refl.d_min, model, monlib, cfg.model.ligands)
     riding, elements = None, model.element
-    sites = None
-    if h_mode[0] == "riding":
-        try:
-            sites = riding_sites(model, monlib, cfg.model.ligands)
-        except RestraintError as exc:  # auto must not stop a run that refines without hydrogens
-            if cfg.model.hydrogens != "auto":
-                raise
-            h_mode = ("remove", f"{h_mode[1]}, but {exc}")
-            log.warning("riding hydrogens left out: %s", exc)
-    if sites is not None and sites.n == 0 and cfg.model.hydrogens == "auto":  # e.g. the built-in dictionary
-        h_mode, sites = ("remove", h_mode[1] + ", but the restraint dictionary places none"), None
     log.info("hydrogens: %s (%s)", *h_mode)
     if sites is not None:  # F_calc sums over the atoms, then their riding hydrogens
         riding = riding_from_sites(sites, dtype)

@@ -135,10 +135,10 @@ def sigma_a_bins(d, use, min_per_bin: int = MIN_PER_BIN, max_bins: int = MAX_BIN
 
 
 @jax.jit
-def _binned_nll(p, fo, sig, fm, cen, eps, w, bins):
+def _binned_nll(p, fo, sig, fm, cen, eps, bins):
     d = jnp.exp(p[:, 0])[bins]
     s = jnp.exp(p[:, 1])[bins]
-    return jnp.sum(w * ml_amplitude_nll(fo, sig, fm, d, s, cen, eps))
+    return jnp.sum(ml_amplitude_nll(fo, sig, fm, d, s, cen, eps))
 
 
 _binned_grad = jax.jit(jax.value_and_grad(_binned_nll))
@@ -184,8 +184,7 @@ def estimate_sigma_a(f_obs, f_model, use, bins, centric, epsilon, sig_f_obs=None
     # only the reflections used enter the objective (the free set: ~5 % of them); device_put, not
     # jnp.asarray: jnp.asarray of a numpy array is a one-operation program per shape
     k = np.flatnonzero(use)
-    args = tuple(jax.device_put(np.asarray(a)[k]) for a in (fo, sig, fm, np.asarray(centric, bool), eps,
-                                                           np.ones(len(fo)), bins))
+    args = tuple(jax.device_put(np.asarray(a)[k]) for a in (fo, sig, fm, np.asarray(centric, bool), eps, bins))
 
     def fun(x):
         v, g = _binned_grad(jax.device_put(x.reshape(n_bins, 2)), *args)
