@@ -48,7 +48,9 @@ def _levels_off(history):
 def test_low_resolution_weight_from_the_data_and_r_free_levels_off(caplog):
     res, lines = _shaken_refinement("5kzb", caplog)
     scans = [s for s in lines if s.startswith("w_A scan")]
-    assert len(scans) == CYCLES  # the weight was chosen from the data every macrocycle, and logged with why
+    # the weight was chosen from the data, logged with why, every macrocycle until a scan kept it
+    settled = [k for k, s in enumerate(scans) if s.endswith("w_A settled: later cycles keep it without a scan")]
+    assert scans and (settled == [len(scans) - 1] if settled else len(scans) == CYCLES), scans
     final = res.history[res.best_cycle]
     assert final.rms_bond <= MAX_RMS_BOND and final.rms_angle <= MAX_RMS_ANGLE, res.history
     assert final.r_free <= LOW_RES_R_FREE, res.history

@@ -69,3 +69,9 @@ def test_trial_steps_split_the_cycle():
     for n in (1, 2, 7, 40):
         first, rest = wmod.trial_steps(n)
         assert first >= 1 and rest >= 0 and first + rest == n
+
+
+def test_scan_settles_when_it_keeps_the_current_weight():
+    kept = _trial(0.1, 10.0, 0.005)
+    assert wmod.scan_settled(0.1, kept)
+    assert not wmod.scan_settled(0.05, kept) and not wmod.scan_settled(0.2, kept)

@@ -173,19 +173,21 @@ def _weight_trial(w_a: float, params, problem, state, settings: LoopSettings, n_
     return (p, trial_state), wmod.WeightTrial(w_a, nll, st.r_free, st.rms_bond, st.rms_angle)
 
 
-def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSettings):
-    """One macrocycle's minimisation: each block of ``blocks`` in turn.  With ``settings.scan_w_a``
-    the coordinate block is a w_A scan (:func:`jaxrefine.refine.weights.scan_w_a`) and the state
-    returned carries the chosen w_A.  Returns (params, state)."""
+def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSettings, scan: bool = False):
+    """One macrocycle's minimisation: each block of ``blocks`` in turn.  With ``scan`` the coordinate
+    block is a w_A scan (:func:`jaxrefine.refine.weights.scan_w_a`) and the state returned carries the
+    chosen w_A.  Returns (params, state, settled): ``settled`` is True when a scan kept the current w_A."""
+    settled = False
     for block in blocks:
         if block == "occ" and params.occ_raw.shape[0] == 0:
             continue
-        if block == "xyz" and settings.scan_w_a:
-            start = params
+        if block == "xyz" and scan:
+            start, w_now = params, float(state.w_a)
             n_trial, n_rest = wmod.trial_steps(settings.steps["xyz"])
-            (params, state), _, line = wmod.scan_w_a(
-                float(state.w_a), lambda w: _weight_trial(w, start, problem, state, settings, n_trial))
-            log.info(line)
+            (params, state), kept, line = wmod.scan_w_a(
+                w_now, lambda w: _weight_trial(w, start, problem, state, settings, n_trial))
+            settled = wmod.scan_settled(w_now, kept)
+            log.info(line + ("; w_A settled: later cycles keep it without a scan" if settled else ""))
             params = minimise_blocks(("xyz",), params, problem, state, n_rest, settings.target, settings.optimizer,
                                      settings.learning_rate, settings.converge_rtol)
             continue
@@ -195,7 +197,7 @@ def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSetting
             target = settings.rigid_target
         params = minimise_blocks((block,), params, block_problem, state, settings.steps[block], target,
                                  settings.optimizer, settings.learning_rate, settings.converge_rtol)
-    return params, state
+    return params, state, settled
 
 
 def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = None, callback=None,
@@ -228,6 +230,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
     kept = Kept(start_r_free, 0, params, problem, state, setup)
     warnings, removed_labels = [], []
     plan = cycle_plan(settings.strategy, settings.n_cycles, settings.rigid_first, settings.n_rigid_cycles)
+    scanning = settings.scan_w_a  # until a scan keeps the current weight (weights.SCAN_UNTIL_SETTLED)
     for cycle, blocks in enumerate(plan, start=1):
         last = cycle == len(plan)
         timing.begin_cycle(cycle)
@@ -235,7 +238,8 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
             with timing.section("neighbours"):
                 state = refresh_neighbours(setup, problem, state, params)
         with timing.section("optimise"):
-            params, state = _minimise_cycle(blocks, params, problem, state, setup, settings)
+            params, state, settled = _minimise_cycle(blocks, params, problem, state, setup, settings, scanning)
+        scanning = scanning and not settled
         if "xyz" in blocks or "rigid" in blocks:  # riding hydrogens re-placed on the moved atoms
             with timing.section("riding_h"):
                 problem = riding_problem(problem, setup.model, current_model_arrays(params, problem)[0], setup.monlib,

@@ -93,6 +93,10 @@ SCAN_D_MIN = 2.5  # Å: scan w_A when the data stop at d_min >= this (the target
 SCAN_FACTORS = (0.5, 1.0, 2.0)  # trial weights as multiples of the current w_A
 SCAN_TRIAL_FRACTION = 0.4  # each trial takes this fraction of the cycle's coordinate steps; the kept one then
 # takes the rest (3 trials of 10 + 15 steps instead of 3 x 25: 5kzb, 1va7 same R-free, 1/3 fewer F evaluations)
+# Once a scan keeps the current weight, w_A has settled: later macrocycles keep it and take the plain
+# coordinate steps (1va7: scans after the one that kept the weight moved it by one factor and back, with
+# free-set -LL differences below 1 and R-free within noise, at 20 of each cycle's ~60 steps).
+SCAN_UNTIL_SETTLED = True
 SCAN_MAX_RMS_BOND = MAX_RMS_BOND  # Å: trials with looser geometry are not eligible (issue 14's limits)
 SCAN_MAX_RMS_ANGLE = MAX_RMS_ANGLE  # degrees
 
@@ -134,6 +138,11 @@ def choose_trial(trials) -> int:
     if not ok:
         return int(np.argmin([t.rms_bond for t in trials]))
     return min(ok, key=lambda k: trials[k].free_nll)
+
+
+def scan_settled(w_a: float, kept: WeightTrial) -> bool:
+    """Whether a scan around ``w_a`` kept ``w_a`` itself (w_A has settled: later cycles need no scan)."""
+    return SCAN_UNTIL_SETTLED and bool(np.isclose(kept.w_a, w_a, rtol=1e-6))
 
 
 def describe_scan(trials, chosen: int) -> str:
