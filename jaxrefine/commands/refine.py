@@ -76,12 +76,6 @@ def run(args) -> int:
     if cfg.output.uncertainties:  # validate/ is above refine/: hooked here, after the outputs are written
         from ..validate.uncertainty import add_to_refinement
 
-        if cfg.output.hydrogens == "write":
-            import logging
-
-            logging.getLogger("jaxrefine").warning(
-                "output.uncertainties rewrites refined.cif with esd columns and without the riding hydrogens; "
-                "refined.pdb keeps them")
         add_to_refinement(args.out, args.data, cfg)
     print(f"final: R-work {metrics['r_work']:.4f}  R-free {metrics['r_free']:.4f}  "
           f"rms bond {metrics['rms_bond']:.4f} Å  rms angle {metrics['rms_angle']:.2f}°  ({metrics['wall_s']:.1f} s)")

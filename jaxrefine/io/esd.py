@@ -53,6 +53,28 @@ def write_model_with_esds(model, path, xyz_esd, b_esd, keep=None, **updates) -> 
         doc.write_file(tmp)
 
 
+def with_file_hydrogens(full, model, xyz_esd, b_esd, xyz_cart, b_iso, occ):
+    """The esds and refined arrays of ``model`` spread over ``full``: the same file read with its hydrogens.
+
+    ``model`` is ``full`` without hydrogens, in the same order (as :func:`jaxrefine.io.model.read_model`
+    reads it with ``hydrogens=False``).  Hydrogen rows keep the file's coordinates, B and occupancy, and get
+    no esds (NaN, written "?"): the uncertainties are those of the atoms that were refined.
+
+    Returns:
+        (xyz_esd (n, 3), b_esd (n,), xyz_cart (n, 3), b_iso (n,), occ (n,)) over ``full``'s atoms.
+    """
+    heavy = ~np.asarray(full.is_hydrogen, bool)
+    same = int(heavy.sum()) == model.n_atoms and all(
+        np.array_equal(getattr(full, k)[heavy], getattr(model, k)) for k in ("atom_name", "res_seq", "chain_id", "altloc"))
+    if not same:
+        raise InputError(f"{full.source}: its atoms without the hydrogens are not the atoms the esds belong to")
+    out = [np.full((full.n_atoms, 3), np.nan), np.full(full.n_atoms, np.nan), np.array(full.xyz_cart, float),
+           np.array(full.b_iso, float), np.array(full.occ, float)]
+    for arr, vals in zip(out, (xyz_esd, b_esd, xyz_cart, b_iso, occ)):
+        arr[heavy] = np.asarray(vals, float)
+    return tuple(out)
+
+
 def read_esds(path):
     """(xyz_esd (n, 3), b_esd (n,)) from an mmCIF's ``_atom_site`` loop (NaN for "?")."""
     block = gemmi.cif.read(str(path)).sole_block()

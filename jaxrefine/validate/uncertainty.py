@@ -860,7 +860,7 @@ def model_uncertainty(model_path, data_path, out_dir, cfg=None, coupled: bool = 
     import os
 
     from ..config import Config
-    from ..io.esd import write_model_with_esds
+    from ..io.esd import with_file_hydrogens, write_model_with_esds
     from ..io.model import read_model
     from ..io.reflections import check_compatible, read_reflections
     from ..io.writers import protect, write_json
@@ -885,7 +885,13 @@ def model_uncertainty(model_path, data_path, out_dir, cfg=None, coupled: bool = 
     log_summary(summary, progress)
     xyz, b, occ = current_model_arrays(setup.params, setup.problem)
     os.makedirs(out_dir, exist_ok=True)
-    write_model_with_esds(model, os.path.join(out_dir, model_out), unc.xyz_esd, unc.b_esd, xyz_cart=xyz, b_iso=b, occ=occ)
+    out_model, esds, updates = model, (unc.xyz_esd, unc.b_esd), dict(xyz_cart=xyz, b_iso=b, occ=occ)
+    if _rewrite_model:  # the refinement's model file: its hydrogens (output.hydrogens: write) stay in it
+        full = read_model(model_path, hydrogens=True)
+        if full.n_atoms > model.n_atoms:
+            x_esd, b_esd, xyz, b, occ = with_file_hydrogens(full, model, unc.xyz_esd, unc.b_esd, xyz, b, occ)
+            out_model, esds, updates = full, (x_esd, b_esd), dict(xyz_cart=xyz, b_iso=b, occ=occ)
+    write_model_with_esds(out_model, os.path.join(out_dir, model_out), *esds, **updates)
     write_json(os.path.join(out_dir, json_out), summary)
     if cfg.output.plots:
         plot_residue_uncertainty(summary, os.path.join(out_dir, "uncertainty.png"), os.path.basename(os.fspath(model_path)))
