@@ -333,6 +333,30 @@ def test_water_hooks_follow_the_config():
     assert picking["after_minimise"] == [] and len(picking["between_cycles"]) == 1
 
 
+def test_water_actions_stop_at_low_resolution(caplog):
+    """Waters are removed or picked only with data to waters.max_d_min (2.8 Å, phenix's ordered-solvent limit)
+    or better: at 3.2 Å both hooks hand the cycle back untouched and say why once."""
+    import logging
+    from types import SimpleNamespace
+
+    from jaxrefine.config import WaterConfig
+    from jaxrefine.validate.waters import pick_waters_hook, remove_bad_waters_hook, waters_apply
+
+    def ctx(d_min, cycle=1):
+        setup = SimpleNamespace(refl=SimpleNamespace(d_min=d_min), model=SimpleNamespace(kind=np.array(["water"])))
+        return SimpleNamespace(setup=setup, problem=None, params=None, blocks=("xyz", "b"), cycle=cycle, last=False)
+
+    w = WaterConfig()
+    assert w.max_d_min == 2.8 and waters_apply(ctx(2.8), w) and waters_apply(ctx(1.2), w)
+    with caplog.at_level(logging.INFO, logger="jaxrefine"):
+        for cycle in (1, 2):
+            c = ctx(3.2, cycle)
+            assert remove_bad_waters_hook(w)(c) is c and pick_waters_hook(w)(c) is c
+    said = [r.getMessage() for r in caplog.records if "waters kept as they are" in r.getMessage()]
+    assert len(said) == 2 and "3.20" in said[0]  # cycle 1 only, once per hook
+    assert not waters_apply(ctx(2.9), WaterConfig()) and waters_apply(ctx(2.9), WaterConfig(max_d_min=3.0))
+
+
 @pytest.mark.slow
 def test_composite_omit_symmetry_images_match_the_map(maps_1l2h):
     """The grid images used to assemble a composite omit map are symmetry mates: an FFT map (gemmi,

@@ -225,6 +225,17 @@ def water_hooks(cfg) -> dict:
             "between_cycles": [pick_waters_hook(w, remove=w.remove_bad)] if w.update_waters else []}
 
 
+def waters_apply(ctx, params: WaterConfig) -> bool:
+    """Whether the water actions run on this refinement: data to ``params.max_d_min`` or better.  The first
+    macrocycle of a refinement they skip says so in the log."""
+    d_min = float(ctx.setup.refl.d_min)
+    if d_min <= params.max_d_min:
+        return True
+    if ctx.cycle == 1:
+        log.info("waters kept as they are: d_min %.2f Å is beyond waters.max_d_min %.1f Å", d_min, params.max_d_min)
+    return False
+
+
 def remove_bad_waters_hook(params: WaterConfig = WaterConfig()):
     """Action: zero the occupancy of waters out of density (2mFo−DFc), with too high B, or clashing,
     after each coordinate macrocycle.
@@ -234,7 +245,7 @@ def remove_bad_waters_hook(params: WaterConfig = WaterConfig()):
     """
     def remove_bad(ctx):
         setup, problem, params_now = ctx.setup, ctx.problem, ctx.params
-        if "xyz" not in ctx.blocks or not (setup.model.kind == "water").any():
+        if "xyz" not in ctx.blocks or not (setup.model.kind == "water").any() or not waters_apply(ctx, params):
             return ctx
         from ..problem.xray_state import current_model_arrays, f_model_of_jit
         from .density import maps_of_f_model
@@ -261,7 +272,7 @@ def pick_waters_hook(params: WaterConfig = WaterConfig(), remove: bool = True):
     """Action: water picking between coordinate macrocycles (not after the last): remove bad waters,
     add waters at mFo−DFc peaks, and rebuild the problem for the new atoms (this recompiles the energy)."""
     def pick(ctx):
-        if "xyz" not in ctx.blocks or ctx.last:
+        if "xyz" not in ctx.blocks or ctx.last or not waters_apply(ctx, params):
             return ctx
         from ..problem.setup import rebuild_setup
         from ..problem.xray_state import model_of
