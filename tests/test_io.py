@@ -263,3 +263,34 @@ def test_cli_info_error_names_file(tmp_path):
         [sys.executable, "-m", "jaxrefine.cli", "info", str(tmp_path / "missing.cif")], capture_output=True, text=True
     )
     assert out.returncode == 1 and "missing.cif: model file not found" in out.stderr
+
+
+def test_console_exit_is_quick_only_when_nothing_else_runs(monkeypatch):
+    """``jaxrefine`` (console_main) ends with os._exit and main's status once the streams are flushed, skipping
+    Python's slow finalisation of JAX; with another thread still alive it takes the normal exit instead."""
+    import threading
+
+    from jaxrefine import cli
+
+    class Quick(Exception):
+        pass
+
+    def fake_exit(status):
+        raise Quick(status)
+
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    monkeypatch.setattr(cli.logging, "shutdown", lambda: None)  # leave pytest's log handlers open
+    with pytest.raises(Quick) as quick:
+        cli.console_main()
+    assert quick.value.args == (3,)
+    release = threading.Event()
+    worker = threading.Thread(target=release.wait)
+    worker.start()
+    try:
+        with pytest.raises(SystemExit) as normal:
+            cli.console_main()
+        assert normal.value.code == 3
+    finally:
+        release.set()
+        worker.join()
