@@ -339,8 +339,8 @@ def test_water_actions_stop_at_low_resolution(caplog):
     import logging
     from types import SimpleNamespace
 
-    from jaxrefine.config import WaterConfig
-    from jaxrefine.validate.waters import pick_waters_hook, remove_bad_waters_hook, waters_apply
+    from jaxrefine.config import WaterConfig, load_config
+    from jaxrefine.validate.waters import water_hooks, waters_apply
 
     def ctx(d_min, cycle=1):
         setup = SimpleNamespace(refl=SimpleNamespace(d_min=d_min), model=SimpleNamespace(kind=np.array(["water"])))
@@ -348,12 +348,14 @@ def test_water_actions_stop_at_low_resolution(caplog):
 
     w = WaterConfig()
     assert w.max_d_min == 2.8 and waters_apply(ctx(2.8), w) and waters_apply(ctx(1.2), w)
+    hooks = water_hooks(load_config(None, ["waters.update_waters=true"]))
+    remove_bad, pick = hooks["after_minimise"][0], hooks["between_cycles"][0]
     with caplog.at_level(logging.INFO, logger="jaxrefine"):
         for cycle in (1, 2):
             c = ctx(3.2, cycle)
-            assert remove_bad_waters_hook(w)(c) is c and pick_waters_hook(w)(c) is c
+            assert remove_bad(c) is c and pick(c) is c
     said = [r.getMessage() for r in caplog.records if "waters kept as they are" in r.getMessage()]
-    assert len(said) == 2 and "3.20" in said[0]  # cycle 1 only, once per hook
+    assert len(said) == 1 and "3.20" in said[0]  # said once for both actions and all cycles
     assert not waters_apply(ctx(2.9), WaterConfig()) and waters_apply(ctx(2.9), WaterConfig(max_d_min=3.0))
 
 

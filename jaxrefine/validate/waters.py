@@ -220,32 +220,38 @@ def water_hooks(cfg) -> dict:
     :func:`jaxrefine.refine.engine.refine` / :func:`jaxrefine.refine.run.run_refinement`:
     ``after_minimise`` removes bad waters (``waters.remove_bad``), ``between_cycles`` picks new
     ones (``waters.update_waters``).  ``refine(setup, **water_hooks(cfg))``."""
-    w = cfg.waters
-    return {"after_minimise": [remove_bad_waters_hook(w)] if w.remove_bad else [],
-            "between_cycles": [pick_waters_hook(w, remove=w.remove_bad)] if w.update_waters else []}
+    w, told = cfg.waters, []  # one "waters kept as they are" line for both actions
+    return {"after_minimise": [remove_bad_waters_hook(w, told)] if w.remove_bad else [],
+            "between_cycles": [pick_waters_hook(w, remove=w.remove_bad, told=told)] if w.update_waters else []}
 
 
-def waters_apply(ctx, params: WaterConfig) -> bool:
-    """Whether the water actions run on this refinement: data to ``params.max_d_min`` or better.  The first
-    macrocycle of a refinement they skip says so in the log."""
+def waters_apply(ctx, params: WaterConfig, told: list | None = None) -> bool:
+    """Whether the water actions run on this refinement: data to ``params.max_d_min`` or better.  When they do
+    not, the log says so once: ``told`` is a list shared by the actions of one refinement (an empty one the
+    first time; None: say it every time)."""
     d_min = float(ctx.setup.refl.d_min)
     if d_min <= params.max_d_min:
         return True
-    if ctx.cycle == 1:
+    if not told:
         log.info("waters kept as they are: d_min %.2f Å is beyond waters.max_d_min %.1f Å", d_min, params.max_d_min)
+        if told is not None:
+            told.append(d_min)
     return False
 
 
-def remove_bad_waters_hook(params: WaterConfig = WaterConfig()):
+def remove_bad_waters_hook(params: WaterConfig = WaterConfig(), told: list | None = None):
     """Action: zero the occupancy of waters out of density (2mFo−DFc), with too high B, or clashing,
     after each coordinate macrocycle.
 
     Shapes stay fixed (no recompile): a removed water keeps its row with occupancy 0 and the
-    writers leave it out.  One log line per removed water.
+    writers leave it out.  One log line per removed water.  Nothing happens with data beyond
+    ``params.max_d_min`` (see :func:`waters_apply`; ``told``: its shared list, a new one by default).
     """
+    told = [] if told is None else told
+
     def remove_bad(ctx):
         setup, problem, params_now = ctx.setup, ctx.problem, ctx.params
-        if "xyz" not in ctx.blocks or not (setup.model.kind == "water").any() or not waters_apply(ctx, params):
+        if "xyz" not in ctx.blocks or not (setup.model.kind == "water").any() or not waters_apply(ctx, params, told):
             return ctx
         from ..problem.xray_state import current_model_arrays, f_model_of_jit
         from .density import maps_of_f_model
@@ -268,11 +274,14 @@ def remove_bad_waters_hook(params: WaterConfig = WaterConfig()):
     return remove_bad
 
 
-def pick_waters_hook(params: WaterConfig = WaterConfig(), remove: bool = True):
+def pick_waters_hook(params: WaterConfig = WaterConfig(), remove: bool = True, told: list | None = None):
     """Action: water picking between coordinate macrocycles (not after the last): remove bad waters,
-    add waters at mFo−DFc peaks, and rebuild the problem for the new atoms (this recompiles the energy)."""
+    add waters at mFo−DFc peaks, and rebuild the problem for the new atoms (this recompiles the energy).
+    Nothing happens with data beyond ``params.max_d_min`` (see :func:`waters_apply`)."""
+    told = [] if told is None else told
+
     def pick(ctx):
-        if "xyz" not in ctx.blocks or ctx.last or not waters_apply(ctx, params):
+        if "xyz" not in ctx.blocks or ctx.last or not waters_apply(ctx, params, told):
             return ctx
         from ..problem.setup import rebuild_setup
         from ..problem.xray_state import model_of
