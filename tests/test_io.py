@@ -267,7 +267,9 @@ def test_cli_info_error_names_file(tmp_path):
 
 def test_console_exit_is_quick_only_when_nothing_else_runs(monkeypatch):
     """``jaxrefine`` (console_main) ends with os._exit and main's status once the streams are flushed, skipping
-    Python's slow finalisation of JAX; with another thread still alive it takes the normal exit instead."""
+    Python's slow finalisation of JAX; with another thread or a child process still alive it takes the normal
+    exit instead.  (The test process has threads of its own, so the thread count is set here.)"""
+    import multiprocessing
     import threading
 
     from jaxrefine import cli
@@ -281,16 +283,14 @@ def test_console_exit_is_quick_only_when_nothing_else_runs(monkeypatch):
     monkeypatch.setattr(cli, "main", lambda: 3)
     monkeypatch.setattr(cli.os, "_exit", fake_exit)
     monkeypatch.setattr(cli.logging, "shutdown", lambda: None)  # leave pytest's log handlers open
+    monkeypatch.setattr(multiprocessing, "active_children", lambda: [])
+    monkeypatch.setattr(threading, "active_count", lambda: 1)
     with pytest.raises(Quick) as quick:
         cli.console_main()
     assert quick.value.args == (3,)
-    release = threading.Event()
-    worker = threading.Thread(target=release.wait)
-    worker.start()
-    try:
+    for threads, children in ((2, []), (1, ["a Dask worker"])):
+        monkeypatch.setattr(threading, "active_count", lambda n=threads: n)
+        monkeypatch.setattr(multiprocessing, "active_children", lambda c=children: c)
         with pytest.raises(SystemExit) as normal:
             cli.console_main()
         assert normal.value.code == 3
-    finally:
-        release.set()
-        worker.join()

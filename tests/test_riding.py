@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from jax.test_util import check_grads
 
 from jaxrefine.io.hydrogens import riding_sites
@@ -215,31 +214,3 @@ def test_refined_model_written_with_its_riding_hydrogens(tmp_path):
     st = fmodel_statistics(back, read_reflections(data_path))
     assert abs(st["r_free"] - m["r_free"]) < 0.005, (st["r_free"], m["r_free"])
 
-
-@pytest.mark.slow
-def test_uncertainties_keep_the_written_hydrogens(tmp_path):
-    """``output.uncertainties`` with ``output.hydrogens: write``: refined.cif is rewritten with esd columns and
-    keeps its riding hydrogens (which get "?" esds); the refined atoms get finite esds and unchanged coordinates.
-    (Before, refined.cif was rewritten from the model read without hydrogens and lost them.)"""
-    from jaxrefine.config import load_config
-    from jaxrefine.io.esd import read_esds
-    from jaxrefine.problem import build_setup
-    from jaxrefine.refine.engine import refine
-    from jaxrefine.refine.outputs import write_outputs
-    from jaxrefine.validate.uncertainty import add_to_refinement
-
-    model_path, data_path = dataset_paths("5e5z")
-    cfg = load_config(None, [f"model.monlib={monomer_dir()}", "refine.n_cycles=1", "refine.steps_xyz=4",
-                             "refine.steps_b=2", "output.hydrogens=write", "output.uncertainties=true"])
-    setup = build_setup(model_path, data_path, cfg)
-    write_outputs(refine(setup), setup, tmp_path)
-    before = read_model(tmp_path / "refined.cif", hydrogens=True)
-    add_to_refinement(tmp_path, data_path, cfg)
-    after = read_model(tmp_path / "refined.cif", hydrogens=True)
-    h = np.asarray(after.is_hydrogen, bool)
-    assert h.sum() == 42 and (~h).sum() == 47
-    np.testing.assert_allclose(after.xyz_cart, before.xyz_cart, atol=1e-3)
-    xyz_esd, b_esd = read_esds(tmp_path / "refined.cif")
-    assert np.all(np.isnan(xyz_esd[h])) and np.all(np.isnan(b_esd[h]))
-    # B of the anisotropic atoms is held (its esd is "?" too); every refined atom has coordinate esds
-    assert np.all(np.isfinite(xyz_esd[~h]) & (xyz_esd[~h] > 0)) and np.isfinite(b_esd[~h]).sum() > 20

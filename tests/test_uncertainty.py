@@ -68,16 +68,30 @@ def test_command_and_refine_hook_write_esds(tmp_path):
     assert np.all((x > 0.005) & (x < 2.0)) and len(bf) > 0 and np.all((bf > 0) & (bf < 50))  # Å, Å²: plausible at 1.66 Å
     n_res = len(np.unique(read_model(model_path, hydrogens=False).res_index))
     assert 0.05 < summary["dpi"]["dpi_free"] < 0.5 and len(summary["residues"]) == n_res
-    # the refine hook: esd columns added to refined.cif in place, the summary merged into metrics.json
+    # the refine hook: esd columns added to refined.cif in place, the summary merged into metrics.json.  The file
+    # carries the library's hydrogens, as output.hydrogens: write leaves it; they stay, with "?" esds (they were
+    # lost before: the file was rewritten from the model read without them)
+    from jaxrefine.io.hydrogens import riding_sites
+    from jaxrefine.io.model import model_from_structure
+
     ref = tmp_path / "refined"
     ref.mkdir()
-    write_model(read_model(model_path, hydrogens=False), ref / "refined.cif")
+    sites = riding_sites(read_model(model_path, hydrogens=False), monomer_dir())
+    with_h = model_from_structure(sites.structure, source=str(model_path), hydrogens=True)
+    h = np.asarray(with_h.is_hydrogen, bool)
+    assert h.sum() > 40 and (~h).sum() == 47
+    write_model(with_h, ref / "refined.cif")
     (ref / "metrics.json").write_text(json.dumps({"r_free": 0.2}))
     shutil.copy(data_path, ref / "data.mtz.gz")
     add_to_refinement(ref, ref / "data.mtz.gz", load_config(None, [f"model.monlib={monomer_dir()}"]), coupled=False)
     metrics = json.loads((ref / "metrics.json").read_text())
     assert metrics["r_free"] == 0.2 and metrics["uncertainty"]["sigma_r_rms"] > 0
-    np.testing.assert_allclose(read_esds(ref / "refined.cif")[0], x, atol=1e-3)  # same model, same numbers
+    back = read_model(ref / "refined.cif", hydrogens=True)
+    np.testing.assert_array_equal(back.is_hydrogen, h)
+    np.testing.assert_allclose(back.xyz_cart, with_h.xyz_cart, atol=1e-3)
+    x_back, b_back = read_esds(ref / "refined.cif")
+    assert np.all(np.isnan(x_back[h])) and np.all(np.isnan(b_back[h]))
+    np.testing.assert_allclose(x_back[~h], x, atol=1e-3)  # same model, same numbers
 
 
 def test_esd_columns_read_back_with_gemmi(tmp_path):
