@@ -230,7 +230,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
     kept = Kept(start_r_free, 0, params, problem, state, setup)
     warnings, removed_labels = [], []
     plan = cycle_plan(settings.strategy, settings.n_cycles, settings.rigid_first, settings.n_rigid_cycles)
-    scanning = settings.scan_w_a  # until a scan keeps the current weight (weights.SCAN_UNTIL_SETTLED)
+    scanning = settings.scan_w_a  # until a scan keeps the current weight (weights.scan_settled)
     for cycle, blocks in enumerate(plan, start=1):
         last = cycle == len(plan)
         timing.begin_cycle(cycle)

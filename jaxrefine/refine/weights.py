@@ -95,8 +95,7 @@ SCAN_TRIAL_FRACTION = 0.4  # each trial takes this fraction of the cycle's coord
 # takes the rest (3 trials of 10 + 15 steps instead of 3 x 25: 5kzb, 1va7 same R-free, 1/3 fewer F evaluations)
 # Once a scan keeps the current weight, w_A has settled: later macrocycles keep it and take the plain
 # coordinate steps (1va7: scans after the one that kept the weight moved it by one factor and back, with
-# free-set -LL differences below 1 and R-free within noise, at 20 of each cycle's ~60 steps).
-SCAN_UNTIL_SETTLED = True
+# free-set -LL differences below 1 and R-free within noise, at 20 of each cycle's ~60 steps): scan_settled.
 SCAN_MAX_RMS_BOND = MAX_RMS_BOND  # Å: trials with looser geometry are not eligible (issue 14's limits)
 SCAN_MAX_RMS_ANGLE = MAX_RMS_ANGLE  # degrees
 
@@ -142,7 +141,7 @@ def choose_trial(trials) -> int:
 
 def scan_settled(w_a: float, kept: WeightTrial) -> bool:
     """Whether a scan around ``w_a`` kept ``w_a`` itself (w_A has settled: later cycles need no scan)."""
-    return SCAN_UNTIL_SETTLED and bool(np.isclose(kept.w_a, w_a, rtol=1e-6))
+    return bool(np.isclose(kept.w_a, w_a, rtol=1e-6))
 
 
 def describe_scan(trials, chosen: int) -> str:
