@@ -210,8 +210,34 @@ def test_state_refresh_keeps_shapes_and_matches_a_fresh_fit(small_setup):
     refit = update_xray_state(small_setup, prob, state, moved, rebuild_mask=False)
     assert shapes(refit) == shapes(state)
     assert float(refit.scales.k_overall) != pytest.approx(float(state.scales.k_overall), rel=1e-3)
-    nb = refresh_neighbours(small_setup, prob, state, p)
+    nb, _ = refresh_neighbours(small_setup, prob, state, p)
     assert shapes(nb.nonbonded) == shapes(state.nonbonded)
+
+
+def test_kept_neighbour_list_gives_the_rebuilt_lists_energy(small_setup):
+    """The non-bonded list is kept while every atom has moved less than half its slack (a Verlet skin): its
+    energy then equals a freshly built list's (every pair within d_min is in both); past the skin it is rebuilt."""
+    from jaxrefine.problem.neighbours import NONBONDED_SLACK
+    from jaxrefine.problem.xray_state import current_model_arrays, refresh_neighbours
+    from jaxrefine.restraints.nonbonded import nonbonded_energy
+
+    p, prob, state = small_setup.params, small_setup.problem, small_setup.state
+    at = current_model_arrays(p, prob)[0]
+    rng = np.random.default_rng(3)
+    step = rng.normal(size=at.shape)
+    step *= 0.49 * NONBONDED_SLACK / np.linalg.norm(step, axis=1, keepdims=True)  # each atom just inside the skin
+    frac = jnp.asarray(prob.maps.frac)
+    moved = p._replace(xyz_frac=p.xyz_frac + jnp.asarray(step @ np.asarray(frac).T, p.xyz_frac.dtype))
+    kept, where = refresh_neighbours(small_setup, prob, state, moved, at)
+    assert kept is state and where is at  # not rebuilt
+    rebuilt, _ = refresh_neighbours(small_setup, prob, state, moved, None)
+    xyz = jnp.asarray(current_model_arrays(moved, prob)[0], prob.maps.orth.dtype)
+    e_kept = float(nonbonded_energy(xyz, kept.nonbonded, prob.maps.orth, frac))
+    e_new = float(nonbonded_energy(xyz, rebuilt.nonbonded, prob.maps.orth, frac))
+    assert e_new > 0 and e_kept == pytest.approx(e_new, rel=1e-9)
+    far = p._replace(xyz_frac=p.xyz_frac + jnp.asarray((step * 1.1 / 0.49 * 0.5) @ np.asarray(frac).T, p.xyz_frac.dtype))
+    again, where2 = refresh_neighbours(small_setup, prob, state, far, at)
+    assert again is not state and where2 is not at  # one atom past half the slack: rebuilt
 
 
 def test_between_cycle_actions_are_called_and_applied(small_setup):

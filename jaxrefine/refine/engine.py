@@ -27,7 +27,7 @@ from ..problem.params import Params
 from ..problem.problem import Problem, Setup, XrayState
 from ..problem.setup import build_setup
 from ..problem.riding import riding_problem
-from ..problem.xray_state import current_model_arrays, f_model_of_jit, model_of, refresh_neighbours, update_xray_state
+from ..problem.xray_state import current_model_arrays, f_model_of_jit, model_of, refit_xray_state, refresh_neighbours
 from ..xray.targets import ml_amplitude_target
 from . import weights as wmod
 from ..core.cache import enable_compilation_cache
@@ -154,12 +154,11 @@ def choose_initial_w_a(setup: Setup, problem: Problem | None = None, state: Xray
 _ml_target_jit = jax.jit(ml_amplitude_target)
 
 
-def _free_nll(params: Params, problem: Problem, state: XrayState):
-    """Free-set −log-likelihood of the parameters with the state's scales and σA (F_model from the compiled
-    F_calc that every report shares: no program of its own around the structure factors)."""
+def _free_nll(f_model, problem: Problem, state: XrayState):
+    """Free-set −log-likelihood of ``f_model`` (the parameters' F_model with the state's scales, from the compiled
+    F_calc that every report shares: no program of its own around the structure factors) with the state's σA."""
     x = problem.xray
-    return _ml_target_jit(x.f_obs, x.sig_f_obs, f_model_of_jit(params, problem, state), state.sigma_a, x.centric,
-                          x.epsilon, x.free)
+    return _ml_target_jit(x.f_obs, x.sig_f_obs, f_model, state.sigma_a, x.centric, x.epsilon, x.free)
 
 
 def _weight_trial(w_a: float, params, problem, state, settings: LoopSettings, n_steps: int):
@@ -168,8 +167,9 @@ def _weight_trial(w_a: float, params, problem, state, settings: LoopSettings, n_
     trial_state = state._replace(w_a=jnp.asarray(w_a, state.w_a.dtype))
     p = minimise_blocks(("xyz",), params, problem, trial_state, n_steps, settings.target,
                         settings.optimizer, settings.learning_rate, settings.converge_rtol)
-    st = cycle_statistics(0, p, problem, trial_state, time.perf_counter())
-    nll = float(_free_nll(p, problem, trial_state))
+    fm = f_model_of_jit(p, problem, trial_state)  # one F_calc for the trial's R-free and likelihood
+    st = cycle_statistics(0, p, problem, trial_state, time.perf_counter(), f_model=fm)
+    nll = float(_free_nll(fm, problem, trial_state))
     return (p, trial_state), wmod.WeightTrial(w_a, nll, st.r_free, st.rms_bond, st.rms_angle)
 
 
@@ -231,12 +231,13 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
     warnings, removed_labels = [], []
     plan = cycle_plan(settings.strategy, settings.n_cycles, settings.rigid_first, settings.n_rigid_cycles)
     scanning = settings.scan_w_a  # until a scan keeps the current weight (weights.scan_settled)
+    nb_built_at = np.asarray(setup.model.xyz_cart, float)  # where the setup's non-bonded list was built
     for cycle, blocks in enumerate(plan, start=1):
         last = cycle == len(plan)
         timing.begin_cycle(cycle)
         if cycle > 1:  # the mask, scales and σA were refreshed at the end of the previous cycle
             with timing.section("neighbours"):
-                state = refresh_neighbours(setup, problem, state, params)
+                state, nb_built_at = refresh_neighbours(setup, problem, state, params, nb_built_at)
         with timing.section("optimise"):
             params, state, settled = _minimise_cycle(blocks, params, problem, state, setup, settings, scanning)
         scanning = scanning and not settled
@@ -249,8 +250,8 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
             params, problem, state = ctx.params, ctx.problem, ctx.state
             removed_labels += list(ctx.removed)
         with timing.section("xray_state"):  # mask, scales, σA
-            state = update_xray_state(setup, problem, state, params, rebuild_mask=cycle % settings.mask_every == 0)
-        st = cycle_statistics(cycle, params, problem, state, t0)
+            state, f_model = refit_xray_state(setup, problem, state, params, rebuild_mask=cycle % settings.mask_every == 0)
+        st = cycle_statistics(cycle, params, problem, state, t0, f_model=f_model)
         history.append(st)
         log_cycle(st, callback)
         warnings += overfitting_warnings(history, settings.max_gap)
@@ -259,6 +260,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
             ctx = hook(CycleContext(cycle, last, blocks, setup, params, problem, state))
             if ctx.setup is not setup:  # atoms changed: older models are not comparable
                 kept = Kept(st.r_free, cycle, ctx.params, ctx.problem, ctx.state, ctx.setup)
+                nb_built_at = None  # a new non-bonded list of other atoms: rebuilt next cycle
             setup, params, problem, state = ctx.setup, ctx.params, ctx.problem, ctx.state
             removed_labels += list(ctx.removed)
         if settings.w_a == "auto" and "xyz" in blocks and not settings.scan_w_a:

@@ -39,11 +39,13 @@ class CycleStats(NamedTuple):
         return {k: (float(v) if k != "cycle" else int(v)) for k, v in self._asdict().items()}
 
 
-def cycle_statistics(cycle: int, params: Params, problem: Problem, state: XrayState, t0: float) -> CycleStats:
+def cycle_statistics(cycle: int, params: Params, problem: Problem, state: XrayState, t0: float,
+                     f_model=None) -> CycleStats:
     """R-factors with the state's mask and scales, RMS deviations of the covalent geometry, and the
-    time since ``t0`` (``time.perf_counter()``)."""
+    time since ``t0`` (``time.perf_counter()``).  ``f_model``: the parameters' F_model with the state where
+    the caller has it (computed here when None)."""
     with timing.section("r_factors"):
-        fm = np.asarray(f_model_of_jit(params, problem, state))
+        fm = np.asarray(f_model_of_jit(params, problem, state) if f_model is None else f_model)
         x = problem.xray
         r = r_factors(np.asarray(x.f_obs), fm, np.asarray(x.free))
     xyz, _, _ = current_model_arrays(params, problem)
