@@ -240,6 +240,24 @@ def test_kept_neighbour_list_gives_the_rebuilt_lists_energy(small_setup):
     assert again is not state and where2 is not at  # one atom past half the slack: rebuilt
 
 
+def test_mask_is_rebuilt_only_once_atoms_have_moved(small_setup, monkeypatch):
+    """B-factor cycles move no atom: the solvent mask of the start is kept; a coordinate cycle that moves some
+    atom past REBUILD_SHIFT rebuilds it."""
+    from jaxrefine.refine import engine
+
+    asked = []
+    real = engine.refit_xray_state
+    monkeypatch.setattr(engine, "refit_xray_state", lambda *a, rebuild_mask: asked.append(rebuild_mask) or real(*a, rebuild_mask=rebuild_mask))
+    cfg = _cfg("refine.precision=float64", "refine.steps_xyz=3", "refine.steps_b=2")
+    refine(small_setup._replace(config=cfg), n_cycles=2, strategy="b")
+    assert asked == [False, False]
+    asked.clear()
+    shaken = shake(small_setup.model, 0.3, seed=2)
+    run = refine(build_setup(None, None, cfg, model=shaken, refl=small_setup.refl), n_cycles=1, strategy="xyz")
+    assert engine._moved(engine.current_model_arrays(run.params, run.problem)[0], np.asarray(shaken.xyz_cart))
+    assert asked == [True]
+
+
 def test_between_cycle_actions_are_called_and_applied(small_setup):
     """refine() runs the caller's actions with the cycle's context; what an after_minimise action
     returns (a water switched off, its label) reaches the result, and a between_cycles action that
