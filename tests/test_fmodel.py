@@ -121,6 +121,32 @@ def test_fit_scales_recovers_known_parameters():
     assert r_factors(f_obs, fm, ~work)["r_work"] < 1e-3
 
 
+def test_compiled_solvent_grid_search_picks_the_float64_loops_point():
+    """The (k_sol, B_sol) grid search, scored by one compiled program and its best points re-scored in float64,
+    returns the point (and its log-linear fit) that a float64 loop over every grid point picks."""
+    from jaxrefine.xray.scaling import B_SOL_GRID, K_SOL_GRID, _grid_point, _loglinear_design, _solvent_grid_search
+    from jaxrefine.xray.scaling import aniso_basis, aniso_quadratic
+
+    cr, hkl, f_calc, f_mask = _synthetic(n=6000, seed=4)
+    s = reciprocal_vectors(hkl, cr)
+    true = Scales(k_overall=jnp.asarray(0.8), b_aniso=jnp.asarray([3.0, -2.0, 5.0, 0, 0, 0]), k_sol=jnp.asarray(0.33),
+                  b_sol=jnp.asarray(47.0))
+    rng = np.random.default_rng(5)
+    f_obs = np.abs(np.asarray(f_model(f_calc, f_mask, s, true))) * (1 + 0.1 * rng.normal(size=len(hkl)))
+    f_obs = np.abs(f_obs)
+    s2 = np.sum(s**2, axis=1)
+    q, basis = np.asarray(aniso_quadratic(s)), aniso_basis(cr)
+    fc2, cross, fm2 = np.abs(f_calc) ** 2, 2 * (f_calc * np.conj(f_mask)).real, np.abs(f_mask) ** 2
+    design = _loglinear_design(q, basis)
+    pinv = np.linalg.pinv(design)
+    scored = [(_grid_point(f_obs, fc2, cross, fm2, s2, design, pinv, k, b)[0], k, b) for b in B_SOL_GRID for k in K_SOL_GRID]
+    r_best, k_best, b_best = min(scored, key=lambda t: t[0])
+    x = _solvent_grid_search(f_obs, f_calc, f_mask, q, s2, basis, K_SOL_GRID, B_SOL_GRID)
+    assert (x[-2], x[-1]) == (k_best, b_best)
+    _, p, kk = _grid_point(f_obs, fc2, cross, fm2, s2, design, pinv, k_best, b_best)
+    assert x[0] == pytest.approx(np.exp(p[0]) * kk, rel=1e-12)
+
+
 # ------------------------------------------------------------------------------ ML target: closed forms
 def test_ml_acentric_is_rice_and_centric_is_woolfson():
     """−log P against scipy.stats.rice (acentric, per-component variance Σ/2) and foldnorm (centric, variance Σ)."""
