@@ -86,7 +86,7 @@ class RestraintsConfig:
 class SolventConfig:
     r_probe: float = 1.0  # Å, added to van der Waals radii
     r_shrink: float = 0.8  # Å, shrink-back
-    update_every: int = 1  # macrocycles between mask rebuilds
+    update_every: int = 1  # macrocycles between mask rebuilds (each only once some atom has moved 0.1 Å)
 
 
 @dataclass(frozen=True)
