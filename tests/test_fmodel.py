@@ -122,8 +122,9 @@ def test_fit_scales_recovers_known_parameters():
 
 
 def test_compiled_solvent_grid_search_picks_the_float64_loops_point():
-    """The (k_sol, B_sol) grid search, scored by one compiled program and its best points re-scored in float64,
-    returns the point (and its log-linear fit) that a float64 loop over every grid point picks."""
+    """The (k_sol, B_sol) grid search, scored by one compiled program and its best points re-scored in float64
+    (the path for 20k or more work reflections), returns the point (and its log-linear fit) that a float64 loop
+    over every grid point picks."""
     from jaxrefine.xray.scaling import B_SOL_GRID, K_SOL_GRID, _grid_point, _loglinear_design, _solvent_grid_search
     from jaxrefine.xray.scaling import aniso_basis, aniso_quadratic
 
@@ -141,7 +142,7 @@ def test_compiled_solvent_grid_search_picks_the_float64_loops_point():
     pinv = np.linalg.pinv(design)
     scored = [(_grid_point(f_obs, fc2, cross, fm2, s2, design, pinv, k, b)[0], k, b) for b in B_SOL_GRID for k in K_SOL_GRID]
     r_best, k_best, b_best = min(scored, key=lambda t: t[0])
-    x = _solvent_grid_search(f_obs, f_calc, f_mask, q, s2, basis, K_SOL_GRID, B_SOL_GRID)
+    x = _solvent_grid_search(f_obs, f_calc, f_mask, q, s2, basis, K_SOL_GRID, B_SOL_GRID, compiled=True)
     assert (x[-2], x[-1]) == (k_best, b_best)
     _, p, kk = _grid_point(f_obs, fc2, cross, fm2, s2, design, pinv, k_best, b_best)
     assert x[0] == pytest.approx(np.exp(p[0]) * kk, rel=1e-12)
