@@ -148,6 +148,26 @@ def test_compiled_solvent_grid_search_picks_the_float64_loops_point():
     assert x[0] == pytest.approx(np.exp(p[0]) * kk, rel=1e-12)
 
 
+def test_k_iso_fit_matches_dense_least_squares_and_recovers_a_linear_scale():
+    """fit_k_iso (normal equations of the two-non-zero hat design) equals numpy's lstsq of the dense design, and
+    a scale linear in s² between its nodes is recovered exactly."""
+    from jaxrefine.xray.scaling import _hat_interpolate, fit_k_iso
+
+    rng = np.random.default_rng(7)
+    s2 = rng.random(12000) * 0.19
+    f_amp = np.abs(rng.normal(size=s2.size)) * 100 + 1
+    f_obs = f_amp * (1.1 + 0.3 * s2) * (1 + 0.1 * rng.normal(size=s2.size))
+    nodes, vals = fit_k_iso(f_obs, f_amp, s2)
+    x = np.clip(s2, nodes[0], nodes[-1])
+    dense = np.stack([np.interp(x, nodes, np.eye(len(nodes))[i]) for i in range(len(nodes))], axis=1)  # hat functions
+    ref, *_ = np.linalg.lstsq(dense * f_amp[:, None], f_obs, rcond=None)
+    np.testing.assert_allclose(vals, ref, rtol=1e-10)
+    exact = f_amp * np.interp(x, nodes, 1.0 + np.arange(len(nodes)) * 0.05)
+    _, vals2 = fit_k_iso(exact, f_amp, s2)
+    np.testing.assert_allclose(vals2, 1.0 + np.arange(len(nodes)) * 0.05, rtol=1e-10)
+    np.testing.assert_allclose(_hat_interpolate(s2, nodes, vals2), exact / f_amp, rtol=1e-10)
+
+
 # ------------------------------------------------------------------------------ ML target: closed forms
 def test_ml_acentric_is_rice_and_centric_is_woolfson():
     """−log P against scipy.stats.rice (acentric, per-component variance Σ/2) and foldnorm (centric, variance Σ)."""

@@ -118,19 +118,20 @@ def k_total(scales: Scales, s_cart):
     return k
 
 
-def _hat_weights(s2, nodes):
-    """(n, n_nodes) linear-interpolation weights in s² (rows sum to 1; constant outside the nodes)."""
-    s2 = np.clip(s2, nodes[0], nodes[-1])
-    j = np.clip(np.searchsorted(nodes, s2, side="right") - 1, 0, len(nodes) - 1)
-    w = np.zeros((len(s2), len(nodes)))
+def _hat_pieces(s2, nodes):
+    """((n,) j, (n,) t): each s² lies between nodes j and j + 1 at the fraction t (clipped to the end nodes;
+    one node: j = 0, t = 0).  The linear-interpolation weights are 1 − t on node j and t on node j + 1."""
     if len(nodes) == 1:
-        w[:, 0] = 1.0
-        return w
-    j = np.minimum(j, len(nodes) - 2)
-    t = (s2 - nodes[j]) / (nodes[j + 1] - nodes[j])
-    w[np.arange(len(s2)), j] = 1 - t
-    w[np.arange(len(s2)), j + 1] = t
-    return w
+        return np.zeros(len(s2), np.int64), np.zeros(len(s2))
+    s2 = np.clip(s2, nodes[0], nodes[-1])
+    j = np.clip(np.searchsorted(nodes, s2, side="right") - 1, 0, len(nodes) - 2)
+    return j, (s2 - nodes[j]) / (nodes[j + 1] - nodes[j])
+
+
+def _hat_interpolate(s2, nodes, vals):
+    """(n,) the piecewise-linear function of s² with ``vals`` at ``nodes`` (constant outside them)."""
+    j, t = _hat_pieces(s2, nodes)
+    return vals[j] * (1 - t) + vals[np.minimum(j + 1, len(nodes) - 1)] * t
 
 
 def fit_k_iso(f_obs, f_amp, s2, n_per_node: int = K_ISO_PER_NODE, max_nodes: int = K_ISO_MAX_NODES):
@@ -149,8 +150,18 @@ def fit_k_iso(f_obs, f_amp, s2, n_per_node: int = K_ISO_PER_NODE, max_nodes: int
     n_nodes = int(np.clip(len(s2) // n_per_node, 1, max_nodes))
     groups = np.array_split(order, n_nodes)
     nodes = np.array([s2[g].mean() for g in groups])
-    a = _hat_weights(s2, nodes) * f_amp[:, None]
-    vals, *_ = np.linalg.lstsq(a, f_obs, rcond=None)
+    # the normal equations of the (n, m) design with two non-zeros per row, (1 − t)|F| and t|F| on nodes j, j + 1,
+    # summed per node (a dense design and its lstsq: 40 ms per fit on 4iid's 94k reflections)
+    j, t = _hat_pieces(s2, nodes)
+    m = len(nodes)
+    u, v = (1 - t) * f_amp, t * f_amp
+    k = np.minimum(j + 1, m - 1)  # = j + 1 with two or more nodes; with one, t = 0 and v = 0
+    ata = np.diag(np.bincount(j, u * u, m) + np.bincount(k, v * v, m))
+    off = np.bincount(j, u * v, m)[: m - 1]  # (j, j + 1) and its mirror: the design is tridiagonal in normal form
+    ata[np.arange(m - 1), np.arange(1, m)] += off
+    ata[np.arange(1, m), np.arange(m - 1)] += off
+    atb = np.bincount(j, u * f_obs, m) + np.bincount(k, v * f_obs, m)
+    vals, *_ = np.linalg.lstsq(ata, atb, rcond=None)
     return nodes, np.clip(vals, *K_ISO_RANGE)
 
 
@@ -294,7 +305,7 @@ def _joint_refinement(x, fo, fc, fm, qw, s2w, basis, refine, use_solvent, resolu
         if resolution_scale:
             amp = np.asarray(_amp_model_jit(jnp.asarray(x), fc_j, fm_j, q_j, s2_j, basis_j))
             nodes, vals = fit_k_iso(fo, amp, s2w)
-            mult = _hat_weights(s2w, nodes) @ vals
+            mult = _hat_interpolate(s2w, nodes, vals)
     return x, nodes, vals
 
 
