@@ -254,7 +254,8 @@ def test_mask_is_rebuilt_only_once_atoms_have_moved(small_setup, monkeypatch):
     asked.clear()
     shaken = shake(small_setup.model, 0.3, seed=2)
     run = refine(build_setup(None, None, cfg, model=shaken, refl=small_setup.refl), n_cycles=1, strategy="xyz")
-    assert engine._moved(engine.current_model_arrays(run.params, run.problem)[0], np.asarray(shaken.xyz_cart))
+    assert engine.moved_beyond(engine.current_model_arrays(run.params, run.problem)[0], np.asarray(shaken.xyz_cart),
+                               engine.REBUILD_SHIFT)
     assert asked == [True]
 
 

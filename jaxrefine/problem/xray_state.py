@@ -169,10 +169,18 @@ def refit_xray_state(setup, problem: Problem, state: XrayState, params: Params, 
         solvent = setup.config.solvent
         f_mask = solvent_f_mask(setup.model, setup.refl, xyz, solvent.r_probe, solvent.r_shrink, state.f_mask.dtype)
     f_calc = f_calc_of_jit(params, problem)
-    scales, f_model, sigma_a = fit_scales_and_sigma_a(x.f_obs, x.sig_f_obs, f_calc, f_mask, x.s_cart, x.work, x.sigma_a_use,
-                                                x.bins, x.centric, x.epsilon, setup.model.crystal,
-                                                resolution_scale=resolution_scale_for(setup.refl.d_min))
+    scales, f_model, sigma_a = fit_scales_and_sigma_a(x.f_obs, x.sig_f_obs, f_calc, f_mask, x.s_cart, x.work,
+                                                      x.sigma_a_use, x.bins, x.centric, x.epsilon, setup.model.crystal,
+                                                      resolution_scale=resolution_scale_for(setup.refl.d_min))
     return cast_floats(state._replace(f_mask=f_mask, scales=scales, sigma_a=sigma_a), x.s2.dtype), f_model
+
+
+def moved_beyond(xyz, since, limit: float) -> bool:
+    """Whether some atom of ``xyz`` (n, 3) is ``limit`` Å or more from its place in ``since`` (None, or other
+    atoms: yes).  The rule for what is rebuilt between macrocycles (neighbour list, mask, riding hydrogens)."""
+    if since is None or since.shape != xyz.shape:
+        return True
+    return float(np.max(np.sum((xyz - since) ** 2, axis=1))) >= limit**2
 
 
 def refresh_neighbours(setup, problem: Problem, state: XrayState, params: Params, built_at=None):
@@ -182,8 +190,7 @@ def refresh_neighbours(setup, problem: Problem, state: XrayState, params: Params
     atom has moved less than half the slack no pair can have come within d_min unlisted: the kept list gives
     the same energy as a rebuilt one (a Verlet skin).  4iid's later macrocycles: 0.21 s each saved."""
     xyz, _, _ = current_model_arrays(params, problem)
-    if built_at is not None and built_at.shape == xyz.shape and \
-            float(np.max(np.sum((xyz - built_at) ** 2, axis=1))) < (0.5 * NONBONDED_SLACK) ** 2:
+    if not moved_beyond(xyz, built_at, 0.5 * NONBONDED_SLACK):
         return state, built_at
     nb = build_nonbonded(xyz, problem.restraints, setup.model.crystal, max_pairs=int(state.nonbonded.i.shape[0]))
     return state._replace(nonbonded=cast_floats(nb, problem.maps.orth.dtype)), xyz

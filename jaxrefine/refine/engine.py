@@ -27,7 +27,8 @@ from ..problem.params import Params
 from ..problem.problem import Problem, Setup, XrayState
 from ..problem.setup import build_setup
 from ..problem.riding import riding_problem
-from ..problem.xray_state import current_model_arrays, f_model_of_jit, model_of, refit_xray_state, refresh_neighbours
+from ..problem.xray_state import (current_model_arrays, f_model_of_jit, model_of, moved_beyond, refit_xray_state,
+                                  refresh_neighbours)
 from ..xray.targets import ml_amplitude_target
 from . import weights as wmod
 from ..core.cache import enable_compilation_cache
@@ -42,13 +43,6 @@ log = logging.getLogger("jaxrefine")
 # fifth macrocycles move atoms at most 0.05 and 0.01 Å (RMS 0.008 and 0.001) and rebuilt a 12-million-point mask
 # (0.4 s) and 12.5k hydrogens (0.16 s) each time.
 REBUILD_SHIFT = 0.1
-
-
-def _moved(xyz, since, limit: float = REBUILD_SHIFT) -> bool:
-    """Whether some atom of ``xyz`` (n, 3) is ``limit`` Å or more from its place in ``since`` (None: yes)."""
-    if since is None or since.shape != xyz.shape:
-        return True
-    return float(np.max(np.sum((xyz - since) ** 2, axis=1))) >= limit**2
 
 
 class LoopSettings(NamedTuple):
@@ -256,7 +250,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
             params, state, settled = _minimise_cycle(blocks, params, problem, state, setup, settings, scanning)
         scanning = scanning and not settled
         xyz = current_model_arrays(params, problem)[0]
-        if ("xyz" in blocks or "rigid" in blocks) and _moved(xyz, riding_at):  # riding hydrogens re-placed
+        if ("xyz" in blocks or "rigid" in blocks) and moved_beyond(xyz, riding_at, REBUILD_SHIFT):  # riding H re-placed
             with timing.section("riding_h"):
                 problem = riding_problem(problem, setup.model, xyz, setup.monlib, setup.config.model.ligands)
             riding_at = xyz
@@ -265,7 +259,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
             params, problem, state = ctx.params, ctx.problem, ctx.state
             removed_labels += list(ctx.removed)
         xyz = current_model_arrays(params, problem)[0]  # after the actions (they may move atoms)
-        rebuild_mask = cycle % settings.mask_every == 0 and _moved(xyz, mask_at)
+        rebuild_mask = cycle % settings.mask_every == 0 and moved_beyond(xyz, mask_at, REBUILD_SHIFT)
         with timing.section("xray_state"):  # mask, scales, σA
             state, f_model = refit_xray_state(setup, problem, state, params, rebuild_mask=rebuild_mask)
         mask_at = xyz if rebuild_mask else mask_at
