@@ -239,3 +239,33 @@ def test_energy_and_gradient_agree_with_and_without_the_xla_defaults(tmp_path):
     for leaf in ("xyz", "b"):  # float32 sums in another order: relative to the largest component
         scale = np.abs(off[leaf]).max()
         assert scale > 0 and np.abs(on[leaf] - off[leaf]).max() < 1e-4 * scale, leaf
+
+
+def test_heap_is_trimmed_after_every_compilation(tmp_path):
+    """enable_compilation_cache installs the trim (core/heap.py): each later compilation calls malloc_trim(0)
+    once (a fresh process, so that no earlier test installed it; a fake stands in for glibc's to count calls)."""
+    code = f"""
+import jax, numpy as np
+from jaxrefine.core import cache, heap
+calls = []
+heap._malloc_trim = lambda: (lambda pad: calls.append(pad))
+jax.jit(lambda x: x + 1.0)(np.ones(3, np.float32)).block_until_ready()
+n0 = len(calls)  # nothing installed yet
+cache.enable_compilation_cache({str(tmp_path / 'c')!r})
+cache.enable_compilation_cache({str(tmp_path / 'c')!r})  # idempotent: still one listener
+jax.jit(lambda x: x * 3.5 + 2.0)(np.arange(7.0, dtype=np.float32)).block_until_ready()
+jax.jit(lambda x: x - 0.5)(np.arange(5.0, dtype=np.float32)).block_until_ready()
+print(n0, calls)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[-2] == "0 [0, 0]", out.stdout + out.stderr
+
+
+def test_trim_heap_calls_the_c_library_where_it_has_one():
+    import platform
+
+    from jaxrefine.core import heap
+
+    assert heap.trim_heap() is (heap._malloc_trim() is not None)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert heap._malloc_trim() is not None

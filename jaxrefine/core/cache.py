@@ -24,6 +24,7 @@ import os
 import jax
 
 from ..errors import ConfigError
+from .heap import trim_after_compilations
 
 log = logging.getLogger("jaxrefine")
 
@@ -78,6 +79,7 @@ def enable_compilation_cache(cache_dir: str | None = None) -> str | None:
     Raises:
         ConfigError: the folder cannot be created.
     """
+    trim_after_compilations()  # process-wide runtime settings live here: every entry point calls this
     path = resolve_cache_dir(cache_dir)
     if path is None:
         if jax.config.jax_compilation_cache_dir:
