@@ -6,8 +6,8 @@ threads' malloc arenas, so the process's resident memory stays at each transient
 later allocations stack on top of it.  ``malloc_trim(0)`` hands the free pages of every arena back
 (glibc >= 2.8; the ~100 trims of a refinement took 12-18 ms in all, 4xof and 5e5z).  Trimming after
 every backend compilation (a :mod:`jax.monitoring` event) lowered the peak RSS of warm refinements:
-5e5z 475 -> 439 MB, 4xof 582 -> 553 MB, 5orl 845 -> 745-760 MB; cold 5kzb 653 -> 589 MB (same
-machine, one run each; benchmarks/README.md).
+5e5z 475 -> 439 MB, 4xof 628 -> 553 MB (three runs each), 5orl 845 -> 745-760 MB; cold 5kzb 653 -> 589 MB (same
+machine, same checkout; benchmarks/README.md).
 """
 from __future__ import annotations
 
