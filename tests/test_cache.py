@@ -157,6 +157,74 @@ def _quadratic(x, target):
     return jax.numpy.sum((x["a"] - target) ** 2)
 
 
+def test_a_program_prepared_in_the_background_is_the_one_called(tmp_path, restore_jax_cache):
+    """``prepare_exported`` from shapes alone (a ShapeDtypeStruct for a value not computed yet): the later
+    ``call_exported`` with real arrays neither traces nor compiles nor loads anything, and gives the plain
+    jit's values; preparing again is a no-op; with the cache off nothing is started."""
+    cache.enable_compilation_cache(str(tmp_path / "c"))
+    cache._exported.clear()
+    x, w = jax.numpy.arange(4.0), jax.numpy.ones(4)
+    future = cache.prepare_exported(_weighted_sum_jit, (jax.ShapeDtypeStruct((4,), x.dtype), w), {"power": 5}, "test")
+    assert future is not None and future.result(timeout=120) is not None
+    assert cache.prepare_exported(_weighted_sum_jit, (x, w), {"power": 5}, "test") is None  # prepared already
+    n_traces, before = len(_TRACES), cache.compile_counters()
+    got = cache.call_exported(_weighted_sum_jit, (x, w), {"power": 5}, "test")
+    spent = cache.compile_delta(before)
+    assert spent["cache_hits"] + spent["cache_misses"] == 0 and spent["compile_s"] == 0.0, spent
+    assert len(_TRACES) == n_traces
+    assert float(got["y"]) == float(_weighted_sum_jit(x, w, power=5)["y"]) == 276.0 and int(got["n"]) == 4
+    cache.enable_compilation_cache("off")
+    assert cache.prepare_exported(_weighted_sum_jit, (x, w), {"power": 6}, "test") is None
+
+
+def test_state_spec_has_the_fitted_states_shapes():
+    """``xray_state_spec`` (what the minimiser is compiled for while the setup fits the state) against the state
+    build_setup fits: same tree, shapes, dtypes and weak types, with the resolution-dependent scale (5e5z at
+    1.66 Å) and without it (the same data cut at 2.6 Å)."""
+    from conftest import dataset_paths
+    from jaxrefine.config import load_config
+    from jaxrefine.io.reflections import read_reflections
+    from jaxrefine.problem import build_setup
+    from jaxrefine.problem.setup import load_inputs
+    from jaxrefine.problem.xray_state import xray_state_spec
+
+    def aval(x):
+        x = x if isinstance(x, jax.ShapeDtypeStruct) else jax.device_put(x)
+        return tuple(x.shape), str(x.dtype), bool(x.weak_type)
+
+    cfg = load_config(None, ["runtime.compilation_cache=off", "refine.adp=iso"])
+    model, refl = load_inputs(*dataset_paths("5e5z"), cfg)
+    for data in (refl, refl.cut(d_min=2.6)):
+        specs = []
+        setup = build_setup(None, None, cfg, model=model, refl=data, on_problem=lambda *a: specs.append(a))
+        (problem, params, spec, seen_refl), = specs
+        assert problem is setup.problem and seen_refl is setup.refl
+        assert spec == xray_state_spec(setup.problem, setup.state.nonbonded, setup.refl.d_min)
+        assert jax.tree_util.tree_structure(spec) == jax.tree_util.tree_structure(setup.state)
+        assert jax.tree_util.tree_map(aval, spec) == jax.tree_util.tree_map(aval, setup.state)
+        assert (spec.scales.k_iso is None) == (data.d_min > 2.5)
+
+
+def test_refinement_setup_compiles_the_minimiser_while_it_fits_the_state(tmp_path, restore_jax_cache):
+    """The CLI's build_setup hook (engine.prepare_refinement): the L-BFGS program is prepared from the state's
+    shapes during the setup, and the starting w_A's gradient then runs it without compiling or loading it."""
+    from conftest import dataset_paths
+    from jaxrefine.config import load_config
+    from jaxrefine.problem import build_setup
+    from jaxrefine.refine.blocks import xray_gradient_norm
+    from jaxrefine.refine.engine import prepare_refinement
+
+    cfg = load_config(None, [f"runtime.compilation_cache={tmp_path / 'c'}", "refine.adp=iso"])
+    cache._exported.clear()
+    hook, futures = prepare_refinement(cfg), []
+    setup = build_setup(*dataset_paths("5e5z"), cfg, on_problem=lambda *a: futures.append(hook(*a)))
+    assert futures and futures[0] is not None and futures[0].result(timeout=300) in cache._exported
+    before = cache.compile_counters()
+    assert xray_gradient_norm(setup.params, setup.problem, setup.state) > 0
+    spent = cache.compile_delta(before)
+    assert spent["cache_hits"] + spent["cache_misses"] == 0, spent  # the prepared executable, nothing else
+
+
 def test_a_damaged_stored_program_is_exported_again(tmp_path, restore_jax_cache):
     cache.enable_compilation_cache(str(tmp_path / "c"))
     cache._exported.clear()

@@ -30,7 +30,7 @@ from .neighbours import build_nonbonded
 from .params import AtomMaps, Params, b_to_raw, occ_to_raw, occupancy_groups
 from .problem import Problem, Setup, XrayData, XrayState
 from .riding import H_B_FACTOR, riding_from_sites
-from .xray_state import cast_floats, update_xray_state
+from .xray_state import cast_floats, update_xray_state, xray_state_spec
 
 log = logging.getLogger("jaxrefine")
 
@@ -201,13 +201,16 @@ def xray_data(refl: Reflections, dtype) -> XrayData:
     )
 
 
-def build_setup(model_path, data_path, cfg: Config | None = None, model=None, refl=None) -> Setup:
+def build_setup(model_path, data_path, cfg: Config | None = None, model=None, refl=None, on_problem=None) -> Setup:
     """Read the inputs and build the static problem, the starting parameters and the first X-ray state.
 
     Args:
         model_path, data_path: files (ignored when ``model``/``refl`` are given).
         cfg: configuration (defaults when None).
         model, refl: already-read inputs (for notebooks and tests).
+        on_problem: called as ``on_problem(problem, params, state_spec, refl)`` once the problem is built and
+            before the X-ray state is fitted (``state_spec``: :func:`xray_state_spec`, the state's shapes), e.g.
+            to compile the minimiser meanwhile (:func:`jaxrefine.refine.engine.prepare_refinement`).
     """
     cfg = cfg or Config()
     # the persistent compilation cache (runtime.compilation_cache), as the CLI and refine() turn it on: a script,
@@ -250,6 +253,8 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
     )
     setup = Setup(problem=problem, params=params, state=state, model=model, refl=refl, config=cfg, monlib=monlib,
                   adp_choice=choice, ncs_copies=tuple(copies), hydrogens=h_mode)
+    if on_problem is not None:
+        on_problem(problem, params, xray_state_spec(problem, state.nonbonded, refl.d_min), refl)
     return setup._replace(state=update_xray_state(setup, problem, state, params))
 
 

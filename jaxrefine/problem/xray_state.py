@@ -14,8 +14,10 @@ import numpy as np
 from ..core.cache import call_exported
 from ..io.model import Model
 from ..xray.fmodel import f_model, f_model_jit
+from ..xray.scaling import Scales, k_iso_node_count
 from ..xray.structure_factors import structure_factors
 from ..xray.adp import b_eq
+from ..xray.targets import SigmaA
 from .adp_model import adp_of, refined_tls
 from .fmodel import fit_scales_and_sigma_a, model_f_mask, resolution_scale_for
 from .neighbours import NONBONDED_SLACK, build_nonbonded
@@ -173,6 +175,24 @@ def refit_xray_state(setup, problem: Problem, state: XrayState, params: Params, 
                                                       x.sigma_a_use, x.bins, x.centric, x.epsilon, setup.model.crystal,
                                                       resolution_scale=resolution_scale_for(setup.refl.d_min))
     return cast_floats(state._replace(f_mask=f_mask, scales=scales, sigma_a=sigma_a), x.s2.dtype), f_model
+
+
+def xray_state_spec(problem: Problem, nonbonded, d_min: float) -> XrayState:
+    """The shapes and dtypes (``jax.ShapeDtypeStruct`` leaves) of the state :func:`update_xray_state` fits for
+    ``problem``, before it is fitted: enough to compile the programs that take a state while the mask and
+    the scales are being computed.  ``nonbonded``: the state's (real) non-bonded list."""
+    x = problem.xray
+    n, dtype = x.f_obs.shape[0], x.s2.dtype
+    spec = lambda shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
+    work = np.asarray(x.work, bool) & (np.asarray(x.f_obs) > 0)  # as fit_scales selects them
+    nodes = spec((k_iso_node_count(int(work.sum())),)) if resolution_scale_for(d_min) else None
+    n_bins = int(np.asarray(x.bins).max()) + 1
+    return XrayState(
+        f_mask=spec((n,), jnp.complex128 if dtype == jnp.float64 else jnp.complex64),
+        scales=Scales(k_overall=spec(()), b_aniso=spec((6,)), k_sol=spec(()), b_sol=spec(()), k_iso_s2=nodes, k_iso=nodes),
+        sigma_a=SigmaA(d=spec((n,)), s=spec((n,)), bins=spec((n,), np.int32), bin_d=spec((n_bins,)), bin_s=spec((n_bins,))),
+        nonbonded=nonbonded, w_a=spec(()),
+    )
 
 
 def moved_beyond(xyz, since, limit: float) -> bool:

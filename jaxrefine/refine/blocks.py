@@ -14,7 +14,7 @@ from ..problem.params import Params
 from ..problem.problem import Problem, XrayState
 from .energy import SHIFT_ENERGY, apply_shifts, block_mask, zero_shifts
 from ..core import timing
-from .optimize import minimise_with_stats
+from .optimize import minimise_with_stats, prepare_minimiser
 
 _apply_shifts_jit = jax.jit(apply_shifts)  # host code: one program, not one per operation
 
@@ -74,6 +74,15 @@ def minimise_blocks(blocks, params: Params, problem: Problem, state: XrayState, 
     timing.count("steps", stats.steps)  # waits for the minimisation (timing sections stay honest)
     timing.count("evaluations", stats.evaluations)
     return _apply_shifts_jit(shifts, mask, params, problem)
+
+
+def prepare_block_minimiser(params: Params, problem: Problem, state, target: str = "ml"):
+    """Start compiling the L-BFGS program of :func:`minimise_blocks` and :func:`xray_gradient_norm` on a
+    background thread; ``state`` may be :func:`jaxrefine.problem.xray_state.xray_state_spec`'s shapes
+    (see :func:`jaxrefine.refine.optimize.prepare_minimiser`).  Returns the Future or None."""
+    lr, rtol_a = _loop_args(0.02, 0.0, problem.maps.orth.dtype)
+    return prepare_minimiser(SHIFT_ENERGY[target], zero_shifts(params), (block_mask(params, ("xyz",)), params, problem, state),
+                             method="lbfgs", learning_rate=lr, rtol=rtol_a)
 
 
 def xray_gradient_norm(params: Params, problem: Problem, state: XrayState, target: str = "ml") -> float:

@@ -32,7 +32,8 @@ from ..problem.xray_state import (current_model_arrays, f_model_of_jit, model_of
 from ..xray.targets import ml_amplitude_target
 from . import weights as wmod
 from ..core.cache import enable_compilation_cache
-from .blocks import STRATEGY_BLOCKS, cycle_plan, low_resolution_work_set, minimise_blocks, xray_gradient_norm  # noqa: F401 (STRATEGY_BLOCKS re-exported)
+from .blocks import (STRATEGY_BLOCKS, cycle_plan, low_resolution_work_set, minimise_blocks,  # noqa: F401 (STRATEGY_BLOCKS re-exported)
+                     prepare_block_minimiser, xray_gradient_norm)
 from .guard import Kept, keep_better, overfitting_warnings
 from .monitor import HEADER, CycleStats, cycle_statistics, format_cycle, log_cycle  # noqa: F401 (re-exported)
 
@@ -139,6 +140,24 @@ class RefinementResult(NamedTuple):
     removed_waters: list
     removed_atoms: np.ndarray
     setup: Any = None
+
+
+def prepare_refinement(cfg: Config):
+    """An ``on_problem`` for :func:`jaxrefine.problem.setup.build_setup`: once the problem is built, compile the
+    L-BFGS program that the starting w_A and the macrocycles call, on a background thread while the setup fits
+    the mask, scales and σA (cold 5kzb: 15.1 -> 13.1-13.7 s, the same 47 compilations; see
+    benchmarks/README.md).  Only for the L-BFGS loop, which every default refinement runs first (the starting
+    w_A's gradient); nothing happens with the compilation cache off.  The hook returns the preparation's
+    Future (or None)."""
+
+    def on_problem(problem, params, state_spec, refl):
+        settings = LoopSettings.from_config(cfg, refl.d_min)
+        if settings.w_a != "auto" and settings.optimizer != "lbfgs":
+            return None
+        target = settings.rigid_target if settings.strategy == "rigid" else settings.target
+        return prepare_block_minimiser(params, problem, state_spec, target)
+
+    return on_problem
 
 
 def choose_initial_w_a(setup: Setup, problem: Problem | None = None, state: XrayState | None = None,

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from ..core.cache import call_exported
+from ..core.cache import call_exported, prepare_exported
 
 LBFGS_MEMORY = 10  # correction pairs (Nocedal & Wright 2006, sec. 7.2: 3–20 is typical)
 
@@ -78,6 +78,14 @@ def minimise_with_stats(fun, x0, args, n_steps, method: str = "lbfgs", learning_
     """
     return call_exported(_minimise_jit, (x0, args, n_steps, learning_rate, rtol), {"fun": fun, "method": method},
                          "minimise_with_stats")
+
+
+def prepare_minimiser(fun, x0, args, method: str = "lbfgs", learning_rate=0.01, rtol=0.0):
+    """Start compiling :func:`minimise_with_stats`'s program for arguments shaped like these (``args`` may hold
+    ``jax.ShapeDtypeStruct`` leaves for values not computed yet) on a background thread
+    (:func:`jaxrefine.core.cache.prepare_exported`); its first call waits for it.  Returns the Future or None."""
+    return prepare_exported(_minimise_jit, (x0, args, 0, learning_rate, rtol), {"fun": fun, "method": method},
+                            "minimise_with_stats")
 
 
 @partial(jax.jit, static_argnames=("fun", "method"))

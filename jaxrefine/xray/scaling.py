@@ -134,6 +134,11 @@ def _hat_interpolate(s2, nodes, vals):
     return vals[j] * (1 - t) + vals[np.minimum(j + 1, len(nodes) - 1)] * t
 
 
+def k_iso_node_count(n_work: int, n_per_node: int = K_ISO_PER_NODE, max_nodes: int = K_ISO_MAX_NODES) -> int:
+    """Nodes of k_iso(s²) fitted from ``n_work`` work reflections (:func:`fit_k_iso`)."""
+    return int(np.clip(n_work // n_per_node, 1, max_nodes))
+
+
 def fit_k_iso(f_obs, f_amp, s2, n_per_node: int = K_ISO_PER_NODE, max_nodes: int = K_ISO_MAX_NODES):
     """Nodes and values of the resolution-dependent isotropic scale (linear least squares).
 
@@ -147,7 +152,7 @@ def fit_k_iso(f_obs, f_amp, s2, n_per_node: int = K_ISO_PER_NODE, max_nodes: int
         (nodes (m,) s², values (m,)).
     """
     order = np.argsort(s2)
-    n_nodes = int(np.clip(len(s2) // n_per_node, 1, max_nodes))
+    n_nodes = k_iso_node_count(len(s2), n_per_node, max_nodes)
     groups = np.array_split(order, n_nodes)
     nodes = np.array([s2[g].mean() for g in groups])
     # the normal equations of the (n, m) design with two non-zeros per row, (1 − t)|F| and t|F| on nodes j, j + 1,
