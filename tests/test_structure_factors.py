@@ -447,6 +447,37 @@ def test_refitted_form_factors(d_min, n_terms):
     assert np.all(np.asarray(fitted.b) > 0)  # every term a Gaussian: B + B_blur + b_k > 0 for the spreading
 
 
+def test_refitted_form_factors_are_stored_and_read_back_exactly(tmp_path, monkeypatch):
+    """With the cache folder on, the fits are kept in its tables/ (core.cache.write_table): a later process (here:
+    the in-process fit cache cleared) reads them back bit for bit without fitting; an edit of the source (another
+    digest) makes the table stale and the fits are made again."""
+    import jax
+
+    from jaxrefine.core import cache
+    from jaxrefine.xray import formfactors as FF
+
+    saved = (jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache)
+    try:
+        cache.enable_compilation_cache(str(tmp_path / "c"))
+        ff = it92_form_factors(np.array(["C", "N", "O", "S"]))
+        FF._fit_terms.cache_clear()
+        first, n = FF.fit_form_factors(ff, 1.0 / 1.9**2)
+        assert (tmp_path / "c" / cache.TABLES_SUBFOLDER / (FF.FIT_TABLE + ".json")).is_file()
+        FF._fit_terms.cache_clear()
+        calls = []
+        monkeypatch.setattr(FF, "_fit_terms", lambda *a: calls.append(a) or (_ for _ in ()).throw(AssertionError("fitted")))
+        again, n2 = FF.fit_form_factors(ff, 1.0 / 1.9**2)
+        assert not calls and n2 == n
+        for x, y in zip(first[:3], again[:3]):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        monkeypatch.setattr(cache, "_digest", ["another source"])
+        with pytest.raises(AssertionError, match="fitted"):
+            FF.fit_form_factors(ff, 1.0 / 1.9**2)
+    finally:
+        cache._set_dir(saved[0])
+        jax.config.update("jax_enable_compilation_cache", saved[1])
+
+
 def test_fft_setup_spreads_the_refitted_terms():
     """A 2.9 Å FFT setup carries the two-term fit (no constant term spread); fit_tol=None keeps IT92."""
     model_path, data_path = dataset_paths("1va7")

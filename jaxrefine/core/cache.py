@@ -263,6 +263,46 @@ def call_exported(jitted, args: tuple, static: dict, name: str):
     return jax.tree_util.tree_unflatten(out_tree, call(*leaves))
 
 
+# --- small tables of computed values kept beside the programs -------------------------------------------
+TABLES_SUBFOLDER = "tables"
+
+
+def read_table(name: str) -> dict:
+    """The stored table ``name`` (a JSON object written by :func:`write_table` with this jaxrefine source), or {}
+    when the cache is off, the file is missing or unreadable, or an edit of the source made it stale."""
+    import json
+
+    if _export_folder() is None:
+        return {}
+    path = os.path.join(os.fspath(jax.config.jax_compilation_cache_dir), TABLES_SUBFOLDER, name + ".json")
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("source") != _source_digest() or not isinstance(data.get("values"), dict):
+        return {}
+    return data["values"]
+
+
+def write_table(name: str, values: dict) -> None:
+    """Store ``values`` (JSON-serialisable; floats round-trip exactly) as the table ``name``, whole file or none;
+    nothing when the cache is off or the folder is not writable."""
+    import json
+
+    if _export_folder() is None:
+        return
+    folder = os.path.join(os.fspath(jax.config.jax_compilation_cache_dir), TABLES_SUBFOLDER)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f"{name}.json.{os.getpid()}.tmp")
+        with open(tmp, "w") as fh:
+            json.dump({"source": _source_digest(), "values": values}, fh)
+        os.replace(tmp, os.path.join(folder, name + ".json"))
+    except OSError as exc:
+        log.debug("could not store table %s (%s)", name, exc)
+
+
 # --- compiling ahead, on a thread of its own ------------------------------------------------------------
 _lock = threading.Lock()
 _pending: dict = {}  # key -> Future of a background preparation (prepare_exported)
