@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..core.device import on_device
+
 H_B_FACTOR = 1.0  # B(H) / B(parent): gemmi and servalcat place H with the parent's B
 _EPS = 1e-12  # keeps the normalisations differentiable when two atoms coincide
 
@@ -45,9 +47,9 @@ class Riding(NamedTuple):
 def riding_from_sites(sites, dtype=jnp.float32, b_factor: float = H_B_FACTOR) -> Riding:
     """:class:`Riding` from :class:`jaxrefine.io.hydrogens.RidingSites` (numpy -> JAX arrays)."""
     return Riding(
-        parent=jnp.asarray(sites.parent, jnp.int32), ref_a=jnp.asarray(sites.ref_a, jnp.int32),
-        ref_b=jnp.asarray(sites.ref_b, jnp.int32), local=jnp.asarray(np.asarray(sites.local), dtype),
-        b_factor=jnp.asarray(b_factor, dtype), h_serial=jnp.asarray(sites.h_serial, jnp.int32),
+        parent=on_device(sites.parent, jnp.int32), ref_a=on_device(sites.ref_a, jnp.int32),
+        ref_b=on_device(sites.ref_b, jnp.int32), local=on_device(sites.local, dtype),
+        b_factor=on_device(b_factor, dtype), h_serial=on_device(sites.h_serial, jnp.int32),
     )
 
 
@@ -86,7 +88,7 @@ def refreshed_riding(riding: Riding, model, xyz_cart, monlib=None, ligands=()) -
     from ..io.hydrogens import riding_sites
 
     sites = riding_sites(model, monlib, ligands, xyz_cart=np.asarray(xyz_cart, float), like=riding)
-    return riding._replace(local=jnp.asarray(np.asarray(sites.local), riding.local.dtype))
+    return riding._replace(local=on_device(sites.local, riding.local.dtype))
 
 
 def riding_problem(problem, model, xyz_cart, monlib=None, ligands=()):

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..config import Config
 from ..core.cache import enable_compilation_cache
+from ..core.device import on_device, zeros_on_device
 from ..errors import InputError, RestraintError
 from ..io.formfactor_io import it92_form_factors
 from ..io.hydrogens import riding_sites
@@ -73,11 +74,11 @@ def rigid_bodies(model: Model, spec: str):
 def initial_params(model: Model, maps: AtomMaps, group_start, group_set, set_total, set_size, dtype) -> Params:
     n_b = maps.body_centre.shape[0]
     return Params(
-        xyz_frac=jnp.asarray(model.xyz_frac, dtype),
-        b_raw=jnp.asarray(b_to_raw(model.b_iso, float(maps.b_min)), dtype),
-        occ_raw=jnp.asarray(occ_to_raw(group_start, group_set, set_total, set_size), dtype),
-        rot=jnp.zeros((n_b, 3), dtype),
-        trans=jnp.zeros((n_b, 3), dtype),
+        xyz_frac=on_device(model.xyz_frac, dtype),
+        b_raw=on_device(b_to_raw(model.b_iso, float(maps.b_min)), dtype),
+        occ_raw=on_device(occ_to_raw(group_start, group_set, set_total, set_size), dtype),
+        rot=zeros_on_device((n_b, 3), dtype),
+        trans=zeros_on_device((n_b, 3), dtype),
     )
 
 
@@ -171,18 +172,18 @@ def atom_maps_and_params(model: Model, cfg: Config, dtype):
         occ_group = -np.ones(model.n_atoms, np.int32)
         group_set = group_start = np.zeros(0)
         set_total = set_size = np.zeros(0)
-    maps = AtomMaps(
-        orth=jnp.asarray(model.crystal.orth, dtype),
-        frac=jnp.asarray(model.crystal.frac, dtype),
-        body_index=jnp.asarray(idx),
-        body_centre=jnp.asarray(centres, dtype),
-        body_radius=jnp.asarray(radii, dtype),
-        occ0=jnp.asarray(model.occ, dtype),
-        occ_group=jnp.asarray(occ_group, jnp.int32),
-        group_set=jnp.asarray(group_set, jnp.int32),
-        set_total=jnp.asarray(set_total, dtype),
-        set_size=jnp.asarray(set_size, jnp.int32),
-        b_min=jnp.asarray(cfg.refine.b_min, dtype),
+    maps = AtomMaps(  # on_device: jnp.asarray of host data compiles a program per shape (core/device.py)
+        orth=on_device(model.crystal.orth, dtype),
+        frac=on_device(model.crystal.frac, dtype),
+        body_index=on_device(idx),
+        body_centre=on_device(centres, dtype),
+        body_radius=on_device(radii, dtype),
+        occ0=on_device(model.occ, dtype),
+        occ_group=on_device(occ_group, jnp.int32),
+        group_set=on_device(group_set, jnp.int32),
+        set_total=on_device(set_total, dtype),
+        set_size=on_device(set_size, jnp.int32),
+        b_min=on_device(cfg.refine.b_min, dtype),
     )
     params = initial_params(model, maps, np.asarray(group_start, float), np.asarray(group_set, np.int32),
                             np.asarray(set_total, float), np.asarray(set_size, np.int32), dtype)
@@ -193,11 +194,11 @@ def xray_data(refl: Reflections, dtype) -> XrayData:
     """The observed data as arrays, with the σA reflection set and bins."""
     use = refine_hkl_free(refl)
     return XrayData(
-        hkl=jnp.asarray(refl.hkl), s2=jnp.asarray(refl.s2, dtype),
-        s_cart=jnp.asarray(reciprocal_vectors(refl.hkl, refl.crystal), dtype),
-        sigma_a_use=jnp.asarray(use), f_obs=jnp.asarray(refl.f_obs, dtype),
-        sig_f_obs=jnp.asarray(refl.sig_f_obs, dtype), work=jnp.asarray(~refl.free), free=jnp.asarray(refl.free),
-        centric=jnp.asarray(refl.centric), epsilon=jnp.asarray(refl.epsilon, dtype), bins=jnp.asarray(sigma_a_bins(refl.d, use)),
+        hkl=on_device(refl.hkl), s2=on_device(refl.s2, dtype),
+        s_cart=on_device(reciprocal_vectors(refl.hkl, refl.crystal), dtype),
+        sigma_a_use=on_device(use), f_obs=on_device(refl.f_obs, dtype),
+        sig_f_obs=on_device(refl.sig_f_obs, dtype), work=on_device(~refl.free), free=on_device(refl.free),
+        centric=on_device(refl.centric), epsilon=on_device(refl.epsilon, dtype), bins=on_device(sigma_a_bins(refl.d, use)),
     )
 
 
@@ -248,8 +249,9 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
         adp=cast_floats(adp, dtype), ncs=cast_floats(ncs, dtype), riding=riding,
     )
     state = XrayState(  # w_A is chosen by the loop; mask, scales and σA are fitted just below
-        f_mask=jnp.zeros(refl.n, jnp.complex128 if dtype == jnp.float64 else jnp.complex64), scales=None, sigma_a=None,
-        nonbonded=cast_floats(build_nonbonded(model, restraints, model.crystal), dtype), w_a=jnp.asarray(1.0, dtype),
+        f_mask=zeros_on_device(refl.n, jnp.complex128 if dtype == jnp.float64 else jnp.complex64), scales=None,
+        sigma_a=None, nonbonded=cast_floats(build_nonbonded(model, restraints, model.crystal), dtype),
+        w_a=on_device(1.0, dtype),
     )
     setup = Setup(problem=problem, params=params, state=state, model=model, refl=refl, config=cfg, monlib=monlib,
                   adp_choice=choice, ncs_copies=tuple(copies), hydrogens=h_mode)

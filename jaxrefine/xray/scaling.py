@@ -308,7 +308,7 @@ def _joint_refinement(x, fo, fc, fm, qw, s2w, basis, refine, use_solvent, resolu
         if refine:
             x, _ = _levenberg_marquardt(x, (fo_j, fc_j, fm_j, q_j, s2_j, basis_j, w_j, jax.device_put(mult)), fix_solvent=not use_solvent)
         if resolution_scale:
-            amp = np.asarray(_amp_model_jit(jnp.asarray(x), fc_j, fm_j, q_j, s2_j, basis_j))
+            amp = np.asarray(_amp_model_jit(jax.device_put(x), fc_j, fm_j, q_j, s2_j, basis_j))
             nodes, vals = fit_k_iso(fo, amp, s2w)
             mult = _hat_interpolate(s2w, nodes, vals)
     return x, nodes, vals

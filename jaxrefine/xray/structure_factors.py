@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..core.device import on_device
 from .fft_grid import box_rows, fold_periodic_c, spread_boxes
 from .formfactors import FIT_TOL, FormFactors, f0, fit_form_factors
 
@@ -297,16 +298,17 @@ def make_sf_setup(
     if d_min is None:
         d_min = float(1.0 / np.sqrt(s2.max())) if n_refl else 2.0
     s2_max = max(1.0 / d_min**2, float(s2.max()) if n_refl else 0.0)
-    ff_j = FormFactors(*(jnp.asarray(v, dtype) for v in ff[:3]), jnp.asarray(ff.type_index, jnp.int32))
+    # on_device: jnp.asarray of host data compiles a one-operation program per shape (core/device.py)
+    ff_j = FormFactors(*(on_device(v, dtype) for v in ff[:3]), on_device(ff.type_index, jnp.int32))
     common = dict(
-        hkl=jnp.asarray(hkl),
-        s2=jnp.asarray(s2, dtype),
-        rot=jnp.asarray(crystal.rot, dtype),
-        trans=jnp.asarray(crystal.trans, dtype),
+        hkl=on_device(hkl),
+        s2=on_device(s2, dtype),
+        rot=on_device(crystal.rot, dtype),
+        trans=on_device(crystal.trans, dtype),
         ff=ff_j,
-        orth=jnp.asarray(orth, dtype),
-        frac=jnp.asarray(frac, dtype),
-        volume=jnp.asarray(crystal.volume, dtype),
+        orth=on_device(orth, dtype),
+        frac=on_device(frac, dtype),
+        volume=on_device(crystal.volume, dtype),
     )
     if method == "direct":
         if chunk is None:
@@ -332,7 +334,7 @@ def make_sf_setup(
                                            s2_max, fit_tol)
         if n_terms:
             ff, constant = fitted, False
-            common["ff"] = FormFactors(*(jnp.asarray(v, dtype) for v in ff[:3]), jnp.asarray(ff.type_index, jnp.int32))
+            common["ff"] = FormFactors(*(on_device(v, dtype) for v in ff[:3]), on_device(ff.type_index, jnp.int32))
     # F(h) = Σ_ops exp(2πi h·t) F_asu(Rᵀh): the atoms are spread once, without symmetry copies,
     # and the transform is read at the rotated indices (International Tables B, eq. 1.4.2.14)
     rot_int = np.rint(np.asarray(crystal.rot)).astype(np.int64)
@@ -378,12 +380,12 @@ def make_sf_setup(
     )
     return SFSetup(
         **common,
-        b_blur=jnp.asarray(b_blur, dtype),
-        grid_metric=jnp.asarray(g_metric, dtype),
-        sample_index=jnp.asarray(idx.reshape(n_ops, n_refl, 3)),
-        sample_conj=jnp.asarray(conj.reshape(n_ops, n_refl)),
-        sample_phase=jnp.asarray(phase, jnp.result_type(dtype, jnp.complex64)),
-        box_atoms=tuple(jnp.asarray(atoms, jnp.int32) for _, atoms, _ in groups),
+        b_blur=on_device(b_blur, dtype),
+        grid_metric=on_device(g_metric, dtype),
+        sample_index=on_device(idx.reshape(n_ops, n_refl, 3)),
+        sample_conj=on_device(conj.reshape(n_ops, n_refl)),
+        sample_phase=on_device(phase, jnp.result_type(dtype, jnp.complex64)),
+        box_atoms=tuple(on_device(atoms, jnp.int32) for _, atoms, _ in groups),
         meta=meta,
     )
 
@@ -672,7 +674,7 @@ def f_from_grid_jit(grid, hkl, volume: float):
     """:func:`f_from_grid` as one compiled program (host code: solvent masks), for a cell of ``volume`` Å³
     (static: one program per cell, as the grid is).  Run op by op it compiled a dozen one-operation
     programs per process."""
-    return _f_from_grid_compiled(jnp.asarray(grid), jnp.asarray(hkl), volume=float(volume))
+    return _f_from_grid_compiled(on_device(grid), on_device(hkl), volume=float(volume))
 
 
 # ----------------------------------------------------------------------------- entry point

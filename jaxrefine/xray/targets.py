@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import i0e
 
+from ..core.device import on_device
+
 MIN_PER_BIN = 50  # reflections per σA bin (servalcat's default for the test set)
 MAX_BINS = 20
 _TINY = 1e-12  # added to |F|² so that |F| is differentiable at F = 0
@@ -197,7 +199,7 @@ def estimate_sigma_a(f_obs, f_model, use, bins, centric, epsilon, sig_f_obs=None
     empty = np.array([not (use & (bins == i)).any() for i in range(n_bins)])
     p[empty] = p0[empty]
     bin_d, bin_s = np.exp(p[:, 0]), np.exp(p[:, 1])
-    return SigmaA(d=jnp.asarray(bin_d[bins]), s=jnp.asarray(bin_s[bins]), bins=bins, bin_d=bin_d, bin_s=bin_s)
+    return SigmaA(d=on_device(bin_d[bins]), s=on_device(bin_s[bins]), bins=bins, bin_d=bin_d, bin_s=bin_s)
 
 
 def choose_sigma_a_set(free, min_per_bin: int = MIN_PER_BIN):
