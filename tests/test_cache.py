@@ -341,8 +341,13 @@ def test_trim_heap_calls_the_c_library_where_it_has_one():
 
 def test_on_device_is_jnp_asarray_without_a_program():
     """core.device.on_device / zeros_on_device give jnp.asarray's / jnp.zeros's array (values, dtype, weak type,
-    placement) and compile or load nothing, where jnp.asarray of a new shape and dtype runs a program."""
+    placement) and trace, lower, compile or load nothing, where jnp.asarray of a new shape and dtype runs a program
+    (whether or not the persistent cache is on in this worker)."""
     from jaxrefine.core.device import on_device, zeros_on_device
+
+    def any_program(before):
+        d = cache.compile_delta(before)
+        return d["trace_s"] > 0 or d["lower_s"] > 0 or d["compile_s"] > 0 or d["cache_hits"] + d["cache_misses"] > 0
 
     rng = np.random.default_rng(3)
     cases = [(rng.normal(size=(13, 3)), np.float32), (np.arange(17, dtype=np.int64), None), (rng.normal(size=11) > 0, None),
@@ -350,16 +355,15 @@ def test_on_device_is_jnp_asarray_without_a_program():
     for x, dtype in cases:
         before = cache.compile_counters()
         got = on_device(x, dtype)
-        spent = cache.compile_delta(before)
+        assert not any_program(before), x
         ref = jax.numpy.asarray(x, dtype)
-        assert spent["cache_hits"] + spent["cache_misses"] == 0 and spent["trace_s"] == 0.0, (x, spent)
         assert (got.dtype, got.weak_type, got.committed, got.shape) == (ref.dtype, ref.weak_type, ref.committed, ref.shape)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
     before = cache.compile_counters()
     z = zeros_on_device((5, 19), np.float32)
-    assert cache.compile_delta(before)["cache_hits"] + cache.compile_delta(before)["cache_misses"] == 0
+    assert not any_program(before)
     ref = jax.numpy.zeros((5, 19), np.float32)
     assert (z.dtype, z.weak_type, z.shape) == (ref.dtype, ref.weak_type, ref.shape) and not np.asarray(z).any()
     before = cache.compile_counters()
     jax.numpy.asarray(rng.normal(size=(23, 5)), np.float32)  # the program on_device avoids
-    assert cache.compile_delta(before)["cache_hits"] + cache.compile_delta(before)["cache_misses"] >= 1
+    assert any_program(before)
