@@ -177,7 +177,7 @@ def test_a_program_prepared_in_the_background_is_the_one_called(tmp_path, restor
     assert cache.prepare_exported(_weighted_sum_jit, (x, w), {"power": 6}, "test") is None
 
 
-def test_state_spec_has_the_fitted_states_shapes():
+def test_state_spec_has_the_fitted_states_shapes(restore_jax_cache):
     """``xray_state_spec`` (what the minimiser is compiled for while the setup fits the state) against the state
     build_setup fits: same tree, shapes, dtypes and weak types, with the resolution-dependent scale (5e5z at
     1.66 Å) and without it (the same data cut at 2.6 Å)."""
