@@ -191,10 +191,15 @@ def _source_digest() -> str:
     return _digest[0]
 
 
-def _export_folder() -> str | None:
+def _cache_subfolder(name: str) -> str | None:
+    """``<cache folder>/<name>``, or None when the cache is off."""
     if not jax.config.jax_enable_compilation_cache or not jax.config.jax_compilation_cache_dir:
         return None
-    return os.path.join(os.fspath(jax.config.jax_compilation_cache_dir), EXPORT_SUBFOLDER)
+    return os.path.join(os.fspath(jax.config.jax_compilation_cache_dir), name)
+
+
+def _export_folder() -> str | None:
+    return _cache_subfolder(EXPORT_SUBFOLDER)
 
 
 def _static_id(value) -> tuple:
@@ -272,11 +277,11 @@ def read_table(name: str) -> dict:
     when the cache is off, the file is missing or unreadable, or an edit of the source made it stale."""
     import json
 
-    if _export_folder() is None:
+    folder = _cache_subfolder(TABLES_SUBFOLDER)
+    if folder is None:
         return {}
-    path = os.path.join(os.fspath(jax.config.jax_compilation_cache_dir), TABLES_SUBFOLDER, name + ".json")
     try:
-        with open(path) as fh:
+        with open(os.path.join(folder, name + ".json")) as fh:
             data = json.load(fh)
     except (OSError, ValueError):
         return {}
@@ -290,9 +295,9 @@ def write_table(name: str, values: dict) -> None:
     nothing when the cache is off or the folder is not writable."""
     import json
 
-    if _export_folder() is None:
+    folder = _cache_subfolder(TABLES_SUBFOLDER)
+    if folder is None:
         return
-    folder = os.path.join(os.fspath(jax.config.jax_compilation_cache_dir), TABLES_SUBFOLDER)
     try:
         os.makedirs(folder, exist_ok=True)
         tmp = os.path.join(folder, f"{name}.json.{os.getpid()}.tmp")
@@ -307,6 +312,8 @@ def write_table(name: str, values: dict) -> None:
 _lock = threading.Lock()
 _pending: dict = {}  # key -> Future of a background preparation (prepare_exported)
 _exported_call: dict = {}  # key -> Exported.call of the programs prepared in the background
+_pending_at_exit: list = []  # [True] once _wait_for_preparations is registered with atexit
+EXIT_WAIT_S = 120.0
 
 
 def _aval(x):
@@ -358,10 +365,6 @@ def prepare_exported(jitted, args: tuple, static: dict, name: str):
         _pending_at_exit.append(True)
     threading.Thread(target=work, name=f"jaxrefine-prepare-{name}", daemon=True).start()
     return future
-
-
-_pending_at_exit: list = []
-EXIT_WAIT_S = 120.0
 
 
 def _wait_for_preparations() -> None:

@@ -9,10 +9,10 @@ import logging
 import time
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..core.device import on_device
 from ..xray.fmodel import f_model_jit
 from ..xray.scaling import Scales, fit_scales, reciprocal_vectors
 from ..xray.stats import r_factor_best_scale, r_factors
@@ -104,8 +104,8 @@ def model_f_calc(model, crystal, hkl, method: str = "auto"):
     u = u_aniso if np.any(model.has_aniso) else None
     setup = make_sf_setup(crystal, hkl, ff, method=method, b_iso=model.b_iso, u_aniso=u)
     dtype = setup.s2.dtype
-    xyz_frac, b, occ = jax.device_put(tuple(np.asarray(a, dtype) for a in (crystal.to_frac(model.xyz_cart), b_iso, model.occ)))
-    f = structure_factors_jit(xyz_frac, b, occ, setup, None if u is None else jax.device_put(np.asarray(u, dtype)))
+    xyz_frac, b, occ = (on_device(a, dtype) for a in (crystal.to_frac(model.xyz_cart), b_iso, model.occ))
+    f = structure_factors_jit(xyz_frac, b, occ, setup, None if u is None else on_device(u, dtype))
     return np.asarray(f)
 
 

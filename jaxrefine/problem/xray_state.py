@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core.cache import call_exported
+from ..core.device import on_device
 from ..io.model import Model
 from ..xray.fmodel import f_model, f_model_jit
 from ..xray.scaling import Scales, k_iso_node_count
@@ -36,7 +37,7 @@ def cast_floats(tree, dtype):
             to = dtype if jnp.issubdtype(a.dtype, jnp.floating) else cdtype if jnp.issubdtype(a.dtype, jnp.complexfloating) else None
             if to is not None:
                 # numpy input is cast by numpy: on the device each shape was a one-operation program (~60 per run)
-                return jax.device_put(np.asarray(a, to)) if isinstance(a, np.ndarray) else a.astype(to)
+                return on_device(a, to) if isinstance(a, np.ndarray) else a.astype(to)
         return a
 
     return jax.tree_util.tree_map(cast, tree)

@@ -186,7 +186,7 @@ def estimate_sigma_a(f_obs, f_model, use, bins, centric, epsilon, sig_f_obs=None
     # only the reflections used enter the objective (the free set: ~5 % of them); device_put, not
     # jnp.asarray: jnp.asarray of a numpy array is a one-operation program per shape
     k = np.flatnonzero(use)
-    args = tuple(jax.device_put(np.asarray(a)[k]) for a in (fo, sig, fm, np.asarray(centric, bool), eps, bins))
+    args = tuple(on_device(np.asarray(a)[k]) for a in (fo, sig, fm, np.asarray(centric, bool), eps, bins))
 
     def fun(x):
         v, g = _binned_grad(jax.device_put(x.reshape(n_bins, 2)), *args)
