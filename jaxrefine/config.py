@@ -48,6 +48,9 @@ class RefineConfig:
     steps_b: int = 15
     steps_occ: int = 10
     steps_rigid: int = 30
+    joint_xyz_b: str = "auto"  # auto (on below 2.5 Å) | on | off: coordinates and B in one minimisation of steps_xyz
+    #                            steps instead of steps_xyz + steps_b one after the other
+    b_shift_scale: float = 30.0  # Å² of B per Å of coordinate shift in the joint minimisation (its preconditioner)
     learning_rate: float = 0.02  # for adam/sgd (Å for coordinates; B and occupancy scaled)
     converge_rtol: float = 1e-5  # a block stops once a step lowers E by less than this fraction (0: all steps)
     rigid_bodies: str = "chain"  # chain | all | "sel1; sel2; ..." (selection strings)
@@ -152,6 +155,7 @@ PRECISIONS = ("float32", "float64")
 HYDROGENS = ("auto", "remove", "keep", "riding")
 ADP_MODELS = ("iso", "aniso", "tls", "auto")
 NCS_MODES = ("auto", "off")
+JOINT_MODES = ("auto", "on", "off")
 OUTPUT_HYDROGENS = ("remove", "write")
 _CHOICES = {
     ("model", "hydrogens"): HYDROGENS,
@@ -161,6 +165,7 @@ _CHOICES = {
     ("refine", "optimizer"): OPTIMIZERS,
     ("refine", "precision"): PRECISIONS,
     ("refine", "adp"): ADP_MODELS,
+    ("refine", "joint_xyz_b"): JOINT_MODES,
     ("restraints", "ncs"): NCS_MODES,
     ("output", "hydrogens"): OUTPUT_HYDROGENS,
 }
@@ -213,6 +218,7 @@ _CHECKS = {
     ("refine", "steps_b"): _non_negative,
     ("refine", "steps_occ"): _non_negative,
     ("refine", "steps_rigid"): _non_negative,
+    ("refine", "b_shift_scale"): _positive,
     ("refine", "learning_rate"): _positive,
     ("refine", "converge_rtol"): _non_negative,
     ("refine", "n_rigid_cycles"): _non_negative,

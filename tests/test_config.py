@@ -64,6 +64,8 @@ def test_bad_config_errors(tmp_path):
     ("data.d_max=nan", "data.d_max: expected a finite number"),
     ("data.free_fraction=0", "data.free_fraction = 0.0: must be in (0, 0.5]"),
     ("refine.learning_rate=0", "refine.learning_rate = 0.0: must be > 0"),
+    ("refine.b_shift_scale=0", "refine.b_shift_scale = 0.0: must be > 0"),
+    ("refine.joint_xyz_b=banana", "refine.joint_xyz_b = 'banana'; choose one of auto, on, off"),
     ("solvent.update_every=0", "solvent.update_every = 0: must be > 0"),
     ("waters.max_hbond=2", "waters.min_hbond = 2.4 and waters.max_hbond = 2.0"),
     ("guard.keep_best=2", "guard.keep_best: expected true or false, got 2"),

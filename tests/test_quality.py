@@ -50,6 +50,7 @@ def test_low_resolution_weight_from_the_data_and_r_free_levels_off(caplog):
     scans = [s for s in lines if s.startswith("w_A scan")]
     # the weight was chosen from the data, logged with why, every macrocycle until a scan kept it
     settled = [k for k, s in enumerate(scans) if s.endswith("w_A settled: later cycles keep it without a scan")]
+    assert any(s.startswith("minimiser: 15 coordinate steps, then 8 B steps") for s in lines)  # 3.2 Å: one after the other
     assert scans and (settled == [len(scans) - 1] if settled else len(scans) == CYCLES), scans
     final = res.history[res.best_cycle]
     assert final.rms_bond <= MAX_RMS_BOND and final.rms_angle <= MAX_RMS_ANGLE, res.history
@@ -64,6 +65,8 @@ def test_high_resolution_target_weight_and_r_free(caplog):
     res, lines = _shaken_refinement("4xof", caplog)
     assert not any(s.startswith("w_A scan") for s in lines)  # 1.15 Å: steered to the target RMS Z instead
     assert any(s.startswith("hydrogens: riding (auto") for s in lines), [s for s in lines if "hydrogens" in s]
+    # coordinates and B in one minimisation at 1.15 Å (refine.joint_xyz_b auto)
+    assert any(s.startswith("minimiser: coordinates and B together") for s in lines), [s for s in lines if "minimiser" in s]
     final = res.history[res.best_cycle]
     assert final.r_free <= HIGH_RES_R_FREE, res.history
     # bonds within issue 14's limit at every cycle after the first (w_A also steers to the RMS limits;

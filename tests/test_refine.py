@@ -177,7 +177,29 @@ def test_minimise_loop_compiles_once_for_all_blocks(small_setup):
     prob2 = prob._replace(xray=prob.xray._replace(f_obs=prob.xray.f_obs * 1.01))
     state2 = state._replace(w_a=state.w_a * 2, f_mask=state.f_mask * 0.9)
     minimise_blocks(("xyz",), p2, prob2, state2, 7, rtol=1e-5)
-    assert programs() == before  # new blocks, step counts, data and state: no recompile
+    minimise_blocks(("xyz", "b"), p2, prob2, state2, 4, b_scale=30.0)  # joint, B shifts scaled
+    assert programs() == before  # new blocks, step counts, data, state and scale: no recompile
+
+
+def test_joint_minimisation_scales_b_shifts_and_moves_both_blocks(small_setup):
+    """refine.joint_xyz_b: one minimisation moves coordinates and B; b_shift_scale is a diagonal
+    preconditioner (the minimiser's unit shift is b_scale Å² of B), applied by the block mask."""
+    from jaxrefine.problem.params import atom_b
+    from jaxrefine.refine.blocks import joint_applies, minimise_blocks
+    from jaxrefine.refine.energy import apply_shifts, block_mask, zero_shifts
+
+    p, prob, state = small_setup.params, small_setup.problem, small_setup.state
+    mask = block_mask(p, ("xyz", "b"), 30.0)
+    assert np.all(mask.b_raw == 30.0) and np.all(mask.xyz_frac == 1.0) and np.all(mask.occ_raw == 0.0)
+    one = zero_shifts(p)._replace(b_raw=np.ones_like(p.b_raw))
+    moved = apply_shifts(one, mask, p, prob)
+    np.testing.assert_allclose(np.asarray(moved.b_raw - p.b_raw), 30.0, rtol=1e-6)
+    joint = minimise_blocks(("xyz", "b"), p, prob, state, 8, b_scale=30.0)
+    assert float(total_energy(joint, prob, state)) < float(total_energy(p, prob, state))
+    assert np.abs(np.asarray(joint.xyz_frac - p.xyz_frac)).max() > 0
+    assert np.abs(np.asarray(atom_b(joint, prob.maps) - atom_b(p, prob.maps))).max() > 0.1  # Å²
+    assert joint_applies("auto", 1.7) and not joint_applies("auto", 2.5) and joint_applies("on", 3.2)
+    assert not joint_applies("off", 1.0)
 
 
 def test_choice_lists_have_one_source():
@@ -411,6 +433,25 @@ def test_guard_keeps_the_latest_cycle_within_noise_of_the_best_and_never_above_t
     assert run(0.2400, [0.2400 + 0.5 * tol, 0.2400 + 0.2 * tol]) == 0  # never above the input
     assert run(0.2400, [0.2401, 0.2300]) == 2
     assert run(0.2400, [0.2300, 0.2500], keep_best=False) == 2
+
+
+def test_guard_prefers_cycles_within_the_geometry_limits():
+    """A refined cycle within RMS bond 0.015 Å and angle 2.0° wins over one beyond them whatever their R-free
+    (5e5z: cycle 2 at 2.65° had R-free 0.0033 below cycle 1 at 1.89°, on 18 free reflections); on the same side
+    of the limits the R-free rule holds; the input model is compared by R-free alone."""
+    from jaxrefine.refine.guard import Kept, keep_better, within_limits
+
+    def run(r_input, cycles):
+        kept = Kept(r_input, 0, None, None, None, None)
+        for cycle, (r, bond, angle) in enumerate(cycles, start=1):
+            kept = keep_better(kept, Kept(r, cycle, None, None, None, None, in_limits=within_limits(bond, angle)))
+        return kept.cycle
+
+    assert within_limits(0.015, 2.0) and not within_limits(0.0151, 1.0) and not within_limits(0.005, 2.01)
+    assert run(0.40, [(0.2226, 0.006, 1.89), (0.2193, 0.013, 2.65), (0.2364, 0.014, 2.69)]) == 1  # 5e5z
+    assert run(0.40, [(0.2300, 0.009, 2.60), (0.2400, 0.009, 1.95), (0.2380, 0.008, 1.90)]) == 3  # best within
+    assert run(0.40, [(0.2300, 0.009, 2.60), (0.2250, 0.009, 2.50)]) == 2  # all beyond: R-free decides
+    assert run(0.2200, [(0.2300, 0.005, 1.50)]) == 0  # never above the input
 
 
 @pytest.mark.slow

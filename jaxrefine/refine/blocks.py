@@ -27,6 +27,21 @@ STRATEGY_BLOCKS = {
 }
 
 
+# Coordinates and B in one minimisation (refine.joint_xyz_b auto) where the data reach beyond JOINT_D_MAX.  Shaken
+# starts, 5 macrocycles, B shifts x30 (B_SHIFT_SCALE; the L-BFGS scales all variables by one number, so B in Å² and
+# coordinates in Å need this diagonal preconditioner: x1 left B almost unrefined, R-free 0.319 on 4xof; x10 0.191,
+# x100 0.186, x30 0.177): 25 joint steps per cycle against 25 coordinate + 15 B steps gave R-free 4xof 0.1781 -> 0.1774
+# with 200 -> 124 F evaluations, 5orl 0.2174 -> 0.2156 (182 -> 134), 1l2h 0.2650 -> 0.2652 (196 -> 134), 4iid
+# 0.1964 -> 0.1964 (117 -> 89).  At 2.9-3.2 Å it lost R-free (5kzb 0.2507 -> 0.2624 at x30, 0.2596 at x60, 0.2757
+# at x15; 1va7 0.2714 -> 0.2724): there B is refined on its own after the w_A scan, as before.
+JOINT_D_MAX = 2.5  # Å
+
+
+def joint_applies(setting: str, d_min: float) -> bool:
+    """Whether coordinates and B are minimised together: ``refine.joint_xyz_b`` on, or auto and d_min < JOINT_D_MAX."""
+    return setting == "on" or (setting == "auto" and d_min < JOINT_D_MAX)
+
+
 def cycle_plan(strategy: str, n_cycles: int, rigid_first: bool = False, n_rigid_cycles: int = 0) -> list:
     """The blocks of each macrocycle: optional rigid-body cycles first, then ``n_cycles`` of the strategy."""
     plan = []
@@ -55,19 +70,22 @@ def _loop_args(learning_rate: float, rtol: float, dtype):
 
 
 def minimise_blocks(blocks, params: Params, problem: Problem, state: XrayState, n_steps: int, target: str = "ml",
-                    optimizer: str = "lbfgs", learning_rate: float = 0.02, rtol: float = 0.0) -> Params:
+                    optimizer: str = "lbfgs", learning_rate: float = 0.02, rtol: float = 0.0,
+                    b_scale: float = 1.0) -> Params:
     """Minimise E_total over the given parameter blocks (one jit-compiled loop for all blocks: L-BFGS,
     or optax's adam / sgd).
 
     Args:
-        blocks: names of the free blocks, e.g. ("xyz",).
+        blocks: names of the free blocks, e.g. ("xyz",), or ("xyz", "b") for a joint minimisation.
         n_steps: largest number of optimiser steps (0: the parameters unchanged).
         target: "ml" or "ls"; optimizer: "lbfgs", "adam" or "sgd"; learning_rate: adam/sgd step.
         rtol: stop once a step lowers the energy by less than this fraction (0: all ``n_steps``).
+        b_scale: Å² of B per unit shift of the minimiser (:func:`jaxrefine.refine.energy.block_mask`; traced
+            like the mask, so any value shares the compiled loop).
     """
     if n_steps <= 0:
         return params
-    mask = block_mask(params, blocks)
+    mask = block_mask(params, blocks, b_scale)
     lr, rtol_a = _loop_args(learning_rate, rtol, problem.maps.orth.dtype)
     shifts, _, stats = minimise_with_stats(SHIFT_ENERGY[target], zero_shifts(params), (mask, params, problem, state),
                                            n_steps=n_steps, method=optimizer, learning_rate=lr, rtol=rtol_a)

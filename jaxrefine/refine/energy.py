@@ -83,17 +83,19 @@ def zero_shifts(params: Params) -> Params:
     return jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), params)
 
 
-def block_mask(params: Params, blocks) -> Params:
-    """0/1 arrays shaped like ``params`` that free the given blocks."""
-    on = lambda a, flag: np.full(a.shape, 1.0 if flag else 0.0, a.dtype)  # noqa: E731
+def block_mask(params: Params, blocks, b_scale: float = 1.0) -> Params:
+    """Arrays shaped like ``params`` that free the given blocks: 1 for a free parameter, 0 for a fixed one,
+    and ``b_scale`` for the ADP parameters of the "b" block (a diagonal preconditioner: the minimiser's unit
+    shift moves B by ``b_scale`` Å², for minimising B together with coordinates in Å)."""
+    on = lambda a, flag, value=1.0: np.full(a.shape, value if flag else 0.0, a.dtype)  # noqa: E731
     return Params(
         xyz_frac=on(params.xyz_frac, "xyz" in blocks),
-        b_raw=on(params.b_raw, "b" in blocks),
+        b_raw=on(params.b_raw, "b" in blocks, b_scale),
         occ_raw=on(params.occ_raw, "occ" in blocks),
         rot=on(params.rot, "rigid" in blocks),
         trans=on(params.trans, "rigid" in blocks),
-        u_raw=None if params.u_raw is None else on(params.u_raw, "b" in blocks),
-        tls_raw=None if params.tls_raw is None else on(params.tls_raw, "b" in blocks),
+        u_raw=None if params.u_raw is None else on(params.u_raw, "b" in blocks, b_scale),
+        tls_raw=None if params.tls_raw is None else on(params.tls_raw, "b" in blocks, b_scale),
     )
 
 

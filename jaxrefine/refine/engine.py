@@ -32,9 +32,9 @@ from ..problem.xray_state import (current_model_arrays, f_model_of_jit, model_of
 from ..xray.targets import ml_amplitude_target
 from . import weights as wmod
 from ..core.cache import enable_compilation_cache
-from .blocks import (STRATEGY_BLOCKS, cycle_plan, low_resolution_work_set, minimise_blocks,  # noqa: F401 (STRATEGY_BLOCKS re-exported)
+from .blocks import (JOINT_D_MAX, STRATEGY_BLOCKS, cycle_plan, joint_applies, low_resolution_work_set, minimise_blocks,  # noqa: F401 (STRATEGY_BLOCKS re-exported)
                      prepare_block_minimiser, xray_gradient_norm)
-from .guard import Kept, keep_better, overfitting_warnings
+from .guard import Kept, keep_better, overfitting_warnings, within_limits
 from .monitor import HEADER, CycleStats, cycle_statistics, format_cycle, log_cycle  # noqa: F401 (re-exported)
 
 log = logging.getLogger("jaxrefine")
@@ -54,6 +54,8 @@ class LoopSettings(NamedTuple):
     rigid_first: bool
     n_rigid_cycles: int
     steps: dict  # block -> optimiser steps per macrocycle
+    joint: bool  # coordinates and B in one minimisation of steps["xyz"] steps (blocks.joint_applies)
+    b_scale: float  # Å² of B per unit shift in the joint minimisation
     target: str
     optimizer: str
     learning_rate: float
@@ -75,6 +77,7 @@ class LoopSettings(NamedTuple):
             strategy=strategy or r.strategy, n_cycles=r.n_cycles if n_cycles is None else n_cycles,
             rigid_first=r.rigid_first, n_rigid_cycles=r.n_rigid_cycles,
             steps={"xyz": r.steps_xyz, "b": r.steps_b, "occ": r.steps_occ, "rigid": r.steps_rigid},
+            joint=joint_applies(r.joint_xyz_b, d_min), b_scale=r.b_shift_scale,
             target=r.target, optimizer=r.optimizer, learning_rate=r.learning_rate, converge_rtol=r.converge_rtol,
             rigid_d_min=r.rigid_d_min, rigid_target=r.rigid_target,
             mask_every=max(cfg.solvent.update_every, 1), w_a=cfg.weights.w_a,
@@ -199,13 +202,30 @@ def _weight_trial(w_a: float, params, problem, state, settings: LoopSettings, n_
     return (p, trial_state), wmod.WeightTrial(w_a, nll, st.r_free, st.rms_bond, st.rms_angle)
 
 
+def describe_minimiser(settings: LoopSettings, setting: str, d_min: float) -> str:
+    """One log line: how a macrocycle minimises coordinates and B, and why."""
+    why = f"refine.joint_xyz_b {setting}" + (
+        f": d_min {d_min:.2f} Å {'<' if d_min < JOINT_D_MAX else '>='} {JOINT_D_MAX} Å" if setting == "auto" else "")
+    if settings.joint:
+        return (f"minimiser: coordinates and B together, {settings.steps['xyz']} steps per macrocycle, B shifts "
+                f"scaled x{settings.b_scale:g} ({why})")
+    return f"minimiser: {settings.steps['xyz']} coordinate steps, then {settings.steps['b']} B steps per macrocycle ({why})"
+
+
 def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSettings, scan: bool = False):
-    """One macrocycle's minimisation: each block of ``blocks`` in turn.  With ``scan`` the coordinate
-    block is a w_A scan (:func:`jaxrefine.refine.weights.scan_w_a`) and the state returned carries the
-    chosen w_A.  Returns (params, state, settled): ``settled`` is True when a scan kept the current w_A."""
+    """One macrocycle's minimisation: each block of ``blocks`` in turn, or coordinates and B together
+    (``settings.joint``: one minimisation of the coordinate block's steps, B shifts scaled by
+    ``settings.b_scale``).  With ``scan`` the coordinate block is a w_A scan
+    (:func:`jaxrefine.refine.weights.scan_w_a`; its trials move coordinates only, the rest of the cycle's
+    steps are joint) and the state returned carries the chosen w_A.  Returns (params, state, settled):
+    ``settled`` is True when a scan kept the current w_A."""
     settled = False
+    joint = settings.joint and "xyz" in blocks and "b" in blocks
+    rest_blocks = ("xyz", "b") if joint else ("xyz",)
     for block in blocks:
         if block == "occ" and params.occ_raw.shape[0] == 0:
+            continue
+        if joint and block == "b":  # refined with the coordinates
             continue
         if block == "xyz" and scan:
             start, w_now = params, float(state.w_a)
@@ -214,8 +234,12 @@ def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSetting
                 w_now, lambda w: _weight_trial(w, start, problem, state, settings, n_trial))
             settled = wmod.scan_settled(w_now, kept)
             log.info(line + ("; w_A settled: later cycles keep it without a scan" if settled else ""))
-            params = minimise_blocks(("xyz",), params, problem, state, n_rest, settings.target, settings.optimizer,
-                                     settings.learning_rate, settings.converge_rtol)
+            params = minimise_blocks(rest_blocks, params, problem, state, n_rest, settings.target, settings.optimizer,
+                                     settings.learning_rate, settings.converge_rtol, settings.b_scale)
+            continue
+        if joint and block == "xyz":
+            params = minimise_blocks(rest_blocks, params, problem, state, settings.steps["xyz"], settings.target,
+                                     settings.optimizer, settings.learning_rate, settings.converge_rtol, settings.b_scale)
             continue
         block_problem, target = problem, settings.target
         if block == "rigid":
@@ -256,6 +280,8 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
     kept = Kept(start_r_free, 0, params, problem, state, setup)
     warnings, removed_labels = [], []
     plan = cycle_plan(settings.strategy, settings.n_cycles, settings.rigid_first, settings.n_rigid_cycles)
+    if any("xyz" in blocks and "b" in blocks for blocks in plan):
+        log.info(describe_minimiser(settings, setup.config.refine.joint_xyz_b, setup.refl.d_min))
     scanning = settings.scan_w_a  # until a scan keeps the current weight (weights.scan_settled)
     nb_built_at = np.asarray(setup.model.xyz_cart, float)  # where the setup's non-bonded list was built
     mask_at = riding_at = nb_built_at  # and its mask and riding hydrogens
@@ -286,11 +312,13 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
         history.append(st)
         log_cycle(st, callback)
         warnings += overfitting_warnings(history, settings.max_gap)
-        kept = keep_better(kept, Kept(st.r_free, cycle, params, problem, state, setup), settings.keep_best)
+        kept = keep_better(kept, Kept(st.r_free, cycle, params, problem, state, setup,
+                                      in_limits=within_limits(st.rms_bond, st.rms_angle)), settings.keep_best)
         for hook in between_cycles:
             ctx = hook(CycleContext(cycle, last, blocks, setup, params, problem, state))
             if ctx.setup is not setup:  # atoms changed: older models are not comparable
-                kept = Kept(st.r_free, cycle, ctx.params, ctx.problem, ctx.state, ctx.setup)
+                kept = Kept(st.r_free, cycle, ctx.params, ctx.problem, ctx.state, ctx.setup,
+                            in_limits=within_limits(st.rms_bond, st.rms_angle))
                 nb_built_at = mask_at = riding_at = None  # other atoms: all rebuilt next cycle
             setup, params, problem, state = ctx.setup, ctx.params, ctx.problem, ctx.state
             removed_labels += list(ctx.removed)
@@ -304,8 +332,11 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
         log.warning(msg)
         warnings.append(msg)
     elif kept.cycle != len(history) - 1:
-        msg = (f"keeping the model of cycle {kept.cycle} (R-free {history[kept.cycle].r_free:.4f}) rather than the last "
-               f"(R-free {history[-1].r_free:.4f})")
+        k, last_st = history[kept.cycle], history[-1]
+        why = ("" if within_limits(last_st.rms_bond, last_st.rms_angle) or not kept.in_limits else
+               f": the last is beyond the geometry limits (RMS bond {last_st.rms_bond:.4f} Å, angle {last_st.rms_angle:.2f}°)")
+        msg = (f"keeping the model of cycle {kept.cycle} (R-free {k.r_free:.4f}) rather than the last "
+               f"(R-free {last_st.r_free:.4f}){why}")
         log.info(msg)
         warnings.append(msg)
     removed_atoms = (np.asarray(kept.problem.maps.occ0) <= 0) & (kept.setup.model.occ > 0)

@@ -3,7 +3,10 @@
 The guard keeps the latest refined macrocycle whose R-free is within R_FREE_EQUIVALENT of the lowest
 refined R-free (``guard.keep_best``), or the input model itself (cycle 0) when no refined macrocycle
 lowers the input's R-free (``guard.keep_input``: re-refining a model never ends with R-free above its
-start) or when no macrocycle runs.  Later cycles win near-ties: their geometry has had more w_A steering
+start) or when no macrocycle runs.  A refined cycle within issue 14's geometry limits (RMS bond 0.015 Å,
+RMS angle 2.0°) wins over one beyond them whatever their R-free; among cycles on the same side of the limits
+the R-free rule holds (5e5z, 18 free reflections: cycle 2 with RMS angle 2.65° had R-free 0.2193, cycle 1 with
+1.89° 0.2226, a difference a twentieth of R-free's standard error there).  Later cycles win near-ties: their geometry has had more w_A steering
 (5orl: cycle 3 was kept over cycle 5 for 0.0001 of R-free, with RMS bond 0.016 Å; cycle 5 kept: 0.010 Å),
 and R-free differences this small are far below its noise.
 """
@@ -11,6 +14,8 @@ from __future__ import annotations
 
 import logging
 from typing import Any, NamedTuple
+
+from .weights import MAX_RMS_ANGLE, MAX_RMS_BOND
 
 log = logging.getLogger("jaxrefine")
 
@@ -53,16 +58,25 @@ class Kept(NamedTuple):
     problem: Any
     state: Any
     setup: Any
-    best: float = float("inf")  # the lowest R-free of the refined cycles compared so far
+    best: float = float("inf")  # the lowest R-free of the refined cycles compared so far (on the kept one's side of the limits)
+    in_limits: bool = True  # RMS bond and angle within the geometry limits (within_limits)
+
+
+def within_limits(rms_bond: float, rms_angle: float) -> bool:
+    """Whether a model's RMS deviations are within issue 14's limits (those the w_A steering aims below)."""
+    return rms_bond <= MAX_RMS_BOND and rms_angle <= MAX_RMS_ANGLE
 
 
 def keep_better(kept: Kept, candidate: Kept, keep_best: bool = True) -> Kept:
     """The model to keep after ``candidate`` (a later cycle than ``kept``): ``candidate`` when ``keep_best``
     is off; against the input model (cycle 0), when its R-free is lower; against a refined cycle, when its
-    R-free is within R_FREE_EQUIVALENT of the lowest refined R-free so far."""
+    R-free is within R_FREE_EQUIVALENT of the lowest refined R-free so far, or when it is within the geometry
+    limits and the kept cycle is not (and never when it is beyond them and the kept cycle within)."""
     best = min(kept.r_free, kept.best) if kept.cycle > 0 else float("inf")
     if not keep_best:
         return candidate
+    if kept.cycle > 0 and kept.in_limits != candidate.in_limits:
+        return candidate._replace(best=candidate.r_free) if candidate.in_limits else kept
     if kept.cycle == 0:
         take = candidate.r_free < kept.r_free - R_FREE_TIE
     else:
