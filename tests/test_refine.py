@@ -434,6 +434,7 @@ def test_guard_keeps_the_latest_cycle_within_noise_of_the_best_and_never_above_t
     assert run(0.30, [0.2400, 0.2400 + 0.9 * tol, 0.2400 + 1.5 * tol, 0.2400 + 0.2 * tol]) == 4
     assert run(0.2400, [0.2400 + 0.5 * tol, 0.2400 + 0.2 * tol]) == 0  # never above the input
     assert run(0.2400, [0.2401, 0.2300]) == 2
+    assert run(0.2400, [0.2395, 0.2400 + 0.4 * tol]) == 1  # within noise of the best, but above the input
     assert run(0.2400, [0.2300, 0.2500], keep_best=False) == 2
 
 
@@ -454,6 +455,7 @@ def test_guard_prefers_cycles_within_the_geometry_limits():
     assert run(0.40, [(0.2300, 0.009, 2.60), (0.2400, 0.009, 1.95), (0.2380, 0.008, 1.90)]) == 3  # best within
     assert run(0.40, [(0.2300, 0.009, 2.60), (0.2250, 0.009, 2.50)]) == 2  # all beyond: R-free decides
     assert run(0.2200, [(0.2300, 0.005, 1.50)]) == 0  # never above the input
+    assert run(0.2400, [(0.2350, 0.009, 2.60), (0.2450, 0.009, 1.90)]) == 1  # within the limits but above the input
 
 
 @pytest.mark.slow

@@ -60,6 +60,7 @@ class Kept(NamedTuple):
     setup: Any
     best: float = float("inf")  # the lowest R-free of the refined cycles compared so far (on the kept one's side of the limits)
     in_limits: bool = True  # RMS bond and angle within the geometry limits (within_limits)
+    floor: float = float("inf")  # the input model's R-free, when it competes: no refined cycle above it is kept
 
 
 def within_limits(rms_bond: float, rms_angle: float) -> bool:
@@ -69,17 +70,20 @@ def within_limits(rms_bond: float, rms_angle: float) -> bool:
 
 def keep_better(kept: Kept, candidate: Kept, keep_best: bool = True) -> Kept:
     """The model to keep after ``candidate`` (a later cycle than ``kept``): ``candidate`` when ``keep_best``
-    is off; against the input model (cycle 0), when its R-free is lower; against a refined cycle, when its
-    R-free is within R_FREE_EQUIVALENT of the lowest refined R-free so far, or when it is within the geometry
-    limits and the kept cycle is not (and never when it is beyond them and the kept cycle within)."""
-    best = min(kept.r_free, kept.best) if kept.cycle > 0 else float("inf")
+    is off.  Otherwise a refined candidate is never kept with an R-free not below the input model's (when the
+    input competes: ``kept`` starts as cycle 0 with its R-free, else with R-free inf); it replaces the input
+    model, a kept cycle beyond the geometry limits when it is within them, or a kept cycle on its side of the
+    limits when its R-free is within R_FREE_EQUIVALENT of the lowest R-free of that side so far."""
     if not keep_best:
         return candidate
-    if kept.cycle > 0 and kept.in_limits != candidate.in_limits:
-        return candidate._replace(best=candidate.r_free) if candidate.in_limits else kept
-    if kept.cycle == 0:
-        take = candidate.r_free < kept.r_free - R_FREE_TIE
+    floor = kept.r_free if kept.cycle == 0 else kept.floor
+    if not candidate.r_free < floor - R_FREE_TIE:  # never above the input model
+        return kept._replace(floor=floor)
+    if kept.cycle == 0 or kept.in_limits != candidate.in_limits:
+        take = kept.cycle == 0 or candidate.in_limits
+        best = candidate.r_free if take else kept.best
     else:
+        best = min(kept.r_free, kept.best)
         take = candidate.r_free <= best + R_FREE_EQUIVALENT
-    best = min(best, candidate.r_free)
-    return candidate._replace(best=best) if take else kept._replace(best=best)
+        best = min(best, candidate.r_free)
+    return (candidate if take else kept)._replace(best=best, floor=floor)
