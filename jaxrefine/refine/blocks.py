@@ -28,12 +28,13 @@ STRATEGY_BLOCKS = {
 
 
 # Coordinates and B in one minimisation (refine.joint_xyz_b auto) where the data reach beyond JOINT_D_MAX.  Shaken
-# starts, 5 macrocycles, B shifts x30 (B_SHIFT_SCALE; the L-BFGS scales all variables by one number, so B in Å² and
+# starts, 5 macrocycles, B shifts x30 (refine.b_shift_scale; the L-BFGS scales all variables by one number, so B in Å² and
 # coordinates in Å need this diagonal preconditioner: x1 left B almost unrefined, R-free 0.319 on 4xof; x10 0.191,
 # x100 0.186, x30 0.177): 25 joint steps per cycle against 25 coordinate + 15 B steps gave R-free 4xof 0.1781 -> 0.1774
 # with 200 -> 124 F evaluations, 5orl 0.2174 -> 0.2156 (182 -> 134), 1l2h 0.2650 -> 0.2652 (196 -> 134), 4iid
-# 0.1964 -> 0.1964 (117 -> 89).  At 2.9-3.2 Å it lost R-free (5kzb 0.2507 -> 0.2624 at x30, 0.2596 at x60, 0.2757
-# at x15; 1va7 0.2714 -> 0.2724): there B is refined on its own after the w_A scan, as before.
+# 0.1964 -> 0.1964 (117 -> 89); 20 joint steps instead of 25: 0.0012-0.0015 higher on 4xof, 1l2h, 5orl.  At 2.9-3.2 Å
+# it lost R-free (5kzb 0.2507 -> 0.2624 at x30, 0.2596 at x60, 0.2582 at x120, 0.2611 at x250, 0.2757 at x15;
+# 1va7 0.2714 -> 0.2724): there B is refined on its own after the w_A scan, as before.
 JOINT_D_MAX = 2.5  # Å
 
 

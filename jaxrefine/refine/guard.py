@@ -6,7 +6,8 @@ lowers the input's R-free (``guard.keep_input``: re-refining a model never ends 
 start) or when no macrocycle runs.  A refined cycle within issue 14's geometry limits (RMS bond 0.015 Å,
 RMS angle 2.0°) wins over one beyond them whatever their R-free; among cycles on the same side of the limits
 the R-free rule holds (5e5z, 18 free reflections: cycle 2 with RMS angle 2.65° had R-free 0.2193, cycle 1 with
-1.89° 0.2226, a difference a twentieth of R-free's standard error there).  Later cycles win near-ties: their geometry has had more w_A steering
+1.89° 0.2226, a difference a twentieth of R-free's standard error there), and no refined cycle above the input's
+R-free is kept.  Later cycles win near-ties: their geometry has had more w_A steering
 (5orl: cycle 3 was kept over cycle 5 for 0.0001 of R-free, with RMS bond 0.016 Å; cycle 5 kept: 0.010 Å),
 and R-free differences this small are far below its noise.
 """
