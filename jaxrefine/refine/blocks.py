@@ -34,7 +34,8 @@ STRATEGY_BLOCKS = {
 # with 200 -> 124 F evaluations, 5orl 0.2174 -> 0.2156 (182 -> 134), 1l2h 0.2650 -> 0.2652 (196 -> 134), 4iid
 # 0.1964 -> 0.1964 (117 -> 89); 20 joint steps instead of 25: 0.0012-0.0015 higher on 4xof, 1l2h, 5orl.  At 2.9-3.2 Å
 # it lost R-free (5kzb 0.2507 -> 0.2624 at x30, 0.2596 at x60, 0.2582 at x120, 0.2611 at x250, 0.2757 at x15;
-# 1va7 0.2714 -> 0.2724): there B is refined on its own after the w_A scan, as before.
+# 1va7 0.2714 -> 0.2724), also with the TLS shifts scaled apart from the residual B's x30 (TLS x1 0.2750, x5 0.2687,
+# x200 0.2774, x1000 0.2801): there B is refined on its own after the w_A scan, as before.
 JOINT_D_MAX = 2.5  # Å
 
 
