@@ -221,24 +221,21 @@ def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSetting
     ``settled`` is True when a scan kept the current w_A."""
     settled = False
     joint = settings.joint and "xyz" in blocks and "b" in blocks
-    rest_blocks = ("xyz", "b") if joint else ("xyz",)
     for block in blocks:
         if block == "occ" and params.occ_raw.shape[0] == 0:
             continue
         if joint and block == "b":  # refined with the coordinates
             continue
-        if block == "xyz" and scan:
-            start, w_now = params, float(state.w_a)
-            n_trial, n_rest = wmod.trial_steps(settings.steps["xyz"])
-            (params, state), kept, line = wmod.scan_w_a(
-                w_now, lambda w: _weight_trial(w, start, problem, state, settings, n_trial))
-            settled = wmod.scan_settled(w_now, kept)
-            log.info(line + ("; w_A settled: later cycles keep it without a scan" if settled else ""))
-            params = minimise_blocks(rest_blocks, params, problem, state, n_rest, settings.target, settings.optimizer,
-                                     settings.learning_rate, settings.converge_rtol, settings.b_scale)
-            continue
-        if joint and block == "xyz":
-            params = minimise_blocks(rest_blocks, params, problem, state, settings.steps["xyz"], settings.target,
+        if block == "xyz" and (scan or joint):
+            n_steps = settings.steps["xyz"]
+            if scan:
+                start, w_now = params, float(state.w_a)
+                n_trial, n_steps = wmod.trial_steps(n_steps)
+                (params, state), kept, line = wmod.scan_w_a(
+                    w_now, lambda w: _weight_trial(w, start, problem, state, settings, n_trial))
+                settled = wmod.scan_settled(w_now, kept)
+                log.info(line + ("; w_A settled: later cycles keep it without a scan" if settled else ""))
+            params = minimise_blocks(("xyz", "b") if joint else ("xyz",), params, problem, state, n_steps, settings.target,
                                      settings.optimizer, settings.learning_rate, settings.converge_rtol, settings.b_scale)
             continue
         block_problem, target = problem, settings.target
