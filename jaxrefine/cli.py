@@ -14,6 +14,7 @@ import sys
 import traceback
 import warnings
 
+from .core.malloc_options import apply_malloc_defaults
 from .errors import ConfigError, JaxrefineError
 
 # name -> one-line help; the module jaxrefine.commands.<name> implements it
@@ -135,6 +136,7 @@ def console_main() -> None:
     alive (a fleet's Dask workers), the normal exit runs instead.  :func:`main` itself returns as usual
     (tests and notebooks call it in-process).
     """
+    apply_malloc_defaults()  # before the command's first large allocation (core/malloc_options.py)
     status = main()
     logging.shutdown()  # flush and close every log handler (refine.log)
     try:

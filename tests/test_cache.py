@@ -367,3 +367,40 @@ def test_on_device_is_jnp_asarray_without_a_program():
     before = cache.compile_counters()
     jax.numpy.asarray(rng.normal(size=(23, 5)), np.float32)  # the program on_device avoids
     assert any_program(before)
+
+
+_MALLOC_SCRIPT = """
+import ctypes, sys
+import numpy as np
+from jaxrefine.core.malloc_options import apply_malloc_defaults
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+applied = apply_malloc_defaults()
+big = np.ones(8 << 20, np.uint8); del big  # freeing an 8 MiB mapping raises glibc's dynamic threshold to 8 MiB
+before = libc.mallinfo2().hblks
+block = np.ones(2 << 20, np.uint8)  # 2 MiB: its own mapping only while the threshold stays fixed at 1 MiB
+print(applied, libc.mallinfo2().hblks - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_malloc_defaults_keep_blocks_of_a_mib_and_more_in_their_own_mappings():
+    """After apply_malloc_defaults a 2 MiB block gets its own mapping (returned to the system when freed) even after a
+    larger block was freed, which raises glibc's dynamic threshold above it; JAXREFINE_MALLOC_DEFAULTS=off leaves
+    glibc's default."""
+    import ctypes
+
+    from jaxrefine.core import malloc_options as M
+
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("C library without mallinfo2 (glibc < 2.33)")
+    env = {k: v for k, v in os.environ.items() if k != M.ENV_VAR and not k.startswith("MALLOC_")}
+    for extra, expect in (({}, "True 1"), ({M.ENV_VAR: "off"}, "False 0")):
+        run = subprocess.run([sys.executable, "-c", _MALLOC_SCRIPT], env={**env, **extra}, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.split("\n")[0] == expect

@@ -13,6 +13,7 @@ import time
 from ..config import apply_overrides, config_from_dict
 from ..io.writers import write_json
 from ..core.cache import enable_compilation_cache
+from ..core.malloc_options import apply_malloc_defaults
 from ..refine.run import run_refinement
 from ..validate.waters import water_hooks
 
@@ -120,6 +121,7 @@ def run_entry(entry, out_root: str, base_config: dict, tolerance: float = KEEP_I
     out_dir = os.path.join(out_root, entry.id)
     os.makedirs(out_dir, exist_ok=True)
     rec = empty_record(entry)
+    apply_malloc_defaults()  # a Dask worker process does not start through the command line (core/malloc_options.py)
     _listen_to_compiles()
     c0, h0 = _compile["seconds"], _compile["hits"]
     try:

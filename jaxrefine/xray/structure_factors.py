@@ -645,7 +645,7 @@ def f_from_grid(grid, hkl, setup):
 
     Args:
         grid: (na, nb, nc) real values at the grid points x = (i/na, j/nb, k/nc); any shape with
-            |h_a| < n_a/2 for every reflection (static under jit).
+            |h_a| < n_a/2 for every reflection (static under jit); an integer grid (a 0/1 mask) is read as float32.
         hkl: (n_refl, 3) int Miller indices.
         setup: an :class:`SFSetup` or a :class:`jaxrefine.core.crystal.Crystal` (only its volume is used).
 
@@ -654,6 +654,8 @@ def f_from_grid(grid, hkl, setup):
     """
     shape = tuple(grid.shape[-3:])
     volume = setup.volume
+    if not jnp.issubdtype(grid.dtype, jnp.floating):  # a 0/1 mask (uint8): exact in float32
+        grid = grid.astype(jnp.float32)
     hkl = jnp.asarray(hkl)
     conj = hkl[:, 2] > 0
     idx = jnp.where(conj[:, None], hkl, -hkl) % jnp.asarray(shape, hkl.dtype)[None]
