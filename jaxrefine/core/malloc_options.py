@@ -7,7 +7,9 @@ with the process.  A refinement frees and allocates blocks of a few MiB to tens 
 (the solvent mask and its transform, host copies of the model and the reflections), and its resident memory
 grew by ~100 MB over the run that way (cold 5kzb: 430 MB after the setup, 526 MB at the end).  A fixed
 threshold (``mallopt(M_MMAP_THRESHOLD, 1 MiB)``, which also stops the adjustment) keeps every block of
-1 MiB and more in its own mapping: measured in benchmarks/README.md.
+1 MiB and more in its own mapping: measured in benchmarks/README.md.  (:mod:`jaxrefine.core.heap` is the other half:
+it hands the heap's free pages back after each XLA compilation, whose many small allocations no threshold keeps
+out of the heap.)
 
 ``JAXREFINE_MALLOC_DEFAULTS=off`` leaves the allocator alone.  This module imports neither JAX nor numpy.
 """
