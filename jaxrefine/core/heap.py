@@ -12,10 +12,11 @@ machine, same checkout; benchmarks/README.md).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 
 import jax
+
+from .malloc_options import libc_function
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # an XLA compilation, or a load from the cache
 _installed: list = []
@@ -24,15 +25,7 @@ _installed: list = []
 @functools.lru_cache(maxsize=1)
 def _malloc_trim():
     """glibc's ``malloc_trim``, or None (musl, macOS, Windows: nothing to do there)."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        fn = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-    return fn
+    return libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
 
 
 def trim_heap() -> bool:

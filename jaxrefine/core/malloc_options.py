@@ -16,22 +16,30 @@ out of the heap.)
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
+
+from .xla_options import switched_off
 
 ENV_VAR = "JAXREFINE_MALLOC_DEFAULTS"
 M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
 MMAP_THRESHOLD_BYTES = 1 << 20
 
 
+def libc_function(name: str, argtypes: list, restype):
+    """The C library's function ``name`` with its signature set, or None where the C library has none (musl has no
+    ``mallopt`` or ``malloc_trim``; macOS and Windows neither)."""
+    try:
+        fn = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
+
+
 def apply_malloc_defaults() -> bool:
     """Fix glibc's mmap threshold at MMAP_THRESHOLD_BYTES (see the module docstring); True when it was set
     (False: switched off, not Linux, or a C library without ``mallopt``)."""
-    if os.environ.get(ENV_VAR, "").strip().lower() in ("off", "0", "false", "no") or not sys.platform.startswith("linux"):
+    if switched_off(ENV_VAR) or not sys.platform.startswith("linux"):
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # musl and other C libraries without mallopt
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    mallopt = libc_function("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
+    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))

@@ -42,9 +42,15 @@ def xla_flags_with_defaults(flags: str, jaxlib_version: str | None) -> str:
     return f"{flags} {FUSION_FLAG}".strip()
 
 
+def switched_off(env_var: str) -> bool:
+    """Whether the environment variable ``env_var`` says off (off, 0, false, no): how a user declines one of
+    jaxrefine's process-wide defaults (this one, :mod:`jaxrefine.core.malloc_options`)."""
+    return os.environ.get(env_var, "").strip().lower() in ("off", "0", "false", "no")
+
+
 def apply_xla_defaults() -> None:
     """Set ``$XLA_FLAGS`` for this process and the processes it starts (see the module docstring)."""
-    if os.environ.get(ENV_VAR, "").strip().lower() in ("off", "0", "false", "no"):
+    if switched_off(ENV_VAR):
         return
     from importlib import metadata
 
