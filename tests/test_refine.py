@@ -70,6 +70,18 @@ def _inputs(pid, hydrogens=False):
 
 
 # ----------------------------------------------------------------------------- unit tests
+def test_rms_shifts_of_moved_atoms():
+    """The per-cycle RMS shifts: one of four atoms moved 2 Å and its B by 4 Å²: RMS 1 Å and 2 Å²; other atoms: none."""
+    from jaxrefine.refine.monitor import rms_shifts
+
+    xyz, b = np.zeros((4, 3)), np.full(4, 20.0)
+    moved, b2 = xyz.copy(), b.copy()
+    moved[2] = [0.0, 2.0, 0.0]
+    b2[2] = 24.0
+    assert rms_shifts(moved, b2, (xyz, b)) == pytest.approx((1.0, 2.0))
+    assert rms_shifts(moved, b2, None) == (0.0, 0.0) and rms_shifts(moved[:3], b2[:3], (xyz, b)) == (0.0, 0.0)
+
+
 def test_rotation_matrix_is_rodrigues():
     rng = np.random.default_rng(0)
     v = rng.normal(size=(5, 3))
@@ -493,6 +505,21 @@ def test_cli_refine_writes_outputs(tmp_path):
     labels = [c.label for c in gemmi.read_mtz_file(str(out / "maps.mtz")).columns]
     assert {"FP", "FREE", "2FOFCWT", "PH2FOFCWT", "FOFCWT", "PHFOFCWT"} <= set(labels)
     assert "cycle  R-work  R-free" in run.stderr  # one line per macrocycle in the log
+    # each cycle's RMS shift: the kept model's distance from the input is at most their sum (triangle
+    # inequality of the RMS over atoms) and, kept at cycle 1, equal to the first shift (coordinates written to 0.001 Å)
+    start = gemmi.read_structure(str(model_path))
+    start.setup_entities()
+    start.remove_hydrogens()
+    written = gemmi.read_structure(str(out / "refined.cif"))
+    where = {(ch.name, str(r.seqid), a.name, a.altloc): a.pos for ch in start[0] for r in ch for a in r}
+    d2 = [where[(ch.name, str(r.seqid), a.name, a.altloc)].dist(a.pos) ** 2 for ch in written[0] for r in ch for a in r]
+    assert len(d2) == 47
+    moved = float(np.sqrt(np.mean(d2)))
+    shifts = [c["shift_xyz"] for c in m["cycles"]]
+    assert shifts[0] == 0.0 and all(s > 0 for s in shifts[1:])
+    assert moved <= sum(shifts[1:m["best_cycle"] + 1]) + 2e-3
+    if m["best_cycle"] == 1:
+        assert moved == pytest.approx(shifts[1], abs=2e-3)
     assert model_path.stat().st_mtime == before
     # the resolved config reproduces the run's settings
     from jaxrefine.config import load_config as _load

@@ -272,6 +272,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
     state = state._replace(w_a=jnp.asarray(w_a, problem.maps.orth.dtype))
     history = [cycle_statistics(0, params, problem, state, t0)]
     log_cycle(history[-1], callback)
+    previous = current_model_arrays(params, problem)[:2]  # (xyz, B) of the last cycle's model: its shifts
     # the input model competes only when asked; else the first refined cycle replaces it whatever its R-free
     start_r_free = history[0].r_free if (settings.keep_input and settings.keep_best) else np.inf
     kept = Kept(start_r_free, 0, params, problem, state, setup)
@@ -300,12 +301,13 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
             ctx = hook(CycleContext(cycle, last, blocks, setup, params, problem, state))
             params, problem, state = ctx.params, ctx.problem, ctx.state
             removed_labels += list(ctx.removed)
-        xyz = current_model_arrays(params, problem)[0]  # after the actions (they may move atoms)
+        xyz, b_now, _ = current_model_arrays(params, problem)  # after the actions (they may move atoms)
         rebuild_mask = cycle % settings.mask_every == 0 and moved_beyond(xyz, mask_at, REBUILD_SHIFT)
         with timing.section("xray_state"):  # mask, scales, σA
             state, f_model = refit_xray_state(setup, problem, state, params, rebuild_mask=rebuild_mask)
         mask_at = xyz if rebuild_mask else mask_at
-        st = cycle_statistics(cycle, params, problem, state, t0, f_model=f_model)
+        st = cycle_statistics(cycle, params, problem, state, t0, f_model=f_model, since=previous)
+        previous = (xyz, b_now)
         history.append(st)
         log_cycle(st, callback)
         warnings += overfitting_warnings(history, settings.max_gap)
