@@ -15,12 +15,15 @@ be within the same tolerance of max(deposited, servalcat).
 """
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxrefine.config import load_config
+from jaxrefine.core import timing
 from jaxrefine.io.model import read_model
 from jaxrefine.io.reflections import read_reflections
 from jaxrefine.problem.params import Params, atom_occ, b_of, b_to_raw, occupancy_groups, occ_to_raw, rotation_matrix
@@ -305,6 +308,7 @@ def test_between_cycle_actions_are_called_and_applied(small_setup):
 
     def switch_off_water(ctx):
         seen.append(("after", ctx.cycle, ctx.last, ctx.blocks))
+        time.sleep(0.05)  # the actions' time is reported apart (timing host_s "actions")
         occ0 = ctx.problem.maps.occ0.at[water].set(0.0)
         return ctx._replace(problem=ctx.problem._replace(maps=ctx.problem.maps._replace(occ0=occ0)), removed=("W",))
 
@@ -313,7 +317,9 @@ def test_between_cycle_actions_are_called_and_applied(small_setup):
         return ctx._replace(setup=ctx.setup._replace()) if ctx.cycle == 1 else ctx
 
     cfg = _cfg("refine.precision=float64", "refine.steps_xyz=2", "refine.steps_b=1")
-    res = refine(small_setup._replace(config=cfg), n_cycles=2, after_minimise=[switch_off_water], between_cycles=[new_setup])
+    with timing.recording() as rec:
+        res = refine(small_setup._replace(config=cfg), n_cycles=2, after_minimise=[switch_off_water], between_cycles=[new_setup])
+    assert [c["host_s"].get("actions", 0.0) >= 0.05 for c in rec.as_dict()["cycles"]] == [False, True, True]
     assert seen == [("after", 1, False, ("xyz", "b")), ("between", 1, False), ("after", 2, True, ("xyz", "b")),
                     ("between", 2, True)]
     assert res.removed_waters == ["W", "W"] and bool(res.removed_atoms[water]) and res.removed_atoms.sum() == 1

@@ -169,6 +169,19 @@ def maps_1l2h():
     return model, refl, model_maps(model, refl)
 
 
+def test_water_check_maps_skip_only_the_difference_map(maps_1l2h):
+    """maps_of_f_model(difference=False), as the water check after each macrocycle calls it: the same
+    2mFo−DFc map and σ as with the difference map, and no difference map."""
+    from jaxrefine.validate.density import maps_of_f_model
+
+    _, refl, maps = maps_1l2h
+    full = maps_of_f_model(refl, maps.fmodel.f_model, maps.fmodel.sigma_a)
+    lean = maps_of_f_model(refl, maps.fmodel.f_model, maps.fmodel.sigma_a, difference=False)
+    assert lean.fofc is None and full.fofc.shape == full.two_fofc.shape
+    np.testing.assert_array_equal(lean.two_fofc, full.two_fofc)
+    assert lean.sigma_two == full.sigma_two > 0
+
+
 @pytest.mark.slow
 def test_displaced_residues_have_low_rscc(maps_1l2h):
     """Residues moved 2.5 Å off the density of the deposited model's map get RSCC < 0.5; the rest stay good.

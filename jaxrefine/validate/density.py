@@ -31,7 +31,7 @@ class ModelMaps(NamedTuple):
     Attributes:
         two_fofc: (na, nb, nc) 2mFo−DFc map (e/Å³ up to the data's scale), index [i, j, k] at the
             fractional point (i/na, j/nb, k/nc).
-        fofc: (na, nb, nc) mFo−DFc map on the same grid.
+        fofc: (na, nb, nc) mFo−DFc map on the same grid (None where it was not asked for).
         crystal: :class:`jaxrefine.core.crystal.Crystal` of the grid.
         d_min: resolution of the coefficients (Å).
         r_work, r_free: R-factors of the model that phased the maps.
@@ -87,13 +87,15 @@ def model_maps(model, refl, sample_rate: float = 3.0, f_calc=None, f_mask=None, 
     return _maps_of_coefficients(refl, hkl, two, diff, res.f_model, res, sample_rate, grid_shape)
 
 
-def maps_of_f_model(refl, f_model, sigma_a, sample_rate: float = 3.0) -> ModelMaps:
+def maps_of_f_model(refl, f_model, sigma_a, sample_rate: float = 3.0, difference: bool = True) -> ModelMaps:
     """2mFo−DFc and mFo−DFc maps from an F_model and σA at hand (a refinement's X-ray state: its scales
     and σA, the current F_calc), without refitting scales and σA as :func:`model_maps` does.
 
     Args:
         refl: the reflections; f_model: (n,) complex F_model at ``refl.hkl``; sigma_a: their
             :class:`jaxrefine.xray.targets.SigmaA`.
+        difference: also the mFo−DFc map (False: ``fofc`` is None, for a caller that reads the 2mFo−DFc map
+            alone, such as the water check after each macrocycle: one grid transform instead of two).
 
     Returns:
         :class:`ModelMaps` (``fmodel`` None).
@@ -102,16 +104,17 @@ def maps_of_f_model(refl, f_model, sigma_a, sample_rate: float = 3.0) -> ModelMa
 
     f_model = np.asarray(f_model)
     two, diff = map_coefficients(refl.f_obs, f_model, sigma_a, refl.centric, refl.epsilon)
-    return _maps_of_coefficients(refl, refl.hkl, two, diff, f_model, None, sample_rate)
+    return _maps_of_coefficients(refl, refl.hkl, two, diff, f_model, None, sample_rate, difference=difference)
 
 
-def _maps_of_coefficients(refl, hkl, two, diff, f_model, fmodel, sample_rate: float, grid_shape=None) -> ModelMaps:
+def _maps_of_coefficients(refl, hkl, two, diff, f_model, fmodel, sample_rate: float, grid_shape=None,
+                          difference: bool = True) -> ModelMaps:
     from ..io.maps_io import map_from_coefficients
     from ..xray.stats import r_factors
 
     r = r_factors(refl.f_obs, f_model, refl.free, refl.d, n_bins=1)
     two_map = map_from_coefficients(refl.crystal, hkl, two, grid_shape=grid_shape, sample_rate=sample_rate)
-    diff_map = map_from_coefficients(refl.crystal, hkl, diff, grid_shape=two_map.shape)
+    diff_map = map_from_coefficients(refl.crystal, hkl, diff, grid_shape=two_map.shape) if difference else None
     return ModelMaps(two_map, diff_map, refl.crystal, float(refl.d_min), float(r["r_work"]), float(r["r_free"]), fmodel,
                      hkl, np.asarray(two), np.asarray(diff))
 

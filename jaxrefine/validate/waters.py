@@ -260,7 +260,9 @@ def remove_bad_waters_hook(params: WaterConfig = WaterConfig(), told: list | Non
         # state's scales and σA: refitting them here cost more than the check (4iid: 2.3 s of 5 cycles)
         xyz, b_iso, occ = current_model_arrays(params_now, problem)
         model_now = setup.model.with_arrays(xyz_cart=xyz, b_iso=b_iso, occ=occ)
-        maps = maps_of_f_model(setup.refl, f_model_of_jit(params_now, problem, ctx.state), ctx.state.sigma_a)
+        # the check reads the 2mFo−DFc map alone: no difference map (5orl: 1.6 -> 1.2 s over 5 cycles)
+        maps = maps_of_f_model(setup.refl, f_model_of_jit(params_now, problem, ctx.state), ctx.state.sigma_a,
+                               difference=False)
         bad = bad_waters(model_now, maps, params) & (occ > 0)
         labels = []
         for i in np.nonzero(bad)[0]:
