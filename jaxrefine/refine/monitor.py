@@ -65,8 +65,8 @@ def cycle_statistics(cycle: int, params: Params, problem: Problem, state: XraySt
 
 def rms_shifts(xyz, b, since) -> tuple:
     """(RMS coordinate shift Å, RMS B shift Å²) of the atoms from ``since`` = (xyz, B) of the same atoms
-    (zeros when ``since`` is None or holds other atoms).  Removed atoms (occupancy 0) move nowhere, so they
-    dilute the RMS only by their count."""
+    (zeros when ``since`` is None or holds other atoms).  Every atom counts, waters switched off (occupancy 0)
+    included; B is B_eq where the ADP model is anisotropic or TLS."""
     if since is None or np.shape(since[0]) != np.shape(xyz) or len(xyz) == 0:
         return 0.0, 0.0
     d_xyz = float(np.sqrt(np.mean(np.sum((np.asarray(xyz) - since[0]) ** 2, axis=1))))
