@@ -53,6 +53,8 @@ class RefineConfig:
     b_shift_scale: float = 30.0  # Å² of B per Å of coordinate shift in the joint minimisation (its preconditioner)
     learning_rate: float = 0.02  # for adam/sgd (Å for coordinates; B and occupancy scaled)
     converge_rtol: float = 1e-5  # a block stops once a step lowers E by less than this fraction (0: all steps)
+    converge_shift: float = 0.005  # Å: macrocycles stop (from the third on) once a cycle moves the atoms by less
+    #                                than this RMS and w_A has stopped moving (0: always n_cycles)
     rigid_bodies: str = "chain"  # chain | all | "sel1; sel2; ..." (selection strings)
     rigid_first: bool = False  # run rigid-body macrocycles before xyz_b (molecular replacement start)
     n_rigid_cycles: int = 3
@@ -221,6 +223,7 @@ _CHECKS = {
     ("refine", "b_shift_scale"): _positive,
     ("refine", "learning_rate"): _positive,
     ("refine", "converge_rtol"): _non_negative,
+    ("refine", "converge_shift"): _non_negative,
     ("refine", "n_rigid_cycles"): _non_negative,
     ("refine", "rigid_d_min"): _positive,
     ("refine", "b_min"): _non_negative,

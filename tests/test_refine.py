@@ -299,6 +299,36 @@ def test_mask_is_rebuilt_only_once_atoms_have_moved(small_setup, monkeypatch):
     assert asked == [True]
 
 
+def test_convergence_rule_needs_small_shifts_settled_weight_and_three_cycles():
+    """monitor.converged: every condition of the stop rule can veto it on its own."""
+    from jaxrefine.refine.monitor import CycleStats, converged
+
+    st = CycleStats(4, 0.2, 0.25, 0.01, 1.5, 0.5, 0.1, 0.35, 40.0, 1.0, shift_xyz=0.003, shift_b=0.05)
+    assert converged(st, 4, 0.105, 0.005)
+    assert not converged(st, 2, 0.105, 0.005)  # before the third coordinate cycle
+    assert not converged(st._replace(shift_xyz=0.006), 4, 0.1, 0.005)  # atoms still moving
+    assert not converged(st._replace(shift_b=0.2), 4, 0.1, 0.005)  # B still moving (limit 20 x 0.005 = 0.1 Å²)
+    assert not converged(st, 4, 0.12, 0.005)  # w_A moved 20 %
+    assert not converged(st, 4, 0.1, 0.0)  # switched off
+
+
+def test_macrocycles_stop_once_converged(small_setup, caplog):
+    """With refine.converge_shift above any shift the run stops after the third of six cycles and says so; with
+    0 all six run."""
+    import logging
+
+    def run(shift):
+        cfg = _cfg("refine.precision=float64", "refine.steps_xyz=2", "refine.steps_b=1", "weights.w_a=0.05",
+                   f"refine.converge_shift={shift}")
+        return refine(small_setup._replace(config=cfg), n_cycles=6)
+
+    caplog.set_level(logging.INFO, logger="jaxrefine")
+    early = run(10.0)
+    assert [h.cycle for h in early.history] == [0, 1, 2, 3]
+    assert any(m.startswith("converged after cycle 3") and "3 macrocycles are not run" in m for m in caplog.messages)
+    assert [h.cycle for h in run(0.0).history] == list(range(7))
+
+
 def test_between_cycle_actions_are_called_and_applied(small_setup):
     """refine() runs the caller's actions with the cycle's context; what an after_minimise action
     returns (a water switched off, its label) reaches the result, and a between_cycles action that

@@ -36,7 +36,7 @@ from ..core.cache import enable_compilation_cache
 from .blocks import (JOINT_D_MAX, STRATEGY_BLOCKS, cycle_plan, joint_applies, low_resolution_work_set, minimise_blocks,  # noqa: F401 (STRATEGY_BLOCKS re-exported)
                      prepare_block_minimiser, xray_gradient_norm)
 from .guard import Kept, keep_better, overfitting_warnings, within_limits
-from .monitor import HEADER, CycleStats, cycle_statistics, format_cycle, log_cycle  # noqa: F401 (re-exported)
+from .monitor import HEADER, CycleStats, converged, cycle_statistics, format_cycle, log_cycle  # noqa: F401 (re-exported)
 
 log = logging.getLogger("jaxrefine")
 
@@ -61,6 +61,7 @@ class LoopSettings(NamedTuple):
     optimizer: str
     learning_rate: float
     converge_rtol: float  # a block stops once a step lowers E by less than this fraction
+    converge_shift: float  # Å: the macrocycles stop once one moves the atoms less than this RMS (monitor.converged)
     rigid_d_min: float | None
     rigid_target: str  # X-ray target of the rigid-body block
     mask_every: int  # macrocycles between solvent-mask rebuilds
@@ -80,6 +81,7 @@ class LoopSettings(NamedTuple):
             steps={"xyz": r.steps_xyz, "b": r.steps_b, "occ": r.steps_occ, "rigid": r.steps_rigid},
             joint=joint_applies(r.joint_xyz_b, d_min), b_scale=r.b_shift_scale,
             target=r.target, optimizer=r.optimizer, learning_rate=r.learning_rate, converge_rtol=r.converge_rtol,
+            converge_shift=r.converge_shift,
             rigid_d_min=r.rigid_d_min, rigid_target=r.rigid_target,
             mask_every=max(cfg.solvent.update_every, 1), w_a=cfg.weights.w_a,
             target_rmsz=wmod.target_rmsz_for(d_min, cfg.weights.target_rmsz_bond),
@@ -320,10 +322,12 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
         warnings += overfitting_warnings(history, settings.max_gap)
         kept = keep_better(kept, Kept(st.r_free, cycle, params, problem, state, setup,
                                       in_limits=within_limits(st.rms_bond, st.rms_angle)), settings.keep_best)
+        atoms_changed = False
         for hook in between_cycles:
             with _actions_timed(between_cycles):
                 ctx = hook(CycleContext(cycle, last, blocks, setup, params, problem, state))
             if ctx.setup is not setup:  # atoms changed: older models are not comparable
+                atoms_changed = True
                 kept = Kept(st.r_free, cycle, ctx.params, ctx.problem, ctx.state, ctx.setup,
                             in_limits=within_limits(st.rms_bond, st.rms_angle))
                 nb_built_at = mask_at = riding_at = None  # other atoms: all rebuilt next cycle
@@ -332,6 +336,13 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
         if settings.w_a == "auto" and "xyz" in blocks and not settings.scan_w_a:
             w_a = wmod.adjust_w_a(float(state.w_a), st.rmsz_bond, settings.target_rmsz, st.rms_bond, st.rms_angle)
             state = state._replace(w_a=jnp.asarray(w_a, problem.maps.orth.dtype))
+        n_xyz = sum("xyz" in b for b in plan[:cycle])
+        if (not last and "xyz" in blocks and not scanning and not atoms_changed
+                and converged(st, n_xyz, float(state.w_a), settings.converge_shift)):
+            log.info("converged after cycle %d (RMS shifts %.4f Å, %.3f Å² below refine.converge_shift %g Å; w_A "
+                     "settled): the remaining %d macrocycles are not run", cycle, st.shift_xyz, st.shift_b,
+                     settings.converge_shift, len(plan) - cycle)
+            break
     if kept.cycle == 0 and len(history) > 1:
         best = min(h.r_free for h in history[1:])
         msg = (f"no refined cycle lowered R-free below the input model's ({history[0].r_free:.4f}; best refined "
