@@ -324,9 +324,13 @@ def test_macrocycles_stop_once_converged(small_setup, caplog):
 
     caplog.set_level(logging.INFO, logger="jaxrefine")
     early = run(10.0)
-    assert [h.cycle for h in early.history] == [0, 1, 2, 3]
+    assert [h.cycle for h in early.history] == [0, 1, 2, 3] and early.converged_after == 3
     assert any(m.startswith("converged after cycle 3") and "3 macrocycles are not run" in m for m in caplog.messages)
-    assert [h.cycle for h in run(0.0).history] == list(range(7))
+    full = run(0.0)
+    assert [h.cycle for h in full.history] == list(range(7)) and full.converged_after is None
+    from jaxrefine.refine.outputs import metrics
+
+    assert metrics(early)["converged_after"] == 3 and metrics(full)["converged_after"] is None
 
 
 def test_between_cycle_actions_are_called_and_applied(small_setup):

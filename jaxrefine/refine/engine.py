@@ -134,6 +134,8 @@ class RefinementResult(NamedTuple):
         removed_atoms: (n_atoms,) bool mask of the removed atoms.
         setup: the setup the kept parameters belong to (a new one when water picking changed
             the atoms; write the outputs from this one).
+        converged_after: the cycle after which the macrocycles stopped on convergence
+            (``refine.converge_shift``), or None when every planned cycle ran.
     """
 
     params: Params
@@ -146,6 +148,7 @@ class RefinementResult(NamedTuple):
     removed_waters: list
     removed_atoms: np.ndarray
     setup: Any = None
+    converged_after: int | None = None
 
 
 def prepare_refinement(cfg: Config):
@@ -289,6 +292,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
     if any("xyz" in blocks and "b" in blocks for blocks in plan):
         log.info(describe_minimiser(settings, setup.config.refine.joint_xyz_b, setup.refl.d_min))
     scanning = settings.scan_w_a  # until a scan keeps the current weight (weights.scan_settled)
+    converged_after = None
     nb_built_at = np.asarray(setup.model.xyz_cart, float)  # where the setup's non-bonded list was built
     mask_at = riding_at = nb_built_at  # and its mask and riding hydrogens
     for cycle, blocks in enumerate(plan, start=1):
@@ -342,6 +346,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
             log.info("converged after cycle %d (RMS shifts %.4f Å, %.3f Å² below refine.converge_shift %g Å; w_A "
                      "settled): the remaining %d macrocycles are not run", cycle, st.shift_xyz, st.shift_b,
                      settings.converge_shift, len(plan) - cycle)
+            converged_after = cycle
             break
     if kept.cycle == 0 and len(history) > 1:
         best = min(h.r_free for h in history[1:])
@@ -360,7 +365,8 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
     removed_atoms = (np.asarray(kept.problem.maps.occ0) <= 0) & (kept.setup.model.occ > 0)
     return RefinementResult(params=kept.params, problem=kept.problem, state=kept.state, history=history,
                             best_cycle=kept.cycle, warnings=warnings, wall_s=time.perf_counter() - t0,
-                            removed_waters=removed_labels, removed_atoms=removed_atoms, setup=kept.setup)
+                            removed_waters=removed_labels, removed_atoms=removed_atoms, setup=kept.setup,
+                            converged_after=converged_after)
 
 
 def refined_model(result: RefinementResult):

@@ -42,6 +42,8 @@ def metrics(result: RefinementResult) -> dict:
     out = {k: kept.as_dict()[k] for k in ("r_work", "r_free", "rms_bond", "rms_angle", "w_a", "k_sol", "b_sol")}
     out["wall_s"] = float(result.wall_s)
     out["best_cycle"] = int(result.best_cycle)
+    # the cycle after which the macrocycles stopped on convergence (refine.converge_shift); null: all ran
+    out["converged_after"] = result.converged_after
     refined = [st.r_free for st in result.history[1:]]
     out["r_free_refined"] = float(min(refined)) if refined else None  # the best refined cycle's, kept or not
     out["cycles"] = [dict(st.as_dict()) for st in result.history]
