@@ -350,8 +350,12 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
             break
     if kept.cycle == 0 and len(history) > 1:
         best = min(h.r_free for h in history[1:])
-        msg = (f"no refined cycle lowered R-free below the input model's ({history[0].r_free:.4f}; best refined "
-               f"{best:.4f}): keeping the input model")
+        start = history[0]
+        geometry = ("" if within_limits(start.rms_bond, start.rms_angle) else
+                    f", whose geometry is beyond the limits (RMS bond {start.rms_bond:.4f} Å, angle {start.rms_angle:.2f}°); "
+                    "guard.keep_input=false returns the best refined cycle instead")
+        msg = (f"no refined cycle lowered R-free below the input model's ({start.r_free:.4f}; best refined "
+               f"{best:.4f}): keeping the input model{geometry}")
         log.warning(msg)
         warnings.append(msg)
     elif kept.cycle != len(history) - 1:
