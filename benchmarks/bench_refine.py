@@ -167,11 +167,11 @@ def curve(metrics):
 
 
 def bench_one(pid, args, work):
-    shaken = (make_deposited if args.start == "deposited" else make_shaken)(pid, work)
+    start = (make_deposited if args.start == "deposited" else make_shaken)(pid, work)
     cache = Path(work) / f"cache_{pid}"  # fresh: the cold run compiles everything
     row = {"pdb": pid}
-    m, row["jr_cold_s"], row["jr_cold_rss_gb"] = jaxrefine_refine(shaken, pid, Path(work) / f"jr_{pid}", cache, args.cycles, args.set)
-    m2, row["jr_warm_s"], row["jr_warm_rss_gb"] = jaxrefine_refine(shaken, pid, Path(work) / f"jr2_{pid}", cache, args.cycles, args.set)
+    m, row["jr_cold_s"], row["jr_cold_rss_gb"] = jaxrefine_refine(start, pid, Path(work) / f"jr_{pid}", cache, args.cycles, args.set)
+    m2, row["jr_warm_s"], row["jr_warm_rss_gb"] = jaxrefine_refine(start, pid, Path(work) / f"jr2_{pid}", cache, args.cycles, args.set)
     row.update(jr_own=(m["r_work"], m["r_free"]), jr_bond=m["rms_bond"], jr_angle=m["rms_angle"],
                jr_cycles=len(m.get("cycles", [])) - 1, jr_timing=m.get("timing"), jr_warm_timing=m2.get("timing"),
                jr_curve=curve(m))
@@ -180,14 +180,14 @@ def bench_one(pid, args, work):
     row["jr_hydrogens"] = h_mode
     row["jr_by_jr"] = jaxrefine_score(jr_model, pid, h_mode)
     if args.start == "deposited":  # the start under both yardsticks: a re-refinement should end below it
-        row["start_by_jr"] = jaxrefine_score(shaken, pid, h_mode)
+        row["start_by_jr"] = jaxrefine_score(start, pid, h_mode)
         if args.servalcat:
-            sc0 = servalcat(args.servalcat, shaken, pid, work, 0, ("--adp", "aniso"))
+            sc0 = servalcat(args.servalcat, start, pid, work, 0, ("--adp", "aniso"))
             row["start_by_sv"] = (sc0["r_work"], sc0["r_free"])
     if args.servalcat:
         sc = servalcat(args.servalcat, jr_model, pid, work, 0, ("--adp", "aniso"))
         row["jr_by_sv"] = (sc["r_work"], sc["r_free"])
-        sv = servalcat(args.servalcat, shaken, pid, work, args.servalcat_cycles)
+        sv = servalcat(args.servalcat, start, pid, work, args.servalcat_cycles)
         row.update(sv_own=(sv["r_work"], sv["r_free"]), sv_bond=sv["rms_bond"], sv_angle=sv["rms_angle"],
                    sv_s=sv["wall_s"], sv_rss_gb=sv["rss_gb"])
         row["sv_by_jr"] = jaxrefine_score(sv["model"], pid, h_mode)

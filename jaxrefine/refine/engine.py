@@ -254,7 +254,7 @@ def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSetting
 
 
 def _actions_timed(hooks):
-    """The timing section of the caller's between-cycle actions (``host_s.actions``; nothing recorded without any)."""
+    """The timing section of the caller's after-minimise actions (``host_s.actions``; nothing recorded without any)."""
     return timing.section("actions") if hooks else contextlib.nullcontext()
 
 
@@ -319,7 +319,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
         with timing.section("xray_state"):  # mask, scales, σA
             state, f_model = refit_xray_state(setup, problem, state, params, rebuild_mask=rebuild_mask)
         mask_at = xyz if rebuild_mask else mask_at
-        st = cycle_statistics(cycle, params, problem, state, t0, f_model=f_model, since=previous)
+        st = cycle_statistics(cycle, params, problem, state, t0, f_model=f_model, since=previous, arrays=(xyz, b_now))
         previous = (xyz, b_now)
         history.append(st)
         log_cycle(st, callback)
@@ -328,7 +328,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
                                       in_limits=within_limits(st.rms_bond, st.rms_angle)), settings.keep_best)
         atoms_changed = False
         for hook in between_cycles:
-            with _actions_timed(between_cycles):
+            with timing.section("actions"):
                 ctx = hook(CycleContext(cycle, last, blocks, setup, params, problem, state))
             if ctx.setup is not setup:  # atoms changed: older models are not comparable
                 atoms_changed = True

@@ -42,16 +42,17 @@ class CycleStats(NamedTuple):
 
 
 def cycle_statistics(cycle: int, params: Params, problem: Problem, state: XrayState, t0: float,
-                     f_model=None, since=None) -> CycleStats:
+                     f_model=None, since=None, arrays=None) -> CycleStats:
     """R-factors with the state's mask and scales, RMS deviations of the covalent geometry, and the
     time since ``t0`` (``time.perf_counter()``).  ``f_model``: the parameters' F_model with the state where
     the caller has it (computed here when None).  ``since``: (xyz (n, 3) Å, B (n,) Å²) of the previous cycle's
-    model, for the RMS shifts (same atoms; None or other atoms: shifts 0)."""
+    model, for the RMS shifts (same atoms; None or other atoms: shifts 0).  ``arrays``: (xyz, B) of the parameters
+    where the caller has them (:func:`current_model_arrays`; computed here when None)."""
     with timing.section("r_factors"):
         fm = np.asarray(f_model_of_jit(params, problem, state) if f_model is None else f_model)
         x = problem.xray
         r = r_factors(np.asarray(x.f_obs), fm, np.asarray(x.free))
-    xyz, b, _ = current_model_arrays(params, problem)
+    xyz, b = current_model_arrays(params, problem)[:2] if arrays is None else arrays
     d_xyz, d_b = rms_shifts(xyz, b, since)
     with timing.section("geometry"):
         geo = geometry_report(xyz, problem.restraints, None)
