@@ -40,7 +40,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class RefineConfig:
-    strategy: str = "xyz_b"  # rigid | xyz_b | xyz_b_occ
+    strategy: str = "auto"  # auto (xyz_b_occ below 2.5 Å where the model has alternate conformations or partly
+    #                         occupied residues, else xyz_b) | rigid | xyz_b | xyz_b_occ | xyz | b
     n_cycles: int = 5  # macrocycles
     target: str = "ml"  # ml | ls
     optimizer: str = "lbfgs"  # lbfgs | adam | sgd
@@ -150,7 +151,8 @@ class Config:
 
 
 # Choice lists: defined here once; the CLI and the engine import them from this module.
-STRATEGIES = ("rigid", "xyz_b", "xyz_b_occ", "xyz", "b")
+STRATEGIES = ("rigid", "xyz_b", "xyz_b_occ", "xyz", "b")  # what the macrocycle loop runs
+STRATEGY_SETTINGS = ("auto",) + STRATEGIES  # what refine.strategy accepts (auto: chosen per model and data)
 TARGETS = ("ml", "ls")
 OPTIMIZERS = ("lbfgs", "adam", "sgd")
 PRECISIONS = ("float32", "float64")
@@ -161,7 +163,7 @@ JOINT_MODES = ("auto", "on", "off")
 OUTPUT_HYDROGENS = ("remove", "write")
 _CHOICES = {
     ("model", "hydrogens"): HYDROGENS,
-    ("refine", "strategy"): STRATEGIES,
+    ("refine", "strategy"): STRATEGY_SETTINGS,
     ("refine", "target"): TARGETS,
     ("refine", "rigid_target"): TARGETS,
     ("refine", "optimizer"): OPTIMIZERS,

@@ -126,6 +126,6 @@ def test_choice_lists_are_defined_once():
 
     refine = build_parser()._subparsers._group_actions[0].choices["refine"]
     choices = {a.dest: a.choices for a in refine._actions if a.choices}
-    assert choices["strategy"] is config.STRATEGIES and choices["target"] is config.TARGETS
+    assert choices["strategy"] is config.STRATEGY_SETTINGS and choices["target"] is config.TARGETS
     with pytest.raises(ConfigError, match="choose one of " + ", ".join(config.OPTIMIZERS)):
         load_config(None, ["refine.optimizer=newton"])

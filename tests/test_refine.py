@@ -219,6 +219,20 @@ def test_joint_minimisation_scales_b_shifts_and_moves_both_blocks(small_setup):
     assert not joint_applies("off", 1.0)
 
 
+def test_auto_strategy_refines_occupancies_only_of_models_that_have_them_at_high_resolution():
+    """refine.strategy auto: xyz_b_occ where the model has occupancy groups and the data reach beyond 2.5 Å
+    (4xof: 178 atoms in alternate conformations), xyz_b otherwise; an explicit strategy is kept."""
+    from jaxrefine.problem.setup import choose_strategy
+
+    alt = read_model(dataset_paths("4xof")[0], hydrogens=False)
+    plain = read_model(dataset_paths("5orl")[0], hydrogens=False)  # no conformers, no partly occupied residue
+    assert choose_strategy("auto", 1.15, alt)[0] == "xyz_b_occ"
+    assert "178 atoms" in choose_strategy("auto", 1.15, alt)[1]
+    assert choose_strategy("auto", 2.6, alt)[0] == "xyz_b"
+    assert choose_strategy("auto", 1.15, plain) == ("xyz_b", "auto: no alternate conformations or partly occupied residues")
+    assert choose_strategy("xyz_b", 1.15, alt) == ("xyz_b", "refine.strategy xyz_b")
+
+
 def test_choice_lists_have_one_source():
     """Every strategy, target and optimiser the config accepts is implemented by the loop (the config's
     lists are the single definition; issue 13)."""

@@ -1,7 +1,7 @@
 """``jaxrefine refine MODEL DATA --out DIR [--config FILE] [--set key=value ...]``."""
 from __future__ import annotations
 
-from ..config import STRATEGIES, TARGETS
+from ..config import STRATEGY_SETTINGS, TARGETS
 from . import positive_length
 
 # option -> config key it sets (an error in its value names the option)
@@ -25,7 +25,7 @@ def add_arguments(p):
     p.add_argument("--ligand", action="append", default=[], help="extra restraint dictionary (CIF), repeatable")
     p.add_argument("--labin", help="data columns, e.g. FP,SIGFP,FREE")
     p.add_argument("--cycles", type=int, help="macrocycles (refine.n_cycles)")
-    p.add_argument("--strategy", choices=STRATEGIES, help="refine.strategy")
+    p.add_argument("--strategy", choices=STRATEGY_SETTINGS, help="refine.strategy")
     p.add_argument("--target", choices=TARGETS, help="refine.target")
     p.add_argument("--weight", help="w_A: a number or 'auto' (weights.w_a)")
     p.add_argument("--d-min", type=positive_length, help="high-resolution limit (Å)")

@@ -6,6 +6,7 @@ the state is refreshed between macrocycles).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -40,6 +41,12 @@ SF_B_MARGIN = 15.0  # Å²: the FFT spreading boxes hold Gaussians up to the sta
 # README.md, run h): riding H lowered R-free at 1.15-2.3 Å (4xof 0.198 -> 0.179, 1l2h, 5orl, 4iid by 0.004-0.007)
 # and raised it at 2.9-3.2 Å (1va7 +0.008, 5kzb +0.019; servalcat's own F_model prefers 5kzb without them too).
 RIDING_H_D_MIN = 2.5  # Å
+# refine.strategy: auto refines the occupancies of alternate conformations (and of partly occupied residues)
+# below this resolution, where the macrocycles minimise them with the coordinates and B (refine.blocks.JOINT_D_MAX,
+# the same 2.5 Å): 4xof (1.15 Å, 178 altloc atoms) with the conformers' occupancies reset to 0.5 ended at R-free
+# 0.1783 with them refined (their correlation with the deposited values 0.87) and 0.1809 with them fixed; from the
+# deposited occupancies 0.1779 against 0.1774 (2026-12-03).
+AUTO_OCC_D_MAX = 2.5  # Å
 BODY_RADIUS_PAD = 1.0  # Å added to a rigid body's radius of gyration: rotations are optimised as arcs
 #                        (radius × angle), and a one-atom body must not get radius 0
 
@@ -112,6 +119,21 @@ def hydrogens_and_sites(mode: str, d_min: float, model: Model, monlib=None, liga
     if sites.n == 0 and mode == "auto":
         return ("remove", h_mode[1] + ", but the restraint dictionary places none"), None
     return h_mode, sites
+
+
+def choose_strategy(setting: str, d_min: float, model: Model) -> tuple:
+    """(strategy, reason) for ``refine.strategy``: the setting itself, or for ``auto`` xyz_b_occ when the data
+    reach beyond AUTO_OCC_D_MAX and the model has occupancy groups (alternate conformations, partly occupied
+    residues other than water: :func:`jaxrefine.problem.params.occupancy_groups`), else xyz_b."""
+    if setting != "auto":
+        return setting, f"refine.strategy {setting}"
+    n = int((occupancy_groups(model, refine_partial=True)[0] >= 0).sum())
+    if not n:
+        return "xyz_b", "auto: no alternate conformations or partly occupied residues"
+    what = f"{n} atoms in alternate conformations or partly occupied residues"
+    if d_min >= AUTO_OCC_D_MAX:
+        return "xyz_b", f"auto: d_min {d_min:.2f} Å >= {AUTO_OCC_D_MAX} Å, occupancies of the {what} kept"
+    return "xyz_b_occ", f"auto: d_min {d_min:.2f} Å < {AUTO_OCC_D_MAX} Å, occupancies of the {what} refined"
 
 
 def load_inputs(model_path, data_path, cfg: Config):
@@ -220,6 +242,9 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
     if model is None or refl is None:
         model, refl = load_inputs(model_path, data_path, cfg)
     dtype = _dtype(cfg)
+    strategy, why = choose_strategy(cfg.refine.strategy, refl.d_min, model)
+    log.info("strategy: %s (%s)", strategy, why)
+    cfg = dataclasses.replace(cfg, refine=dataclasses.replace(cfg.refine, strategy=strategy))  # the loop reads it
     monlib = find_monlib(cfg.model.monlib)
     restraints = cast_floats(build_restraints(model, monlib=monlib, ligands=cfg.model.ligands), dtype)
     maps, params = atom_maps_and_params(model, cfg, dtype)
@@ -254,7 +279,7 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
         w_a=on_device(1.0, dtype),
     )
     setup = Setup(problem=problem, params=params, state=state, model=model, refl=refl, config=cfg, monlib=monlib,
-                  adp_choice=choice, ncs_copies=tuple(copies), hydrogens=h_mode)
+                  adp_choice=choice, ncs_copies=tuple(copies), hydrogens=h_mode, strategy=(strategy, why))
     if on_problem is not None:
         on_problem(problem, params, xray_state_spec(problem, state.nonbonded, refl.d_min), refl)
     return setup._replace(state=update_xray_state(setup, problem, state, params))

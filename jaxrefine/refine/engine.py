@@ -213,7 +213,8 @@ def describe_minimiser(settings: LoopSettings, setting: str, d_min: float) -> st
     why = f"refine.joint_xyz_b {setting}" + (
         f": d_min {d_min:.2f} Å {'<' if d_min < JOINT_D_MAX else '>='} {JOINT_D_MAX} Å" if setting == "auto" else "")
     if settings.joint:
-        return (f"minimiser: coordinates and B together, {settings.steps['xyz']} steps per macrocycle, B shifts "
+        what = "coordinates, B and occupancies" if "occ" in STRATEGY_BLOCKS[settings.strategy] else "coordinates and B"
+        return (f"minimiser: {what} together, {settings.steps['xyz']} steps per macrocycle, B shifts "
                 f"scaled x{settings.b_scale:g} ({why})")
     return f"minimiser: {settings.steps['xyz']} coordinate steps, then {settings.steps['b']} B steps per macrocycle ({why})"
 
@@ -221,16 +222,20 @@ def describe_minimiser(settings: LoopSettings, setting: str, d_min: float) -> st
 def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSettings, scan: bool = False):
     """One macrocycle's minimisation: each block of ``blocks`` in turn, or coordinates and B together
     (``settings.joint``: one minimisation of the coordinate block's steps, B shifts scaled by
-    ``settings.b_scale``).  With ``scan`` the coordinate block is a w_A scan
+    ``settings.b_scale``; the occupancies too when the cycle refines them).  With ``scan`` the coordinate block
+    is a w_A scan
     (:func:`jaxrefine.refine.weights.scan_w_a`; its trials move coordinates only, the rest of the cycle's
     steps are joint) and the state returned carries the chosen w_A.  Returns (params, state, settled):
     ``settled`` is True when a scan kept the current w_A."""
     settled = False
     joint = settings.joint and "xyz" in blocks and "b" in blocks
+    # occupancies in the joint minimisation (4xof, altloc occupancies reset to 0.5: R-free 0.1783 with 133 F
+    # evaluations, as a separate 10-step block after it with 152; fixed at 0.5: 0.1809): no steps of their own
+    joint_blocks = ("xyz", "b", "occ") if joint and "occ" in blocks and params.occ_raw.shape[0] else ("xyz", "b")
     for block in blocks:
         if block == "occ" and params.occ_raw.shape[0] == 0:
             continue
-        if joint and block == "b":  # refined with the coordinates
+        if joint and block in joint_blocks[1:]:  # refined with the coordinates
             continue
         if block == "xyz" and (scan or joint):
             n_steps = settings.steps["xyz"]
@@ -241,7 +246,7 @@ def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSetting
                     w_now, lambda w: _weight_trial(w, start, problem, state, settings, n_trial))
                 settled = wmod.scan_settled(w_now, kept)
                 log.info(line + ("; w_A settled: later cycles keep it without a scan" if settled else ""))
-            params = minimise_blocks(("xyz", "b") if joint else ("xyz",), params, problem, state, n_steps, settings.target,
+            params = minimise_blocks(joint_blocks if joint else ("xyz",), params, problem, state, n_steps, settings.target,
                                      settings.optimizer, settings.learning_rate, settings.converge_rtol, settings.b_scale)
             continue
         block_problem, target = problem, settings.target
@@ -265,7 +270,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
     Args:
         setup: from :func:`jaxrefine.problem.build_setup`.
         n_cycles: macrocycles (default from the config).
-        strategy: rigid | xyz | b | xyz_b | xyz_b_occ (default from the config).
+        strategy: rigid | xyz | b | xyz_b | xyz_b_occ (default: the setup's, which resolved ``auto``).
         callback: called with each :class:`CycleStats` (progress display).
         after_minimise, between_cycles: actions ``hook(CycleContext) -> CycleContext`` run in each
             macrocycle (see :class:`CycleContext`), e.g. the water actions of

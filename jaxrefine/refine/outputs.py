@@ -116,6 +116,8 @@ def write_outputs(result: RefinementResult, setup, out_dir, argv=None) -> dict:
     updates = dict(model_updates(params, problem, setup, keep), remarks=remarks)
     if setup.adp_choice is not None:
         m["adp_model"] = {"mode": setup.adp_choice.mode, "reason": setup.adp_choice.reason}
+    if setup.strategy[0]:
+        m["strategy"] = {"mode": setup.strategy[0], "reason": setup.strategy[1]}
     riding = getattr(problem, "riding", None)
     m["hydrogens"] = {"mode": setup.hydrogens[0], "reason": setup.hydrogens[1],
                       "n_riding": 0 if riding is None else int(riding.parent.shape[0])}
