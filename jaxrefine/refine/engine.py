@@ -26,7 +26,7 @@ from ..config import Config
 from ..core import timing
 from ..problem.params import Params
 from ..problem.problem import Problem, Setup, XrayState
-from ..problem.setup import build_setup
+from ..problem.setup import build_setup, choose_strategy
 from ..problem.riding import riding_problem
 from ..problem.xray_state import (current_model_arrays, f_model_of_jit, model_of, moved_beyond, refit_xray_state,
                                   refresh_neighbours)
@@ -263,6 +263,14 @@ def _actions_timed(hooks):
     return timing.section("actions") if hooks else contextlib.nullcontext()
 
 
+def setup_strategy(setup: Setup) -> str:
+    """The strategy the setup's configuration asks for, ``auto`` resolved as build_setup resolved it (a caller may
+    hand refine() the setup with a fresh configuration: ``setup._replace(config=...)``)."""
+    if setup.config.refine.strategy != "auto":
+        return setup.config.refine.strategy
+    return setup.strategy[0] or choose_strategy("auto", setup.refl.d_min, setup.model)[0]
+
+
 def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = None, callback=None,
            after_minimise=(), between_cycles=()) -> RefinementResult:
     """Run macrocycles on ``setup`` (see module docstring).
@@ -276,7 +284,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
             macrocycle (see :class:`CycleContext`), e.g. the water actions of
             :func:`jaxrefine.validate.waters.water_hooks`.  None by default.
     """
-    settings = LoopSettings.from_config(setup.config, setup.refl.d_min, n_cycles, strategy)
+    settings = LoopSettings.from_config(setup.config, setup.refl.d_min, n_cycles, strategy or setup_strategy(setup))
     # the persistent compilation cache, as for the CLI (runtime.compilation_cache): notebooks and scripts that
     # call refine() directly load the loop's compiled code from an earlier process instead of compiling it
     enable_compilation_cache(setup.config.runtime.compilation_cache)
