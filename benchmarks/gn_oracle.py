@@ -1,0 +1,133 @@
+"""Oracle for a Gauss-Newton step (issue 15): how far one step of (Fisher blocks of the X-ray term + Gauss-Newton
+matrix of the restraints), solved by preconditioned CG, lowers E_total per F_calc evaluation, against L-BFGS as the
+engine runs it.  Not a benchmark of time: the Fisher blocks are probed (expensive) and the CG is a Python loop.
+
+    JAXREFINE_DATA=../shared/data python benchmarks/gn_oracle.py 5kzb [n_steps] [fisher|hessian]
+
+Results and what they mean: benchmarks/README.md, run v ("A Gauss-Newton step, tested as an oracle").
+"""
+import tempfile
+import sys, time
+import jax, jax.numpy as jnp, numpy as np
+from jaxrefine.config import load_config
+from jaxrefine.problem.setup import build_setup
+from jaxrefine.refine.engine import choose_initial_w_a
+from jaxrefine.refine.energy import geometry_term
+from jaxrefine.refine.optimize import lbfgs_loop
+from jaxrefine.validate import uncertainty as U
+pid = sys.argv[1]; n_gn = int(sys.argv[2]) if len(sys.argv) > 2 else 6
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+import bench_refine as br  # noqa: E402
+_, data = br.paths(pid)
+cfg = load_config(None, [f"data.labin={br.LABIN[pid]}", f"model.monlib={br.DATA / 'monomers'}"])
+s = build_setup(br.make_shaken(pid, tempfile.mkdtemp()), data, cfg)
+params0, problem, state = s.params, s.problem, s.state
+w_a = choose_initial_w_a(s)
+state = state._replace(w_a=jnp.asarray(w_a, state.w_a.dtype))
+ps = (problem, state); ps0 = (problem, state._replace(w_a=jnp.zeros_like(state.w_a)))
+n = params0.xyz_frac.shape[0]
+Z = jnp.zeros((n, 4), params0.xyz_frac.dtype)
+Ef = jax.jit(lambda u, p: U.flat_energy(u, p, ps))
+VG = jax.jit(jax.value_and_grad(lambda u, p: U.flat_energy(u, p, ps)))
+from jaxrefine.problem.params import atom_xyz
+from jaxrefine.restraints.bonds import bond_lengths, bond_angles
+from jaxrefine.restraints.torsions import torsion_deviations
+from jaxrefine.restraints.planes import plane_distances
+from jaxrefine.restraints.chirals import chiral_volumes, chiral_targets
+from jaxrefine.restraints.nonbonded import pair_distances, NONBONDED_SIGMA
+R_, W_ = problem.restraints, problem.geo_weights
+def geo_res(u, p):
+    x, _ = atom_xyz(U.shifted_params(u, p, ps), problem.maps)
+    out = []
+    b = R_.bond; out.append(jnp.sqrt(W_.bond * b.mask) * (bond_lengths(x, b) - b.ideal) / b.sigma)
+    a = R_.angle; out.append(jnp.sqrt(W_.angle * a.mask) * (bond_angles(x, a) - a.ideal) / a.sigma)
+    t = R_.torsion; out.append(jnp.sqrt(W_.torsion * t.mask) * torsion_deviations(x, t) / t.sigma)
+    pl = R_.plane; out.append((jnp.sqrt(W_.plane * pl.mask)[:, None] * plane_distances(x, pl) / pl.sigma[:, None]).reshape(-1))
+    c = R_.chiral; v = chiral_volumes(x, c); out.append(jnp.sqrt(W_.chiral * c.mask) * (v - chiral_targets(v, c)) / c.sigma)
+    nb = state.nonbonded; d = pair_distances(x, nb); out.append(jnp.sqrt(W_.nonbonded * nb.weight) * jnp.maximum(nb.d_min - d, 0.0) / NONBONDED_SIGMA)
+    return jnp.sqrt(state.w_a) * jnp.concatenate(out)
+def _hg(v, p):
+    r, jv = jax.jvp(lambda u: geo_res(u, p), (Z,), (v,))
+    _, vjp = jax.vjp(lambda u: geo_res(u, p), Z)
+    return 2.0 * vjp(jv)[0]
+from jaxrefine.refine.energy import adp_term
+def adp_flat(u, p): return problem.w_b * adp_term(U.shifted_params(u, p, ps), problem)
+Ha_ = jax.jit(lambda v, p: jax.jvp(lambda u: jax.grad(adp_flat)(u, p), (Z,), (v,))[1])
+Hg = jax.jit(lambda v, p: _hg(v, p) + Ha_(v, p))
+rr = geo_res(Z, params0); print('check E_geo', float(jnp.sum(rr*rr)), float(state.w_a * geometry_term(params0, problem, state)))
+print(pid, "atoms", n, "w_a", w_a, "E0", float(Ef(Z, params0)))
+# baseline L-BFGS on u from params0
+base = []
+for k in (5, 10, 20, 30, 45, 60):
+    run = jax.jit(lambda u0, p, k=k: lbfgs_loop(lambda u: jax.value_and_grad(lambda uu: U.flat_energy(uu, p, ps))(u), u0, k))
+    u, fx, st = run(Z, params0)
+    base.append((int(st.evaluations), float(fx)))
+print("LBFGS (evals, E):", [(a, round(b, 1)) for a, b in base])
+# Fisher (expected information) of the ML target, complex-Gaussian limit: 2 D^2/(eps S) |dFm|^2 (acentric)
+from jaxrefine.problem.xray_state import f_model_of
+MODE = sys.argv[3] if len(sys.argv) > 3 else 'fisher'
+X = problem.xray
+wgt = jnp.where(X.work, jnp.where(X.centric, 1.0, 2.0) * state.sigma_a.d**2 / (X.epsilon * state.sigma_a.s), 0.0)
+def fr(u, p):
+    f = f_model_of(U.shifted_params(u, p, ps), problem, state)
+    return jnp.stack([f.real, f.imag])
+EPS = 1e-2
+@jax.jit
+def fvp(v, p):
+    jv = (fr(EPS * v, p) - fr(-EPS * v, p)) / (2 * EPS)
+    _, vjp = jax.vjp(lambda u: fr(u, p), Z)
+    return vjp(wgt[None] * jv)[0]
+def fisher_blocks(p):
+    b = np.zeros((n, 4, 4))
+    for c in range(cols.max() + 1):
+        for k in range(4):
+            v = np.zeros((n, 4)); v[cols == c, k] = 1.0
+            hv = np.asarray(fvp(jnp.asarray(v, Z.dtype), p), float)
+            b[cols == c, :, k] = hv[cols == c]
+    b = 0.5 * (b + b.transpose(0, 2, 1))
+    # ADP restraints (w_B) and nothing else: add a small ridge on B
+    return b + np.eye(4)[None] * 1e-6 * np.maximum(np.trace(b, axis1=1, axis2=2), 1e-9)[:, None, None]
+# GN oracle
+cols = U.colour_atoms(np.asarray(s.model.xyz_cart), s.model.crystal)
+print("colours", cols.max() + 1)
+p = params0; evals = 0; hist = []
+gamma = 0.0
+for it in range(n_gn):
+    t0 = time.perf_counter()
+    e0, g = VG(Z, p); evals += 1
+    if MODE == 'hessian':
+        bx = U.hessian_blocks(p, ps0, colours=cols)          # X-ray (+ADP) blocks, oracle
+        w_, v_ = np.linalg.eigh(bx); top = np.maximum(w_.max(-1, keepdims=True), 1e-12); nneg = int((w_ <= 0).any(-1).sum())
+        bx = np.einsum('nij,nj,nkj->nik', v_, np.maximum(w_, 1e-3 * top), v_)
+    else:
+        bx = fisher_blocks(p); nneg = 0
+    # geometry blocks (for the preconditioner): colouring HVPs of geo
+    bg = np.zeros((n, 4, 4))
+    for c in range(cols.max() + 1):
+        for k in range(3):
+            v = np.zeros((n, 4)); v[cols == c, k] = 1.0
+            hv = np.asarray(Hg(jnp.asarray(v, Z.dtype), p))
+            bg[cols == c, :, k] = hv[cols == c]
+    M = np.linalg.inv(bx + bg + 1e-6 * np.eye(4)[None] * np.maximum(np.trace(bx, axis1=1, axis2=2)[:, None, None] / 4, 1e-9))
+    bx_j = jnp.asarray(bx, Z.dtype)
+    A = lambda v: np.asarray(jnp.einsum('nij,nj->ni', bx_j, jnp.asarray(v, Z.dtype)) + Hg(jnp.asarray(v, Z.dtype), p), float)
+    t1 = time.perf_counter()
+    # PCG
+    b = -np.asarray(g, float); x = np.zeros_like(b); r = b.copy(); z = np.einsum('nij,nj->ni', M, r); d = z.copy(); rz = np.sum(r * z)
+    n_cg = 0
+    for n_cg in range(1, 61):
+        Ad = A(d); dAd = np.sum(d * Ad)
+        if dAd <= 0: print("  negative curvature at cg", n_cg); break
+        a = rz / dAd; x += a * d; r -= a * Ad
+        if np.linalg.norm(r) < 1e-2 * np.linalg.norm(b): break
+        z = np.einsum('nij,nj->ni', M, r); rz_new = np.sum(r * z); d = z + rz_new / rz * d; rz = rz_new
+    t2 = time.perf_counter()
+    # line search
+    print('   g.d', float(np.sum(np.asarray(g, float) * x)), 'rms B shift', float(np.sqrt(np.mean(x[:, 3]**2))), 'max xyz', float(np.abs(x[:, :3]).max()), 'cg resid', float(np.linalg.norm(r)/np.linalg.norm(b)))
+    for alpha in (1.0, 0.5, 0.25, 0.125, 0.0625, 0.03, 0.01, 0.0):
+        if alpha == 0.0: e1 = float(e0); break
+        e1 = float(Ef(jnp.asarray(alpha * x, Z.dtype), p)); evals += 1
+        if e1 < float(e0): break
+    p = U.shifted_params(jnp.asarray(alpha * x, Z.dtype), p, ps)
+    hist.append((evals, round(e1, 1), alpha, n_cg))
+    print(f"  neg blocks {nneg}"); print(f"  GN {it}: E {float(e0):.1f} -> {e1:.1f} alpha {alpha} cg {n_cg} | evals {evals} | blocks {t1-t0:.1f}s cg {t2-t1:.2f}s  rms shift {np.sqrt(np.mean(np.sum((alpha*x[:, :3])**2, 1))):.3f} A", flush=True)
