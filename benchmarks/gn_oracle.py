@@ -2,7 +2,7 @@
 matrix of the restraints), solved by preconditioned CG, lowers E_total per F_calc evaluation, against L-BFGS as the
 engine runs it.  Not a benchmark of time: the Fisher blocks are probed (expensive) and the CG is a Python loop.
 
-    JAXREFINE_DATA=../shared/data python benchmarks/gn_oracle.py 5kzb [n_steps] [fisher|hessian]
+    JAXREFINE_DATA=../shared/data python benchmarks/gn_oracle.py 5kzb [n_steps] [fisher|closed|hessian] [xyz_scale B_scale]
 
 Results and what they mean: benchmarks/README.md, run v ("A Gauss-Newton step, tested as an oracle").
 """
@@ -66,6 +66,7 @@ print("LBFGS (evals, E):", [(a, round(b, 1)) for a, b in base])
 # Fisher (expected information) of the ML target, complex-Gaussian limit: 2 D^2/(eps S) |dFm|^2 (acentric)
 from jaxrefine.problem.xray_state import f_model_of
 MODE = sys.argv[3] if len(sys.argv) > 3 else 'fisher'
+CLOSED_SCALE = tuple(float(v) for v in sys.argv[4:6]) if len(sys.argv) > 5 else (1.0, 1.0)  # closed-form blocks x these
 X = problem.xray
 wgt = jnp.where(X.work, jnp.where(X.centric, 1.0, 2.0) * state.sigma_a.d**2 / (X.epsilon * state.sigma_a.s), 0.0)
 def fr(u, p):
@@ -87,6 +88,33 @@ def fisher_blocks(p):
     b = 0.5 * (b + b.transpose(0, 2, 1))
     # ADP restraints (w_B) and nothing else: add a small ridge on B
     return b + np.eye(4)[None] * 1e-6 * np.maximum(np.trace(b, axis1=1, axis2=2), 1e-9)[:, None, None]
+def closed_blocks(p):
+    """Per-atom diagonal Fisher blocks in closed form (servalcat's kind: a function of the atom's type, B and
+    occupancy and of the reflections' weights, no probing): x, y, z: n_ops q² (4π²/3) Σ_h W f² e^(−B s²/2) s²;
+    B: n_ops q² Σ_h W f² e^(−B s²/2) (s²/4)²; W = ML weight × k_total²; riding H added to their parent."""
+    from jaxrefine.problem.xray_state import current_model_arrays
+    from jaxrefine.xray.formfactors import f0
+    from jaxrefine.xray.scaling import k_total
+    _, b, q = current_model_arrays(p, problem)
+    s2 = np.asarray(X.s2, float)
+    w = np.asarray(wgt, float) * np.asarray(k_total(state.scales, X.s_cart), float) ** 2
+    ff = problem.sf.ff
+    f = np.asarray(f0(ff, X.s2), float)  # (n_refl, n_types)
+    types = np.asarray(ff.type_index)
+    n_ops = problem.sf.rot.shape[0]
+    owner = np.arange(n)
+    bb, qq = b, q
+    if problem.riding is not None:
+        par = np.asarray(problem.riding.parent)
+        owner = np.concatenate([owner, par]); bb = np.concatenate([b, b[par]]); qq = np.concatenate([q, q[par]])
+    e = np.exp(-0.5 * np.outer(bb, s2)) * f[:, types].T ** 2  # (atoms+H, n_refl)
+    fx = n_ops * qq**2 * (4 * np.pi**2 / 3) * (e @ (w * s2))
+    fb = n_ops * qq**2 * (e @ (w * (s2 / 4) ** 2))
+    fx, fb = fx * CLOSED_SCALE[0], fb * CLOSED_SCALE[1]
+    out = np.zeros((n, 4, 4))
+    np.add.at(out, (owner, 0, 0), fx); np.add.at(out, (owner, 1, 1), fx); np.add.at(out, (owner, 2, 2), fx)
+    np.add.at(out, (owner, 3, 3), fb)
+    return out
 # GN oracle
 cols = U.colour_atoms(np.asarray(s.model.xyz_cart), s.model.crystal)
 print("colours", cols.max() + 1)
@@ -99,6 +127,13 @@ for it in range(n_gn):
         bx = U.hessian_blocks(p, ps0, colours=cols)          # X-ray (+ADP) blocks, oracle
         w_, v_ = np.linalg.eigh(bx); top = np.maximum(w_.max(-1, keepdims=True), 1e-12); nneg = int((w_ <= 0).any(-1).sum())
         bx = np.einsum('nij,nj,nkj->nik', v_, np.maximum(w_, 1e-3 * top), v_)
+    elif MODE == 'closed':
+        bx = closed_blocks(p); nneg = 0
+        if it == 0:
+            pb = fisher_blocks(p)
+            for k in (0, 3):
+                r_ = np.diagonal(bx, axis1=1, axis2=2)[:, k] / np.maximum(np.diagonal(pb, axis1=1, axis2=2)[:, k], 1e-12)
+                print(f"  closed/probed diagonal {'xyz' if k == 0 else 'B'}: median {np.median(r_):.3f}, 10-90 % {np.percentile(r_, 10):.3f}-{np.percentile(r_, 90):.3f}")
     else:
         bx = fisher_blocks(p); nneg = 0
     # geometry blocks (for the preconditioner): colouring HVPs of geo
