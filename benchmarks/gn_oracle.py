@@ -107,9 +107,12 @@ def closed_blocks(p):
     if problem.riding is not None:
         par = np.asarray(problem.riding.parent)
         owner = np.concatenate([owner, par]); bb = np.concatenate([b, b[par]]); qq = np.concatenate([q, q[par]])
-    e = np.exp(-0.5 * np.outer(bb, s2)) * f[:, types].T ** 2  # (atoms+H, n_refl)
-    fx = n_ops * qq**2 * (4 * np.pi**2 / 3) * (e @ (w * s2))
-    fb = n_ops * qq**2 * (e @ (w * (s2 / 4) ** 2))
+    sx, sb = np.zeros(len(bb)), np.zeros(len(bb))
+    for i in range(0, len(bb), 1000):  # (atoms, reflections) in chunks: 4iid is 27k x 94k
+        e = np.exp(-0.5 * np.outer(bb[i:i + 1000], s2)) * f[:, types[i:i + 1000]].T ** 2
+        sx[i:i + 1000], sb[i:i + 1000] = e @ (w * s2), e @ (w * (s2 / 4) ** 2)
+    fx = n_ops * qq**2 * (4 * np.pi**2 / 3) * sx
+    fb = n_ops * qq**2 * sb
     fx, fb = fx * CLOSED_SCALE[0], fb * CLOSED_SCALE[1]
     out = np.zeros((n, 4, 4))
     np.add.at(out, (owner, 0, 0), fx); np.add.at(out, (owner, 1, 1), fx); np.add.at(out, (owner, 2, 2), fx)
