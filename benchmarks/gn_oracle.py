@@ -19,7 +19,8 @@ pid = sys.argv[1]; n_gn = int(sys.argv[2]) if len(sys.argv) > 2 else 6
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import bench_refine as br  # noqa: E402
 _, data = br.paths(pid)
-cfg = load_config(None, [f"data.labin={br.LABIN[pid]}", f"model.monlib={br.DATA / 'monomers'}"])
+extra = [a for a in __import__("os").environ.get("ORACLE_SET", "").split() if a]  # e.g. ORACLE_SET="refine.adp=iso"
+cfg = load_config(None, [f"data.labin={br.LABIN[pid]}", f"model.monlib={br.DATA / 'monomers'}", *extra])
 s = build_setup(br.make_shaken(pid, tempfile.mkdtemp()), data, cfg)
 params0, problem, state = s.params, s.problem, s.state
 w_a = choose_initial_w_a(s)
