@@ -106,4 +106,4 @@ class Setup(NamedTuple):
     adp_choice: Any = None  # jaxrefine.problem.adp_model.AdpChoice: the ADP model chosen and why
     ncs_copies: tuple = ()  # jaxrefine.io.ncs.NcsCopies restrained to each other
     hydrogens: tuple = ("remove", "")  # (mode, reason): model.hydrogens as chosen for this setup (auto resolved)
-    strategy: tuple = ("", "")  # (strategy, reason): refine.strategy as chosen for this setup (auto resolved; also in config)
+    strategy: tuple = ("", "")  # (strategy, reason): refine.strategy as chosen for this setup (auto resolved)

@@ -6,7 +6,6 @@ the state is refreshed between macrocycles).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 
@@ -183,12 +182,13 @@ def refine_hkl_free(refl):
     return use
 
 
-def atom_maps_and_params(model: Model, cfg: Config, dtype):
-    """(:class:`AtomMaps`, starting :class:`Params`) of a model: rigid bodies, occupancy groups, B floor."""
+def atom_maps_and_params(model: Model, cfg: Config, dtype, strategy: str | None = None):
+    """(:class:`AtomMaps`, starting :class:`Params`) of a model: rigid bodies, occupancy groups (for ``strategy``,
+    default ``cfg.refine.strategy``: xyz_b_occ has them), B floor."""
     idx, centres = rigid_bodies(model, cfg.refine.rigid_bodies)
     radii = np.array([np.sqrt(((model.xyz_cart[idx == b] - c) ** 2).sum(1).mean()) + BODY_RADIUS_PAD
                       for b, c in enumerate(centres)])
-    refine_occ = cfg.refine.strategy == "xyz_b_occ"
+    refine_occ = (strategy or cfg.refine.strategy) == "xyz_b_occ"
     occ_group, group_set, set_total, set_size, group_start = occupancy_groups(model, refine_partial=refine_occ)
     if not refine_occ:
         occ_group = -np.ones(model.n_atoms, np.int32)
@@ -242,12 +242,11 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
     if model is None or refl is None:
         model, refl = load_inputs(model_path, data_path, cfg)
     dtype = _dtype(cfg)
-    strategy, why = choose_strategy(cfg.refine.strategy, refl.d_min, model)
+    strategy, why = choose_strategy(cfg.refine.strategy, refl.d_min, model)  # the loop reads it from the setup
     log.info("strategy: %s (%s)", strategy, why)
-    cfg = dataclasses.replace(cfg, refine=dataclasses.replace(cfg.refine, strategy=strategy))  # the loop reads it
     monlib = find_monlib(cfg.model.monlib)
     restraints = cast_floats(build_restraints(model, monlib=monlib, ligands=cfg.model.ligands), dtype)
-    maps, params = atom_maps_and_params(model, cfg, dtype)
+    maps, params = atom_maps_and_params(model, cfg, dtype, strategy)
     u_shape = anisotropic_shape(model, cfg.refine.keep_anisou)
     adp, params, b_sf, u_sf, choice = adp_model_and_params(model, refl, cfg, restraints, u_shape, params, dtype)
     if adp is not None:

@@ -264,8 +264,8 @@ def _actions_timed(hooks):
 
 
 def setup_strategy(setup: Setup) -> str:
-    """The strategy the setup's configuration asks for, ``auto`` resolved as build_setup resolved it (a caller may
-    hand refine() the setup with a fresh configuration: ``setup._replace(config=...)``)."""
+    """The strategy the setup's configuration asks for, ``auto`` as build_setup resolved it for the setup's model and
+    data (also when a caller hands refine() the setup with another configuration: ``setup._replace(config=...)``)."""
     if setup.config.refine.strategy != "auto":
         return setup.config.refine.strategy
     return setup.strategy[0] or choose_strategy("auto", setup.refl.d_min, setup.model)[0]
