@@ -6,8 +6,12 @@ engine runs it.  Not a benchmark of time: the Fisher blocks are probed (expensiv
 
 Results and what they mean: benchmarks/README.md, run v ("A Gauss-Newton step, tested as an oracle").
 """
+import os
+import sys
 import tempfile
-import sys, time
+import time
+from pathlib import Path
+
 import jax, jax.numpy as jnp, numpy as np
 from jaxrefine.config import load_config
 from jaxrefine.problem.setup import build_setup
@@ -16,10 +20,10 @@ from jaxrefine.refine.energy import geometry_term
 from jaxrefine.refine.optimize import lbfgs_loop
 from jaxrefine.validate import uncertainty as U
 pid = sys.argv[1]; n_gn = int(sys.argv[2]) if len(sys.argv) > 2 else 6
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_refine as br  # noqa: E402
 _, data = br.paths(pid)
-extra = [a for a in __import__("os").environ.get("ORACLE_SET", "").split() if a]  # e.g. ORACLE_SET="refine.adp=iso"
+extra = [a for a in os.environ.get("ORACLE_SET", "").split() if a]  # e.g. ORACLE_SET="refine.adp=iso"
 cfg = load_config(None, [f"data.labin={br.LABIN[pid]}", f"model.monlib={br.DATA / 'monomers'}", *extra])
 s = build_setup(br.make_shaken(pid, tempfile.mkdtemp()), data, cfg)
 params0, problem, state = s.params, s.problem, s.state
