@@ -49,6 +49,9 @@ class RefineConfig:
     steps_b: int = 15
     steps_occ: int = 10
     steps_rigid: int = 30
+    gn_steps: Any = "auto"  # Gauss-Newton steps (coordinates, and isotropic B when minimised together) at the start of
+    #                         each macrocycle's coordinate minimisation, then steps_xyz L-BFGS steps; auto: 4 steps and
+    #                         no L-BFGS steps for large isotropic models below 2.5 Å without refined occupancies, else 0
     joint_xyz_b: str = "auto"  # auto (on below 2.5 Å) | on | off: coordinates and B in one minimisation of steps_xyz
     #                            steps instead of steps_xyz + steps_b one after the other
     b_shift_scale: float = 30.0  # Å² of B per Å of coordinate shift in the joint minimisation (its preconditioner)
@@ -183,6 +186,12 @@ def _non_negative(v):
     return None if v >= 0 else "must be >= 0"
 
 
+def _non_negative_int_or_auto(v):
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+        return None
+    return "must be a whole number >= 0 or 'auto'"
+
+
 def _positive_or_auto(v):
     if v == "auto":
         return None
@@ -222,6 +231,7 @@ _CHECKS = {
     ("refine", "steps_b"): _non_negative,
     ("refine", "steps_occ"): _non_negative,
     ("refine", "steps_rigid"): _non_negative,
+    ("refine", "gn_steps"): _non_negative_int_or_auto,
     ("refine", "b_shift_scale"): _positive,
     ("refine", "learning_rate"): _positive,
     ("refine", "converge_rtol"): _non_negative,

@@ -33,7 +33,7 @@ from ..problem.xray_state import (current_model_arrays, f_model_of_jit, model_of
 from ..xray.targets import ml_amplitude_target
 from . import weights as wmod
 from ..core.cache import enable_compilation_cache
-from .blocks import (JOINT_D_MAX, STRATEGY_BLOCKS, cycle_plan, joint_applies, low_resolution_work_set, minimise_blocks,  # noqa: F401 (STRATEGY_BLOCKS re-exported)
+from .blocks import (GN_AUTO_MIN_ATOMS, JOINT_D_MAX, STRATEGY_BLOCKS, cycle_plan, gauss_newton_block, gauss_newton_plan, joint_applies, low_resolution_work_set, minimise_blocks,  # noqa: F401 (STRATEGY_BLOCKS re-exported)
                      prepare_block_minimiser, xray_gradient_norm)
 from .guard import Kept, keep_better, overfitting_warnings, within_limits
 from .monitor import HEADER, CycleStats, converged, cycle_statistics, format_cycle, log_cycle  # noqa: F401 (re-exported)
@@ -55,6 +55,8 @@ class LoopSettings(NamedTuple):
     rigid_first: bool
     n_rigid_cycles: int
     steps: dict  # block -> optimiser steps per macrocycle
+    gn_steps: Any  # refine.gn_steps: Gauss-Newton steps before each coordinate minimisation (blocks.gauss_newton_plan)
+    d_min: float
     joint: bool  # coordinates and B in one minimisation of steps["xyz"] steps (blocks.joint_applies)
     b_scale: float  # Å² of B per unit shift in the joint minimisation
     target: str
@@ -79,6 +81,7 @@ class LoopSettings(NamedTuple):
             strategy=strategy or r.strategy, n_cycles=r.n_cycles if n_cycles is None else n_cycles,
             rigid_first=r.rigid_first, n_rigid_cycles=r.n_rigid_cycles,
             steps={"xyz": r.steps_xyz, "b": r.steps_b, "occ": r.steps_occ, "rigid": r.steps_rigid},
+            gn_steps=r.gn_steps, d_min=d_min,
             joint=joint_applies(r.joint_xyz_b, d_min), b_scale=r.b_shift_scale,
             target=r.target, optimizer=r.optimizer, learning_rate=r.learning_rate, converge_rtol=r.converge_rtol,
             converge_shift=r.converge_shift,
@@ -219,6 +222,31 @@ def describe_minimiser(settings: LoopSettings, setting: str, d_min: float) -> st
     return f"minimiser: {settings.steps['xyz']} coordinate steps, then {settings.steps['b']} B steps per macrocycle ({why})"
 
 
+def _isotropic(params: Params) -> bool:
+    return params.u_raw is None and params.tls_raw is None
+
+
+def _gauss_newton_steps(settings: LoopSettings, params: Params, joint: bool, free_blocks, steps_xyz: int) -> tuple:
+    """(Gauss-Newton steps, L-BFGS steps) of this coordinate minimisation (:func:`blocks.gauss_newton_plan`)."""
+    return gauss_newton_plan(settings.gn_steps, steps_xyz, joint, _isotropic(params), "occ" in free_blocks,
+                             params.xyz_frac.shape[0], settings.d_min, settings.target, settings.optimizer)
+
+
+def describe_gauss_newton(settings: LoopSettings, params: Params) -> str:
+    """One log line on the Gauss-Newton steps of each macrocycle ('' when there are none)."""
+    blocks = STRATEGY_BLOCKS[settings.strategy]
+    joint = settings.joint and "b" in blocks
+    occ = ("occ",) if joint and "occ" in blocks and params.occ_raw.shape[0] else ()
+    n_gn, n_lbfgs = _gauss_newton_steps(settings, params, joint, ("xyz", "b") + occ if joint else ("xyz",),
+                                        settings.steps["xyz"])
+    if not n_gn:
+        return ""
+    what = "coordinates and isotropic B" if joint and _isotropic(params) else "coordinates"
+    why = (f"auto: isotropic B, {params.xyz_frac.shape[0]} atoms >= {GN_AUTO_MIN_ATOMS}, d_min {settings.d_min:.2f} Å"
+           if settings.gn_steps == "auto" else "refine.gn_steps")
+    return f"gauss-newton: {n_gn} steps of the {what} per macrocycle, then {n_lbfgs} L-BFGS steps ({why})"
+
+
 def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSettings, scan: bool = False):
     """One macrocycle's minimisation: each block of ``blocks`` in turn, or coordinates and B together
     (``settings.joint``: one minimisation of the coordinate block's steps, B shifts scaled by
@@ -246,6 +274,9 @@ def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSetting
                     w_now, lambda w: _weight_trial(w, start, problem, state, settings, n_trial))
                 settled = wmod.scan_settled(w_now, kept)
                 log.info(line + ("; w_A settled: later cycles keep it without a scan" if settled else ""))
+            n_gn, n_steps = _gauss_newton_steps(settings, params, joint, joint_blocks, n_steps)
+            params = gauss_newton_block(params, problem, state, n_gn, settings.target, settings.converge_rtol,
+                                        with_b=joint and _isotropic(params))
             params = minimise_blocks(joint_blocks if joint else ("xyz",), params, problem, state, n_steps, settings.target,
                                      settings.optimizer, settings.learning_rate, settings.converge_rtol, settings.b_scale)
             continue
@@ -253,7 +284,11 @@ def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSetting
         if block == "rigid":
             block_problem = low_resolution_work_set(problem, setup.refl.d, setup.refl.d_min, settings.rigid_d_min)
             target = settings.rigid_target
-        params = minimise_blocks((block,), params, block_problem, state, settings.steps[block], target,
+        n_steps = settings.steps[block]
+        if block == "xyz":
+            n_gn, n_steps = _gauss_newton_steps(settings, params, False, (block,), n_steps)
+            params = gauss_newton_block(params, problem, state, n_gn, settings.target, settings.converge_rtol)
+        params = minimise_blocks((block,), params, block_problem, state, n_steps, target,
                                  settings.optimizer, settings.learning_rate, settings.converge_rtol)
     return params, state, settled
 
@@ -304,6 +339,10 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
     plan = cycle_plan(settings.strategy, settings.n_cycles, settings.rigid_first, settings.n_rigid_cycles)
     if any("xyz" in blocks and "b" in blocks for blocks in plan):
         log.info(describe_minimiser(settings, setup.config.refine.joint_xyz_b, setup.refl.d_min))
+    if any("xyz" in blocks for blocks in plan):
+        line = describe_gauss_newton(settings, params)
+        if line:
+            log.info(line)
     scanning = settings.scan_w_a  # until a scan keeps the current weight (weights.scan_settled)
     converged_after = None
     nb_built_at = np.asarray(setup.model.xyz_cart, float)  # where the setup's non-bonded list was built

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from .bonds import angle_energy, bond_energy
-from .chirals import chiral_energy
-from .nonbonded import NonbondedList, nonbonded_energy
-from .planes import plane_energy
+from .bonds import angle_energy, bond_angles, bond_energy, bond_lengths
+from .chirals import chiral_energy, chiral_targets, chiral_volumes
+from .nonbonded import NONBONDED_SIGMA, NonbondedList, nonbonded_energy, pair_distances
+from .planes import plane_distances, plane_energy
 from ..core.restraint_terms import GeometryWeights, Restraints
-from .torsions import torsion_energy
+from .torsions import torsion_deviations, torsion_energy
 
 
 def geometry_terms(xyz_cart, restraints: Restraints, nonbonded: NonbondedList | None = None, orth=None, frac=None) -> dict:
@@ -43,3 +43,22 @@ def geometry_energy(xyz_cart, restraints: Restraints, nonbonded: NonbondedList |
     """
     terms = geometry_terms(xyz_cart, restraints, nonbonded, orth, frac)
     return sum(getattr(weights, k) * v for k, v in terms.items())
+
+
+def geometry_residuals(xyz_cart, restraints: Restraints, nonbonded: NonbondedList | None, weights: GeometryWeights,
+                       orth=None, frac=None):
+    """The residual vector r of E_geometry: Σ r² = :func:`geometry_energy` (one entry per restraint, per plane atom
+    and per non-bonded pair; padding rows 0).  Its Jacobian gives the Gauss–Newton matrix 2 JᵀJ of E_geometry,
+    positive semi-definite where the exact Hessian is not (compressed bonds of a shaken model)."""
+    b, a, t, p, c = restraints.bond, restraints.angle, restraints.torsion, restraints.plane, restraints.chiral
+    root = lambda w, mask: jnp.sqrt(w * mask)  # noqa: E731
+    v = chiral_volumes(xyz_cart, c)
+    out = [root(weights.bond, b.mask) * (bond_lengths(xyz_cart, b) - b.ideal) / b.sigma,
+           root(weights.angle, a.mask) * (bond_angles(xyz_cart, a) - a.ideal) / a.sigma,
+           root(weights.torsion, t.mask) * torsion_deviations(xyz_cart, t) / t.sigma,
+           (root(weights.plane, p.mask)[:, None] * plane_distances(xyz_cart, p) / p.sigma[:, None]).reshape(-1),
+           root(weights.chiral, c.mask) * (v - chiral_targets(v, c)) / c.sigma]
+    if nonbonded is not None:
+        d = pair_distances(xyz_cart, nonbonded, orth, frac)
+        out.append(jnp.sqrt(weights.nonbonded * nonbonded.weight) * jnp.maximum(nonbonded.d_min - d, 0.0) / NONBONDED_SIGMA)
+    return jnp.concatenate([o.astype(xyz_cart.dtype) for o in out])
