@@ -247,14 +247,15 @@ def describe_gauss_newton(settings: LoopSettings, params: Params) -> str:
     return f"gauss-newton: {n_gn} steps of the {what} per macrocycle, then {n_lbfgs} L-BFGS steps ({why})"
 
 
-def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSettings, scan: bool = False):
+def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSettings, scan: bool = False, calibration=None):
     """One macrocycle's minimisation: each block of ``blocks`` in turn, or coordinates and B together
     (``settings.joint``: one minimisation of the coordinate block's steps, B shifts scaled by
     ``settings.b_scale``; the occupancies too when the cycle refines them).  With ``scan`` the coordinate block
     is a w_A scan
     (:func:`jaxrefine.refine.weights.scan_w_a`; its trials move coordinates only, the rest of the cycle's
-    steps are joint) and the state returned carries the chosen w_A.  Returns (params, state, settled):
-    ``settled`` is True when a scan kept the current w_A."""
+    steps are joint) and the state returned carries the chosen w_A.  Returns (params, state, settled, calibration):
+    ``settled`` is True when a scan kept the current w_A; ``calibration`` that of the Gauss-Newton steps (measured
+    in the first cycle that takes them, then handed back in)."""
     settled = False
     joint = settings.joint and "xyz" in blocks and "b" in blocks
     # occupancies in the joint minimisation (4xof, altloc occupancies reset to 0.5: R-free 0.1783 with 133 F
@@ -275,8 +276,8 @@ def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSetting
                 settled = wmod.scan_settled(w_now, kept)
                 log.info(line + ("; w_A settled: later cycles keep it without a scan" if settled else ""))
             n_gn, n_steps = _gauss_newton_steps(settings, params, joint, joint_blocks, n_steps)
-            params = gauss_newton_block(params, problem, state, n_gn, settings.target, settings.converge_rtol,
-                                        with_b=joint and _isotropic(params))
+            params, calibration = gauss_newton_block(params, problem, state, n_gn, settings.target, settings.converge_rtol,
+                                                     with_b=joint and _isotropic(params), calibration=calibration)
             params = minimise_blocks(joint_blocks if joint else ("xyz",), params, problem, state, n_steps, settings.target,
                                      settings.optimizer, settings.learning_rate, settings.converge_rtol, settings.b_scale)
             continue
@@ -287,10 +288,11 @@ def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSetting
         n_steps = settings.steps[block]
         if block == "xyz":
             n_gn, n_steps = _gauss_newton_steps(settings, params, False, (block,), n_steps)
-            params = gauss_newton_block(params, problem, state, n_gn, settings.target, settings.converge_rtol)
+            params, calibration = gauss_newton_block(params, problem, state, n_gn, settings.target, settings.converge_rtol,
+                                                     calibration=calibration)
         params = minimise_blocks((block,), params, block_problem, state, n_steps, target,
                                  settings.optimizer, settings.learning_rate, settings.converge_rtol)
-    return params, state, settled
+    return params, state, settled, calibration
 
 
 def _actions_timed(hooks):
@@ -344,6 +346,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
         if line:
             log.info(line)
     scanning = settings.scan_w_a  # until a scan keeps the current weight (weights.scan_settled)
+    gn_calibration = None  # of the Gauss-Newton steps: measured in their first cycle
     converged_after = None
     nb_built_at = np.asarray(setup.model.xyz_cart, float)  # where the setup's non-bonded list was built
     mask_at = riding_at = nb_built_at  # and its mask and riding hydrogens
@@ -354,7 +357,8 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
             with timing.section("neighbours"):
                 state, nb_built_at = refresh_neighbours(setup, problem, state, params, nb_built_at)
         with timing.section("optimise"):
-            params, state, settled = _minimise_cycle(blocks, params, problem, state, setup, settings, scanning)
+            params, state, settled, gn_calibration = _minimise_cycle(blocks, params, problem, state, setup, settings,
+                                                                     scanning, gn_calibration)
         scanning = scanning and not settled
         xyz = current_model_arrays(params, problem)[0]
         if ("xyz" in blocks or "rigid" in blocks) and moved_beyond(xyz, riding_at, REBUILD_SHIFT):  # riding H re-placed

@@ -56,14 +56,15 @@ class GaussNewtonStats(NamedTuple):
         steps: accepted Gauss–Newton steps.
         evaluations: E_total evaluations with gradient (the line search's trials and the start).
         cg_iterations: conjugate-gradient iterations, all steps.
-        scale: the calibration s of the closed-form X-ray diagonal of the coordinates.
+        calibration: (2,) the calibrations s of the closed-form X-ray diagonals of the coordinates and of B (the ones
+            given, or measured by this call).
         energy_start, energy_end: E_total before and after.
     """
 
     steps: jax.Array
     evaluations: jax.Array
     cg_iterations: jax.Array
-    scale: jax.Array
+    calibration: jax.Array
     energy_start: jax.Array
     energy_end: jax.Array
 
@@ -179,13 +180,16 @@ def _moved(z: _Shift, params: Params, problem: Problem) -> Params:
 
 
 def gauss_newton_steps(params: Params, problem: Problem, state: XrayState, n_steps, max_cg=30, cg_rtol=0.05, rtol=0.0,
-                       target: str = "ml", with_b: bool = False):
+                       calibration=None, target: str = "ml", with_b: bool = False):
     """Up to ``n_steps`` Gauss–Newton steps of the coordinates, and with ``with_b`` of the isotropic B parameters
     (an isotropic ADP model: ``params.b_raw`` is each atom's B), everything else held; see the module docstring.
 
     Args:
         n_steps, max_cg, cg_rtol, rtol: traced numbers: steps; CG iterations per step and its relative residual;
             stop once a step lowers E_total by less than ``rtol`` × |E_total|.
+        calibration: (2,) the calibrations of an earlier call to reuse (traced; the default, or 0, measures them:
+            four F_model evaluations).  They are a property of the structure (phase averages, symmetry, overlap of
+            neighbours), not of the current shifts: 4iid 1.135 for the coordinates at the shaken start.
         target: the X-ray target ("ml"; "ls" uses the same curvature, calibrated the same way).
 
     Returns:
@@ -201,14 +205,18 @@ def gauss_newton_steps(params: Params, problem: Problem, state: XrayState, n_ste
     v = jax.random.rademacher(key, (n, 3), dtype=dt)
     vb = jax.random.rademacher(jax.random.fold_in(key, 1), (n,), dtype=dt)
     h, h_b = jnp.asarray(CALIBRATION_STEP, dt), jnp.asarray(CALIBRATION_STEP_B, dt)
-    q_x, q_b = _fisher_quadratics(params, problem, state, weights, [_Shift(h * v, zero.b)]
-                                  + ([_Shift(zero.xyz, h_b * vb)] if with_b else []))
-    scale_x = _calibration(q_x / h**2, 3.0 * jnp.sum(d_x))
-    d_x = scale_x * d_x
     db_draw = jax.nn.sigmoid(params.b_raw)  # B = b_min + softplus(b_raw)
-    if with_b:
-        d_b = d_b * db_draw**2
-        d_b = _calibration(q_b / h_b**2, jnp.sum(d_b)) * d_b
+    d_b = d_b * db_draw**2
+
+    def measure():
+        q_x, q_b = _fisher_quadratics(params, problem, state, weights, [_Shift(h * v, zero.b)]
+                                      + ([_Shift(zero.xyz, h_b * vb)] if with_b else []))
+        return jnp.stack([_calibration(q_x / h**2, 3.0 * jnp.sum(d_x)),
+                          _calibration(q_b / h_b**2, jnp.sum(d_b)) if with_b else jnp.ones((), dt)])
+
+    given = jnp.zeros((2,), dt) if calibration is None else jnp.asarray(calibration, dt)
+    calibration = jax.lax.cond(jnp.all(given > 0), lambda: given, measure)
+    d_x, d_b = calibration[0] * d_x, calibration[1] * d_b
     w_a = state.w_a
     free_b = jnp.asarray(1.0 if with_b else 0.0, dt)
     ridge_x = DAMPING * jnp.mean(d_x)
@@ -268,7 +276,7 @@ def gauss_newton_steps(params: Params, problem: Problem, state: XrayState, n_ste
     e0, g0 = value_and_grad(zero, params)
     init = (jnp.zeros((), jnp.int32), jnp.ones((), jnp.int32), jnp.zeros((), jnp.int32), params, e0, g0, ~jnp.isfinite(e0))
     i, n_eval, n_cg, p, e, _, _ = jax.lax.while_loop(lambda c: (c[0] < n_steps) & ~c[6], step, init)
-    return p, GaussNewtonStats(i, n_eval, n_cg, scale_x, e0, e)
+    return p, GaussNewtonStats(i, n_eval, n_cg, calibration, e0, e)
 
 
 def _dot(a, b):
