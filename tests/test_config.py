@@ -66,6 +66,8 @@ def test_bad_config_errors(tmp_path):
     ("refine.learning_rate=0", "refine.learning_rate = 0.0: must be > 0"),
     ("refine.b_shift_scale=0", "refine.b_shift_scale = 0.0: must be > 0"),
     ("refine.joint_xyz_b=banana", "refine.joint_xyz_b = 'banana'; choose one of auto, on, off"),
+    ("refine.gn_steps=-1", "refine.gn_steps = -1: must be a whole number >= 0 or 'auto'"),
+    ("refine.gn_steps=2.5", "refine.gn_steps = 2.5: must be a whole number >= 0 or 'auto'"),
     ("solvent.update_every=0", "solvent.update_every = 0: must be > 0"),
     ("waters.max_hbond=2", "waters.min_hbond = 2.4 and waters.max_hbond = 2.0"),
     ("guard.keep_best=2", "guard.keep_best: expected true or false, got 2"),
@@ -83,6 +85,11 @@ def test_values_are_checked_on_load(override, message):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     assert str(info.value).startswith("--set ") and message in str(info.value)
+
+
+def test_gn_steps_takes_a_count_or_auto():
+    assert load_config(None, ["refine.gn_steps=3"]).refine.gn_steps == 3
+    assert load_config(None, ["refine.gn_steps=auto"]).refine.gn_steps == "auto"
 
 
 def test_file_errors_name_the_file(tmp_path):
