@@ -35,22 +35,11 @@ Z = jnp.zeros((n, 4), params0.xyz_frac.dtype)
 Ef = jax.jit(lambda u, p: U.flat_energy(u, p, ps))
 VG = jax.jit(jax.value_and_grad(lambda u, p: U.flat_energy(u, p, ps)))
 from jaxrefine.problem.params import atom_xyz
-from jaxrefine.restraints.bonds import bond_lengths, bond_angles
-from jaxrefine.restraints.torsions import torsion_deviations
-from jaxrefine.restraints.planes import plane_distances
-from jaxrefine.restraints.chirals import chiral_volumes, chiral_targets
-from jaxrefine.restraints.nonbonded import pair_distances, NONBONDED_SIGMA
-R_, W_ = problem.restraints, problem.geo_weights
+from jaxrefine.restraints.geometry import geometry_residuals
 def geo_res(u, p):
     x, _ = atom_xyz(U.shifted_params(u, p, ps), problem.maps)
-    out = []
-    b = R_.bond; out.append(jnp.sqrt(W_.bond * b.mask) * (bond_lengths(x, b) - b.ideal) / b.sigma)
-    a = R_.angle; out.append(jnp.sqrt(W_.angle * a.mask) * (bond_angles(x, a) - a.ideal) / a.sigma)
-    t = R_.torsion; out.append(jnp.sqrt(W_.torsion * t.mask) * torsion_deviations(x, t) / t.sigma)
-    pl = R_.plane; out.append((jnp.sqrt(W_.plane * pl.mask)[:, None] * plane_distances(x, pl) / pl.sigma[:, None]).reshape(-1))
-    c = R_.chiral; v = chiral_volumes(x, c); out.append(jnp.sqrt(W_.chiral * c.mask) * (v - chiral_targets(v, c)) / c.sigma)
-    nb = state.nonbonded; d = pair_distances(x, nb); out.append(jnp.sqrt(W_.nonbonded * nb.weight) * jnp.maximum(nb.d_min - d, 0.0) / NONBONDED_SIGMA)
-    return jnp.sqrt(state.w_a) * jnp.concatenate(out)
+    return jnp.sqrt(state.w_a) * geometry_residuals(x, problem.restraints, state.nonbonded, problem.geo_weights,
+                                                     problem.maps.orth, problem.maps.frac)
 def _hg(v, p):
     r, jv = jax.jvp(lambda u: geo_res(u, p), (Z,), (v,))
     _, vjp = jax.vjp(lambda u: geo_res(u, p), Z)

@@ -97,12 +97,12 @@ def test_gauss_newton_steps_lower_the_energy_more_than_lbfgs_per_evaluation(shak
     setup, state = shaken_5e5z
     params, problem = setup.params, setup.problem
     e_start = float(total_energy(params, problem, state))
-    p_gn, st = gn.gauss_newton_steps(params, problem, state, n_steps, 15, 0.1, 0.0, with_b=with_b)
+    p_gn, st = gn.gauss_newton_steps(params, problem, state, n_steps, with_b=with_b)
     e_gn = float(total_energy(p_gn, problem, state))
     assert int(st.steps) == n_steps
     assert e_gn == pytest.approx(float(st.energy_end), rel=1e-9)
     # a later call given this call's calibration takes the same steps without measuring it again
-    _, st_again = gn.gauss_newton_steps(params, problem, state, n_steps, 15, 0.1, 0.0, st.calibration, with_b=with_b)
+    _, st_again = gn.gauss_newton_steps(params, problem, state, n_steps, calibration=st.calibration, with_b=with_b)
     assert float(st_again.energy_end) == pytest.approx(float(st.energy_end), rel=1e-9)
     assert np.all(np.asarray(st.calibration) > 0)
     # n L-BFGS steps take n + 1 evaluations or more

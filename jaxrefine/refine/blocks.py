@@ -15,9 +15,8 @@ from ..problem.problem import Problem, XrayState
 from .energy import SHIFT_ENERGY, apply_shifts, block_mask, zero_shifts
 from ..core import timing
 from .optimize import minimise_with_stats, prepare_minimiser
-from .gauss_newton import gauss_newton_steps
+from .gauss_newton import CG_RTOL, MAX_CG, gauss_newton_steps
 from ..core.cache import call_exported
-from functools import partial
 
 _apply_shifts_jit = jax.jit(apply_shifts)  # host code: one program, not one per operation
 
@@ -122,10 +121,7 @@ def gauss_newton_plan(setting, steps_xyz: int, joint: bool, iso: bool, with_occ:
     return 0, steps_xyz
 
 
-_gauss_newton_jit = partial(jax.jit, static_argnames=("target", "with_b"))(gauss_newton_steps)
-
-# CG iterations per Gauss-Newton step and the relative residual they stop at
-GN_MAX_CG, GN_CG_RTOL = 15, 0.1
+_gauss_newton_jit = jax.jit(gauss_newton_steps, static_argnames=("target", "with_b"))
 
 
 def gauss_newton_block(params: Params, problem: Problem, state: XrayState, n_steps: int, target: str = "ml",
@@ -138,7 +134,7 @@ def gauss_newton_block(params: Params, problem: Problem, state: XrayState, n_ste
         return params, calibration
     dt = problem.maps.orth.dtype
     given = np.zeros(2, dt) if calibration is None else np.asarray(calibration, dt)
-    args = (params, problem, state, np.int32(n_steps), np.int32(GN_MAX_CG), np.asarray(GN_CG_RTOL, dt), np.asarray(rtol, dt),
+    args = (params, problem, state, np.int32(n_steps), np.int32(MAX_CG), np.asarray(CG_RTOL, dt), np.asarray(rtol, dt),
             given)
     params, stats = call_exported(_gauss_newton_jit, args, {"target": target, "with_b": with_b}, "gauss_newton")
     timing.count("steps", stats.steps)
