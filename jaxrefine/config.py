@@ -56,7 +56,8 @@ class RefineConfig:
     #                            steps instead of steps_xyz + steps_b one after the other
     b_shift_scale: float = 30.0  # Å² of B per Å of coordinate shift in the joint minimisation (its preconditioner)
     learning_rate: float = 0.02  # for adam/sgd (Å for coordinates; B and occupancy scaled)
-    converge_rtol: float = 1e-5  # a block stops once a step lowers E by less than this fraction (0: all steps)
+    converge_rtol: Any = "auto"  # a block stops once a step lowers E by less than this fraction (0: all steps); auto:
+    #                             1e-4 where coordinates and B are minimised together (below 2.5 Å), else 1e-5
     converge_shift: float = 0.005  # Å: macrocycles stop (from the third on) once a cycle moves the atoms by less
     #                                than this RMS and w_A has stopped moving (0: always n_cycles)
     rigid_bodies: str = "chain"  # chain | all | "sel1; sel2; ..." (selection strings)
@@ -192,6 +193,14 @@ def _non_negative_int_or_auto(v):
     return "must be a whole number >= 0 or 'auto'"
 
 
+def _non_negative_or_auto(v):
+    if v == "auto":
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return "must be a number >= 0 or 'auto'"
+    return None if math.isfinite(v) and v >= 0 else "must be a number >= 0 or 'auto'"
+
+
 def _positive_or_auto(v):
     if v == "auto":
         return None
@@ -234,7 +243,7 @@ _CHECKS = {
     ("refine", "gn_steps"): _non_negative_int_or_auto,
     ("refine", "b_shift_scale"): _positive,
     ("refine", "learning_rate"): _positive,
-    ("refine", "converge_rtol"): _non_negative,
+    ("refine", "converge_rtol"): _non_negative_or_auto,
     ("refine", "converge_shift"): _non_negative,
     ("refine", "n_rigid_cycles"): _non_negative,
     ("refine", "rigid_d_min"): _positive,

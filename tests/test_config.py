@@ -68,6 +68,8 @@ def test_bad_config_errors(tmp_path):
     ("refine.joint_xyz_b=banana", "refine.joint_xyz_b = 'banana'; choose one of auto, on, off"),
     ("refine.gn_steps=-1", "refine.gn_steps = -1: must be a whole number >= 0 or 'auto'"),
     ("refine.gn_steps=2.5", "refine.gn_steps = 2.5: must be a whole number >= 0 or 'auto'"),
+    ("refine.converge_rtol=-1e-4", "refine.converge_rtol = -0.0001: must be a number >= 0 or 'auto'"),
+    ("refine.converge_rtol=fast", "refine.converge_rtol = 'fast': must be a number >= 0 or 'auto'"),
     ("solvent.update_every=0", "solvent.update_every = 0: must be > 0"),
     ("waters.max_hbond=2", "waters.min_hbond = 2.4 and waters.max_hbond = 2.0"),
     ("guard.keep_best=2", "guard.keep_best: expected true or false, got 2"),
@@ -90,6 +92,21 @@ def test_values_are_checked_on_load(override, message):
 def test_gn_steps_takes_a_count_or_auto():
     assert load_config(None, ["refine.gn_steps=3"]).refine.gn_steps == 3
     assert load_config(None, ["refine.gn_steps=auto"]).refine.gn_steps == "auto"
+
+
+def test_converge_rtol_auto_is_looser_where_coordinates_and_b_move_together():
+    from jaxrefine.refine.blocks import CONVERGE_RTOL_BLOCKS, CONVERGE_RTOL_JOINT, converge_rtol_for
+    from jaxrefine.refine.engine import LoopSettings
+
+    assert load_config(None, []).refine.converge_rtol == "auto"
+    assert CONVERGE_RTOL_JOINT > CONVERGE_RTOL_BLOCKS
+    auto = load_config(None, [])
+    assert LoopSettings.from_config(auto, 1.7).converge_rtol == CONVERGE_RTOL_JOINT  # joint below 2.5 Å
+    assert LoopSettings.from_config(auto, 2.9).converge_rtol == CONVERGE_RTOL_BLOCKS
+    apart = load_config(None, ["refine.joint_xyz_b=off"])
+    assert LoopSettings.from_config(apart, 1.7).converge_rtol == CONVERGE_RTOL_BLOCKS
+    assert LoopSettings.from_config(load_config(None, ["refine.converge_rtol=0"]), 1.7).converge_rtol == 0.0
+    assert converge_rtol_for(3e-5, True) == 3e-5
 
 
 def test_file_errors_name_the_file(tmp_path):

@@ -33,7 +33,7 @@ from ..problem.xray_state import (current_model_arrays, f_model_of_jit, model_of
 from ..xray.targets import ml_amplitude_target
 from . import weights as wmod
 from ..core.cache import enable_compilation_cache
-from .blocks import (GN_AUTO_MIN_ATOMS, JOINT_D_MAX, STRATEGY_BLOCKS, cycle_plan, gauss_newton_block, gauss_newton_plan, joint_applies, low_resolution_work_set, minimise_blocks,  # noqa: F401 (STRATEGY_BLOCKS re-exported)
+from .blocks import (GN_AUTO_MIN_ATOMS, JOINT_D_MAX, STRATEGY_BLOCKS, converge_rtol_for, cycle_plan, gauss_newton_block, gauss_newton_plan, joint_applies, low_resolution_work_set, minimise_blocks,  # noqa: F401 (STRATEGY_BLOCKS re-exported)
                      prepare_block_minimiser, xray_gradient_norm)
 from .guard import Kept, keep_better, overfitting_warnings, within_limits
 from .monitor import HEADER, CycleStats, converged, cycle_statistics, format_cycle, log_cycle  # noqa: F401 (re-exported)
@@ -83,7 +83,8 @@ class LoopSettings(NamedTuple):
             steps={"xyz": r.steps_xyz, "b": r.steps_b, "occ": r.steps_occ, "rigid": r.steps_rigid},
             gn_steps=r.gn_steps, d_min=d_min,
             joint=joint_applies(r.joint_xyz_b, d_min), b_scale=r.b_shift_scale,
-            target=r.target, optimizer=r.optimizer, learning_rate=r.learning_rate, converge_rtol=r.converge_rtol,
+            target=r.target, optimizer=r.optimizer, learning_rate=r.learning_rate,
+            converge_rtol=converge_rtol_for(r.converge_rtol, joint_applies(r.joint_xyz_b, d_min)),
             converge_shift=r.converge_shift,
             rigid_d_min=r.rigid_d_min, rigid_target=r.rigid_target,
             mask_every=max(cfg.solvent.update_every, 1), w_a=cfg.weights.w_a,
