@@ -508,10 +508,11 @@ def test_guard_keeps_the_latest_cycle_within_noise_of_the_best_and_never_above_t
 
 
 def test_guard_prefers_cycles_within_the_geometry_limits():
-    """A refined cycle within RMS bond 0.015 Å and angle 2.0° wins over one beyond them whatever their R-free
-    (5e5z: cycle 2 at 2.65° had R-free 0.0033 below cycle 1 at 1.89°, on 18 free reflections); on the same side
-    of the limits the R-free rule holds; the input model is compared by R-free alone."""
-    from jaxrefine.refine.guard import Kept, keep_better, within_limits
+    """A refined cycle within RMS bond 0.015 Å and angle 2.0° wins over one beyond them unless the one beyond has an
+    R-free lower by more than GEOMETRY_R_FREE_MARGIN (5e5z: cycle 2 at 2.65° had R-free 0.0033 below cycle 1 at
+    1.89°, on 18 free reflections: cycle 1; 4xof: cycle 5 at 2.001° had 0.177 against cycle 1's 0.260 at 1.92°:
+    cycle 5); on the same side of the limits the R-free rule holds; the input model is compared by R-free alone."""
+    from jaxrefine.refine.guard import GEOMETRY_R_FREE_MARGIN, Kept, keep_better, within_limits
 
     def run(r_input, cycles):
         kept = Kept(r_input, 0, None, None, None, None)
@@ -521,8 +522,13 @@ def test_guard_prefers_cycles_within_the_geometry_limits():
 
     assert within_limits(0.015, 2.0) and not within_limits(0.0151, 1.0) and not within_limits(0.005, 2.01)
     assert run(0.40, [(0.2226, 0.006, 1.89), (0.2193, 0.013, 2.65), (0.2364, 0.014, 2.69)]) == 1  # 5e5z
-    assert run(0.40, [(0.2300, 0.009, 2.60), (0.2400, 0.009, 1.95), (0.2380, 0.008, 1.90)]) == 3  # best within
+    assert run(0.40, [(0.2350, 0.009, 2.60), (0.2400, 0.009, 1.95), (0.2380, 0.008, 1.90)]) == 3  # best within
     assert run(0.40, [(0.2300, 0.009, 2.60), (0.2250, 0.009, 2.50)]) == 2  # all beyond: R-free decides
+    m = GEOMETRY_R_FREE_MARGIN
+    assert run(0.42, [(0.2604, 0.008, 1.92), (0.1895, 0.011, 2.03), (0.1792, 0.011, 2.12), (0.1770, 0.009, 2.001)]) == 4  # 4xof
+    assert run(0.42, [(0.2400, 0.008, 1.92), (0.2400 - 0.9 * m, 0.011, 2.03)]) == 1  # not better by the margin
+    assert run(0.42, [(0.2400, 0.008, 2.30), (0.2400 + 0.9 * m, 0.011, 1.90)]) == 2  # within, not worse by the margin
+    assert run(0.42, [(0.2400, 0.008, 2.30), (0.2400 + 1.1 * m, 0.011, 1.90)]) == 1  # within, but much worse
     assert run(0.2200, [(0.2300, 0.005, 1.50)]) == 0  # never above the input
     assert run(0.2400, [(0.2350, 0.009, 2.60), (0.2450, 0.009, 1.90)]) == 1  # within the limits but above the input
 
