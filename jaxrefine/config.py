@@ -96,7 +96,7 @@ class RestraintsConfig:
 class SolventConfig:
     r_probe: float = 1.0  # Å, added to van der Waals radii
     r_shrink: float = 0.8  # Å, shrink-back
-    update_every: int = 1  # macrocycles between mask rebuilds (each only once some atom has moved 0.1 Å)
+    update_every: int = 1  # macrocycles between mask rebuilds (each only once the atoms have moved 0.05 Å RMS or one 0.5 Å)
 
 
 @dataclass(frozen=True)

@@ -295,9 +295,19 @@ def test_kept_neighbour_list_gives_the_rebuilt_lists_energy(small_setup):
 
 
 def test_mask_is_rebuilt_only_once_atoms_have_moved(small_setup, monkeypatch):
-    """B-factor cycles move no atom: the solvent mask of the start is kept; a coordinate cycle that moves some
-    atom past REBUILD_SHIFT rebuilds it."""
+    """B-factor cycles move no atom: the solvent mask of the start is kept; a coordinate cycle that moves the atoms
+    past the mask's rule (xray_state.mask_moved: 0.05 Å RMS or one atom 0.5 Å) rebuilds it."""
+    from jaxrefine.problem.xray_state import MASK_MAX_SHIFT, MASK_RMS_SHIFT, mask_moved
     from jaxrefine.refine import engine
+
+    at = np.zeros((100, 3))
+    assert mask_moved(at, None) and mask_moved(at, np.zeros((99, 3)))
+    few = at.copy()
+    few[:3, 0] = 0.3  # three atoms 0.3 Å: RMS 0.052 Å
+    assert mask_moved(few, at) and not mask_moved(at + 0.9 * MASK_RMS_SHIFT / np.sqrt(3), at)  # all 0.045 Å
+    one = at.copy()
+    one[7, 2] = MASK_MAX_SHIFT
+    assert mask_moved(one, at) and not mask_moved(one * 0.9, at)  # one atom 0.5 Å (RMS 0.05); 0.45 Å: RMS 0.045
 
     asked = []
     real = engine.refit_xray_state
@@ -308,8 +318,7 @@ def test_mask_is_rebuilt_only_once_atoms_have_moved(small_setup, monkeypatch):
     asked.clear()
     shaken = shake(small_setup.model, 0.3, seed=2)
     run = refine(build_setup(None, None, cfg, model=shaken, refl=small_setup.refl), n_cycles=1, strategy="xyz")
-    assert engine.moved_beyond(engine.current_model_arrays(run.params, run.problem)[0], np.asarray(shaken.xyz_cart),
-                               engine.REBUILD_SHIFT)
+    assert mask_moved(engine.current_model_arrays(run.params, run.problem)[0], np.asarray(shaken.xyz_cart))
     assert asked == [True]
 
 

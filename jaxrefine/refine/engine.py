@@ -28,7 +28,7 @@ from ..problem.params import Params
 from ..problem.problem import Problem, Setup, XrayState
 from ..problem.setup import build_setup, choose_strategy
 from ..problem.riding import riding_problem
-from ..problem.xray_state import (current_model_arrays, f_model_of_jit, model_of, moved_beyond, refit_xray_state,
+from ..problem.xray_state import (current_model_arrays, f_model_of_jit, mask_moved, model_of, moved_beyond, refit_xray_state,
                                   refresh_neighbours)
 from ..xray.targets import ml_amplitude_target
 from . import weights as wmod
@@ -40,10 +40,9 @@ from .monitor import HEADER, CycleStats, converged, cycle_statistics, format_cyc
 
 log = logging.getLogger("jaxrefine")
 
-# The solvent mask is rebuilt, and the riding hydrogens re-placed, only once some atom has moved this far (Å)
-# since the last time: the 0.6 Å mask grid and the hydrogens' frames barely change below it.  4iid's fourth and
-# fifth macrocycles move atoms at most 0.05 and 0.01 Å (RMS 0.008 and 0.001) and rebuilt a 12-million-point mask
-# (0.4 s) and 12.5k hydrogens (0.16 s) each time.
+# The riding hydrogens are re-placed only once some atom has moved this far (Å) since the last time: their frames
+# barely change below it.  4iid's fourth and fifth macrocycles move atoms at most 0.05 and 0.01 Å (RMS 0.008 and
+# 0.001) and re-placed 12.5k hydrogens (0.16 s) each time.  (The solvent mask has its own rule: xray_state.mask_moved.)
 REBUILD_SHIFT = 0.1
 
 
@@ -372,7 +371,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
                 params, problem, state = ctx.params, ctx.problem, ctx.state
                 removed_labels += list(ctx.removed)
         xyz, b_now, _ = current_model_arrays(params, problem)  # after the actions (they may move atoms)
-        rebuild_mask = cycle % settings.mask_every == 0 and moved_beyond(xyz, mask_at, REBUILD_SHIFT)
+        rebuild_mask = cycle % settings.mask_every == 0 and mask_moved(xyz, mask_at)
         with timing.section("xray_state"):  # mask, scales, σA
             state, f_model = refit_xray_state(setup, problem, state, params, rebuild_mask=rebuild_mask)
         mask_at = xyz if rebuild_mask else mask_at
