@@ -193,20 +193,22 @@ def _non_negative_int_or_auto(v):
     return "must be a whole number >= 0 or 'auto'"
 
 
-def _non_negative_or_auto(v):
-    if v == "auto":
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return "must be a number >= 0 or 'auto'"
-    return None if math.isfinite(v) and v >= 0 else "must be a number >= 0 or 'auto'"
+def _number_or_auto(positive: bool):
+    """Check of a finite number > 0 (``positive``) or >= 0, or the word auto."""
+    message = f"must be a number {'>' if positive else '>='} 0 or 'auto'"
+
+    def check(v):
+        if v == "auto":
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return message
+        return None if (v > 0 if positive else v >= 0) else message
+
+    return check
 
 
-def _positive_or_auto(v):
-    if v == "auto":
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return "must be a number > 0 or 'auto'"
-    return None if math.isfinite(v) and v > 0 else "must be a number > 0 or 'auto'"
+_positive_or_auto = _number_or_auto(positive=True)
+_non_negative_or_auto = _number_or_auto(positive=False)
 
 
 def _length(*allowed):

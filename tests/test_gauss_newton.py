@@ -105,6 +105,10 @@ def test_gauss_newton_steps_lower_the_energy_more_than_lbfgs_per_evaluation(shak
     _, st_again = gn.gauss_newton_steps(params, problem, state, n_steps, calibration=st.calibration, with_b=with_b)
     assert float(st_again.energy_end) == pytest.approx(float(st.energy_end), rel=1e-9)
     assert np.all(np.asarray(st.calibration) > 0)
+    other = np.asarray(st.calibration) * 3.0  # and it is the given calibration that scales the steps
+    _, st_other = gn.gauss_newton_steps(params, problem, state, n_steps, calibration=other, with_b=with_b)
+    np.testing.assert_array_equal(np.asarray(st_other.calibration), other)
+    assert float(st_other.energy_end) != pytest.approx(float(st.energy_end), rel=1e-6)
     # n L-BFGS steps take n + 1 evaluations or more
     p_lb = minimise_blocks(("xyz", "b") if with_b else ("xyz",), params, problem, state, int(st.evaluations) - 1, b_scale=30.0)
     e_lb = float(total_energy(p_lb, problem, state))

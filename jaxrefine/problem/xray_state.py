@@ -215,10 +215,9 @@ MASK_MAX_SHIFT = 0.5
 def mask_moved(xyz, since) -> bool:
     """Whether the solvent mask built at ``since`` ((n, 3) Å; None or other atoms: yes) is out of date for ``xyz``:
     RMS shift >= MASK_RMS_SHIFT or some atom >= MASK_MAX_SHIFT."""
-    if since is None or since.shape != xyz.shape:
+    if moved_beyond(xyz, since, MASK_MAX_SHIFT):  # also None or other atoms
         return True
-    d2 = np.sum((np.asarray(xyz) - np.asarray(since)) ** 2, axis=1)
-    return bool(d2.size) and (float(np.mean(d2)) >= MASK_RMS_SHIFT**2 or float(np.max(d2)) >= MASK_MAX_SHIFT**2)
+    return float(np.mean(np.sum((xyz - since) ** 2, axis=1))) >= MASK_RMS_SHIFT**2
 
 
 def refresh_neighbours(setup, problem: Problem, state: XrayState, params: Params, built_at=None):

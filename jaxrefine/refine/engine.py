@@ -76,14 +76,15 @@ class LoopSettings(NamedTuple):
     @classmethod
     def from_config(cls, cfg: Config, d_min: float, n_cycles: int | None = None, strategy: str | None = None):
         r = cfg.refine
+        joint = joint_applies(r.joint_xyz_b, d_min)
         return cls(
             strategy=strategy or r.strategy, n_cycles=r.n_cycles if n_cycles is None else n_cycles,
             rigid_first=r.rigid_first, n_rigid_cycles=r.n_rigid_cycles,
             steps={"xyz": r.steps_xyz, "b": r.steps_b, "occ": r.steps_occ, "rigid": r.steps_rigid},
             gn_steps=r.gn_steps, d_min=d_min,
-            joint=joint_applies(r.joint_xyz_b, d_min), b_scale=r.b_shift_scale,
+            joint=joint, b_scale=r.b_shift_scale,
             target=r.target, optimizer=r.optimizer, learning_rate=r.learning_rate,
-            converge_rtol=converge_rtol_for(r.converge_rtol, joint_applies(r.joint_xyz_b, d_min)),
+            converge_rtol=converge_rtol_for(r.converge_rtol, joint),
             converge_shift=r.converge_shift,
             rigid_d_min=r.rigid_d_min, rigid_target=r.rigid_target,
             mask_every=max(cfg.solvent.update_every, 1), w_a=cfg.weights.w_a,
