@@ -23,6 +23,7 @@ from jaxrefine.restraints.adp_aniso import (
     aniso_adp_report,
     aniso_adp_term,
     isotropy_energy,
+    rigid_bond_deltas,
     rigid_bond_energy,
     similarity_energy,
 )
@@ -310,6 +311,12 @@ def test_adp_restraint_gradients_match_finite_differences():
     central_difference_check(lambda x: rigid_bond_energy(x, u, term), jnp.asarray(xyz))
     rep = aniso_adp_report(jnp.asarray(xyz), u, term)
     assert rep["n_pairs"] == 7 and rep["rms_rigid_bond"] > 0 and rep["rms_similarity"] > 0
+    # the report (numpy) agrees with the restraint functions (JAX): RMS of the deltas the energy is made of
+    m = np.asarray(term.mask) > 0
+    deltas = np.asarray(rigid_bond_deltas(jnp.asarray(xyz), u, term))[m]
+    assert rep["rms_rigid_bond"] == pytest.approx(np.sqrt(np.mean(deltas**2)), rel=1e-5)
+    unit_sim = term._replace(sigma_sim=jnp.ones_like(term.sigma_sim))  # Σ ‖U_i − U_j‖²_F over the pairs
+    assert rep["rms_similarity"] == pytest.approx(np.sqrt(float(similarity_energy(u, unit_sim)) / (9 * 7)), rel=1e-5)
 
 
 def test_adp_restraint_invariant_under_rotation_of_atoms_and_u():

@@ -202,7 +202,7 @@ def build_adp_model(model, mode: str, tls_spec: str, b_min: float, d_min: float,
     aniso = np.zeros(n, bool)
     if mode == "aniso":
         aniso = ~np.asarray(model.is_hydrogen, bool) & (model.kind != "water")
-        u0 = np.where(has_aniso[:, None], model.u_aniso, np.asarray(u_iso6(jnp.asarray(np.maximum(b_start, b_min + 1.0)))))
+        u0 = np.where(has_aniso[:, None], model.u_aniso, u_iso6(np.maximum(np.asarray(b_start, float), b_min + 1.0)))
         u_raw = cholesky_params(u0[aniso], u_min=u_min, eig_floor=1e-4)
         u_fixed = np.where(aniso[:, None], 0.0, u_fixed)
         reason += f"; {int(aniso.sum())} atoms anisotropic"
@@ -328,7 +328,7 @@ def adp_ncs_statistics(xyz_cart, u_total, adp: AdpModel | None, ncs: NcsModel | 
     if ncs is not None:
         out["ncs"] = ncs_report(jnp.asarray(xyz_cart), ncs.term, [c.name for c in copies])
     if adp is not None and u_total is not None and (np.asarray(adp.aniso_index) >= 0).any():
-        out["adp_restraints"] = aniso_adp_report(jnp.asarray(xyz_cart), jnp.asarray(u_total), adp.restraints)
+        out["adp_restraints"] = aniso_adp_report(xyz_cart, u_total, adp.restraints)
     return out
 
 
@@ -343,7 +343,7 @@ def model_adp_ncs_statistics(model, restraints) -> dict:
         term = aniso_adp_term(np.asarray(bond.idx)[np.asarray(bond.mask) > 0],
                               np.asarray(angle.idx)[np.asarray(angle.mask) > 0][:, [0, 2]], aniso)
         adp = AdpModel(np.where(aniso, 0, -1), None, None, None, None, None, term, None)
-        u = np.where(aniso[:, None], model.u_aniso, np.asarray(u_iso6(jnp.asarray(model.b_iso))))
+        u = np.where(aniso[:, None], model.u_aniso, u_iso6(np.asarray(model.b_iso, float)))
     return adp_ncs_statistics(model.xyz_cart, u, adp, ncs, copies)
 
 

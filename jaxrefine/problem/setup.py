@@ -173,7 +173,7 @@ def geometry_weights(cfg: Config, dtype) -> GeometryWeights:
     """The per-term geometry weights of ``cfg.weights`` (the one place they are built); terms the
     config does not name (``adp``) weigh 1."""
     w = cfg.weights
-    return GeometryWeights(**{f: jnp.asarray(getattr(w, f, 1.0), dtype) for f in GeometryWeights._fields})
+    return GeometryWeights(**{f: on_device(getattr(w, f, 1.0), dtype) for f in GeometryWeights._fields})
 
 
 def refine_hkl_free(refl):
@@ -312,12 +312,12 @@ def adp_model_and_params(model, refl, cfg: Config, restraints, u_shape, params: 
     if adp is None:
         return None, params, model.b_iso, u_shape, choice
     params = params._replace(
-        b_raw=jnp.asarray(b_to_raw(b_start, cfg.refine.b_min), dtype),
-        u_raw=None if u_raw is None else jnp.asarray(u_raw, dtype),
-        tls_raw=None if tls_raw is None else jnp.asarray(tls_raw, dtype),
+        b_raw=on_device(b_to_raw(b_start, cfg.refine.b_min), dtype),
+        u_raw=None if u_raw is None else on_device(u_raw, dtype),
+        tls_raw=None if tls_raw is None else on_device(tls_raw, dtype),
     )
-    xyz = jnp.asarray(model.xyz_cart, jnp.float64 if dtype == jnp.float64 else jnp.float32)
-    b_sf, u_sf, _ = _atom_adp_jit(jnp.asarray(np.maximum(b_start, cfg.refine.b_min), xyz.dtype), params.u_raw, params.tls_raw,
+    xyz = on_device(model.xyz_cart, jnp.float64 if dtype == jnp.float64 else jnp.float32)
+    b_sf, u_sf, _ = _atom_adp_jit(on_device(np.maximum(b_start, cfg.refine.b_min), xyz.dtype), params.u_raw, params.tls_raw,
                              xyz, adp, None)
     return adp, params, np.asarray(b_sf, float), np.asarray(u_sf, float), choice
 

@@ -85,8 +85,8 @@ def aniso_adp_term(pairs_12, pairs_13, aniso, iso_pull=None) -> AnisoAdpTerm:
 
 
 def _frobenius2(d6):
-    """Σ_kl D_kl² of symmetric matrices given as (..., 6)."""
-    return jnp.sum(d6[..., :3] ** 2, -1) + 2.0 * jnp.sum(d6[..., 3:] ** 2, -1)
+    """Σ_kl D_kl² of symmetric matrices given as (..., 6) (numpy or JAX arrays)."""
+    return (d6[..., :3] ** 2).sum(-1) + 2.0 * (d6[..., 3:] ** 2).sum(-1)
 
 
 def msd_along(u6, e):
@@ -136,13 +136,18 @@ def aniso_adp_energy(xyz_cart, u_aniso, term: AnisoAdpTerm, weights=(1.0, 1.0, 1
 
 
 def aniso_adp_report(xyz_cart, u_aniso, term: AnisoAdpTerm) -> dict:
-    """RMS of the rigid-bond deltas and of the neighbour differences (Å², numpy floats)."""
+    """RMS of the rigid-bond deltas and of the neighbour differences (Å², numpy floats).
+
+    Host code, in numpy: run op by op in JAX it compiled ~20 one-operation programs at the end of a refinement.
+    """
     m = np.asarray(term.mask) > 0
     n = int(m.sum())
     if n == 0:
         return {"n_pairs": 0, "rms_rigid_bond": 0.0, "rms_similarity": 0.0}
-    rb = np.asarray(rigid_bond_deltas(xyz_cart, u_aniso, term))[m]
-    d = np.asarray(u_aniso)[np.asarray(term.idx)[m, 0]] - np.asarray(u_aniso)[np.asarray(term.idx)[m, 1]]
-    sim = np.asarray(_frobenius2(d)) / 9.0  # mean square of the 9 matrix elements
+    i, j = np.asarray(term.idx)[m, 0], np.asarray(term.idx)[m, 1]
+    xyz, u = np.asarray(xyz_cart, float), np.asarray(u_aniso, float)
+    bond = xyz[i] - xyz[j]
+    rb = msd_along(u[i] - u[j], bond / np.linalg.norm(bond, axis=-1, keepdims=True))
+    sim = _frobenius2(u[i] - u[j]) / 9.0  # mean square of the 9 matrix elements
     return {"n_pairs": n, "rms_rigid_bond": float(np.sqrt(np.mean(rb**2))),
             "rms_similarity": float(np.sqrt(np.mean(sim)))}

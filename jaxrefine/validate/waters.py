@@ -15,11 +15,11 @@ from __future__ import annotations
 import logging
 from typing import NamedTuple
 
-import jax.numpy as jnp
 import numpy as np
 from scipy.spatial import cKDTree
 
 from ..config import WaterConfig
+from ..core.device import on_device
 from ..io.model import metal_atoms
 from .density import sample_map
 
@@ -270,7 +270,7 @@ def remove_bad_waters_hook(params: WaterConfig = WaterConfig(), told: list | Non
             label = f"{m.chain_id[i]}/{m.res_name[i]} {m.res_seq[i]}"
             log.info("removed water %s (B %.1f Å²; out of density, above waters.max_b or clashing)", label, model_now.b_iso[i])
             labels.append(label)
-        occ0 = jnp.where(jnp.asarray(bad), 0.0, problem.maps.occ0).astype(problem.maps.occ0.dtype)
+        occ0 = on_device(np.where(bad, 0.0, np.asarray(problem.maps.occ0)), problem.maps.occ0.dtype)
         return ctx._replace(problem=problem._replace(maps=problem.maps._replace(occ0=occ0)), removed=tuple(labels))
 
     return remove_bad

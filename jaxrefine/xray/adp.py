@@ -39,10 +39,11 @@ def b_eq(u_aniso):
 
 
 def u_iso6(b_iso):
-    """(n, 6) U = B/(8π²)·I of isotropic atoms; b_iso (n,) Å²."""
+    """(n, 6) U = B/(8π²)·I of isotropic atoms; b_iso (n,) Å² (numpy in, numpy out)."""
+    xp = np if isinstance(b_iso, np.ndarray) else jnp
     u = b_iso / EIGHT_PI2
-    z = jnp.zeros_like(u)
-    return jnp.stack([u, u, u, z, z, z], -1)
+    z = xp.zeros_like(u)
+    return xp.stack([u, u, u, z, z, z], -1)
 
 
 def _lower_indices(k: int):

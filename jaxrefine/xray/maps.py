@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import i0e, i1e
 
+from ..core.device import on_device
+
 
 def figure_of_merit(f_obs, f_model_abs, d, s, centric, epsilon, sig_f_obs=None):
     """(n,) figure of merit m for the ML model of :mod:`jaxrefine.xray.targets`."""
@@ -45,10 +47,12 @@ def map_coefficients(f_obs, f_model, sigma_a, centric, epsilon, observed=None, s
     """
     # one dtype per argument whatever the caller holds (numpy float64 or device float32 σA, complex64 or
     # complex128 F_model), so that the compiled program is reused
-    fo = jnp.asarray(np.nan_to_num(np.asarray(f_obs, float)))
-    real = lambda a: jnp.asarray(a, fo.dtype)  # noqa: E731
-    return _coefficients(fo, jnp.asarray(f_model, jnp.result_type(fo.dtype, jnp.complex64)), real(sigma_a.d), real(sigma_a.s),
-                         jnp.asarray(centric, bool), jnp.asarray(epsilon), None if observed is None else jnp.asarray(observed, bool),
+    # host arrays go over with a numpy cast (no one-operation conversion program: core/device.py)
+    dev = lambda a, dtype=None: on_device(a, dtype) if not isinstance(a, jax.Array) else jnp.asarray(a, dtype)  # noqa: E731
+    fo = on_device(np.nan_to_num(np.asarray(f_obs, float)))
+    real = lambda a: dev(a, fo.dtype)  # noqa: E731
+    return _coefficients(fo, dev(f_model, jnp.result_type(fo.dtype, jnp.complex64)), real(sigma_a.d), real(sigma_a.s),
+                         dev(centric, bool), dev(epsilon), None if observed is None else dev(observed, bool),
                          None if sig_f_obs is None else real(sig_f_obs))
 
 
