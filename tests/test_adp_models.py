@@ -27,7 +27,7 @@ from jaxrefine.restraints.adp_aniso import (
     rigid_bond_energy,
     similarity_energy,
 )
-from jaxrefine.restraints.ncs import NCS_RADIUS, geman_mcclure, local_pairs, ncs_energy, ncs_report, ncs_term
+from jaxrefine.restraints.ncs import NCS_RADIUS, geman_mcclure, local_pairs, ncs_deltas, ncs_energy, ncs_report, ncs_term
 from jaxrefine.xray.adp import (
     EIGHT_PI2,
     b_eq,
@@ -393,6 +393,12 @@ def test_ncs_energy_zero_for_rigid_copies_positive_otherwise(ncs_1va7):
     rep = ncs_report(jnp.asarray(model.xyz_cart), term, [c.name for c in copies])
     assert [r["copies"] for r in rep] == [c.name for c in copies]
     assert all(r["n_pairs"] > 0 and 0 < r["rms_delta"] <= r["max_delta"] for r in rep)
+    # the report (numpy) is the RMS of the deltas the energy is made of (JAX), per pair of copies
+    delta = np.asarray(ncs_deltas(jnp.asarray(model.xyz_cart), term))
+    m = np.asarray(term.mask) > 0
+    for k, r in enumerate(rep):
+        d = delta[m & (np.asarray(term.copy_pair) == k)]
+        assert r["n_pairs"] == d.size and r["rms_delta"] == pytest.approx(np.sqrt(np.mean(d * d)), rel=1e-4)
 
 
 def test_ncs_gradient_matches_finite_differences(ncs_1va7):

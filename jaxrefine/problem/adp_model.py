@@ -326,7 +326,7 @@ def adp_ncs_statistics(xyz_cart, u_total, adp: AdpModel | None, ncs: NcsModel | 
     """
     out = {}
     if ncs is not None:
-        out["ncs"] = ncs_report(jnp.asarray(xyz_cart), ncs.term, [c.name for c in copies])
+        out["ncs"] = ncs_report(xyz_cart, ncs.term, [c.name for c in copies])
     if adp is not None and u_total is not None and (np.asarray(adp.aniso_index) >= 0).any():
         out["adp_restraints"] = aniso_adp_report(xyz_cart, u_total, adp.restraints)
     return out

@@ -268,8 +268,8 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
                        b_iso=b_sf, b_margin=SF_B_MARGIN, dtype=dtype, u_aniso=u_sf)
     problem = Problem(
         maps=maps, sf=sf, xray=xray_data(refl, dtype), restraints=restraints,
-        geo_weights=geometry_weights(cfg, dtype), w_b=jnp.asarray(cfg.weights.w_b, dtype),
-        u_shape=None if u_shape is None else jnp.asarray(u_shape, dtype),
+        geo_weights=geometry_weights(cfg, dtype), w_b=on_device(cfg.weights.w_b, dtype),
+        u_shape=None if u_shape is None else on_device(u_shape, dtype),
         adp=cast_floats(adp, dtype), ncs=cast_floats(ncs, dtype), riding=riding,
     )
     state = XrayState(  # w_A is chosen by the loop; mask, scales and σA are fitted just below

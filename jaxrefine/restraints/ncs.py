@@ -92,12 +92,14 @@ def ncs_term(xyz_cart, copies, radius=NCS_RADIUS, sigma=NCS_SIGMA, saturation=NC
 
 
 def ncs_deltas(xyz_cart, term: NcsTerm):
-    """(n,) distance differences Δ = d(copy 1) − d(copy 2) (Å); xyz_cart (n_atoms, 3) Å."""
+    """(n,) distance differences Δ = d(copy 1) − d(copy 2) (Å); xyz_cart (n_atoms, 3) Å (numpy coordinates and
+    term: numpy, for reports; else JAX)."""
+    xp = np if isinstance(xyz_cart, np.ndarray) else jnp
     pad = 1.0 - term.mask  # padding rows point at atom 0 twice: keep sqrt away from 0
 
     def dist(a, b):
         d = xyz_cart[term.idx[:, a]] - xyz_cart[term.idx[:, b]]
-        return jnp.sqrt(jnp.sum(d * d, -1) + pad)
+        return xp.sqrt(xp.sum(d * d, -1) + pad)
 
     return dist(0, 1) - dist(2, 3)
 
@@ -120,7 +122,7 @@ def ncs_report(xyz_cart, term: NcsTerm, names) -> list:
     Args:
         names: one label per pair of copies, e.g. ("A-B", "A-C").
     """
-    delta = np.asarray(ncs_deltas(xyz_cart, term))
+    delta = ncs_deltas(np.asarray(xyz_cart, float), NcsTerm(*(np.asarray(v) for v in term)))  # numpy: no programs
     m = np.asarray(term.mask) > 0
     which = np.asarray(term.copy_pair)
     out = []
