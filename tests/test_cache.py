@@ -340,9 +340,10 @@ def test_trim_heap_calls_the_c_library_where_it_has_one():
 
 
 def test_on_device_is_jnp_asarray_without_a_program():
-    """core.device.on_device / zeros_on_device give jnp.asarray's / jnp.zeros's array (values, dtype, weak type,
-    placement) and trace, lower, compile or load nothing, where jnp.asarray of a new shape and dtype runs a program
-    (whether or not the persistent cache is on in this worker)."""
+    """core.device.on_device / zeros_on_device give jnp.asarray's / jnp.zeros's array (values, dtype, weak type),
+    committed to the default device as the stored programs' outputs are, and trace, lower, compile or load nothing,
+    where jnp.asarray of a new shape and dtype runs a program (whether or not the persistent cache is on in this
+    worker)."""
     from jaxrefine.core.device import on_device, zeros_on_device
 
     def any_program(before):
@@ -357,7 +358,8 @@ def test_on_device_is_jnp_asarray_without_a_program():
         got = on_device(x, dtype)
         assert not any_program(before), x
         ref = jax.numpy.asarray(x, dtype)
-        assert (got.dtype, got.weak_type, got.committed, got.shape) == (ref.dtype, ref.weak_type, ref.committed, ref.shape)
+        assert (got.dtype, got.weak_type, got.shape) == (ref.dtype, ref.weak_type, ref.shape)
+        assert got.committed and got.devices() == {jax.devices()[0]}
         np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
     before = cache.compile_counters()
     z = zeros_on_device((5, 19), np.float32)
@@ -367,6 +369,12 @@ def test_on_device_is_jnp_asarray_without_a_program():
     before = cache.compile_counters()
     jax.numpy.asarray(rng.normal(size=(23, 5)), np.float32)  # the program on_device avoids
     assert any_program(before)
+    # a jitted function given the setup's arrays and then a stored program's output (committed) compiles once
+    step = jax.jit(lambda a: a * 3.0 + 1.0)
+    step(on_device(np.ones(29), np.float32))
+    before = cache.compile_counters()
+    step(jax.device_put(np.ones(29, np.float32), jax.devices()[0]))
+    assert not any_program(before)
 
 
 _MALLOC_SCRIPT = """

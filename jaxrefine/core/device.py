@@ -4,7 +4,12 @@
 program (a dtype conversion, a broadcast) compiled for that shape and dtype: ~30 of them in a problem's setup,
 15-20 ms each to compile in a cold run and ~10 ms each to look up and load from the persistent cache in a warm
 one.  Casting with numpy and transferring with ``jax.device_put`` gives the same array (same dtype after JAX's
-canonicalisation, not weakly typed, not committed) with no program at all.
+canonicalisation, not weakly typed) with no program at all.
+
+The arrays are committed to the default device, as the outputs of the stored programs are
+(:func:`jaxrefine.core.cache.call_exported`): JAX compiles a jitted function once more for each mix of committed
+and uncommitted arguments, so a function called on the setup's arrays and then on a minimisation's output
+(``_model_arrays``, ``apply_shifts``: 4xof) was compiled twice.
 """
 from __future__ import annotations
 
@@ -15,9 +20,9 @@ import numpy as np
 def on_device(x, dtype=None) -> jax.Array:
     """``jnp.asarray(x, dtype)`` for host data (numpy arrays, lists, Python numbers) by a numpy cast and one
     transfer: no XLA program compiled or loaded."""
-    return jax.device_put(np.asarray(x) if dtype is None else np.asarray(x, dtype))
+    return jax.device_put(np.asarray(x) if dtype is None else np.asarray(x, dtype), jax.devices()[0])
 
 
 def zeros_on_device(shape, dtype) -> jax.Array:
     """``jnp.zeros(shape, dtype)`` without its broadcast program."""
-    return jax.device_put(np.zeros(shape, dtype))
+    return jax.device_put(np.zeros(shape, dtype), jax.devices()[0])

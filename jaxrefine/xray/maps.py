@@ -52,7 +52,7 @@ def map_coefficients(f_obs, f_model, sigma_a, centric, epsilon, observed=None, s
     fo = on_device(np.nan_to_num(np.asarray(f_obs, float)))
     real = lambda a: dev(a, fo.dtype)  # noqa: E731
     return _coefficients(fo, dev(f_model, jnp.result_type(fo.dtype, jnp.complex64)), real(sigma_a.d), real(sigma_a.s),
-                         dev(centric, bool), dev(epsilon), None if observed is None else dev(observed, bool),
+                         dev(centric, bool), real(epsilon), None if observed is None else dev(observed, bool),
                          None if sig_f_obs is None else real(sig_f_obs))
 
 
