@@ -17,6 +17,7 @@ from ..core import timing
 from .optimize import minimise_with_stats, prepare_minimiser
 from .gauss_newton import CG_RTOL, MAX_CG, gauss_newton_steps
 from ..core.cache import call_exported
+from ..core.device import on_device, zeros_on_device
 
 _apply_shifts_jit = jax.jit(apply_shifts)  # host code: one program, not one per operation
 
@@ -87,9 +88,9 @@ def low_resolution_work_set(problem: Problem, d, d_min: float, d_cut: float | No
 
 
 def _loop_args(learning_rate: float, rtol: float, dtype):
-    """The traced scalars of the minimiser, always of the same kinds (so that every call shares one executable)."""
-    lr = jnp.asarray(learning_rate, dtype)
-    return lr, jnp.asarray(rtol, dtype)
+    """The traced scalars of the minimiser, always of the same kinds (so that every call shares one executable);
+    cast on the host (core/device.py: no conversion program)."""
+    return on_device(learning_rate, dtype), on_device(rtol, dtype)
 
 
 def minimise_blocks(blocks, params: Params, problem: Problem, state: XrayState, n_steps: int, target: str = "ml",
@@ -178,7 +179,7 @@ def xray_gradient_norm(params: Params, problem: Problem, state: XrayState, targe
     restraints, which do not depend on coordinates): the executable the refinement compiles anyway.
     """
     lr, rtol_a = _loop_args(0.02, 0.0, problem.maps.orth.dtype)
-    state0 = state._replace(w_a=jnp.zeros_like(state.w_a))
+    state0 = state._replace(w_a=zeros_on_device(state.w_a.shape, state.w_a.dtype))
     _, _, stats = minimise_with_stats(SHIFT_ENERGY[target], zero_shifts(params), (block_mask(params, ("xyz",)), params, problem, state0),
                                       n_steps=0, method="lbfgs", learning_rate=lr, rtol=rtol_a)
     return float(stats.grad_norm)
