@@ -369,6 +369,11 @@ def test_on_device_is_jnp_asarray_without_a_program():
     before = cache.compile_counters()
     jax.numpy.asarray(rng.normal(size=(23, 5)), np.float32)  # the program on_device avoids
     assert any_program(before)
+    on_dev = on_device(np.arange(31.0), np.float32)
+    before = cache.compile_counters()
+    again = on_device(on_dev, np.float32)  # a device array of the dtype asked for: no program, no trip to the host
+    assert not any_program(before) and again.committed and np.array_equal(np.asarray(again), np.arange(31.0))
+    assert on_device(on_dev, np.int32).dtype == np.int32
     # a jitted function given the setup's arrays and then a stored program's output (committed) compiles once
     step = jax.jit(lambda a: a * 3.0 + 1.0)
     step(on_device(np.ones(29), np.float32))

@@ -19,7 +19,10 @@ import numpy as np
 
 def on_device(x, dtype=None) -> jax.Array:
     """``jnp.asarray(x, dtype)`` for host data (numpy arrays, lists, Python numbers) by a numpy cast and one
-    transfer: no XLA program compiled or loaded."""
+    transfer: no XLA program compiled or loaded.  A device array stays where it is (a conversion program only
+    when its dtype differs)."""
+    if isinstance(x, jax.Array):
+        return jax.device_put(x if dtype is None or x.dtype == dtype else x.astype(dtype), jax.devices()[0])
     return jax.device_put(np.asarray(x) if dtype is None else np.asarray(x, dtype), jax.devices()[0])
 
 

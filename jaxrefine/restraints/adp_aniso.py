@@ -97,11 +97,13 @@ def msd_along(u6, e):
 
 
 def rigid_bond_deltas(xyz_cart, u_aniso, term: AnisoAdpTerm):
-    """(npair,) eᵀ(U_i − U_j)e (Å²) along each pair's unit vector; xyz_cart (n, 3) Å, u_aniso (n, 6) Å²."""
+    """(npair,) eᵀ(U_i − U_j)e (Å²) along each pair's unit vector; xyz_cart (n, 3) Å, u_aniso (n, 6) Å² (numpy
+    coordinates and term: numpy, for reports; else JAX)."""
+    xp = np if isinstance(xyz_cart, np.ndarray) else jnp
     i, j = term.idx[:, 0], term.idx[:, 1]
     d = xyz_cart[i] - xyz_cart[j]
     # padding rows point at atom 0 twice: add 1 under the root so the norm (and its gradient) is finite
-    e = d / jnp.sqrt(jnp.sum(d * d, -1) + (1.0 - term.mask))[:, None]
+    e = d / xp.sqrt(xp.sum(d * d, -1) + (1.0 - term.mask))[:, None]
     return msd_along(u_aniso[i] - u_aniso[j], e)
 
 
@@ -144,10 +146,9 @@ def aniso_adp_report(xyz_cart, u_aniso, term: AnisoAdpTerm) -> dict:
     n = int(m.sum())
     if n == 0:
         return {"n_pairs": 0, "rms_rigid_bond": 0.0, "rms_similarity": 0.0}
-    i, j = np.asarray(term.idx)[m, 0], np.asarray(term.idx)[m, 1]
-    xyz, u = np.asarray(xyz_cart, float), np.asarray(u_aniso, float)
-    bond = xyz[i] - xyz[j]
-    rb = msd_along(u[i] - u[j], bond / np.linalg.norm(bond, axis=-1, keepdims=True))
-    sim = _frobenius2(u[i] - u[j]) / 9.0  # mean square of the 9 matrix elements
+    term = AnisoAdpTerm(*(np.asarray(v) for v in term))
+    u = np.asarray(u_aniso, float)
+    rb = rigid_bond_deltas(np.asarray(xyz_cart, float), u, term)[m]
+    sim = _frobenius2(u[term.idx[m, 0]] - u[term.idx[m, 1]]) / 9.0  # mean square of the 9 matrix elements
     return {"n_pairs": n, "rms_rigid_bond": float(np.sqrt(np.mean(rb**2))),
             "rms_similarity": float(np.sqrt(np.mean(sim)))}

@@ -48,11 +48,10 @@ def map_coefficients(f_obs, f_model, sigma_a, centric, epsilon, observed=None, s
     # one dtype per argument whatever the caller holds (numpy float64 or device float32 σA, complex64 or
     # complex128 F_model), so that the compiled program is reused
     # host arrays go over with a numpy cast (no one-operation conversion program: core/device.py)
-    dev = lambda a, dtype=None: on_device(a, dtype) if not isinstance(a, jax.Array) else jnp.asarray(a, dtype)  # noqa: E731
     fo = on_device(np.nan_to_num(np.asarray(f_obs, float)))
-    real = lambda a: dev(a, fo.dtype)  # noqa: E731
-    return _coefficients(fo, dev(f_model, jnp.result_type(fo.dtype, jnp.complex64)), real(sigma_a.d), real(sigma_a.s),
-                         dev(centric, bool), real(epsilon), None if observed is None else dev(observed, bool),
+    real = lambda a: on_device(a, fo.dtype)  # noqa: E731
+    return _coefficients(fo, on_device(f_model, jnp.result_type(fo.dtype, jnp.complex64)), real(sigma_a.d), real(sigma_a.s),
+                         on_device(centric, bool), real(epsilon), None if observed is None else on_device(observed, bool),
                          None if sig_f_obs is None else real(sig_f_obs))
 
 
