@@ -594,7 +594,14 @@ def density_grid(xyz_frac, b_iso, occ, setup: SFSetup, u_aniso=None, symmetry: b
         g_star = setup.frac @ setup.frac.T  # an isotropic U of 1 Å² in fractional coordinates
     pad = max(box[2] for box in meta.box)
     rho = jnp.zeros(tuple(grid[:2]) + (grid[2] + pad,), dtype)
-    for atoms, box, rows in zip(setup.box_atoms, meta.box, meta.rows):
+    if u_aniso is not None:  # every class's inverse covariances at once: one 3×3 inverse in the program, not one per class
+        everyone = jnp.concatenate(setup.box_atoms)
+        _, b_all = _atom_gaussians(setup.ff, everyone, meta.constant)
+        u_k = u_frac[everyone][:, None] + (b_all.astype(dtype) / EIGHT_PI2)[..., None, None] * g_star  # (n, K, 3, 3)
+        cov = jnp.einsum("oia,nkab,ojb->onkij", rot, u_k, rot) * (n_grid[:, None] * n_grid[None, :])
+        metric_all, det_all = _inv_det_3x3(cov)  # (ops, n, K, 3, 3), (ops, n, K)
+        ends = np.cumsum([atoms.shape[0] for atoms in setup.box_atoms])
+    for c, (atoms, box, rows) in enumerate(zip(setup.box_atoms, meta.box, meta.rows)):
         a_k, b_k = _atom_gaussians(setup.ff, atoms, meta.constant)
         a_k, b_k = a_k.astype(dtype), b_k.astype(dtype)
         p = p_all[:, atoms].reshape(-1, 3)
@@ -604,9 +611,8 @@ def density_grid(xyz_frac, b_iso, occ, setup: SFSetup, u_aniso=None, symmetry: b
             norm = jnp.tile(inv_var**1.5 * det_gm, (n_ops, 1))  # (2π)^-3/2 det(M)^1/2, M = inv_var Gᵍ
             z_coupled = any(2 in pair for pair in meta.cross_terms)
         else:
-            u_k = u_frac[atoms][:, None] + (b_k / EIGHT_PI2)[..., None, None] * g_star  # (c, K, 3, 3)
-            cov = jnp.einsum("oia,nkab,ojb->onkij", rot, u_k, rot) * (n_grid[:, None] * n_grid[None, :])
-            metric, det = _inv_det_3x3(cov)  # (ops, c, K, 3, 3), (ops, c, K)
+            lo, hi = (ends[c - 1] if c else 0), ends[c]
+            metric, det = metric_all[:, lo:hi], det_all[:, lo:hi]  # (ops, c, K, 3, 3), (ops, c, K)
             metric = metric.reshape((-1,) + metric.shape[2:])
             norm = (1.0 / jnp.sqrt(det)).reshape(-1, det.shape[-1])
             z_coupled = True
