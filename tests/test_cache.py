@@ -6,6 +6,8 @@ import os
 import pickle
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -175,6 +177,28 @@ def test_a_program_prepared_in_the_background_is_the_one_called(tmp_path, restor
     assert float(got["y"]) == float(_weighted_sum_jit(x, w, power=5)["y"]) == 276.0 and int(got["n"]) == 4
     cache.enable_compilation_cache("off")
     assert cache.prepare_exported(_weighted_sum_jit, (x, w), {"power": 6}, "test") is None
+
+
+def test_threads_calling_a_new_program_together_export_it_once(tmp_path, restore_jax_cache, monkeypatch):
+    """``call_exported`` from three threads at once with a program this process has not called (the w_A scan's
+    trials after the atoms changed): one thread exports (or loads) and compiles it, the others wait for it and
+    run it; each gets its own values."""
+    cache.enable_compilation_cache(str(tmp_path / "c"))
+    cache._exported.clear()
+    exports = []
+    load_or_export = cache._load_or_export
+
+    def slow(*args, **kwargs):  # the threads would all be here at once, unless they wait for the first
+        exports.append(1)
+        time.sleep(0.5)
+        return load_or_export(*args, **kwargs)
+
+    monkeypatch.setattr(cache, "_load_or_export", slow)
+    xs = [jax.numpy.arange(4.0) + k for k in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda x: cache.call_exported(_weighted_sum_jit, (x, x), {"power": 7}, "test"), xs))
+    assert [float(g["y"]) for g in got] == [float(np.sum((np.arange(4.0) + k) ** 8)) for k in range(3)]  # w = x
+    assert len(exports) == 1
 
 
 def test_state_spec_has_the_fitted_states_shapes(restore_jax_cache):

@@ -53,11 +53,11 @@ def test_adjust_w_a_is_damped_and_bounded():
 def test_scan_w_a_runs_every_trial_and_returns_the_kept_result():
     seen = []
 
-    def run_trial(w):  # a fake minimisation: the likelihood is best at w = 0.2, bonds loosen as w falls
-        seen.append(w)
-        return f"params@{w:g}", _trial(w, (np.log(w) - np.log(0.2)) ** 2, 0.001 / w)
+    def run_trials(weights):  # a fake minimisation: the likelihood is best at w = 0.2, bonds loosen as w falls
+        seen.extend(weights)
+        return [(f"params@{w:g}", _trial(w, (np.log(w) - np.log(0.2)) ** 2, 0.001 / w)) for w in weights]
 
-    result, trial, line = wmod.scan_w_a(0.1, run_trial)
+    result, trial, line = wmod.scan_w_a(0.1, run_trials)
     assert seen == wmod.scan_weights(0.1)
     assert result == "params@0.2" and trial.w_a == 0.2 and "-> 0.2 " in line
 

@@ -249,6 +249,22 @@ def call_exported(jitted, args: tuple, static: dict, name: str):
     leaves = jax.device_put(leaves, devices.pop() if devices else jax.devices()[0])
     key = _export_key(name, static, treedef, leaves)
     with _lock:
+        gate = None if key in _called else _first_call.setdefault(key, threading.Lock())
+    if gate is None:
+        return _call_prepared(jitted, key, treedef, leaves, static, folder)
+    # the first call of a program in this process, one thread at a time: threads that call it together (the w_A
+    # scan's trials) wait for the one that loads or compiles it, and then run the compiled executable
+    with gate:
+        out = _call_prepared(jitted, key, treedef, leaves, static, folder)
+        with _lock:
+            _called.add(key)
+            _first_call.pop(key, None)
+    return out
+
+
+def _call_prepared(jitted, key: str, treedef, leaves, static: dict, folder: str):
+    """The body of :func:`call_exported` once the arguments are placed and keyed."""
+    with _lock:
         pending = _pending.pop(key, None)
     if pending is not None:  # compiled in the background (prepare_exported): wait for it
         pending.result()
@@ -257,7 +273,7 @@ def call_exported(jitted, args: tuple, static: dict, name: str):
         _exported[key] = None if entry is None else (jax.jit(entry[0].call), entry[1])
     entry = _exported[key]
     if entry is None:
-        return jitted(*args, **static)
+        return jitted(*jax.tree_util.tree_unflatten(treedef, leaves), **static)
     call, out_tree = entry
     if key in _exported_call:  # an executable compiled ahead of time for arguments of these shapes
         try:
@@ -312,6 +328,8 @@ def write_table(name: str, values: dict) -> None:
 _lock = threading.Lock()
 _pending: dict = {}  # key -> Future of a background preparation (prepare_exported)
 _exported_call: dict = {}  # key -> Exported.call of the programs prepared in the background
+_called: set = set()  # keys call_exported has run in this process
+_first_call: dict = {}  # key -> Lock held by the thread making a program's first call
 _pending_at_exit: list = []  # [True] once _wait_for_preparations is registered with atexit
 EXIT_WAIT_S = 120.0
 

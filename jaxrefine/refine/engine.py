@@ -33,7 +33,8 @@ from ..problem.xray_state import (current_model_arrays, f_model_of_jit, mask_mov
 from ..xray.targets import ml_amplitude_target
 from . import weights as wmod
 from ..core.cache import enable_compilation_cache
-from .blocks import (GN_AUTO_MIN_ATOMS, JOINT_D_MAX, STRATEGY_BLOCKS, converge_rtol_for, cycle_plan, gauss_newton_block, gauss_newton_plan, joint_applies, low_resolution_work_set, minimise_blocks,  # noqa: F401 (STRATEGY_BLOCKS re-exported)
+from ..core.device import on_device
+from .blocks import (GN_AUTO_MIN_ATOMS, JOINT_D_MAX, STRATEGY_BLOCKS, converge_rtol_for, cycle_plan, gauss_newton_block, gauss_newton_plan, joint_applies, low_resolution_work_set, minimise_blocks, minimise_blocks_each,  # noqa: F401 (STRATEGY_BLOCKS re-exported)
                      prepare_block_minimiser, xray_gradient_norm)
 from .guard import Kept, keep_better, overfitting_warnings, within_limits
 from .monitor import HEADER, CycleStats, converged, cycle_statistics, format_cycle, log_cycle  # noqa: F401 (re-exported)
@@ -200,16 +201,20 @@ def _free_nll(f_model, problem: Problem, state: XrayState):
     return _ml_target_jit(x.f_obs, x.sig_f_obs, f_model, state.sigma_a, x.centric, x.epsilon, x.free)
 
 
-def _weight_trial(w_a: float, params, problem, state, settings: LoopSettings, n_steps: int):
-    """``n_steps`` coordinate steps from ``params`` with weight ``w_a`` (same compiled minimiser: w_A is
-    traced) and the trial's score: ((params, state), :class:`jaxrefine.refine.weights.WeightTrial`)."""
-    trial_state = state._replace(w_a=jnp.asarray(w_a, state.w_a.dtype))
-    p = minimise_blocks(("xyz",), params, problem, trial_state, n_steps, settings.target,
-                        settings.optimizer, settings.learning_rate, settings.converge_rtol)
-    fm = f_model_of_jit(p, problem, trial_state)  # one F_calc for the trial's R-free and likelihood
-    st = cycle_statistics(0, p, problem, trial_state, time.perf_counter(), f_model=fm)
-    nll = float(_free_nll(fm, problem, trial_state))
-    return (p, trial_state), wmod.WeightTrial(w_a, nll, st.r_free, st.rms_bond, st.rms_angle)
+def _weight_trials(weights, params, problem, state, settings: LoopSettings, n_steps: int) -> list:
+    """``n_steps`` coordinate steps from ``params`` with each weight of ``weights`` (same compiled minimiser: w_A
+    is traced; the trials side by side, :func:`jaxrefine.refine.blocks.minimise_blocks_each`) and each trial's
+    score: a list of ((params, state), :class:`jaxrefine.refine.weights.WeightTrial`)."""
+    trial_states = [state._replace(w_a=on_device(w, state.w_a.dtype)) for w in weights]
+    moved = minimise_blocks_each(("xyz",), params, problem, trial_states, n_steps, settings.target,
+                                 settings.optimizer, settings.learning_rate, settings.converge_rtol)
+    out = []
+    for w, p, trial_state in zip(weights, moved, trial_states):
+        fm = f_model_of_jit(p, problem, trial_state)  # one F_calc for the trial's R-free and likelihood
+        st = cycle_statistics(0, p, problem, trial_state, time.perf_counter(), f_model=fm)
+        nll = float(_free_nll(fm, problem, trial_state))
+        out.append(((p, trial_state), wmod.WeightTrial(w, nll, st.r_free, st.rms_bond, st.rms_angle)))
+    return out
 
 
 def describe_minimiser(settings: LoopSettings, setting: str, d_min: float) -> str:
@@ -273,7 +278,7 @@ def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSetting
                 start, w_now = params, float(state.w_a)
                 n_trial, n_steps = wmod.trial_steps(n_steps)
                 (params, state), kept, line = wmod.scan_w_a(
-                    w_now, lambda w: _weight_trial(w, start, problem, state, settings, n_trial))
+                    w_now, lambda ws: _weight_trials(ws, start, problem, state, settings, n_trial))
                 settled = wmod.scan_settled(w_now, kept)
                 log.info(line + ("; w_A settled: later cycles keep it without a scan" if settled else ""))
             n_gn, n_steps = _gauss_newton_steps(settings, params, joint, joint_blocks, n_steps)

@@ -153,18 +153,18 @@ def describe_scan(trials, chosen: int) -> str:
     return f"w_A scan [{'; '.join(parts)}] -> {trials[chosen].w_a:.3g} ({why})"
 
 
-def scan_w_a(w_a: float, run_trial, factors=SCAN_FACTORS):
+def scan_w_a(w_a: float, run_trials, factors=SCAN_FACTORS):
     """Run the trials of a scan around ``w_a`` and keep one.
 
     Args:
         w_a: the current weight.
-        run_trial: ``run_trial(w) -> (result, WeightTrial)``: minimise from the same start with
-            weight ``w`` and score the model (the result is whatever the caller keeps, e.g. params).
+        run_trials: ``run_trials(weights) -> [(result, WeightTrial), ...]``: minimise from the same start
+            with each weight and score the models (a result is whatever the caller keeps, e.g. params).
 
     Returns:
         (result of the kept trial, its WeightTrial, one log line saying why).
     """
-    outs = [run_trial(w) for w in scan_weights(w_a, factors)]
+    outs = run_trials(scan_weights(w_a, factors))
     trials = [t for _, t in outs]
     k = choose_trial(trials)
     return outs[k][0], trials[k], describe_scan(trials, k)
