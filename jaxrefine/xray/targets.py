@@ -136,14 +136,71 @@ def sigma_a_bins(d, use, min_per_bin: int = MIN_PER_BIN, max_bins: int = MAX_BIN
     return np.searchsorted(-edges, -d, side="right").astype(np.int32)
 
 
+# σA fit: a damped Newton iteration per bin, compiled (one program call per fit).  The objective is a sum over
+# bins, each bin's two parameters (ln D, ln S) reaching only its own reflections, so its Hessian is one 2×2 block
+# per bin: from two forward-over-reverse products with unit tangents (the reflections are independent), summed
+# per bin.  Each bin keeps its own Levenberg-Marquardt damping (Nocedal & Wright 2006, sec. 10.3): a step that
+# does not lower its bin's −log-likelihood is refused and the damping raised ×10, an accepted one lowers it ×0.3.
+# It replaced scipy's L-BFGS-B over a compiled gradient (40-80 evaluations, one host round trip each): a warm 4xof
+# run's 6 fits 0.60 -> 0.27 s (0.25 s of it loading the program; then ~5 ms a fit), the −log-likelihood the same
+# or lower on every shared dataset's free and work sets (5orl's free set 10786.27 -> 10786.20).
+SIGMA_A_NEWTON_ITER = 30  # at most; a bin stops once its steps change ln D, ln S by < SIGMA_A_STEP_TOL
+SIGMA_A_STEP_TOL = 1e-4
+SIGMA_A_DAMPING0 = 1e-3  # × the block's largest diagonal element
+SIGMA_A_DAMPING_MAX = 1e3  # a bin whose steps are refused until its damping reaches this has converged
+
+
+def _bin_values(p, fo, sig, fm, cen, eps, bins, onehot):
+    """Per bin −log-likelihood (n_bins,) of ln D, ln S ``p`` (n_bins, 2); ``onehot`` (n, n_bins) the bins."""
+    return ml_amplitude_nll(fo, sig, fm, jnp.exp(p[bins, 0]), jnp.exp(p[bins, 1]), cen, eps) @ onehot
+
+
+def _bin_derivatives(p, fo, sig, fm, cen, eps, bins, onehot):
+    """Per bin: gradient (n_bins, 2) and Hessian (n_bins, 2, 2) of the −log-likelihood wrt (ln D, ln S)."""
+    def total(ld, ls):
+        return jnp.sum(ml_amplitude_nll(fo, sig, fm, jnp.exp(ld), jnp.exp(ls), cen, eps))
+
+    ld, ls = p[bins, 0], p[bins, 1]
+    grad = jax.grad(total, argnums=(0, 1))
+    g_d, g_s = grad(ld, ls)
+    _, (h_dd, h_sd) = jax.jvp(lambda a: grad(a, ls), (ld,), (jnp.ones_like(ld),))
+    _, (h_ds, h_ss) = jax.jvp(lambda b: grad(ld, b), (ls,), (jnp.ones_like(ls),))
+    g = (jnp.stack([g_d, g_s]) @ onehot).T  # (n_bins, 2)
+    dd, ds, ss = jnp.stack([h_dd, 0.5 * (h_ds + h_sd), h_ss]) @ onehot
+    return g, jnp.stack([jnp.stack([dd, ds], -1), jnp.stack([ds, ss], -1)], -2)
+
+
 @jax.jit
-def _binned_nll(p, fo, sig, fm, cen, eps, bins):
-    d = jnp.exp(p[:, 0])[bins]
-    s = jnp.exp(p[:, 1])[bins]
-    return jnp.sum(ml_amplitude_nll(fo, sig, fm, d, s, cen, eps))
+def _fit_bins(p0, fo, sig, fm, cen, eps, bins):
+    """(n_bins, 2) ln D, ln S lowering each bin's −log-likelihood from ``p0`` (see above), within the bounds."""
+    onehot = (bins[:, None] == jnp.arange(p0.shape[0])[None, :]).astype(fo.dtype)
+    lo = jnp.asarray([LN_D_BOUNDS[0], LN_S_BOUNDS[0]], p0.dtype)
+    hi = jnp.asarray([LN_D_BOUNDS[1], LN_S_BOUNDS[1]], p0.dtype)
+    eye = jnp.eye(2, dtype=p0.dtype)
 
+    def step(carry):
+        i, p, value, mu, done = carry
+        g, h = _bin_derivatives(p, fo, sig, fm, cen, eps, bins, onehot)
+        scale = jnp.maximum(jnp.max(jnp.abs(jnp.diagonal(h, axis1=-2, axis2=-1)), -1), 1e-12)
+        a = h + (mu * scale)[:, None, None] * eye
+        det = a[:, 0, 0] * a[:, 1, 1] - a[:, 0, 1] * a[:, 1, 0]
+        adj = jnp.stack([jnp.stack([a[:, 1, 1], -a[:, 0, 1]], -1), jnp.stack([-a[:, 1, 0], a[:, 0, 0]], -1)], -2)
+        delta = -jnp.einsum("bij,bj->bi", adj, g) / jnp.where(det > 0, det, 1.0)[:, None]
+        trial = jnp.clip(p + jnp.clip(delta, -1.0, 1.0), lo, hi)  # at most a factor e in D or S per step
+        descent = ~done & (det > 0) & (a[:, 0, 0] > 0) & jnp.all(jnp.isfinite(trial), -1)  # damped Hessian pos. def.
+        trial = jnp.where(descent[:, None], trial, p)
+        trial_value = _bin_values(trial, fo, sig, fm, cen, eps, bins, onehot)
+        ok = descent & (trial_value < value)
+        mu = jnp.where(ok, 0.3 * mu, jnp.where(done, mu, 10.0 * mu))
+        small = jnp.max(jnp.abs(trial - p), -1) < SIGMA_A_STEP_TOL
+        done = done | (ok & small) | (mu >= SIGMA_A_DAMPING_MAX)
+        return i + 1, jnp.where(ok[:, None], trial, p), jnp.where(ok, trial_value, value), mu, done
 
-_binned_grad = jax.jit(jax.value_and_grad(_binned_nll))
+    n_bins = p0.shape[0]
+    init = (jnp.zeros((), jnp.int32), p0, _bin_values(p0, fo, sig, fm, cen, eps, bins, onehot),
+            jnp.full((n_bins,), SIGMA_A_DAMPING0, p0.dtype), jnp.zeros((n_bins,), bool))
+    _, p, _, _, _ = jax.lax.while_loop(lambda c: (c[0] < SIGMA_A_NEWTON_ITER) & ~jnp.all(c[4]), step, init)
+    return p
 
 
 def estimate_sigma_a(f_obs, f_model, use, bins, centric, epsilon, sig_f_obs=None) -> SigmaA:
@@ -151,7 +208,7 @@ def estimate_sigma_a(f_obs, f_model, use, bins, centric, epsilon, sig_f_obs=None
 
     The −log-likelihood of the ``use`` reflections (the free set, as in Pannu & Read 1996 and
     Lunin & Skovoroda 1995, Acta Cryst. A51, 880; or the work set when the free set is too small)
-    is minimised over log D and log S of every bin by L-BFGS-B, starting from the moments
+    is minimised over log D and log S of every bin by damped Newton steps (:func:`_fit_bins`), from the moments
     D = Σ Fo|Fm| / Σ|Fm|², S = ⟨(Fo² − D²|Fm|²)/ε⟩.
 
     Args:
@@ -164,8 +221,6 @@ def estimate_sigma_a(f_obs, f_model, use, bins, centric, epsilon, sig_f_obs=None
     Returns:
         :class:`SigmaA`.
     """
-    from scipy.optimize import minimize
-
     fo = np.asarray(f_obs, float)
     fm = np.abs(np.asarray(f_model))
     sig = np.zeros_like(fo) if sig_f_obs is None else np.asarray(sig_f_obs, float)
@@ -188,14 +243,9 @@ def estimate_sigma_a(f_obs, f_model, use, bins, centric, epsilon, sig_f_obs=None
     k = np.flatnonzero(use)
     args = tuple(on_device(np.asarray(a)[k]) for a in (fo, sig, fm, np.asarray(centric, bool), eps, bins))
 
-    def fun(x):
-        v, g = _binned_grad(jax.device_put(x.reshape(n_bins, 2)), *args)
-        return float(v), np.asarray(g, float).ravel()
-
     p = p0.copy()
     if len(k):
-        res = minimize(fun, p0.ravel(), jac=True, method="L-BFGS-B", bounds=[LN_D_BOUNDS, LN_S_BOUNDS] * n_bins)
-        p = res.x.reshape(n_bins, 2)
+        p = np.array(_fit_bins(on_device(p0, args[0].dtype), *args), float)  # a copy: written below
     empty = np.array([not (use & (bins == i)).any() for i in range(n_bins)])
     p[empty] = p0[empty]
     bin_d, bin_s = np.exp(p[:, 0]), np.exp(p[:, 1])
