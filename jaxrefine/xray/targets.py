@@ -28,7 +28,7 @@ from ..core.device import on_device
 MIN_PER_BIN = 50  # reflections per σA bin (servalcat's default for the test set)
 MAX_BINS = 20
 _TINY = 1e-12  # added to |F|² so that |F| is differentiable at F = 0
-# σA fit (estimate_sigma_a): D and S per bin by L-BFGS-B on ln D, ln S from a least-squares start
+# σA fit (estimate_sigma_a): D and S per bin by damped Newton steps on ln D, ln S (_fit_bins) from a least-squares start
 D_START_RANGE = (0.05, 2.0)  # the LS start of D is clipped here: D is a fraction of F_model that is correct (≤ ~1)
 S_START_FLOOR = 0.05  # the start of S is at least this × mean(Fo²/ε): a perfect-looking bin still has model error
 LN_D_BOUNDS = (-6.0, 1.0)  # ln D: D in [0.0025, 2.7]
