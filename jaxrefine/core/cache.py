@@ -124,17 +124,21 @@ _totals = {"trace_s": 0.0, "lower_s": 0.0, "compile_s": 0.0, "cache_hits": 0, "c
 _listening = False
 
 
+_totals_lock = threading.Lock()  # programs are compiled on several threads (background preparation, scan trials)
+
+
 def _on_duration(event: str, duration: float, **_kw) -> None:
     key = _COMPILE_EVENTS.get(event)
     if key is not None:
-        _totals[key] += duration
+        with _totals_lock:
+            _totals[key] += duration
 
 
 def _on_event(event: str, **_kw) -> None:
-    if event == "/jax/compilation_cache/cache_hits":
-        _totals["cache_hits"] += 1
-    elif event == "/jax/compilation_cache/cache_misses":
-        _totals["cache_misses"] += 1
+    key = {"/jax/compilation_cache/cache_hits": "cache_hits", "/jax/compilation_cache/cache_misses": "cache_misses"}.get(event)
+    if key is not None:
+        with _totals_lock:
+            _totals[key] += 1
 
 
 def compile_counters() -> dict:
@@ -151,7 +155,8 @@ def compile_counters() -> dict:
         jax.monitoring.register_event_duration_secs_listener(_on_duration)
         jax.monitoring.register_event_listener(_on_event)
         _listening = True
-    return dict(_totals)
+    with _totals_lock:
+        return dict(_totals)
 
 
 def compile_delta(before: dict) -> dict:
