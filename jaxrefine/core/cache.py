@@ -120,11 +120,10 @@ _COMPILE_EVENTS = {
     "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
     "/jax/core/compile/backend_compile_duration": "compile_s",  # XLA compile, or a cache load
 }
+_CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "cache_hits", "/jax/compilation_cache/cache_misses": "cache_misses"}
 _totals = {"trace_s": 0.0, "lower_s": 0.0, "compile_s": 0.0, "cache_hits": 0, "cache_misses": 0}
-_listening = False
-
-
 _totals_lock = threading.Lock()  # programs are compiled on several threads (background preparation, scan trials)
+_listening = False
 
 
 def _on_duration(event: str, duration: float, **_kw) -> None:
@@ -135,7 +134,7 @@ def _on_duration(event: str, duration: float, **_kw) -> None:
 
 
 def _on_event(event: str, **_kw) -> None:
-    key = {"/jax/compilation_cache/cache_hits": "cache_hits", "/jax/compilation_cache/cache_misses": "cache_misses"}.get(event)
+    key = _CACHE_EVENTS.get(event)
     if key is not None:
         with _totals_lock:
             _totals[key] += 1
