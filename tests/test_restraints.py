@@ -192,6 +192,31 @@ def test_renamed_atom_outside_the_dictionary_is_named(caplog):
     assert f"1 atoms have no bond restraints (names not in the dictionary?): A/{res.name} {res.seqid.num}/CBX" in caplog.text
 
 
+def test_monomer_library_read_once_per_process_and_again_after_an_edit(monkeypatch, tmp_path):
+    """The library is read once for the same files (each caller gets its own copy) and read again when a
+    dictionary file changes."""
+    from jaxrefine.io import topology
+
+    reads = []
+    real = gemmi.read_monomer_lib
+    monkeypatch.setattr(topology, "_MONLIBS", {})
+    monkeypatch.setattr(topology.gemmi, "read_monomer_lib", lambda *a, **k: reads.append(a) or real(*a, **k))
+    names = ["LEU", "SER", "HOH"]
+    a = topology._read_monlib(str(monomer_dir()), names, [], "x")
+    b = topology._read_monlib(str(monomer_dir()), list(reversed(names)), [], "x")
+    assert len(reads) == 1 and a is not b
+    a.monomers.clear()  # a caller's changes stay in its copy
+    assert "LEU" in topology._read_monlib(str(monomer_dir()), names, [], "x").monomers
+    lig = tmp_path / "lig.cif"
+    lig.write_text((monomer_dir() / "g" / "GOL.cif").read_text())
+    topology._read_monlib(str(monomer_dir()), names, [lig], "x")
+    topology._read_monlib(str(monomer_dir()), names, [lig], "x")
+    assert len(reads) == 2
+    os.utime(lig, ns=(0, 10**9))
+    topology._read_monlib(str(monomer_dir()), names, [lig], "x")
+    assert len(reads) == 3
+
+
 def test_find_monlib_order(monkeypatch, tmp_path):
     monkeypatch.setenv("CLIBD_MON", str(tmp_path))
     assert find_monlib() == str(tmp_path)
