@@ -221,8 +221,8 @@ def test_state_spec_has_the_fitted_states_shapes(restore_jax_cache):
     for data in (refl, refl.cut(d_min=2.6)):
         specs = []
         setup = build_setup(None, None, cfg, model=model, refl=data, on_problem=lambda *a: specs.append(a))
-        (problem, params, spec, seen_refl), = specs
-        assert problem is setup.problem and seen_refl is setup.refl
+        (problem, params, spec, seen_refl, strategy), = specs
+        assert problem is setup.problem and seen_refl is setup.refl and strategy == setup.strategy[0] == "xyz_b"
         assert spec == xray_state_spec(setup.problem, setup.state.nonbonded, setup.refl.d_min)
         assert jax.tree_util.tree_structure(spec) == jax.tree_util.tree_structure(setup.state)
         assert jax.tree_util.tree_map(aval, spec) == jax.tree_util.tree_map(aval, setup.state)
@@ -247,6 +247,34 @@ def test_refinement_setup_compiles_the_minimiser_while_it_fits_the_state(tmp_pat
     assert xray_gradient_norm(setup.params, setup.problem, setup.state) > 0
     spent = cache.compile_delta(before)
     assert spent["cache_hits"] + spent["cache_misses"] == 0, spent  # the prepared executable, nothing else
+
+
+def test_gauss_newton_only_refinement_prepares_that_program_and_compiles_no_lbfgs_loop(tmp_path, restore_jax_cache):
+    """Where every macrocycle takes Gauss-Newton steps alone (``refine.gn_steps`` and no L-BFGS steps; auto for
+    4iid), the setup hook prepares the Gauss-Newton program and the starting w_A's gradient runs it, loading and
+    compiling nothing else; that gradient norm is the one the L-BFGS loop gives."""
+    from conftest import dataset_paths
+    from jaxrefine.config import load_config
+    from jaxrefine.problem import build_setup
+    from jaxrefine.refine.blocks import gauss_newton_block, xray_gradient_norm
+    from jaxrefine.refine.engine import choose_initial_w_a, prepare_refinement
+
+    cfg = load_config(None, [f"runtime.compilation_cache={tmp_path / 'c'}", "refine.adp=iso", "refine.gn_steps=2",
+                             "refine.steps_xyz=0"])
+    cache._exported.clear()
+    hook, futures = prepare_refinement(cfg), []
+    setup = build_setup(*dataset_paths("5e5z"), cfg, on_problem=lambda *a: futures.append(hook(*a)))
+    assert futures and futures[0] is not None and futures[0].result(timeout=300) in cache._exported
+    before, programs = cache.compile_counters(), set(cache._exported)
+    assert choose_initial_w_a(setup) > 0
+    moved, _ = gauss_newton_block(setup.params, setup.problem, setup.state, 1, with_b=True)  # a macrocycle's steps
+    spent = cache.compile_delta(before)
+    assert spent["cache_hits"] + spent["cache_misses"] == 0, spent  # the prepared executable, nothing else
+    assert set(cache._exported) == programs  # no L-BFGS loop
+    assert not np.allclose(np.asarray(moved.xyz_frac), np.asarray(setup.params.xyz_frac))
+    gn = xray_gradient_norm(setup.params, setup.problem, setup.state, gauss_newton_with_b=True)
+    lbfgs = xray_gradient_norm(setup.params, setup.problem, setup.state)
+    assert gn == pytest.approx(lbfgs, rel=1e-4)
 
 
 def test_a_damaged_stored_program_is_exported_again(tmp_path, restore_jax_cache):

@@ -231,8 +231,9 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
         model_path, data_path: files (ignored when ``model``/``refl`` are given).
         cfg: configuration (defaults when None).
         model, refl: already-read inputs (for notebooks and tests).
-        on_problem: called as ``on_problem(problem, params, state_spec, refl)`` once the problem is built and
-            before the X-ray state is fitted (``state_spec``: :func:`xray_state_spec`, the state's shapes), e.g.
+        on_problem: called as ``on_problem(problem, params, state_spec, refl, strategy)`` once the problem is built
+            and before the X-ray state is fitted (``state_spec``: :func:`xray_state_spec`, the state's shapes;
+            ``strategy``: the refinement strategy chosen, e.g. xyz_b for ``refine.strategy: auto``), e.g.
             to compile the minimiser meanwhile (:func:`jaxrefine.refine.engine.prepare_refinement`).
     """
     cfg = cfg or Config()
@@ -280,7 +281,7 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
     setup = Setup(problem=problem, params=params, state=state, model=model, refl=refl, config=cfg, monlib=monlib,
                   adp_choice=choice, ncs_copies=tuple(copies), hydrogens=h_mode, strategy=(strategy, why))
     if on_problem is not None:
-        on_problem(problem, params, xray_state_spec(problem, state.nonbonded, refl.d_min), refl)
+        on_problem(problem, params, xray_state_spec(problem, state.nonbonded, refl.d_min), refl, strategy)
     return setup._replace(state=update_xray_state(setup, problem, state, params))
 
 

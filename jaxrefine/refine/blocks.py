@@ -18,7 +18,7 @@ from .energy import SHIFT_ENERGY, apply_shifts, block_mask, zero_shifts
 from ..core import timing
 from .optimize import minimise_with_stats, prepare_minimiser
 from .gauss_newton import CG_RTOL, MAX_CG, gauss_newton_steps
-from ..core.cache import call_exported
+from ..core.cache import call_exported, prepare_exported
 from ..core.device import on_device, zeros_on_device
 
 _apply_shifts_jit = jax.jit(apply_shifts)  # host code: one program, not one per operation
@@ -179,15 +179,28 @@ def gauss_newton_block(params: Params, problem: Problem, state: XrayState, n_ste
     Returns (params, calibration): measured once per refinement, 4 F_model evaluations (4iid: 0.4 s) a macrocycle less."""
     if n_steps <= 0:
         return params, calibration
-    dt = problem.maps.orth.dtype
-    given = np.zeros(2, dt) if calibration is None else np.asarray(calibration, dt)
-    args = (params, problem, state, np.int32(n_steps), np.int32(MAX_CG), np.asarray(CG_RTOL, dt), np.asarray(rtol, dt),
-            given)
-    params, stats = call_exported(_gauss_newton_jit, args, {"target": target, "with_b": with_b}, "gauss_newton")
+    params, stats = call_exported(_gauss_newton_jit, _gauss_newton_args(params, problem, state, n_steps, rtol, calibration),
+                                  {"target": target, "with_b": with_b}, "gauss_newton")
     timing.count("steps", stats.steps)
     timing.count("evaluations", stats.evaluations)
     timing.count("gn_cg_iterations", stats.cg_iterations)
     return params, np.asarray(stats.calibration)
+
+
+def _gauss_newton_args(params, problem, state, n_steps: int, rtol: float, calibration) -> tuple:
+    """The array arguments of the Gauss-Newton program (its numbers traced: one program for every call)."""
+    dt = problem.maps.orth.dtype
+    given = np.zeros(2, dt) if calibration is None else np.asarray(calibration, dt)
+    return (params, problem, state, np.int32(n_steps), np.int32(MAX_CG), np.asarray(CG_RTOL, dt), np.asarray(rtol, dt),
+            given)
+
+
+def prepare_gauss_newton(params: Params, problem: Problem, state, target: str = "ml", with_b: bool = False):
+    """Start compiling the Gauss-Newton program of :func:`gauss_newton_block` on a background thread (as
+    :func:`prepare_block_minimiser` does the L-BFGS loop's), for refinements whose macrocycles take Gauss-Newton
+    steps only (4iid); ``state`` may be shapes.  Returns the Future or None."""
+    return prepare_exported(_gauss_newton_jit, _gauss_newton_args(params, problem, state, 0, 0.0, None),
+                            {"target": target, "with_b": with_b}, "gauss_newton")
 
 
 def prepare_block_minimiser(params: Params, problem: Problem, state, target: str = "ml"):
@@ -199,14 +212,22 @@ def prepare_block_minimiser(params: Params, problem: Problem, state, target: str
                              method="lbfgs", learning_rate=lr, rtol=rtol_a)
 
 
-def xray_gradient_norm(params: Params, problem: Problem, state: XrayState, target: str = "ml") -> float:
+def xray_gradient_norm(params: Params, problem: Problem, state: XrayState, target: str = "ml",
+                       gauss_newton_with_b: bool | None = None) -> float:
     """‖∂E_xray/∂x‖ over Cartesian coordinate shifts (Å) at the parameters (the start of the automatic w_A).
 
-    Evaluated by the L-BFGS loop itself with no steps and w_A = 0 (E_total is then E_xray plus the ADP
-    restraints, which do not depend on coordinates): the executable the refinement compiles anyway.
+    Evaluated by a program the refinement compiles anyway, with no steps and w_A = 0 (E_total is then E_xray plus
+    the ADP restraints, which do not depend on coordinates): the L-BFGS loop, or, where the macrocycles take
+    Gauss-Newton steps only (``gauss_newton_with_b``: that program's ``with_b``), the Gauss-Newton program: a
+    cold 4iid run then compiles no L-BFGS loop at all.
     """
-    lr, rtol_a = _loop_args(0.02, 0.0, problem.maps.orth.dtype)
     state0 = state._replace(w_a=zeros_on_device(state.w_a.shape, state.w_a.dtype))
+    if gauss_newton_with_b is not None:
+        dt = problem.maps.orth.dtype
+        _, stats = call_exported(_gauss_newton_jit, _gauss_newton_args(params, problem, state0, 0, 0.0, np.ones(2, dt)),
+                                 {"target": target, "with_b": gauss_newton_with_b}, "gauss_newton")
+        return float(stats.grad_norm_start)
+    lr, rtol_a = _loop_args(0.02, 0.0, problem.maps.orth.dtype)
     _, _, stats = minimise_with_stats(SHIFT_ENERGY[target], zero_shifts(params), (block_mask(params, ("xyz",)), params, problem, state0),
                                       n_steps=0, method="lbfgs", learning_rate=lr, rtol=rtol_a)
     return float(stats.grad_norm)

@@ -35,7 +35,7 @@ from . import weights as wmod
 from ..core.cache import enable_compilation_cache
 from ..core.device import on_device
 from .blocks import (GN_AUTO_MIN_ATOMS, JOINT_D_MAX, STRATEGY_BLOCKS, converge_rtol_for, cycle_plan, gauss_newton_block, gauss_newton_plan, joint_applies, low_resolution_work_set, minimise_blocks, minimise_blocks_each,  # noqa: F401 (STRATEGY_BLOCKS re-exported)
-                     prepare_block_minimiser, xray_gradient_norm)
+                     prepare_block_minimiser, prepare_gauss_newton, xray_gradient_norm)
 from .guard import Kept, keep_better, overfitting_warnings, within_limits
 from .monitor import HEADER, CycleStats, converged, cycle_statistics, format_cycle, log_cycle  # noqa: F401 (re-exported)
 
@@ -161,24 +161,45 @@ def prepare_refinement(cfg: Config):
     L-BFGS program that the starting w_A and the macrocycles call, on a background thread while the setup fits
     the mask, scales and σA (cold 5kzb: 15.1 -> 13.1-13.7 s, the same 47 compilations; see
     benchmarks/README.md).  Only for the L-BFGS loop, which every default refinement runs first (the starting
-    w_A's gradient); nothing happens with the compilation cache off.  The hook returns the preparation's
+    w_A's gradient), or, where the macrocycles take Gauss-Newton steps alone (4iid), for the Gauss-Newton program,
+    which then also gives that gradient (the L-BFGS loop is never compiled: cold 4iid 31.7 -> see
+    benchmarks/README.md); nothing happens with the compilation cache off.  The hook returns the preparation's
     Future (or None)."""
 
-    def on_problem(problem, params, state_spec, refl):
-        settings = LoopSettings.from_config(cfg, refl.d_min)
+    def on_problem(problem, params, state_spec, refl, strategy=None):
+        settings = LoopSettings.from_config(cfg, refl.d_min, strategy=strategy)
         if settings.w_a != "auto" and settings.optimizer != "lbfgs":
             return None
         target = settings.rigid_target if settings.strategy == "rigid" else settings.target
+        with_b = _gauss_newton_only(settings, params)
+        if with_b is not None:  # the macrocycles and the starting w_A's gradient call the Gauss-Newton program alone
+            return prepare_gauss_newton(params, problem, state_spec, target, with_b)
         return prepare_block_minimiser(params, problem, state_spec, target)
 
     return on_problem
+
+
+def _gauss_newton_only(settings: LoopSettings, params: Params):
+    """The Gauss-Newton program's ``with_b`` where every macrocycle minimises by Gauss-Newton steps alone (no
+    L-BFGS steps, no w_A scan, no rigid-body or separate B or occupancy blocks: 4iid); None otherwise."""
+    blocks = STRATEGY_BLOCKS.get(settings.strategy, ())  # () for "auto" not yet resolved
+    if settings.rigid_first or settings.scan_w_a or "xyz" not in blocks:
+        return None
+    joint = settings.joint and "b" in blocks
+    if not joint and blocks != ("xyz",):
+        return None
+    joint_blocks = ("xyz", "b", "occ") if joint and "occ" in blocks and params.occ_raw.shape[0] else ("xyz", "b")
+    n_gn, n_lbfgs = _gauss_newton_steps(settings, params, joint, joint_blocks if joint else ("xyz",), settings.steps["xyz"])
+    if n_gn <= 0 or n_lbfgs > 0:
+        return None
+    return joint and _isotropic(params)
 
 
 def choose_initial_w_a(setup: Setup, problem: Problem | None = None, state: XrayState | None = None,
                        params: Params | None = None, settings: LoopSettings | None = None) -> float:
     """The starting w_A: the configured number, or (auto) the balance of gradient norms
     (:func:`jaxrefine.refine.weights.initial_w_a`) at the setup's (or the given) parameters."""
-    settings = settings or LoopSettings.from_config(setup.config, setup.refl.d_min)
+    settings = settings or LoopSettings.from_config(setup.config, setup.refl.d_min, strategy=setup_strategy(setup))
     if settings.w_a != "auto":
         return float(settings.w_a)
     problem = setup.problem if problem is None else problem
@@ -187,7 +208,8 @@ def choose_initial_w_a(setup: Setup, problem: Problem | None = None, state: Xray
     # a rigid-body-only run minimises the rigid target throughout: balance against that one (and compile
     # only its loop)
     target = settings.rigid_target if settings.strategy == "rigid" else settings.target
-    gx = xray_gradient_norm(params, problem, state, target)
+    gx = xray_gradient_norm(params, problem, state, target,
+                            None if settings.strategy == "rigid" else _gauss_newton_only(settings, params))
     return wmod.initial_w_a(gx, problem.restraints, setup.model.n_atoms, settings.target_rmsz)
 
 

@@ -61,6 +61,8 @@ class GaussNewtonStats(NamedTuple):
         calibration: (2,) the calibrations s of the closed-form X-ray diagonals of the coordinates and of B (the ones
             given, or measured by this call).
         energy_start, energy_end: E_total before and after.
+        grad_norm_start: ‖∂E_total/∂x‖ over the Cartesian coordinate shifts (Å) before the steps (with w_A = 0 and no
+            steps: the X-ray gradient norm that the automatic w_A starts from, :func:`jaxrefine.refine.blocks.xray_gradient_norm`).
     """
 
     steps: jax.Array
@@ -69,6 +71,7 @@ class GaussNewtonStats(NamedTuple):
     calibration: jax.Array
     energy_start: jax.Array
     energy_end: jax.Array
+    grad_norm_start: jax.Array
 
 
 def fisher_weights(problem: Problem, state: XrayState):
@@ -278,7 +281,7 @@ def gauss_newton_steps(params: Params, problem: Problem, state: XrayState, n_ste
     e0, g0 = value_and_grad(zero, params)
     init = (jnp.zeros((), jnp.int32), jnp.ones((), jnp.int32), jnp.zeros((), jnp.int32), params, e0, g0, ~jnp.isfinite(e0))
     i, n_eval, n_cg, p, e, _, _ = jax.lax.while_loop(lambda c: (c[0] < n_steps) & ~c[6], step, init)
-    return p, GaussNewtonStats(i, n_eval, n_cg, calibration, e0, e)
+    return p, GaussNewtonStats(i, n_eval, n_cg, calibration, e0, e, jnp.sqrt(jnp.sum(g0.xyz**2)))
 
 
 def _dot(a, b):
