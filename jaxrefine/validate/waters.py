@@ -162,9 +162,9 @@ def nearest_distance(points_cart, atoms_cart, crystal, cutoff: float) -> np.ndar
     for rot, trans in zip(np.asarray(crystal.rot, float), np.asarray(crystal.trans, float)):
         q = (p_frac - trans) @ np.linalg.inv(rot).T  # S⁻¹(p), fractional
         q = q - np.floor(q.mean(0) - centre + 0.5)  # near the atoms' cell
-        for shift in lattice:
-            dd, _ = tree.query(crystal.to_cart(q + shift), distance_upper_bound=cutoff)
-            d = np.minimum(d, dd)
+        # the 27 lattice shifts in one query (one per shift cost 4iid ~20 ms a water check)
+        dd, _ = tree.query(crystal.to_cart((q[None] + lattice[:, None]).reshape(-1, 3)), distance_upper_bound=cutoff)
+        d = np.minimum(d, dd.reshape(len(lattice), -1).min(0))
     return d
 
 
