@@ -7,8 +7,6 @@ gemmi objects stay in this module; callers get a numpy grid (1 = solvent, 0 = ma
 """
 from __future__ import annotations
 
-import functools
-
 import gemmi
 import numpy as np
 
@@ -23,17 +21,18 @@ def mask_grid_shape(crystal, d_min: float, spacing: float = 0.6) -> tuple:
     The spacing is ``min(spacing, d_min / 2)`` Å (Nyquist for data to d_min) rounded up to
     sizes with small prime factors that the symmetry operators map onto the grid.
     """
-    return _grid_shape(tuple(float(v) for v in crystal.cell), crystal.space_group, min(spacing, d_min / 2.0 - 1e-6))
+    spacing = min(spacing, d_min / 2.0 - 1e-6)
+    key = (tuple(float(v) for v in crystal.cell), crystal.space_group, spacing)
+    if key not in _GRID_SHAPES:  # gemmi's size search took 13-27 ms, and the mask is rebuilt every macrocycle
+        grid = gemmi.FloatGrid()
+        grid.unit_cell = gemmi_cell(crystal)
+        grid.spacegroup = gemmi_space_group(crystal)
+        grid.set_size_from_spacing(spacing, gemmi.GridSizeRounding.Up)
+        _GRID_SHAPES[key] = (grid.nu, grid.nv, grid.nw)
+    return _GRID_SHAPES[key]
 
 
-@functools.lru_cache(maxsize=32)
-def _grid_shape(cell: tuple, space_group: str, spacing: float) -> tuple:
-    """gemmi's size search (13-27 ms on the shared cells), once per cell: the mask is rebuilt every macrocycle."""
-    grid = gemmi.FloatGrid()
-    grid.unit_cell = gemmi.UnitCell(*cell)
-    grid.spacegroup = gemmi.find_spacegroup_by_name(space_group)
-    grid.set_size_from_spacing(spacing, gemmi.GridSizeRounding.Up)
-    return (grid.nu, grid.nv, grid.nw)
+_GRID_SHAPES: dict = {}  # (cell, space group, spacing) -> grid shape, once per process
 
 
 def _gemmi_model(model, xyz_cart=None, occ=None) -> gemmi.Model:

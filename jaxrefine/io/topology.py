@@ -68,6 +68,7 @@ def find_monlib(monlib=None) -> str | None:
 # restraints, the riding hydrogens' placement and every refresh of their frames (5e5z warm: 5 reads, 0.28 s)
 _MONLIBS: dict = {}
 _MONLIBS_KEPT = 8
+_MONOMER_PATHS = gemmi.MonLib()  # an empty library: its path(code) is gemmi's file name of a monomer (c/CON_CON.cif)
 
 
 def _mtime(path):
@@ -83,7 +84,7 @@ def _monlib_key(monlib_dir, resnames, ligands) -> tuple:
     files = list(ligands)
     if monlib_dir is not None:
         files += [os.path.join(monlib_dir, "list", "mon_lib_list.cif"), os.path.join(monlib_dir, "ener_lib.cif")]
-        files += [os.path.join(monlib_dir, r[:1].lower(), r + ".cif") for r in sorted(resnames)]
+        files += [os.path.join(monlib_dir, _MONOMER_PATHS.path(r)) for r in sorted(resnames)]
     return monlib_dir, frozenset(resnames), tuple(ligands), tuple(_mtime(f) for f in files)
 
 

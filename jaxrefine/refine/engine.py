@@ -185,14 +185,24 @@ def _gauss_newton_only(settings: LoopSettings, params: Params):
     blocks = STRATEGY_BLOCKS.get(settings.strategy, ())  # () for "auto" not yet resolved
     if settings.rigid_first or settings.scan_w_a or "xyz" not in blocks:
         return None
-    joint = settings.joint and "b" in blocks
-    if not joint and blocks != ("xyz",):
-        return None
-    joint_blocks = ("xyz", "b", "occ") if joint and "occ" in blocks and params.occ_raw.shape[0] else ("xyz", "b")
-    n_gn, n_lbfgs = _gauss_newton_steps(settings, params, joint, joint_blocks if joint else ("xyz",), settings.steps["xyz"])
-    if n_gn <= 0 or n_lbfgs > 0:
+    joint, n_gn, n_lbfgs = _coordinate_plan(settings, params, blocks)
+    if (not joint and blocks != ("xyz",)) or n_gn <= 0 or n_lbfgs > 0:
         return None
     return joint and _isotropic(params)
+
+
+def _joint_blocks(blocks, params: Params) -> tuple:
+    """The blocks minimised with the coordinates when coordinates and B go together: the occupancies ride along where
+    the strategy refines them and the model has occupancy groups."""
+    return ("xyz", "b", "occ") if "occ" in blocks and params.occ_raw.shape[0] else ("xyz", "b")
+
+
+def _coordinate_plan(settings: LoopSettings, params: Params, blocks) -> tuple:
+    """(joint, Gauss-Newton steps, L-BFGS steps) of a macrocycle's coordinate minimisation for the strategy's ``blocks``."""
+    joint = settings.joint and "b" in blocks
+    n_gn, n_lbfgs = _gauss_newton_steps(settings, params, joint, _joint_blocks(blocks, params) if joint else ("xyz",),
+                                        settings.steps["xyz"])
+    return joint, n_gn, n_lbfgs
 
 
 def choose_initial_w_a(setup: Setup, problem: Problem | None = None, state: XrayState | None = None,
@@ -208,8 +218,7 @@ def choose_initial_w_a(setup: Setup, problem: Problem | None = None, state: Xray
     # a rigid-body-only run minimises the rigid target throughout: balance against that one (and compile
     # only its loop)
     target = settings.rigid_target if settings.strategy == "rigid" else settings.target
-    gx = xray_gradient_norm(params, problem, state, target,
-                            None if settings.strategy == "rigid" else _gauss_newton_only(settings, params))
+    gx = xray_gradient_norm(params, problem, state, target, _gauss_newton_only(settings, params))
     return wmod.initial_w_a(gx, problem.restraints, setup.model.n_atoms, settings.target_rmsz)
 
 
@@ -262,11 +271,7 @@ def _gauss_newton_steps(settings: LoopSettings, params: Params, joint: bool, fre
 
 def describe_gauss_newton(settings: LoopSettings, params: Params) -> str:
     """One log line on the Gauss-Newton steps of each macrocycle ('' when there are none)."""
-    blocks = STRATEGY_BLOCKS[settings.strategy]
-    joint = settings.joint and "b" in blocks
-    occ = ("occ",) if joint and "occ" in blocks and params.occ_raw.shape[0] else ()
-    n_gn, n_lbfgs = _gauss_newton_steps(settings, params, joint, ("xyz", "b") + occ if joint else ("xyz",),
-                                        settings.steps["xyz"])
+    joint, n_gn, n_lbfgs = _coordinate_plan(settings, params, STRATEGY_BLOCKS[settings.strategy])
     if not n_gn:
         return ""
     what = "coordinates and isotropic B" if joint and _isotropic(params) else "coordinates"
@@ -288,7 +293,7 @@ def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSetting
     joint = settings.joint and "xyz" in blocks and "b" in blocks
     # occupancies in the joint minimisation (4xof, altloc occupancies reset to 0.5: R-free 0.1783 with 133 F
     # evaluations, as a separate 10-step block after it with 152; fixed at 0.5: 0.1809): no steps of their own
-    joint_blocks = ("xyz", "b", "occ") if joint and "occ" in blocks and params.occ_raw.shape[0] else ("xyz", "b")
+    joint_blocks = _joint_blocks(blocks, params) if joint else ("xyz", "b")
     for block in blocks:
         if block == "occ" and params.occ_raw.shape[0] == 0:
             continue
