@@ -104,6 +104,9 @@ class GuardConfig:
     max_gap: float = 0.07  # warn when R-free - R-work exceeds this
     keep_best: bool = True  # keep the latest cycle within 0.001 of the lowest R-free (refine/guard.py)
     keep_input: bool = True  # with keep_best: return the input model when no refined cycle lowers its R-free
+    # stop the macrocycles once R-free has risen in this many cycles in a row with w_A settled and an earlier cycle
+    # kept (refine/guard.py, stop_for_rising_r_free); 0: every planned cycle runs
+    stop_after_rises: int = 2
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,7 @@ _CHECKS = {
     ("solvent", "r_shrink"): _non_negative,
     ("solvent", "update_every"): _positive,
     ("guard", "max_gap"): _non_negative,
+    ("guard", "stop_after_rises"): _non_negative,
     ("waters", "max_b"): _positive,
     ("waters", "max_d_min"): _positive,
     ("waters", "clash_distance"): _positive,

@@ -373,6 +373,54 @@ def test_macrocycles_stop_once_converged(small_setup, caplog):
     assert metrics(early)["converged_after"] == 3 and metrics(full)["converged_after"] is None
 
 
+def test_rising_r_free_stop_rule_counts_rises_in_a_row_and_needs_a_settled_weight_and_an_earlier_kept_cycle():
+    """guard.stop_for_rising_r_free: two rises in a row stop; a fall in between, the first refined cycle, cycles
+    before an atom change, a weight still moving, the latest cycle kept or the rule switched off each veto it."""
+    from jaxrefine.refine.guard import r_free_rises, stop_for_rising_r_free
+    from jaxrefine.refine.monitor import CycleStats
+
+    def hist(*r_free, w_a=0.1):
+        return [CycleStats(i, 0.2, r, 0.01, 1.5, 0.5, w_a, 0.35, 40.0, 1.0) for i, r in enumerate(r_free)]
+
+    rising = hist(0.40, 0.30, 0.25, 0.26, 0.27)
+    assert r_free_rises(rising) == 2 and stop_for_rising_r_free(rising, 2, 0.1, 2)
+    assert not stop_for_rising_r_free(rising, 2, 0.1, 3) and not stop_for_rising_r_free(rising, 2, 0.1, 0)
+    assert not stop_for_rising_r_free(rising, 4, 0.1, 2)  # the latest cycle is the one kept
+    assert not stop_for_rising_r_free(rising, 2, 0.12, 2)  # w_A still steered (20 %)
+    assert r_free_rises(rising, since=3) == 1  # atoms changed after cycle 2: cycle 3 is not compared with it
+    assert r_free_rises(hist(0.40, 0.30, 0.25, 0.26, 0.255, 0.26)) == 1  # a fall breaks the run
+    assert r_free_rises(hist(0.20, 0.30, 0.31)) == 1  # cycle 1 against the input does not count
+    assert r_free_rises(hist(0.40, 0.30, 0.25, 0.25005, 0.2501)) == 0  # within R_CHANGE_NOISE
+
+
+def test_macrocycles_stop_once_r_free_has_risen_twice(small_setup, caplog, monkeypatch):
+    """With R-free scripted to rise after cycle 2 the run stops after cycle 4, says so, keeps cycle 2 and records
+    it in metrics.json; with guard.stop_after_rises=0 all six cycles run."""
+    import logging
+
+    from jaxrefine.refine import engine
+    from jaxrefine.refine.outputs import metrics
+
+    script = {0: 0.40, 1: 0.30, 2: 0.25, 3: 0.26, 4: 0.27, 5: 0.28, 6: 0.29}
+    real = engine.cycle_statistics
+    monkeypatch.setattr(engine, "cycle_statistics", lambda cycle, *a, **k: real(cycle, *a, **k)._replace(r_free=script[cycle]))
+
+    def run(n):
+        cfg = _cfg("refine.precision=float64", "refine.steps_xyz=2", "refine.steps_b=1", "weights.w_a=0.05",
+                   "refine.converge_shift=0", f"guard.stop_after_rises={n}")
+        return refine(small_setup._replace(config=cfg), n_cycles=6)
+
+    caplog.set_level(logging.INFO, logger="jaxrefine")
+    early = run(2)
+    assert [h.cycle for h in early.history] == [0, 1, 2, 3, 4] and early.stopped_after == 4 and early.best_cycle == 2
+    assert any(m.startswith("R-free rose in 2 cycles in a row (0.2500 -> 0.2600 -> 0.2700)")
+               and "the remaining 2 macrocycles are not run, the guard keeps cycle 2" in m for m in caplog.messages)
+    assert metrics(early)["stopped_after"] == 4
+    full = run(0)
+    assert [h.cycle for h in full.history] == list(range(7)) and full.stopped_after is None
+    assert metrics(full)["stopped_after"] is None and full.best_cycle == 2
+
+
 def test_between_cycle_actions_are_called_and_applied(small_setup):
     """refine() runs the caller's actions with the cycle's context; what an after_minimise action
     returns (a water switched off, its label) reaches the result, and a between_cycles action that

@@ -36,7 +36,7 @@ from ..core.cache import enable_compilation_cache
 from ..core.device import on_device
 from .blocks import (GN_AUTO_MIN_ATOMS, JOINT_D_MAX, STRATEGY_BLOCKS, converge_rtol_for, cycle_plan, gauss_newton_block, gauss_newton_plan, joint_applies, low_resolution_work_set, minimise_blocks, minimise_blocks_each,  # noqa: F401 (STRATEGY_BLOCKS re-exported)
                      prepare_block_minimiser, prepare_gauss_newton, xray_gradient_norm)
-from .guard import Kept, keep_better, overfitting_warnings, within_limits
+from .guard import Kept, keep_better, overfitting_warnings, stop_for_rising_r_free, within_limits
 from .monitor import HEADER, CycleStats, converged, cycle_statistics, format_cycle, log_cycle  # noqa: F401 (re-exported)
 
 log = logging.getLogger("jaxrefine")
@@ -73,6 +73,7 @@ class LoopSettings(NamedTuple):
     max_gap: float
     keep_best: bool
     keep_input: bool  # the input model competes with the refined cycles (with keep_best)
+    stop_after_rises: int  # stop once R-free has risen in this many cycles in a row (guard.stop_for_rising_r_free)
 
     @classmethod
     def from_config(cls, cfg: Config, d_min: float, n_cycles: int | None = None, strategy: str | None = None):
@@ -92,7 +93,7 @@ class LoopSettings(NamedTuple):
             target_rmsz=wmod.target_rmsz_for(d_min, cfg.weights.target_rmsz_bond),
             scan_w_a=wmod.scan_applies(cfg.weights.w_a, d_min),
             max_gap=cfg.guard.max_gap, keep_best=cfg.guard.keep_best,
-            keep_input=cfg.guard.keep_input,
+            keep_input=cfg.guard.keep_input, stop_after_rises=cfg.guard.stop_after_rises,
         )
 
 
@@ -141,6 +142,8 @@ class RefinementResult(NamedTuple):
             the atoms; write the outputs from this one).
         converged_after: the cycle after which the macrocycles stopped on convergence
             (``refine.converge_shift``), or None when every planned cycle ran.
+        stopped_after: the cycle after which they stopped because R-free kept rising (``guard.stop_after_rises``,
+            :func:`jaxrefine.refine.guard.stop_for_rising_r_free`), or None.
     """
 
     params: Params
@@ -154,6 +157,7 @@ class RefinementResult(NamedTuple):
     removed_atoms: np.ndarray
     setup: Any = None
     converged_after: int | None = None
+    stopped_after: int | None = None
 
 
 def prepare_refinement(cfg: Config):
@@ -380,7 +384,8 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
             log.info(line)
     scanning = settings.scan_w_a  # until a scan keeps the current weight (weights.scan_settled)
     gn_calibration = None  # of the Gauss-Newton steps: measured in their first cycle
-    converged_after = None
+    converged_after = stopped_after = None
+    compare_from = 0  # R-free rises are counted after this cycle (the last change of atoms)
     nb_built_at = np.asarray(setup.model.xyz_cart, float)  # where the setup's non-bonded list was built
     mask_at = riding_at = nb_built_at  # and its mask and riding hydrogens
     for cycle, blocks in enumerate(plan, start=1):
@@ -430,6 +435,16 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
             w_a = wmod.adjust_w_a(float(state.w_a), st.rmsz_bond, settings.target_rmsz, st.rms_bond, st.rms_angle)
             state = state._replace(w_a=jnp.asarray(w_a, problem.maps.orth.dtype))
         n_xyz = sum("xyz" in b for b in plan[:cycle])
+        compare_from = cycle + 1 if atoms_changed else compare_from
+        if (not last and "xyz" in blocks and not scanning and not atoms_changed
+                and stop_for_rising_r_free(history, kept.cycle, float(state.w_a), settings.stop_after_rises,
+                                           compare_from)):
+            rises = " -> ".join(f"{h.r_free:.4f}" for h in history[-settings.stop_after_rises - 1:])
+            log.info("R-free rose in %d cycles in a row (%s) with w_A settled: the remaining %d macrocycles are not "
+                     "run, the guard keeps cycle %d (guard.stop_after_rises %d)", settings.stop_after_rises, rises,
+                     len(plan) - cycle, kept.cycle, settings.stop_after_rises)
+            stopped_after = cycle
+            break
         if (not last and "xyz" in blocks and not scanning and not atoms_changed
                 and converged(st, n_xyz, float(state.w_a), settings.converge_shift)):
             log.info("converged after cycle %d (RMS shifts %.4f Å, %.3f Å² below refine.converge_shift %g Å; w_A "
@@ -459,7 +474,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
     return RefinementResult(params=kept.params, problem=kept.problem, state=kept.state, history=history,
                             best_cycle=kept.cycle, warnings=warnings, wall_s=time.perf_counter() - t0,
                             removed_waters=removed_labels, removed_atoms=removed_atoms, setup=kept.setup,
-                            converged_after=converged_after)
+                            converged_after=converged_after, stopped_after=stopped_after)
 
 
 def refined_model(result: RefinementResult):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any, NamedTuple
 
+from .monitor import W_A_SETTLED
 from .weights import MAX_RMS_ANGLE, MAX_RMS_BOND
 
 log = logging.getLogger("jaxrefine")
@@ -101,3 +102,36 @@ def keep_better(kept: Kept, candidate: Kept, keep_best: bool = True) -> Kept:
         take = candidate.r_free <= best + R_FREE_EQUIVALENT
         best = min(best, candidate.r_free)
     return (candidate if take else kept)._replace(best=best, floor=floor)
+
+
+# Stopping on a rising R-free (guard.stop_after_rises): once R-free has risen over the cycle before in that many
+# refined cycles in a row, with the weight settled (a cycle with the same w_A cannot undo what it fitted) and the guard
+# keeping an earlier cycle, the remaining macrocycles are not run: the guard would return the earlier model anyway
+# unless a later cycle came back below it.  From the shaken starts of the shared data (benchmarks/README.md, session
+# 26): 1va7 (2.9 Å, w_A settled by its scan after cycle 2) R-free 0.2715, 0.2754, 0.2817, 0.2787 in cycles 2-5 (cycle 5
+# is not run: 43 of 266 F evaluations); 5e5z's R-free rises from cycle 2 on, but its w_A is still steered up every
+# cycle, so all run; the other five never rise twice in a row.
+
+
+def r_free_rises(history: list, since: int = 0) -> int:
+    """How many of the latest refined cycles in a row have an R-free above the cycle before by more than
+    R_CHANGE_NOISE (the first refined cycle, compared with the input, never counts; nor a cycle at or before
+    the index ``since``, e.g. where the atoms changed)."""
+    n = 0
+    for i in range(len(history) - 1, max(1, since), -1):
+        if history[i].r_free > history[i - 1].r_free + R_CHANGE_NOISE:
+            n += 1
+        else:
+            break
+    return n
+
+
+def stop_for_rising_r_free(history: list, kept_cycle: int, w_a_next: float, stop_after: int, since: int = 0) -> bool:
+    """Whether the macrocycles stop after the latest cycle of ``history`` (see the note above): R-free rose in the
+    last ``stop_after`` cycles in a row (0: never stop), the next cycle's ``w_a_next`` is within W_A_SETTLED of this
+    cycle's w_A, and the guard keeps an earlier cycle (``kept_cycle``)."""
+    if stop_after <= 0 or kept_cycle >= history[-1].cycle:
+        return False
+    w_a = history[-1].w_a
+    settled = abs(w_a_next - w_a) <= W_A_SETTLED * abs(w_a)
+    return settled and r_free_rises(history, since) >= stop_after

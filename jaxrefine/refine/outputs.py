@@ -44,6 +44,8 @@ def metrics(result: RefinementResult) -> dict:
     out["best_cycle"] = int(result.best_cycle)
     # the cycle after which the macrocycles stopped on convergence (refine.converge_shift); null: all ran
     out["converged_after"] = result.converged_after
+    # the cycle after which they stopped because R-free kept rising (guard.stop_after_rises); null: did not
+    out["stopped_after"] = result.stopped_after
     refined = [st.r_free for st in result.history[1:]]
     out["r_free_refined"] = float(min(refined)) if refined else None  # the best refined cycle's, kept or not
     out["cycles"] = [dict(st.as_dict()) for st in result.history]
