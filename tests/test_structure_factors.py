@@ -430,21 +430,51 @@ def test_form_factor_tables():
     np.testing.assert_allclose(np.asarray(f0(n, np.array([0.0, 1.0])))[:, 0], 6.646, rtol=1e-3)
 
 
-@pytest.mark.parametrize("d_min, n_terms", [(2.9, 2), (1.69, 3), (1.15, 4)])
+@pytest.mark.parametrize("d_min, n_terms", [(2.9, 2), (1.69, 3), (1.15, 3)])
 def test_refitted_form_factors(d_min, n_terms):
-    """The FFT spreads each atom as the fewest Gaussians that give IT92's f0 to FIT_TOL over the data's
-    range: 2 of IT92's 5 terms at 2.9 Å, 3 at 1.69 Å, 4 at 1.15 Å (measured); checked here against the
-    table on a finer grid than the fit's and a little beyond it (the real-data FFT-vs-direct tests above
+    """The FFT spreads each atom as the fewest Gaussians that give the model's F to FIT_TOL over the data's
+    range (model_fit_error: the types' relative errors weighted by atom count and Z²) with no type beyond
+    FIT_TYPE_CAP × FIT_TOL: 2 of IT92's 5 terms at 2.9 Å, 3 at 1.69 and 1.15 Å (measured); checked here against
+    the table on a finer grid than the fit's and a little beyond it (the real-data FFT-vs-direct tests above
     check F itself against the direct sum over the IT92 table)."""
-    from jaxrefine.xray.formfactors import FIT_TOL, fit_form_factors
+    from jaxrefine.xray.formfactors import FIT_TOL, FIT_TYPE_CAP, fit_form_factors, model_fit_error
 
     ff = it92_form_factors(np.array(["C", "N", "O", "S", "H", "MG", "CL", "P", "ZN"]))
     fitted, n = fit_form_factors(ff, 1.0 / d_min**2)
     assert n == n_terms and fitted.a.shape == (9, n_terms) and not np.any(fitted.c)
     s2 = np.linspace(0.0, 1.0 / d_min**2, 997)
     ref, got = np.asarray(f0(ff, s2)), np.asarray(f0(fitted, s2))
-    assert np.max(np.abs(got / ref - 1.0)) < 1.5 * FIT_TOL
+    per_type = np.max(np.abs(got / ref - 1.0), axis=0)
+    assert np.all(per_type < 1.5 * FIT_TYPE_CAP * FIT_TOL)
+    assert model_fit_error(per_type, np.asarray(ff.a).sum(1) + np.asarray(ff.c), np.ones(9)) < 1.5 * FIT_TOL
     assert np.all(np.asarray(fitted.b) > 0)  # every term a Gaussian: B + B_blur + b_k > 0 for the spreading
+
+
+def test_gaussian_count_follows_the_models_composition():
+    """At 1.15 Å three Gaussians give H's f0 to 1.9e-4 of itself only (C, N, O, S to 8e-5 or better): a model of
+    hydrogens alone takes four, a protein with riding hydrogens (4xof's composition: 423 C, 110 N, 254 O, 1 S,
+    704 H) three, as its F is good to FIT_TOL (Wilson: the errors add as Σ n_t (r_t Z_t)² against Σ n_t Z_t²);
+    at 1.05 Å the errors of C and H take the protein to four.  model_fit_error is the weighted RMS."""
+    from jaxrefine.xray.formfactors import fit_form_factors, model_fit_error
+
+    protein = np.array(["C"] * 423 + ["N"] * 110 + ["O"] * 254 + ["S"] + ["H"] * 704)
+    assert fit_form_factors(it92_form_factors(np.array(["H"] * 10)), 1.0 / 1.15**2)[1] == 4
+    assert fit_form_factors(it92_form_factors(protein), 1.0 / 1.15**2)[1] == 3
+    assert fit_form_factors(it92_form_factors(protein), 1.0 / 1.05**2)[1] == 4
+    assert model_fit_error([2e-4, 0.0], [8.0, 6.0], [1, 3]) == pytest.approx(2e-4 * np.sqrt(64 / (64 + 108)))
+
+
+def test_a_rare_type_beyond_the_cap_needs_more_gaussians():
+    """FIT_TYPE_CAP: one type's f0 may not be further than FIT_TYPE_CAP × FIT_TOL from the table however few
+    its atoms (H at 0.9 Å with three Gaussians: 1e-3 off, one H among 2000 carbons)."""
+    from jaxrefine.xray.formfactors import FIT_TOL, FIT_TYPE_CAP, _fit_terms, fit_form_factors, model_fit_error
+
+    s2 = float(np.float32(1.0 / 0.9**2))
+    h = it92_form_factors(np.array(["H"]))
+    err3 = _fit_terms(tuple(np.asarray(h.a)[0]) + tuple(np.asarray(h.b)[0]) + (float(np.asarray(h.c)[0]),), s2, 3)[2]
+    assert err3 > FIT_TYPE_CAP * FIT_TOL
+    assert model_fit_error([err3, 0.0], [1.0, 6.0], [1, 2000]) < FIT_TOL  # the weighted error alone would allow it
+    assert fit_form_factors(it92_form_factors(np.array(["C"] * 2000 + ["H"])), 1.0 / 0.9**2)[1] != 3
 
 
 def test_refitted_form_factors_are_stored_and_read_back_exactly(tmp_path, monkeypatch):
