@@ -194,6 +194,16 @@ def test_fft_matches_direct_with_hydrogens():
     own, floor = (_form_factor_extent(ff._replace(type_index=np.asarray(ff.type_index)[h]), np.array([30.0]), np.log(1e3), z)
                   for z in (0.0, 6.0))
     assert floor[0] < 0.8 * own[0]  # the hydrogen's box shrinks
+    # the hydrogens (no ANISOU) in classes of their own, spread as isotropic Gaussians: the same F to the FFT's accuracy
+    iso = make_sf_setup(model.crystal, refl.hkl, ff, "fft", d_min=float(refl.d.min()), b_iso=b, u_aniso=u,
+                        iso_atoms=model.is_hydrogen)
+    assert iso.meta.iso_classes and all(np.all(np.asarray(model.is_hydrogen)[np.asarray(iso.box_atoms[c])])
+                                        for c in iso.meta.iso_classes)
+    assert sum(int(a.shape[0]) for a in iso.box_atoms) == model.n_atoms
+    f_iso = np.asarray(jax.jit(structure_factors)(x, b, q, iso, u))
+    print(f"4xof, H as isotropic classes: FFT vs direct R {r_amp(f_iso[pick], f_dir):.2e}, against one path {r_amp(f_iso, f_fft):.2e}")
+    assert r_amp(f_iso[pick], f_dir) < TOL_FFT_R and phase_diff_deg(f_iso[pick], f_dir) < TOL_FFT_PHASE_DEG
+    assert r_amp(f_iso, f_fft) < 0.5 * TOL_FFT_R
 
 
 # ------------------------------------------------------------------------------- gradients
@@ -260,6 +270,35 @@ def test_aniso_gradient_matches_finite_differences(method):
     for i, k in ((aniso_atoms[0], 0), (aniso_atoms[5], 3), (aniso_atoms[-1], 5)):
         fd = (f(u.at[i, k].add(step)) - f(u.at[i, k].add(-step))) / (2 * step)
         assert abs(float(g[i, k]) - float(fd)) <= TOL_FD * scale, (i, k, float(g[i, k]), float(fd))
+
+
+def test_isotropic_classes_beside_anisotropic_ones_match_the_direct_sum_and_its_gradient():
+    """5e5z with the second half of its atoms made isotropic (U = 0, B 15 Å²) and given to make_sf_setup as
+    iso_atoms: they get classes of their own spread as isotropic Gaussians, and F and the gradient wrt
+    coordinates, B and U match the direct sum (float64)."""
+    model_path, data_path = dataset_paths("5e5z")
+    model = read_model(model_path, hydrogens=False)
+    refl = read_reflections(data_path)
+    (x, b, q), u = model_arrays(model, aniso=True)
+    half = np.arange(model.n_atoms) >= model.n_atoms // 2
+    u = jnp.where(half[:, None], 0.0, u)
+    b = jnp.where(half, 15.0, b)
+    ff = it92_form_factors(model.element)
+    fft = make_sf_setup(model.crystal, refl.hkl, ff, "fft", b_iso=b, u_aniso=u, iso_atoms=half)
+    assert fft.meta.iso_classes and all(np.all(half[np.asarray(fft.box_atoms[c])]) for c in fft.meta.iso_classes)
+    direct = make_sf_setup(model.crystal, refl.hkl, ff, "direct")
+    f_obs = jnp.asarray(refl.f_obs)
+
+    def target(setup):
+        return lambda x, b, u: jnp.sum((jnp.abs(structure_factors(x, b, q, setup, u)) - f_obs) ** 2)
+
+    f = {m: np.asarray(jax.jit(structure_factors)(x, b, q, s, u)) for m, s in (("fft", fft), ("direct", direct))}
+    assert r_amp(f["fft"], f["direct"]) < TOL_FFT_R
+    g = {m: jax.jit(jax.grad(target(s), argnums=(0, 1, 2)))(x, b, u) for m, s in (("fft", fft), ("direct", direct))}
+    for k, rows in ((0, slice(None)), (1, slice(None)), (2, ~half)):  # U of the anisotropic atoms only:
+        gd, gf = np.asarray(g["direct"][k])[rows], np.asarray(g["fft"][k])[rows]
+        assert np.linalg.norm(gf - gd) / np.linalg.norm(gd) < TOL_GRAD_FFT_VS_DIRECT, k
+    assert not np.any(np.asarray(g["fft"][2])[half])  # an isotropic class's U (zero by contract) does not enter F
 
 
 def test_fft_gradient_matches_direct_gradient(small_problem):

@@ -256,17 +256,18 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
     for line in [f"ADP model: {choice.mode} ({choice.reason})"] + ncs_log_lines(ncs, copies):
         log.info(line)
     h_mode, sites = hydrogens_and_sites(cfg.model.hydrogens, refl.d_min, model, monlib, cfg.model.ligands)
-    riding, elements = None, model.element
+    riding, elements, iso_atoms = None, model.element, None
     log.info("hydrogens: %s (%s)", *h_mode)
     if sites is not None:  # F_calc sums over the atoms, then their riding hydrogens
         riding = riding_from_sites(sites, dtype)
         elements = np.concatenate([model.element, sites.element])
         b_sf = np.concatenate([np.asarray(b_sf, float), H_B_FACTOR * np.asarray(b_sf, float)[sites.parent]])
-        if u_sf is not None:
+        if u_sf is not None:  # riding hydrogens are isotropic (problem.xray_state.f_calc_of): their own box classes
             u_sf = np.concatenate([np.asarray(u_sf, float), np.zeros((sites.n, 6))])
+            iso_atoms = np.arange(len(elements)) >= model.n_atoms
         log.info("riding hydrogens: %d", sites.n)
     sf = make_sf_setup(model.crystal, refl.hkl, it92_form_factors(elements, model.source), d_min=refl.d_min,
-                       b_iso=b_sf, b_margin=SF_B_MARGIN, dtype=dtype, u_aniso=u_sf)
+                       b_iso=b_sf, b_margin=SF_B_MARGIN, dtype=dtype, u_aniso=u_sf, iso_atoms=iso_atoms)
     problem = Problem(
         maps=maps, sf=sf, xray=xray_data(refl, dtype), restraints=restraints,
         geo_weights=geometry_weights(cfg, dtype), w_b=on_device(cfg.weights.w_b, dtype),

@@ -123,6 +123,8 @@ class SFMeta:
         cross_terms: index pairs (a, b) of grid axes whose metric couples (oblique cells).
         constant: the form factors' constant term is spread (as a Gaussian of width 0); False with
             refitted form factors (:func:`jaxrefine.xray.formfactors.fit_form_factors`, c = 0).
+        iso_classes: the classes spread as isotropic atoms even when U is given (atoms whose U is always
+            zero, e.g. riding hydrogens: ``make_sf_setup(iso_atoms=...)``).
     """
 
     method: str
@@ -133,6 +135,7 @@ class SFMeta:
     rows: tuple = ()
     cross_terms: tuple = ()
     constant: bool = True
+    iso_classes: tuple = ()
 
 
 class SFSetup(NamedTuple):
@@ -244,6 +247,7 @@ def make_sf_setup(
     memory_bytes: float = 1.0e9,
     dtype=None,
     fit_tol: float | None = FIT_TOL,
+    iso_atoms=None,
 ) -> SFSetup:
     """Precompute the arrays and static sizes of a structure-factor problem (numpy, outside jit).
 
@@ -273,6 +277,9 @@ def make_sf_setup(
         fit_tol: fft: spread the form factors as the fewest Gaussians that reproduce every type's f0
             to this relative error over the reflections' range (:func:`jaxrefine.xray.formfactors.
             fit_form_factors`: two instead of IT92's five terms at 2.9 Å, three at 1.7 Å); None: IT92.
+        iso_atoms: (n_atoms,) bool, atoms whose ``u_aniso`` is zero throughout (riding hydrogens): with
+            ``u_aniso`` they get box classes of their own, spread as isotropic Gaussians (fft; see
+            ISO_POINT_COST).
 
     Returns:
         :class:`SFSetup`.
@@ -362,7 +369,7 @@ def make_sf_setup(
     def box_of(b):
         return tuple(int(math.ceil(2.0 * math.sqrt(2.0 * log_eps_box * v * b))) for v in var_per_b)
 
-    groups = _box_classes(b_box, box_of, n_classes)
+    groups, iso_classes = _iso_and_aniso_classes(b_box, box_of, n_classes, u_aniso, iso_atoms)
     g_metric = np.diag(1.0 / n_grid) @ (orth.T @ orth) @ np.diag(1.0 / n_grid)
     scale = np.abs(np.diag(g_metric))
     cross = tuple(p for p in PAIRS if abs(g_metric[p]) > 1e-9 * math.sqrt(scale[p[0]] * scale[p[1]]))
@@ -377,6 +384,7 @@ def make_sf_setup(
         rows=tuple(box_rows(box, cov_per_b[:2, :2] * b, 2.0 * log_eps_box) for box, _, b in groups),
         cross_terms=cross,
         constant=constant,
+        iso_classes=iso_classes,
     )
     return SFSetup(
         **common,
@@ -470,6 +478,36 @@ def _box_classes(b_box, box_of, n_classes: int):
         bounds.append((s, e))
         e, k = s, k - 1
     return [(box_of(b_sorted[j - 1]), np.sort(order[i:j]), float(b_sorted[j - 1])) for i, j in reversed(bounds)]
+
+
+# Spreading an anisotropic Gaussian costs about twice an isotropic one per box point (4xof's energy gradient with
+# every atom isotropic: 14-18 ms against 27 ms; the isotropic metric factorises over the axes of an orthogonal
+# cell).  Atoms whose U stays zero (riding hydrogens) in a model with U get classes of their own when that lowers
+# Σ cost × n × box volume with this relative cost, within the same number of classes.
+ISO_POINT_COST = 0.5
+
+
+def _class_cost(groups) -> float:
+    return float(sum(len(atoms) * np.prod(box) for box, atoms, _ in groups))
+
+
+def _iso_and_aniso_classes(b_box, box_of, n_classes: int, u_aniso, iso_atoms):
+    """(box classes as :func:`_box_classes`, indices of the classes spread isotropically): with ``u_aniso`` and
+    some but not all atoms in ``iso_atoms``, the two kinds split into classes of their own (the split of
+    ``n_classes`` between them with the lowest cost, see ISO_POINT_COST); else one set of classes (none isotropic)."""
+    iso = None if iso_atoms is None or u_aniso is None else np.asarray(iso_atoms, bool).reshape(-1)
+    if iso is None or not iso.any() or iso.all() or n_classes < 2:
+        return _box_classes(b_box, box_of, n_classes), ()
+    idx_a, idx_i = np.flatnonzero(~iso), np.flatnonzero(iso)
+    best = None
+    for k_a in range(1, n_classes):
+        ga, gi = _box_classes(b_box[idx_a], box_of, k_a), _box_classes(b_box[idx_i], box_of, n_classes - k_a)
+        cost = _class_cost(ga) + ISO_POINT_COST * _class_cost(gi)
+        if best is None or cost < best[0]:
+            best = (cost, ga, gi)
+    _, ga, gi = best
+    groups = [(box, idx_a[atoms], b) for box, atoms, b in ga] + [(box, idx_i[atoms], b) for box, atoms, b in gi]
+    return groups, tuple(range(len(ga), len(groups)))
 
 
 # ---------------------------------------------------------------------------------- direct
@@ -586,32 +624,34 @@ def density_grid(xyz_frac, b_iso, occ, setup: SFSetup, u_aniso=None, symmetry: b
     rot, trans = (setup.rot, setup.trans) if symmetry else (jnp.eye(3, dtype=dtype)[None], jnp.zeros((1, 3), dtype))
     n_ops = rot.shape[0]
     p_all = (jnp.einsum("oij,nj->oni", rot, xyz_frac) + trans[:, None, :]) * n_grid  # (ops, n, 3)
-    if u_aniso is None:
-        det_gm = jnp.sqrt(jnp.linalg.det(setup.grid_metric))
-    else:
+    if u_aniso is not None:
         u_cart = _u6_to_mat(u_aniso) + ((b_iso + setup.b_blur) / EIGHT_PI2)[:, None, None] * jnp.eye(3, dtype=dtype)
         u_frac = jnp.einsum("ia,nab,jb->nij", setup.frac, u_cart, setup.frac)
         g_star = setup.frac @ setup.frac.T  # an isotropic U of 1 Å² in fractional coordinates
     pad = max(box[2] for box in meta.box)
     rho = jnp.zeros(tuple(grid[:2]) + (grid[2] + pad,), dtype)
-    if u_aniso is not None:  # every class's inverse covariances at once: one 3×3 inverse in the program, not one per class
-        everyone = jnp.concatenate(setup.box_atoms)
+    aniso = [c for c in range(len(meta.box)) if u_aniso is not None and c not in meta.iso_classes]
+    if aniso:  # every anisotropic class's inverse covariances at once: one 3×3 inverse in the program, not one per class
+        everyone = jnp.concatenate([setup.box_atoms[c] for c in aniso])
         _, b_all = _atom_gaussians(setup.ff, everyone, meta.constant)
         u_k = u_frac[everyone][:, None] + (b_all.astype(dtype) / EIGHT_PI2)[..., None, None] * g_star  # (n, K, 3, 3)
         cov = jnp.einsum("oia,nkab,ojb->onkij", rot, u_k, rot) * (n_grid[:, None] * n_grid[None, :])
         metric_all, det_all = _inv_det_3x3(cov)  # (ops, n, K, 3, 3), (ops, n, K)
-        ends = np.cumsum([atoms.shape[0] for atoms in setup.box_atoms])
+        ends = dict(zip(aniso, np.cumsum([setup.box_atoms[c].shape[0] for c in aniso])))
+    if len(aniso) < len(meta.box):
+        det_gm = jnp.sqrt(jnp.linalg.det(setup.grid_metric))
     for c, (atoms, box, rows) in enumerate(zip(setup.box_atoms, meta.box, meta.rows)):
         a_k, b_k = _atom_gaussians(setup.ff, atoms, meta.constant)
         a_k, b_k = a_k.astype(dtype), b_k.astype(dtype)
         p = p_all[:, atoms].reshape(-1, 3)
-        if u_aniso is None:
+        if c not in aniso:  # isotropic: B (+ blur + b_k) alone
             inv_var = EIGHT_PI2 / (b_iso[atoms][:, None] + setup.b_blur + b_k)  # (c, K)
             metric = jnp.tile(inv_var[..., None, None] * setup.grid_metric, (n_ops, 1, 1, 1))
             norm = jnp.tile(inv_var**1.5 * det_gm, (n_ops, 1))  # (2π)^-3/2 det(M)^1/2, M = inv_var Gᵍ
             z_coupled = any(2 in pair for pair in meta.cross_terms)
         else:
-            lo, hi = (ends[c - 1] if c else 0), ends[c]
+            hi = ends[c]
+            lo = hi - atoms.shape[0]
             metric, det = metric_all[:, lo:hi], det_all[:, lo:hi]  # (ops, c, K, 3, 3), (ops, c, K)
             metric = metric.reshape((-1,) + metric.shape[2:])
             norm = (1.0 / jnp.sqrt(det)).reshape(-1, det.shape[-1])
