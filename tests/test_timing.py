@@ -50,6 +50,17 @@ def _quadratic(x, scale):
     return jnp.sum(scale * (x - 1.0) ** 2) + 100.0  # a non-zero minimum, as a refinement target has
 
 
+def test_convergence_test_never_stops_before_min_steps():
+    """optimize.MIN_STEPS: with a tolerance so loose that any step passes it, L-BFGS (and Adam) still take
+    MIN_STEPS steps, and then stop."""
+    from jaxrefine.refine.optimize import MIN_STEPS
+
+    scale = jnp.asarray(np.logspace(0, 3, 20))
+    for method in ("lbfgs", "adam"):
+        _, _, stats = minimise_with_stats(_quadratic, jnp.zeros(20), (scale,), 50, method=method, rtol=1.0)
+        assert int(stats.steps) == MIN_STEPS, method
+
+
 def test_minimise_counts_and_stops_on_convergence():
     """An ill-conditioned quadratic: L-BFGS converges long before 200 steps when rtol is set."""
     scale = jnp.asarray(np.logspace(0, 3, 20))

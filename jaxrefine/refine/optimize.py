@@ -16,6 +16,13 @@ from jax.flatten_util import ravel_pytree
 from ..core.cache import call_exported, prepare_exported
 
 LBFGS_MEMORY = 10  # correction pairs (Nocedal & Wright 2006, sec. 7.2: 3–20 is typical)
+# The convergence test (rtol) may stop a minimisation from its MIN_STEPS-th accepted step on, not before.  |E| is
+# mostly the X-ray term's large constant, so after the w_A steering raises the weight the first steps' decreases are
+# small against it, and a minimisation that stopped after two steps left the geometry where the steering meant to
+# move it: 1l2h from its shaken start ended at RMS angle 2.06° (cycles 4 and 5: 4 and 2 steps); with the floor
+# 1.90° and R-free 0.2641 (0.2640) for 90 F evaluations instead of 82, 4xof 1.86° (1.90°) and 0.1769 (0.1767)
+# for 99 instead of 96 (benchmarks/README.md, session 26).
+MIN_STEPS = 5
 
 
 def make_optimizer(method: str, learning_rate):
@@ -107,7 +114,7 @@ def _minimise_jit(x0, args, n_steps, learning_rate, rtol, *, fun, method: str):
         best_v = jnp.where(ok, value, best_v)
         finite = jax.tree_util.tree_reduce(lambda a, b: a & b, jax.tree_util.tree_map(lambda u: jnp.all(jnp.isfinite(u)), updates))
         x = jax.tree_util.tree_map(lambda a, u: jnp.where(finite, a + u, a), x, updates)
-        converged = (rtol > 0) & (i > 0) & (prev_v - value <= rtol * jnp.abs(value))
+        converged = (rtol > 0) & (i + 1 >= MIN_STEPS) & (prev_v - value <= rtol * jnp.abs(value))
         return i + 1, x, state, best_x, best_v, value.astype(v_dtype), converged, n_eval + 1
 
     v_dtype = jax.tree_util.tree_leaves(x0)[0].dtype
@@ -187,7 +194,8 @@ def lbfgs_loop(value_and_grad, x0, n_steps, rtol=0.0, memory: int = LBFGS_MEMORY
         value_and_grad: pytree x -> (value, gradient pytree).
         x0: starting pytree.
         n_steps: largest number of accepted steps (traced).
-        rtol: stop once a step lowers the value by less than rtol × |value| (traced; 0: never).
+        rtol: stop once a step lowers the value by less than rtol × |value|, from the MIN_STEPS-th step on (traced;
+            0: never).
         memory: correction pairs kept.
 
     Returns:
@@ -223,7 +231,7 @@ def lbfgs_loop(value_and_grad, x0, n_steps, rtol=0.0, memory: int = LBFGS_MEMORY
         d = jnp.where(descent, d, _steepest(gt))
         rho = jnp.where(descent, rho, jnp.zeros_like(rho))  # not a descent direction: drop the memory
         k = jnp.where(descent, k, 0)
-        converged = (rtol > 0) & (c.fx - ft <= rtol * jnp.abs(ft))
+        converged = (rtol > 0) & (c.i + 1 >= MIN_STEPS) & (c.fx - ft <= rtol * jnp.abs(ft))
         return c._replace(i=c.i + 1, x=xt, fx=ft, gx=gt, d=d, alpha=jnp.ones((), dtype), s_mem=s_mem, y_mem=y_mem,
                           rho=rho, k=k, gamma=gamma, n_back=jnp.zeros((), jnp.int32),
                           done=converged | ~jnp.any(gt != 0))
