@@ -274,9 +274,9 @@ def make_sf_setup(
         chunk: reflections per chunk (direct); default from memory_bytes.
         memory_bytes: memory budget of one chunk of the direct sum.
         dtype: float dtype of the real arrays (default: JAX's default float).
-        fit_tol: fft: spread the form factors as the fewest Gaussians that reproduce every type's f0
-            to this relative error over the reflections' range (:func:`jaxrefine.xray.formfactors.
-            fit_form_factors`: two instead of IT92's five terms at 2.9 Å, three at 1.7 Å); None: IT92.
+        fit_tol: fft: spread the form factors as the fewest Gaussians that give the model's F to this
+            relative error over the reflections' range (:func:`jaxrefine.xray.formfactors.fit_form_factors`:
+            two instead of IT92's five terms at 2.9 Å, three at 1.15-2.3 Å for proteins); None: IT92.
         iso_atoms: (n_atoms,) bool, atoms whose ``u_aniso`` is zero throughout (riding hydrogens): with
             ``u_aniso`` they get box classes of their own, spread as isotropic Gaussians (fft; see
             ISO_POINT_COST).
