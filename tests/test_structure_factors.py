@@ -505,15 +505,16 @@ def test_gaussian_count_follows_the_models_composition():
 
 def test_a_rare_type_beyond_the_cap_needs_more_gaussians():
     """FIT_TYPE_CAP: one type's f0 may not be further than FIT_TYPE_CAP × FIT_TOL from the table however few
-    its atoms (H at 0.9 Å with three Gaussians: 1e-3 off, one H among 2000 carbons)."""
+    its atoms (H at 0.9 Å with three Gaussians: 1.1e-3 off, one H among 2000 nitrogens, which alone take three)."""
     from jaxrefine.xray.formfactors import FIT_TOL, FIT_TYPE_CAP, _fit_terms, fit_form_factors, model_fit_error
 
     s2 = float(np.float32(1.0 / 0.9**2))
     h = it92_form_factors(np.array(["H"]))
     err3 = _fit_terms(tuple(np.asarray(h.a)[0]) + tuple(np.asarray(h.b)[0]) + (float(np.asarray(h.c)[0]),), s2, 3)[2]
     assert err3 > FIT_TYPE_CAP * FIT_TOL
-    assert model_fit_error([err3, 0.0], [1.0, 6.0], [1, 2000]) < FIT_TOL  # the weighted error alone would allow it
-    assert fit_form_factors(it92_form_factors(np.array(["C"] * 2000 + ["H"])), 1.0 / 0.9**2)[1] != 3
+    assert model_fit_error([err3, 0.0], [1.0, 7.0], [1, 2000]) < FIT_TOL  # the weighted error alone would allow it
+    assert fit_form_factors(it92_form_factors(np.array(["N"] * 2000)), 1.0 / 0.9**2)[1] == 3
+    assert fit_form_factors(it92_form_factors(np.array(["N"] * 2000 + ["H"])), 1.0 / 0.9**2)[1] == 4
 
 
 def test_refitted_form_factors_are_stored_and_read_back_exactly(tmp_path, monkeypatch):

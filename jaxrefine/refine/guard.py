@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any, NamedTuple
 
-from .monitor import W_A_SETTLED
+from .monitor import weight_settled
 from .weights import MAX_RMS_ANGLE, MAX_RMS_BOND
 
 log = logging.getLogger("jaxrefine")
@@ -128,10 +128,8 @@ def r_free_rises(history: list, since: int = 0) -> int:
 
 def stop_for_rising_r_free(history: list, kept_cycle: int, w_a_next: float, stop_after: int, since: int = 0) -> bool:
     """Whether the macrocycles stop after the latest cycle of ``history`` (see the note above): R-free rose in the
-    last ``stop_after`` cycles in a row (0: never stop), the next cycle's ``w_a_next`` is within W_A_SETTLED of this
-    cycle's w_A, and the guard keeps an earlier cycle (``kept_cycle``)."""
+    last ``stop_after`` cycles in a row (0: never stop), the weight has settled
+    (:func:`jaxrefine.refine.monitor.weight_settled`, ``w_a_next`` the next cycle's), and the guard keeps an earlier cycle (``kept_cycle``)."""
     if stop_after <= 0 or kept_cycle >= history[-1].cycle:
         return False
-    w_a = history[-1].w_a
-    settled = abs(w_a_next - w_a) <= W_A_SETTLED * abs(w_a)
-    return settled and r_free_rises(history, since) >= stop_after
+    return weight_settled(history[-1].w_a, w_a_next) and r_free_rises(history, since) >= stop_after

@@ -87,14 +87,19 @@ B_SHIFT_PER_XYZ = 20.0  # Å² of RMS B shift per Å of the coordinate limit (0.
 W_A_SETTLED = 0.1
 
 
+def weight_settled(w_a: float, w_a_next: float) -> bool:
+    """Whether the automatic weight has stopped moving: the next cycle's ``w_a_next`` within W_A_SETTLED of ``w_a``."""
+    return abs(w_a_next - w_a) <= W_A_SETTLED * abs(w_a)
+
+
 def converged(st: CycleStats, n_xyz_cycles: int, w_a_next: float, shift_limit: float) -> bool:
     """Whether the macrocycles may stop after the cycle of ``st`` (see the note above): ``n_xyz_cycles`` coordinate
     cycles run so far, ``w_a_next`` the weight the next cycle would use, ``shift_limit`` refine.converge_shift (Å;
     0: never)."""
     if shift_limit <= 0 or n_xyz_cycles < MIN_CYCLES_BEFORE_STOP:
         return False
-    w_a_still = abs(w_a_next - st.w_a) <= W_A_SETTLED * abs(st.w_a)
-    return bool(st.shift_xyz < shift_limit and st.shift_b < B_SHIFT_PER_XYZ * shift_limit and w_a_still)
+    return bool(st.shift_xyz < shift_limit and st.shift_b < B_SHIFT_PER_XYZ * shift_limit
+                and weight_settled(st.w_a, w_a_next))
 
 
 HEADER = "cycle  R-work  R-free  rms_bond  rms_angle  rmsZ_bond     w_A   k_sol   B_sol  shift_xyz  shift_B   time_s"
