@@ -129,7 +129,8 @@ def r_free_rises(history: list, since: int = 0) -> int:
 def stop_for_rising_r_free(history: list, kept_cycle: int, w_a_next: float, stop_after: int, since: int = 0) -> bool:
     """Whether the macrocycles stop after the latest cycle of ``history`` (see the note above): R-free rose in the
     last ``stop_after`` cycles in a row (0: never stop), the weight has settled
-    (:func:`jaxrefine.refine.monitor.weight_settled`, ``w_a_next`` the next cycle's), and the guard keeps an earlier cycle (``kept_cycle``)."""
+    (:func:`jaxrefine.refine.monitor.weight_settled`, ``w_a_next`` the next cycle's), and the guard keeps an
+    earlier cycle (``kept_cycle``)."""
     if stop_after <= 0 or kept_cycle >= history[-1].cycle:
         return False
     return weight_settled(history[-1].w_a, w_a_next) and r_free_rises(history, since) >= stop_after
