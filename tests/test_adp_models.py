@@ -27,7 +27,7 @@ from jaxrefine.restraints.adp_aniso import (
     rigid_bond_energy,
     similarity_energy,
 )
-from jaxrefine.restraints.ncs import NCS_RADIUS, geman_mcclure, local_pairs, ncs_deltas, ncs_energy, ncs_report, ncs_term
+from jaxrefine.restraints.ncs import NCS_PAIRS_PER_ATOM, NCS_RADIUS, geman_mcclure, local_pairs, ncs_deltas, ncs_energy, ncs_report, ncs_term
 from jaxrefine.xray.adp import (
     EIGHT_PI2,
     b_eq,
@@ -368,6 +368,18 @@ def test_ncs_local_pairs_are_every_pair_close_in_either_copy(ncs_1va7):
     want = np.stack([c.atoms1[i], c.atoms1[j], c.atoms2[i], c.atoms2[j]], -1)
     assert len(want) > 1000
     np.testing.assert_array_equal(got, want)
+
+
+def test_ncs_list_capacity_is_the_same_for_a_moved_model(ncs_1va7):
+    """The pair count follows the coordinates (a shaken start has more close pairs than its refined model), the
+    padded length does not: a rerun from the refined model gets the same shapes as the first run."""
+    model, copies, term = ncs_1va7
+    pairs = [(c.atoms1, c.atoms2) for c in copies]
+    moved = ncs_term(model.xyz_cart + np.random.default_rng(3).normal(scale=0.3, size=model.xyz_cart.shape), pairs)
+    n_dep, n_moved = int(term.mask.sum()), int(moved.mask.sum())
+    assert abs(n_dep - n_moved) > 64  # more than one PAD_QUANTUM apart: each padded to its own length would differ
+    assert term.idx.shape == moved.idx.shape
+    assert term.idx.shape[0] >= max(n_dep, n_moved, NCS_PAIRS_PER_ATOM * sum(len(a) for a, _ in pairs))
 
 
 def copy_rigidly(model, copies):

@@ -576,3 +576,52 @@ def test_cli_writes_fcalc(tmp_path):
     f_ref = gemmi_fcalc(model_path, hkl)  # gemmi uses ANISOU as jaxrefine does
     assert r_amp(f, f_ref) < TOL_FFT_R
     assert phase_diff_deg(f, f_ref) < TOL_FFT_PHASE_DEG
+
+
+def test_a_setup_of_the_same_atoms_keeps_the_stored_box_classes(tmp_path, monkeypatch):
+    """``reuse_classes``: a second setup of the same atoms on the same grid takes the box classes stored by the first
+    when its atoms fit them (here with halved B, whose best layout has two classes, not three): the same static
+    shapes, so a rerun from a refined model loads the first run's programs, and F as accurate as with its own best
+    layout.  An atom beyond its stored class's B, or a stored layout above STORED_CLASS_COST × the best cost, gets
+    the best layout, which is then stored; without ``reuse_classes`` nothing is read or stored."""
+    from jaxrefine.core import cache
+    from jaxrefine.xray import structure_factors as S
+
+    model_path, data_path = dataset_paths("1va7")
+    model = read_model(model_path, hydrogens=False)
+    hkl = read_reflections(data_path).hkl
+    ff = it92_form_factors(model.element)
+    b = np.asarray(model.b_iso, float)
+
+    def setup(b_iso, reuse=True):
+        return make_sf_setup(model.crystal, hkl, ff, "fft", b_iso=b_iso, reuse_classes=reuse)
+
+    def layout(s):
+        return s.meta.box, s.meta.rows, [int(a.shape[0]) for a in s.box_atoms]
+
+    saved = (jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache)
+    try:
+        cache.enable_compilation_cache(str(tmp_path / "c"))
+        first = setup(b)
+        best_half = setup(0.5 * b, reuse=False)
+        assert layout(best_half) != layout(first)  # its own best layout would change the shapes
+        half = setup(0.5 * b)
+        assert layout(half) == layout(first)
+        x, q = jnp.asarray(model.xyz_frac), jnp.asarray(model.occ)
+        sf = jax.jit(structure_factors)
+        f_half = np.asarray(sf(x, jnp.asarray(0.5 * b), q, half))
+        f_best = np.asarray(sf(x, jnp.asarray(0.5 * b), q, best_half))
+        direct = make_sf_setup(model.crystal, hkl, ff, "direct", b_iso=0.5 * b)
+        f_direct = np.asarray(sf(x, jnp.asarray(0.5 * b), q, direct))
+        assert r_amp(f_half, f_direct) <= max(r_amp(f_best, f_direct), 1e-4) * 1.5 and r_amp(f_half, f_direct) < TOL_FFT_R
+        # a few atoms far beyond the stored classes' B: the best layout for them, stored in turn
+        hot = b.copy()
+        hot[:20] += 150.0
+        assert layout(setup(hot)) == layout(setup(hot, reuse=False)) != layout(first)
+        assert layout(setup(b)) == layout(setup(hot, reuse=False))  # the deposited B fit the hot layout
+        # a stored layout costlier than the cap allows is not taken
+        monkeypatch.setattr(S, "STORED_CLASS_COST", 1.0)
+        assert layout(setup(0.5 * b)) == layout(best_half)
+    finally:
+        cache._set_dir(saved[0])
+        jax.config.update("jax_enable_compilation_cache", saved[1])

@@ -267,7 +267,8 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
             iso_atoms = np.arange(len(elements)) >= model.n_atoms
         log.info("riding hydrogens: %d", sites.n)
     sf = make_sf_setup(model.crystal, refl.hkl, it92_form_factors(elements, model.source), d_min=refl.d_min,
-                       b_iso=b_sf, b_margin=SF_B_MARGIN, dtype=dtype, u_aniso=u_sf, iso_atoms=iso_atoms)
+                       b_iso=b_sf, b_margin=SF_B_MARGIN, dtype=dtype, u_aniso=u_sf, iso_atoms=iso_atoms,
+                       reuse_classes=True)
     problem = Problem(
         maps=maps, sf=sf, xray=xray_data(refl, dtype), restraints=restraints,
         geo_weights=geometry_weights(cfg, dtype), w_b=on_device(cfg.weights.w_b, dtype),
