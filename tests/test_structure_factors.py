@@ -284,7 +284,8 @@ def test_isotropic_classes_beside_anisotropic_ones_match_the_direct_sum_and_its_
     u = jnp.where(half[:, None], 0.0, u)
     b = jnp.where(half, 15.0, b)
     ff = it92_form_factors(model.element)
-    fft = make_sf_setup(model.crystal, refl.hkl, ff, "fft", b_iso=b, u_aniso=u, iso_atoms=half)
+    # class_points=0: this small model would take one class for all atoms (CLASS_MIN_POINTS), not the split under test
+    fft = make_sf_setup(model.crystal, refl.hkl, ff, "fft", b_iso=b, u_aniso=u, iso_atoms=half, class_points=0)
     assert fft.meta.iso_classes and all(np.all(half[np.asarray(fft.box_atoms[c])]) for c in fft.meta.iso_classes)
     direct = make_sf_setup(model.crystal, refl.hkl, ff, "direct")
     f_obs = jnp.asarray(refl.f_obs)
@@ -576,6 +577,26 @@ def test_cli_writes_fcalc(tmp_path):
     f_ref = gemmi_fcalc(model_path, hkl)  # gemmi uses ANISOU as jaxrefine does
     assert r_amp(f, f_ref) < TOL_FFT_R
     assert phase_diff_deg(f, f_ref) < TOL_FFT_PHASE_DEG
+
+
+def test_a_class_is_made_only_where_it_saves_enough_box_points():
+    """CLASS_MIN_POINTS: 5e5z's 47 atoms take one box class (three would save fewer points than one class's compile
+    is worth), 1va7 keeps three; with class_points=0 every class that saves any points is made.  The classes' cost
+    (Σ atoms × box points) never falls below the unpenalised split's."""
+    from jaxrefine.xray import structure_factors as S
+
+    def setup(pdb, **kw):
+        model = read_model(dataset_paths(pdb)[0], hydrogens=False)
+        hkl = read_reflections(dataset_paths(pdb)[1]).hkl
+        return make_sf_setup(model.crystal, hkl, it92_form_factors(model.element), "fft", b_iso=model.b_iso, **kw)
+
+    def points(s):
+        return sum(int(a.shape[0]) * int(np.prod(box)) for a, box in zip(s.box_atoms, s.meta.box))
+
+    small, small_all = setup("5e5z"), setup("5e5z", class_points=0)
+    assert len(small.meta.box) == 1 < len(small_all.meta.box)
+    assert 0 < points(small) - points(small_all) < (len(small_all.meta.box) - 1) * S.CLASS_MIN_POINTS
+    assert len(setup("1va7").meta.box) == 3
 
 
 def test_a_setup_of_the_same_atoms_keeps_the_stored_box_classes(tmp_path, monkeypatch):

@@ -250,6 +250,7 @@ def make_sf_setup(
     fit_tol: float | None = FIT_TOL,
     iso_atoms=None,
     reuse_classes: bool = False,
+    class_points: float | None = None,
 ) -> SFSetup:
     """Precompute the arrays and static sizes of a structure-factor problem (numpy, outside jit).
 
@@ -282,6 +283,8 @@ def make_sf_setup(
         iso_atoms: (n_atoms,) bool, atoms whose ``u_aniso`` is zero throughout (riding hydrogens): with
             ``u_aniso`` they get box classes of their own, spread as isotropic Gaussians (fft; see
             ISO_POINT_COST).
+        class_points: fft: box points a further class must save to be made (default CLASS_MIN_POINTS; 0: up to
+            ``n_classes`` whenever they save any).
         reuse_classes: fft: keep the box classes an earlier setup of the same atoms on the same grid chose
             (stored beside the compiled programs, see STORED_CLASS_COST) when this model's atoms fit them, so that
             a rerun from a refined model loads the programs compiled for the first run instead of compiling anew.
@@ -374,7 +377,8 @@ def make_sf_setup(
     def box_of(b):
         return tuple(int(math.ceil(2.0 * math.sqrt(2.0 * log_eps_box * v * b))) for v in var_per_b)
 
-    groups, iso_classes = _iso_and_aniso_classes(b_box, box_of, n_classes, u_aniso, iso_atoms)
+    class_points = CLASS_MIN_POINTS if class_points is None else float(class_points)
+    groups, iso_classes = _iso_and_aniso_classes(b_box, box_of, n_classes, u_aniso, iso_atoms, class_points)
     if reuse_classes:
         key = _layout_key(grid, orth, log_eps_box, n_classes, ff.type_index, u_aniso is not None, iso_atoms)
         groups, iso_classes = _stored_or_new_classes(key, groups, iso_classes, b_box, box_of, iso_atoms)
@@ -448,8 +452,9 @@ def _adp_extent(b_iso, u_aniso):
     return b_iso + EIGHT_PI2 * eig[:, 0].clip(min=0.0), b_iso + EIGHT_PI2 * eig[:, 2].clip(min=0.0)
 
 
-def _box_classes(b_box, box_of, n_classes: int):
-    """Split atoms into up to n_classes groups of one box size each, minimising Σ n · box volume.
+def _box_classes(b_box, box_of, n_classes: int, class_points: float = 0.0):
+    """Split atoms into up to n_classes groups of one box size each, minimising Σ n · box volume
+    + class_points × the number of classes.
 
     Class boundaries are searched (exhaustively, by dynamic programming) among the 5 % quantiles
     of the sorted B.
@@ -458,6 +463,7 @@ def _box_classes(b_box, box_of, n_classes: int):
         b_box: (n,) B (Å²) each atom's box must hold.
         box_of: B -> (bx, by, bz).
         n_classes: maximum number of classes (>= 1).
+        class_points: box points a further class must save (see CLASS_MIN_POINTS).
 
     Returns:
         list of (box, sorted atom indices, largest B of the class), one per non-empty class.
@@ -479,7 +485,8 @@ def _box_classes(b_box, box_of, n_classes: int):
             options = [(best[(k - 1, s)][0] + cost(s, e), s) for s in cuts if s < e and (k - 1, s) in best]
             if options:
                 best[(k, e)] = min(options)
-    k_best = min((k for k in range(1, max(n_classes, 1) + 1) if (k, n) in best), key=lambda k: best[(k, n)][0])
+    k_best = min((k for k in range(1, max(n_classes, 1) + 1) if (k, n) in best),
+                 key=lambda k: best[(k, n)][0] + k * class_points)
     bounds, e, k = [], n, k_best
     while k >= 1:
         s = best[(k, e)][1]
@@ -493,26 +500,37 @@ def _box_classes(b_box, box_of, n_classes: int):
 # cell).  Atoms whose U stays zero (riding hydrogens) in a model with U get classes of their own when that lowers
 # Σ cost × n × box volume with this relative cost, within the same number of classes.
 ISO_POINT_COST = 0.5
+# Each box class is a spreading (and its gradient) of its own in every program: ~0.4 s more XLA compilation of a cold
+# run per class (4xof's energy gradient 2.7 / 3.1 / 3.5 s with 1 / 2 / 3 classes, session 23), while spreading 1e5
+# box points costs ~0.6 ms an evaluation (~0.1 s over a refinement's ~200).  A class is made only where it saves at
+# least this many points: 5e5z's 47 atoms take one class (141 k points against 108 k with three; its cold run 5.3 ->
+# 4.4 s, warm unchanged); the other shared entries keep their classes (the last saves 0.18-0.73 M points).
+CLASS_MIN_POINTS = 1.0e5
 
 
 def _class_cost(groups) -> float:
     return float(sum(len(atoms) * np.prod(box) for box, atoms, _ in groups))
 
 
-def _iso_and_aniso_classes(b_box, box_of, n_classes: int, u_aniso, iso_atoms):
+def _iso_and_aniso_classes(b_box, box_of, n_classes: int, u_aniso, iso_atoms, class_points: float = 0.0):
     """(box classes as :func:`_box_classes`, indices of the classes spread isotropically): with ``u_aniso`` and
     some but not all atoms in ``iso_atoms``, the two kinds split into classes of their own (the split of
-    ``n_classes`` between them with the lowest cost, see ISO_POINT_COST); else one set of classes (none isotropic)."""
+    ``n_classes`` between them with the lowest cost, see ISO_POINT_COST) unless one set of classes for all atoms
+    costs less with ``class_points`` per class; else one set of classes (none isotropic)."""
+    single = _box_classes(b_box, box_of, n_classes, class_points)
     iso = None if iso_atoms is None or u_aniso is None else np.asarray(iso_atoms, bool).reshape(-1)
     if iso is None or not iso.any() or iso.all() or n_classes < 2:
-        return _box_classes(b_box, box_of, n_classes), ()
+        return single, ()
     idx_a, idx_i = np.flatnonzero(~iso), np.flatnonzero(iso)
     best = None
     for k_a in range(1, n_classes):
-        ga, gi = _box_classes(b_box[idx_a], box_of, k_a), _box_classes(b_box[idx_i], box_of, n_classes - k_a)
-        cost = _class_cost(ga) + ISO_POINT_COST * _class_cost(gi)
+        ga = _box_classes(b_box[idx_a], box_of, k_a, class_points)
+        gi = _box_classes(b_box[idx_i], box_of, n_classes - k_a, class_points)
+        cost = _class_cost(ga) + ISO_POINT_COST * _class_cost(gi) + class_points * (len(ga) + len(gi))
         if best is None or cost < best[0]:
             best = (cost, ga, gi)
+    if class_points > 0 and _class_cost(single) + class_points * len(single) < best[0]:
+        return single, ()
     _, ga, gi = best
     groups = [(box, idx_a[atoms], b) for box, atoms, b in ga] + [(box, idx_i[atoms], b) for box, atoms, b in gi]
     return groups, tuple(range(len(ga), len(groups)))
