@@ -365,10 +365,13 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
     t0 = time.perf_counter()
     problem, params, state = setup.problem, setup.params, setup.state
     timing.begin_cycle(0)  # the starting model: initial w_A and statistics
+    # the statistics first (they do not depend on w_A): in a cold run their programs (the geometry report's) then
+    # compile while the minimiser's program, which the initial w_A needs, is still compiling on its thread
+    start = cycle_statistics(0, params, problem, state, t0)
     with timing.section("initial_w_a"):
         w_a = choose_initial_w_a(setup, problem, state, params, settings)
     state = state._replace(w_a=jnp.asarray(w_a, problem.maps.orth.dtype))
-    history = [cycle_statistics(0, params, problem, state, t0)]
+    history = [start._replace(w_a=float(state.w_a), time_s=time.perf_counter() - t0)]
     log_cycle(history[-1], callback)
     previous = current_model_arrays(params, problem)[:2]  # (xyz, B) of the last cycle's model: its shifts
     # the input model competes only when asked; else the first refined cycle replaces it whatever its R-free
