@@ -556,3 +556,41 @@ def test_cli_rfactors_json_and_map_mtz(tmp_path, capsys):
     assert mtz.nreflections >= 403
     m = gemmi.read_ccp4_map(str(tmp_path / "m_2fofc.ccp4"))
     assert np.array(m.grid).std() > 0
+
+
+def test_sigma_a_fit_derivatives_in_closed_form_equal_jax_derivatives():
+    """The σA fit's per-bin gradient and Hessian wrt (ln D, ln S), written out (targets._bin_derivatives), against JAX's
+    derivatives of ml_amplitude_nll (forward over reverse) in float64: acentric and centric reflections, ε 1 and 2,
+    measurement σ, and reflections with Fo = 0 or D|Fm| → 0 (the Bessel ratio's small-x limit)."""
+    from jaxrefine.xray.targets import _bin_derivatives
+
+    rng = np.random.default_rng(5)
+    n, nb = 600, 6
+    fo = rng.gamma(2.0, 40.0, n)
+    fo[:5] = 0.0
+    fm = fo * rng.uniform(0.3, 1.7, n) + 1.0
+    fm[5:10] = 1e-9
+    sig = 0.05 * fo + 0.5
+    cen = rng.random(n) < 0.25
+    eps = np.where(rng.random(n) < 0.1, 2.0, 1.0)
+    bins = np.sort(rng.integers(0, nb, n)).astype(np.int32)
+    onehot = (bins[:, None] == np.arange(nb)[None]).astype(float)
+    p = np.stack([np.log(rng.uniform(0.3, 1.0, nb)), np.log(rng.uniform(200.0, 3000.0, nb))], -1)
+
+    def total(ld, ls):
+        return jnp.sum(ml_amplitude_nll(fo, sig, fm, jnp.exp(ld), jnp.exp(ls), cen, eps))
+
+    # float64 (tests/conftest.py enables it)
+    ld, ls = jnp.asarray(p[bins, 0]), jnp.asarray(p[bins, 1])
+    grad = jax.grad(total, argnums=(0, 1))
+    g_d, g_s = grad(ld, ls)
+    _, (h_dd, h_sd) = jax.jvp(lambda a: grad(a, ls), (ld,), (jnp.ones_like(ld),))
+    _, (h_ds, h_ss) = jax.jvp(lambda b: grad(ld, b), (ls,), (jnp.ones_like(ls),))
+    want_g = np.asarray(jnp.stack([g_d, g_s]) @ onehot).T
+    dd, ds, ss = np.asarray(jnp.stack([h_dd, 0.5 * (h_ds + h_sd), h_ss]) @ onehot)
+    want_h = np.stack([np.stack([dd, ds], -1), np.stack([ds, ss], -1)], -2)
+    g, h = _bin_derivatives(jnp.asarray(p), jnp.asarray(fo), jnp.asarray(sig), jnp.asarray(fm), jnp.asarray(cen),
+                            jnp.asarray(eps), jnp.asarray(bins), jnp.asarray(onehot))
+    assert g.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(g), want_g, rtol=1e-9, atol=1e-9 * np.abs(want_g).max())
+    np.testing.assert_allclose(np.asarray(h), want_h, rtol=1e-9, atol=1e-9 * np.abs(want_h).max())

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.special import i0e
+from jax.scipy.special import i0e, i1e
 
 from ..core.cache import call_exported
 from ..core.device import on_device
@@ -161,17 +161,37 @@ def _bin_values(p, fo, sig, fm, cen, eps, bins, onehot):
 
 
 def _bin_derivatives(p, fo, sig, fm, cen, eps, bins, onehot):
-    """Per bin: gradient (n_bins, 2) and Hessian (n_bins, 2, 2) of the −log-likelihood wrt (ln D, ln S)."""
-    def total(ld, ls):
-        return jnp.sum(ml_amplitude_nll(fo, sig, fm, jnp.exp(ld), jnp.exp(ls), cen, eps))
+    """Per bin: gradient (n_bins, 2) and Hessian (n_bins, 2, 2) of the −log-likelihood wrt (ln D, ln S).
 
-    ld, ls = p[bins, 0], p[bins, 1]
-    grad = jax.grad(total, argnums=(0, 1))
-    g_d, g_s = grad(ld, ls)
-    _, (h_dd, h_sd) = jax.jvp(lambda a: grad(a, ls), (ld,), (jnp.ones_like(ld),))
-    _, (h_ds, h_ss) = jax.jvp(lambda b: grad(ld, b), (ls,), (jnp.ones_like(ls),))
-    g = (jnp.stack([g_d, g_s]) @ onehot).T  # (n_bins, 2)
-    dd, ds, ss = jnp.stack([h_dd, 0.5 * (h_ds + h_sd), h_ss]) @ onehot
+    In closed form (the program compiles in 0.11 s where JAX's derivatives of it, through i0e twice, took 0.28 s;
+    tests/test_fmodel.py checks both agree): up to constants each reflection's term is
+    nll = c₁ (ln Σ + (Fo² + a²)/Σ) − L(x), with a = D|Fm|, Σ = εS + k σ², x = c₂ Fo a / Σ and, acentric,
+    c₁ = 1, c₂ = 2, k = 2, L = ln I₀; centric c₁ = ½, c₂ = 1, k = 1, L = ln cosh (:func:`ml_amplitude_nll`).
+    With u = ln D, v = ln S, w = εS/Σ, q = (Fo² + a²)/Σ, m = L'(x) (I₁/I₀ or tanh) and m' = L''(x)
+    (1 − m/x − m² for the Bessel ratio, 1 − m² for tanh):  ∂x/∂u = x, ∂x/∂v = −w x, and
+    nll_u = 2c₁a²/Σ − m x,  nll_uu = 4c₁a²/Σ − m x − m' x²,  nll_v = w B with B = c₁(1 − q) + m x,
+    nll_uv = −2c₁ w a²/Σ + (m' x + m) x w,  nll_vv = w(1 − w) B + w (c₁ q w − (m' x + m) x w).
+    """
+    d, s = jnp.exp(p[bins, 0]), jnp.exp(p[bins, 1])
+    c1 = jnp.where(cen, 0.5, 1.0)
+    t = jnp.asarray(eps, fo.dtype) * s
+    big = t + jnp.where(cen, 1.0, 2.0) * sig * sig
+    a = d * fm
+    x = jnp.where(cen, 1.0, 2.0) * fo * a / big
+    m_bessel = i1e(x) / i0e(x)
+    m_over_x = jnp.where(x > 1e-6, m_bessel / jnp.where(x > 1e-6, x, 1.0), 0.5)  # I₁/I₀ ≈ x/2 near 0
+    m = jnp.where(cen, jnp.tanh(x), m_bessel)
+    dm = jnp.where(cen, 1.0 - m * m, 1.0 - m_over_x - m * m)
+    w = t / big
+    q = (fo * fo + a * a) / big
+    a2 = a * a / big
+    b = c1 * (1.0 - q) + m * x
+    grads = jnp.stack([2.0 * c1 * a2 - m * x, w * b])
+    h_uu = 4.0 * c1 * a2 - m * x - dm * x * x
+    h_uv = -2.0 * c1 * w * a2 + (dm * x + m) * x * w
+    h_vv = w * (1.0 - w) * b + w * (c1 * q * w - (dm * x + m) * x * w)
+    g = (grads @ onehot).T  # (n_bins, 2)
+    dd, ds, ss = jnp.stack([h_uu, h_uv, h_vv]) @ onehot
     return g, jnp.stack([jnp.stack([dd, ds], -1), jnp.stack([ds, ss], -1)], -2)
 
 
