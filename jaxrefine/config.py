@@ -141,6 +141,10 @@ class OutputConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     compilation_cache: Any = "auto"  # auto ($JAXREFINE_CACHE_DIR, else ~/.cache/jaxrefine/jax) | off | a folder
+    # keep the FFT box classes an earlier run of the same atoms stored in the cache folder when this model's atoms fit
+    # them (a rerun from the refined model loads the first run's programs); off by default: the classes then depend on
+    # what ran before, which moves F_calc at the box truncation's level (~1e-4) and R-free in the 4th decimal
+    reuse_box_classes: bool = False
 
 
 @dataclass(frozen=True)

@@ -469,3 +469,34 @@ def test_malloc_defaults_keep_blocks_of_a_mib_and_more_in_their_own_mappings():
         run = subprocess.run([sys.executable, "-c", _MALLOC_SCRIPT], env={**env, **extra}, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr[-2000:]
         assert run.stdout.split("\n")[0] == expect
+
+
+def test_build_setup_keeps_stored_box_classes_only_when_asked(tmp_path, restore_jax_cache):
+    """runtime.reuse_box_classes: off (the default) a model's FFT box classes are its own whatever ran before; on, a
+    model of the same atoms whose B fit an earlier setup's stored classes takes them (the same static shapes): here
+    the deposited 1va7 after the same model with 20 atoms' B raised by 150 Å²."""
+    import dataclasses
+
+    from conftest import dataset_paths, monomer_dir
+    from jaxrefine.config import load_config
+    from jaxrefine.io.model import read_model
+    from jaxrefine.io.reflections import read_reflections
+    from jaxrefine.problem import build_setup
+
+    model = read_model(dataset_paths("1va7")[0])
+    refl = read_reflections(dataset_paths("1va7")[1])
+    hot_b = np.asarray(model.b_iso, float).copy()
+    hot_b[:20] += 150.0  # a few atoms far above the rest: a box class of their own
+    hot = dataclasses.replace(model, b_iso=hot_b)
+    opts = [f"runtime.compilation_cache={tmp_path / 'c'}", f"model.monlib={monomer_dir()}", "refine.adp=iso", "restraints.ncs=off"]
+
+    def classes(m, reuse):
+        cfg = load_config(None, opts + [f"runtime.reuse_box_classes={'true' if reuse else 'false'}"])
+        sf = build_setup(None, None, cfg, model=m, refl=refl).problem.sf
+        return sf.meta.box, [int(a.shape[0]) for a in sf.box_atoms]
+
+    first = classes(hot, True)
+    own = classes(model, False)
+    assert own != first  # the deposited B: one class of its own
+    assert classes(model, True) == first
+    assert classes(model, False) == own  # off: the stored classes are not read

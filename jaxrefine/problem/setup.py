@@ -268,7 +268,7 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
         log.info("riding hydrogens: %d", sites.n)
     sf = make_sf_setup(model.crystal, refl.hkl, it92_form_factors(elements, model.source), d_min=refl.d_min,
                        b_iso=b_sf, b_margin=SF_B_MARGIN, dtype=dtype, u_aniso=u_sf, iso_atoms=iso_atoms,
-                       reuse_classes=True)
+                       reuse_classes=cfg.runtime.reuse_box_classes)
     problem = Problem(
         maps=maps, sf=sf, xray=xray_data(refl, dtype), restraints=restraints,
         geo_weights=geometry_weights(cfg, dtype), w_b=on_device(cfg.weights.w_b, dtype),
