@@ -503,8 +503,8 @@ ISO_POINT_COST = 0.5
 # Each box class is a spreading (and its gradient) of its own in every program: ~0.4 s more XLA compilation of a cold
 # run per class (4xof's energy gradient 2.7 / 3.1 / 3.5 s with 1 / 2 / 3 classes, session 23), while spreading 1e5
 # box points costs ~0.6 ms an evaluation (~0.1 s over a refinement's ~200).  A class is made only where it saves at
-# least this many points: 5e5z's 47 atoms take one class (141 k points against 108 k with three; its cold run 5.3 ->
-# 4.4 s, warm unchanged); the other shared entries keep their classes (the last saves 0.18-0.73 M points).
+# least this many points: 5e5z's 47 atoms take one class (141 k points against 108 k with three; its cold run 5.6-6.0 ->
+# 4.7-5.0 s, warm unchanged); the other shared entries keep their classes (the last saves 0.18-0.73 M points).
 CLASS_MIN_POINTS = 1.0e5
 
 
@@ -538,8 +538,9 @@ def _iso_and_aniso_classes(b_box, box_of, n_classes: int, u_aniso, iso_atoms, cl
 
 # A rerun from the refined model would split its atoms into other box classes (the classes follow the model's B:
 # 1va7's shaken start (11,12,12)/(13,14,14)/(16,19,19) boxes, its refined model (11,12,12)/(11,13,13)/(13,15,15)),
-# and the classes are static shapes: the rerun compiled every program again (12.0 s against 6.4 s warm).  With
-# ``reuse_classes`` the chosen layout (box, atom count and largest B of each class) is stored per problem (the atoms'
+# and the classes are static shapes: the rerun compiled every program again (11.7 s against 7.8 s with them kept).
+# With ``reuse_classes`` (``runtime.reuse_box_classes``; off by default, since a model's layout then depends on what
+# ran before in the cache folder, and F_calc with it at the box truncation's ~1e-4) the chosen layout (box, atom count and largest B of each class) is stored per problem (the atoms'
 # types on one grid), and a later setup of the same atoms takes the stored layout when its atoms, sorted by B,
 # fit the stored classes and spread at most STORED_CLASS_COST times the points of the best layout for them
 # (bigger boxes only cut the Gaussians further out: F is as accurate or more).
