@@ -471,7 +471,7 @@ def test_malloc_defaults_keep_blocks_of_a_mib_and_more_in_their_own_mappings():
         assert run.stdout.split("\n")[0] == expect
 
 
-def test_build_setup_keeps_stored_box_classes_only_when_asked(tmp_path, restore_jax_cache):
+def test_build_setup_keeps_stored_box_classes_only_when_asked(tmp_path, restore_jax_cache, caplog):
     """runtime.reuse_box_classes: off (the default) a model's FFT box classes are its own whatever ran before; on, a
     model of the same atoms whose B fit an earlier setup's stored classes takes them (the same static shapes): here
     the deposited 1va7 after the same model with 20 atoms' B raised by 150 Å²."""
@@ -498,5 +498,11 @@ def test_build_setup_keeps_stored_box_classes_only_when_asked(tmp_path, restore_
     first = classes(hot, True)
     own = classes(model, False)
     assert own != first  # the deposited B: one class of its own
-    assert classes(model, True) == first
-    assert classes(model, False) == own  # off: the stored classes are not read
+    caplog.clear()
+    with caplog.at_level("INFO", logger="jaxrefine"):
+        assert classes(model, True) == first
+    assert "an earlier run's kept" in caplog.text  # the log says so
+    caplog.clear()
+    with caplog.at_level("INFO", logger="jaxrefine"):
+        assert classes(model, False) == own  # off: the stored classes are not read
+    assert "an earlier run's kept" not in caplog.text

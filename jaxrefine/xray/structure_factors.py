@@ -29,6 +29,7 @@ Two methods share one entry point, :func:`structure_factors`, configured once by
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from functools import partial
 from typing import NamedTuple
@@ -41,6 +42,8 @@ from ..core.cache import read_table, write_table
 from ..core.device import on_device
 from .fft_grid import box_rows, fold_periodic_c, spread_boxes
 from .formfactors import FIT_TOL, FormFactors, f0, fit_form_factors
+
+log = logging.getLogger("jaxrefine")
 
 TWO_PI = 2.0 * np.pi
 # index pairs of the off-diagonal terms of a 3x3 metric
@@ -608,6 +611,10 @@ def _stored_or_new_classes(key: str, groups, iso_classes, b_box, box_of, iso_ato
             stored = None
         if stored is not None and all(box_of(b) == box for box, _, b in stored[0]) \
                 and _layout_cost(*stored) <= STORED_CLASS_COST * _layout_cost(groups, iso_classes):
+            log.info("FFT box classes: an earlier run's kept (boxes %s for %s atoms; this model's own: %s for %s), so "
+                     "its compiled programs are reused (runtime.reuse_box_classes)",
+                     [box for box, _, _ in stored[0]], [len(a) for _, a, _ in stored[0]],
+                     [box for box, _, _ in groups], [len(a) for _, a, _ in groups])
             return stored
     table.pop(key, None)
     table[key] = [[list(box), int(len(atoms)), float(b), c in iso_classes] for c, (box, atoms, b) in enumerate(groups)]
