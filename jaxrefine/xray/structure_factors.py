@@ -384,7 +384,7 @@ def make_sf_setup(
     groups, iso_classes = _iso_and_aniso_classes(b_box, box_of, n_classes, u_aniso, iso_atoms, class_points)
     if reuse_classes:
         key = _layout_key(grid, orth, log_eps_box, n_classes, ff.type_index, u_aniso is not None, iso_atoms)
-        groups, iso_classes = _stored_or_new_classes(key, groups, iso_classes, b_box, box_of, iso_atoms)
+        groups, iso_classes = _stored_or_new_classes(key, groups, iso_classes, b_box, iso_atoms)
     g_metric = np.diag(1.0 / n_grid) @ (orth.T @ orth) @ np.diag(1.0 / n_grid)
     scale = np.abs(np.diag(g_metric))
     cross = tuple(p for p in PAIRS if abs(g_metric[p]) > 1e-9 * math.sqrt(scale[p[0]] * scale[p[1]]))
@@ -511,8 +511,10 @@ ISO_POINT_COST = 0.5
 CLASS_MIN_POINTS = 1.0e5
 
 
-def _class_cost(groups) -> float:
-    return float(sum(len(atoms) * np.prod(box) for box, atoms, _ in groups))
+def _class_cost(groups, iso_classes=()) -> float:
+    """Box points a layout spreads (Σ atoms × box volume), its isotropic classes at ISO_POINT_COST."""
+    return float(sum(len(atoms) * np.prod(box) * (ISO_POINT_COST if c in iso_classes else 1.0)
+                     for c, (box, atoms, _) in enumerate(groups)))
 
 
 def _iso_and_aniso_classes(b_box, box_of, n_classes: int, u_aniso, iso_atoms, class_points: float = 0.0):
@@ -565,12 +567,6 @@ def _layout_key(grid, orth, log_eps_box: float, n_classes: int, type_index, has_
     return h.hexdigest()[:32]
 
 
-def _layout_cost(groups, iso_classes) -> float:
-    """Points spread by a layout, isotropic classes at ISO_POINT_COST."""
-    return float(sum(len(atoms) * np.prod(box) * (ISO_POINT_COST if c in iso_classes else 1.0)
-                     for c, (box, atoms, _) in enumerate(groups)))
-
-
 def _classes_from_layout(layout, b_box, iso_atoms):
     """The stored ``layout`` ([box, count, b, isotropic] per class) filled with these atoms, sorted by ``b_box``
     within each kind (isotropic or not) as :func:`_box_classes` sorts them; None when they do not fit (other counts,
@@ -599,7 +595,7 @@ def _classes_from_layout(layout, b_box, iso_atoms):
     return groups, tuple(iso_classes)
 
 
-def _stored_or_new_classes(key: str, groups, iso_classes, b_box, box_of, iso_atoms):
+def _stored_or_new_classes(key: str, groups, iso_classes, b_box, iso_atoms):
     """The stored layout for ``key`` filled with these atoms when they fit it at no more than STORED_CLASS_COST
     times the cost of ``groups`` (the best layout for them, which is stored otherwise)."""
     table = read_table(STORED_CLASS_TABLE)
@@ -609,8 +605,7 @@ def _stored_or_new_classes(key: str, groups, iso_classes, b_box, box_of, iso_ato
             stored = _classes_from_layout(layout, np.asarray(b_box, float), iso_atoms)
         except (TypeError, ValueError, IndexError):  # a table of another shape: choose anew
             stored = None
-        if stored is not None and all(box_of(b) == box for box, _, b in stored[0]) \
-                and _layout_cost(*stored) <= STORED_CLASS_COST * _layout_cost(groups, iso_classes):
+        if stored is not None and _class_cost(*stored) <= STORED_CLASS_COST * _class_cost(groups, iso_classes):
             log.info("FFT box classes: an earlier run's kept (boxes %s for %s atoms; this model's own: %s for %s), so "
                      "its compiled programs are reused (runtime.reuse_box_classes)",
                      [box for box, _, _ in stored[0]], [len(a) for _, a, _ in stored[0]],
