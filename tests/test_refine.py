@@ -160,7 +160,10 @@ def test_total_energy_gradient_matches_finite_differences(small_setup):
 
 def test_rigid_motion_leaves_restraint_energy_unchanged(small_setup):
     """A rigid rotation+translation of the whole model (P1-style) changes no bond/angle energy."""
-    p, prob, state = small_setup.params, small_setup.problem, small_setup.state
+    from jaxrefine.problem.setup import with_rigid_bodies
+
+    rigid = with_rigid_bodies(small_setup)  # built for xyz_b: no bodies of its own
+    p, prob, state = rigid.params, rigid.problem, rigid.state
     moved = p._replace(rot=p.rot + 0.3, trans=p.trans + 1.7)
     terms = jax.jit(energy_terms)
     e0, e1 = terms(p, prob, state), terms(moved, prob, state)
@@ -172,6 +175,29 @@ def test_rigid_motion_leaves_restraint_energy_unchanged(small_setup):
     for k in ("bond", "angle", "torsion", "plane", "chiral"):
         assert float(t1[k]) == pytest.approx(float(t0[k]), rel=1e-9, abs=1e-9)
     assert float(e1.xray) != pytest.approx(float(e0.xray), rel=1e-3)  # but the X-ray term sees it
+
+
+def test_rigid_bodies_only_where_refined(small_setup):
+    """A setup for a strategy without rigid-body steps has no bodies (their transform, a gather of (n, 3, 3) rotations
+    and its gradient, is left out of every program) and its atoms are the parameters' own; refine() with the rigid
+    strategy on it adds the bodies a setup for that strategy is built with, and their transform moves the atoms."""
+    from jaxrefine.problem.params import atom_xyz
+    from jaxrefine.problem.setup import with_rigid_bodies
+
+    s = small_setup
+    assert s.strategy[0] == "xyz_b" and s.params.rot.shape == (0, 3) and s.problem.maps.body_centre.shape == (0, 3)
+    cart, frac = atom_xyz(s.params, s.problem.maps)
+    assert np.array_equal(np.asarray(frac), np.asarray(s.params.xyz_frac))
+    np.testing.assert_allclose(np.asarray(cart), s.model.xyz_cart, atol=1e-9)
+    built = build_setup(None, None, _cfg("refine.precision=float64", "refine.strategy=rigid"), model=s.model, refl=s.refl)
+    added = with_rigid_bodies(s)
+    assert added.params.rot.shape == built.params.rot.shape and built.params.rot.shape[0] >= 1
+    for name in ("body_index", "body_centre", "body_radius"):
+        np.testing.assert_allclose(np.asarray(getattr(added.problem.maps, name)), np.asarray(getattr(built.problem.maps, name)))
+    np.testing.assert_allclose(np.asarray(atom_xyz(added.params, added.problem.maps)[0]), np.asarray(cart), atol=1e-9)
+    turned = added.params._replace(rot=added.params.rot.at[0, 2].set(0.2))
+    assert np.abs(np.asarray(atom_xyz(turned, added.problem.maps)[0]) - np.asarray(cart)).max() > 0.1
+    assert with_rigid_bodies(added) is added
 
 
 def test_minimise_loop_compiles_once_for_all_blocks(small_setup):

@@ -8,7 +8,8 @@
 - ``occ_raw`` (n_groups,): occupancy logits of the refinable occupancy groups (altloc conformers,
   partially occupied ligands).  Conformers of one residue form a set whose occupancies keep their
   starting sum (softmax); a set with a single group uses a sigmoid.
-- ``rot`` (n_bodies, 3): rotation vectors (axis × angle, radians) of rigid bodies about their centres.
+- ``rot`` (n_bodies, 3): rotation vectors (axis × angle, radians) of rigid bodies about their centres (no bodies,
+  shape (0, 3), where no macrocycle refines them).
 - ``trans`` (n_bodies, 3): rigid-body translations (Å).
 - ``u_raw`` (n_aniso, 6): Cholesky parameters of the anisotropic U of the atoms refined
   anisotropically (``refine.adp=aniso``), None otherwise; see :mod:`jaxrefine.problem.adp_model`.
@@ -101,6 +102,8 @@ def atom_xyz(params: Params, maps: AtomMaps):
         xyz_cart (n, 3), xyz_frac (n, 3)
     """
     cart0 = params.xyz_frac @ maps.orth.T
+    if params.rot.shape[0] == 0:  # no rigid bodies (jaxrefine.problem.setup.uses_rigid_bodies): the atoms as they are
+        return cart0, params.xyz_frac
     r = rotation_matrix(params.rot)[maps.body_index]  # (n, 3, 3)
     c = maps.body_centre[maps.body_index]
     cart = jnp.einsum("nij,nj->ni", r, cart0 - c) + c + params.trans[maps.body_index]

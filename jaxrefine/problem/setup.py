@@ -182,13 +182,46 @@ def refine_hkl_free(refl):
     return use
 
 
-def atom_maps_and_params(model: Model, cfg: Config, dtype, strategy: str | None = None):
-    """(:class:`AtomMaps`, starting :class:`Params`) of a model: rigid bodies, occupancy groups (for ``strategy``,
-    default ``cfg.refine.strategy``: xyz_b_occ has them), B floor."""
-    idx, centres = rigid_bodies(model, cfg.refine.rigid_bodies)
+# Rigid bodies exist in the parameters only where a macrocycle refines them: the transform about each body's centre
+# (a gather of (n, 3, 3) rotations and its scatter-add gradient) made the energy gradient of 1va7 compile in 2.4 s
+# instead of 2.1 s and evaluate in 18.9 instead of 17.6 ms (5e5z: 1.38 -> 1.28 s to compile; benchmarks/README.md).
+def uses_rigid_bodies(strategy: str, rigid_first: bool) -> bool:
+    """Whether a refinement with ``strategy`` (resolved, not auto) and ``refine.rigid_first`` refines rigid bodies."""
+    return strategy == "rigid" or bool(rigid_first)
+
+
+def _bodies(model: Model, spec: str, refined: bool):
+    """(body index (n,), centres (n_bodies, 3), radii (n_bodies,)) of ``refine.rigid_bodies`` = ``spec``; no bodies
+    (index 0 for every atom, (0, 3) centres) unless ``refined``."""
+    if not refined:
+        return np.zeros(model.n_atoms, np.int32), np.zeros((0, 3)), np.zeros(0)
+    idx, centres = rigid_bodies(model, spec)
     radii = np.array([np.sqrt(((model.xyz_cart[idx == b] - c) ** 2).sum(1).mean()) + BODY_RADIUS_PAD
                       for b, c in enumerate(centres)])
-    refine_occ = (strategy or cfg.refine.strategy) == "xyz_b_occ"
+    return idx, centres, radii
+
+
+def with_rigid_bodies(setup: Setup) -> Setup:
+    """``setup`` with the rigid bodies of its ``refine.rigid_bodies``, where it was built for a strategy without them
+    (e.g. ``refine(setup, strategy="rigid")`` on a setup built for xyz_b); the setup itself where it has them."""
+    if setup.params.rot.shape[0] > 0:
+        return setup
+    idx, centres, radii = _bodies(setup.model, setup.config.refine.rigid_bodies, True)
+    dtype = setup.problem.maps.orth.dtype
+    maps = setup.problem.maps._replace(body_index=on_device(idx), body_centre=on_device(centres, dtype),
+                                       body_radius=on_device(radii, dtype))
+    params = setup.params._replace(rot=zeros_on_device((len(centres), 3), dtype),
+                                   trans=zeros_on_device((len(centres), 3), dtype))
+    return setup._replace(problem=setup.problem._replace(maps=maps), params=params)
+
+
+def atom_maps_and_params(model: Model, cfg: Config, dtype, strategy: str | None = None):
+    """(:class:`AtomMaps`, starting :class:`Params`) of a model: rigid bodies (for ``strategy``, default
+    ``cfg.refine.strategy``: rigid, or any with ``refine.rigid_first``; none otherwise, see ``uses_rigid_bodies``),
+    occupancy groups (xyz_b_occ has them), B floor."""
+    strategy = strategy or cfg.refine.strategy
+    idx, centres, radii = _bodies(model, cfg.refine.rigid_bodies, uses_rigid_bodies(strategy, cfg.refine.rigid_first))
+    refine_occ = strategy == "xyz_b_occ"
     occ_group, group_set, set_total, set_size, group_start = occupancy_groups(model, refine_partial=refine_occ)
     if not refine_occ:
         occ_group = -np.ones(model.n_atoms, np.int32)

@@ -26,7 +26,7 @@ from ..config import Config
 from ..core import timing
 from ..problem.params import Params
 from ..problem.problem import Problem, Setup, XrayState
-from ..problem.setup import build_setup, choose_strategy
+from ..problem.setup import build_setup, choose_strategy, uses_rigid_bodies, with_rigid_bodies
 from ..problem.riding import riding_problem
 from ..problem.xray_state import (current_model_arrays, f_model_of_jit, mask_moved, model_of, moved_beyond, refit_xray_state,
                                   refresh_neighbours)
@@ -359,6 +359,8 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
             :func:`jaxrefine.validate.waters.water_hooks`.  None by default.
     """
     settings = LoopSettings.from_config(setup.config, setup.refl.d_min, n_cycles, strategy or setup_strategy(setup))
+    if uses_rigid_bodies(settings.strategy, settings.rigid_first):  # a setup built for a strategy without them
+        setup = with_rigid_bodies(setup)
     # the persistent compilation cache, as for the CLI (runtime.compilation_cache): notebooks and scripts that
     # call refine() directly load the loop's compiled code from an earlier process instead of compiling it
     enable_compilation_cache(setup.config.runtime.compilation_cache)
