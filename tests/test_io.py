@@ -78,6 +78,33 @@ def test_french_wilson_on_1l2h_intensities():
     assert weak.any() and np.all(refl.f_obs[weak] > 0)  # negative intensities get positive amplitudes
 
 
+def test_french_wilson_posterior_matches_adaptive_quadrature():
+    """E[F | I] and sd[F | I] against scipy's adaptive quadrature over J (an independent formulation: the centric
+    prior's J^-1/2 singularity handled by quad's algebraic weight), strong, weak and negative intensities."""
+    from scipy.integrate import quad
+
+    from jaxrefine.io.french_wilson import posterior_amplitudes
+
+    cases = [(i, s, big, c) for i, s in ((2500.0, 40.0), (300.0, 60.0), (20.0, 30.0), (-25.0, 30.0), (-90.0, 40.0))
+             for big, c in ((400.0, False), (400.0, True), (60.0, False), (60.0, True))]
+    i_obs, sig, sigma, centric = (np.array(v) for v in zip(*cases))
+    f, sf = posterior_amplitudes(i_obs, sig, sigma, centric)
+    for k, (i, s, big, c) in enumerate(cases):
+        top = max(i, 0.0) + 12.0 * s
+
+        def moment(power):
+            like = lambda j: np.exp(-((i - j) ** 2) / (2 * s * s) + (i - max(i, 0.0)) ** 2 / (2 * s * s))  # noqa: E731
+            if c:  # J^-1/2 exp(-J / 2Σ): the singular factor as quad's weight
+                return quad(lambda j: j ** (power / 2) * like(j) * np.exp(-j / (2 * big)), 0.0, top,
+                            weight="alg", wvar=(-0.5, 0.0), epsabs=0, epsrel=1e-12, limit=200)[0]
+            return quad(lambda j: j ** (power / 2) * like(j) * np.exp(-j / big), 0.0, top, epsabs=0, epsrel=1e-12,
+                        limit=200)[0]
+
+        z, m1, m2 = moment(0), moment(1), moment(2)
+        assert f[k] == pytest.approx(m1 / z, rel=1e-8), cases[k]
+        assert sf[k] == pytest.approx(np.sqrt(m2 / z - (m1 / z) ** 2), rel=1e-6), cases[k]
+
+
 def test_explicit_labin_intensity_and_amplitude():
     _, data_path = dataset_paths("5kzb")
     f = read_reflections(data_path, labin="FOBS,SIGFOBS,R-free-flags")
