@@ -198,6 +198,10 @@ def test_rigid_bodies_only_where_refined(small_setup):
     turned = added.params._replace(rot=added.params.rot.at[0, 2].set(0.2))
     assert np.abs(np.asarray(atom_xyz(turned, added.problem.maps)[0]) - np.asarray(cart)).max() > 0.1
     assert with_rigid_bodies(added) is added
+    from jaxrefine.problem.setup import rebuild_setup  # the water-picking rebuild keeps them
+
+    assert rebuild_setup(added, s.model).params.rot.shape == built.params.rot.shape
+    assert rebuild_setup(s, s.model).params.rot.shape == (0, 3)
     res = refine(s, n_cycles=1, strategy="rigid")  # the engine adds them itself, and moves them
     assert res.params.rot.shape == built.params.rot.shape
     assert np.abs(np.asarray(res.params.trans)).max() > 0 or np.abs(np.asarray(res.params.rot)).max() > 0

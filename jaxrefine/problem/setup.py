@@ -323,14 +323,17 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
 def rebuild_setup(setup: Setup, model: Model) -> Setup:
     """A setup for ``model`` (e.g. after water picking, written by :func:`model_of` with its ANISOU and
     TLS groups) that keeps the ADP model chosen for ``setup``: the same mode (``auto`` is not
-    chosen again) and, for TLS, the groups read back from the model (refined T, L, S and residual B)."""
+    chosen again) and, for TLS, the groups read back from the model (refined T, L, S and residual B); rigid bodies
+    (new ones, about the new model's centres) where ``setup`` has them."""
     import dataclasses
 
     cfg = setup.config
     if setup.adp_choice is not None:
         tls = "auto" if setup.adp_choice.tls is not None else cfg.refine.tls_groups
         cfg = dataclasses.replace(cfg, refine=dataclasses.replace(cfg.refine, adp=setup.adp_choice.mode, tls_groups=tls))
-    return build_setup(None, None, cfg, model=model, refl=setup.refl)
+    new = build_setup(None, None, cfg, model=model, refl=setup.refl)
+    # rigid bodies where the refinement had them (refine(setup, strategy="rigid") on a setup built for another)
+    return with_rigid_bodies(new) if setup.params.rot.shape[0] > 0 else new
 
 
 def adp_model_and_params(model, refl, cfg: Config, restraints, u_shape, params: Params, dtype):
