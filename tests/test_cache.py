@@ -207,7 +207,6 @@ def test_state_spec_has_the_fitted_states_shapes(restore_jax_cache):
     1.66 Å) and without it (the same data cut at 2.6 Å)."""
     from conftest import dataset_paths
     from jaxrefine.config import load_config
-    from jaxrefine.io.reflections import read_reflections
     from jaxrefine.problem import build_setup
     from jaxrefine.problem.setup import load_inputs
     from jaxrefine.problem.xray_state import xray_state_spec

@@ -9,7 +9,7 @@ import gemmi
 import numpy as np
 import pytest
 
-from jaxrefine.core.crystal import centric_flags, d_spacing, epsilon_factors, orth_matrix, resolution_bins
+from jaxrefine.core.crystal import centric_flags, epsilon_factors, orth_matrix, resolution_bins
 from jaxrefine.errors import DataMismatchError, InputError, SelectionError
 from jaxrefine.io.model import read_model
 from jaxrefine.io.reflections import (
