@@ -182,7 +182,7 @@ def test_rigid_bodies_only_where_refined(small_setup):
     and its gradient, is left out of every program) and its atoms are the parameters' own; refine() with the rigid
     strategy on it adds the bodies a setup for that strategy is built with, and their transform moves the atoms."""
     from jaxrefine.problem.params import atom_xyz
-    from jaxrefine.problem.setup import with_rigid_bodies
+    from jaxrefine.problem.setup import rebuild_setup, with_rigid_bodies
 
     s = small_setup
     assert s.strategy[0] == "xyz_b" and s.params.rot.shape == (0, 3) and s.problem.maps.body_centre.shape == (0, 3)
@@ -198,8 +198,7 @@ def test_rigid_bodies_only_where_refined(small_setup):
     turned = added.params._replace(rot=added.params.rot.at[0, 2].set(0.2))
     assert np.abs(np.asarray(atom_xyz(turned, added.problem.maps)[0]) - np.asarray(cart)).max() > 0.1
     assert with_rigid_bodies(added) is added
-    from jaxrefine.problem.setup import rebuild_setup  # the water-picking rebuild keeps them
-
+    # the water-picking rebuild keeps them, and adds none to a setup without
     assert rebuild_setup(added, s.model).params.rot.shape == built.params.rot.shape
     assert rebuild_setup(s, s.model).params.rot.shape == (0, 3)
     res = refine(s, n_cycles=1, strategy="rigid")  # the engine adds them itself, and moves them

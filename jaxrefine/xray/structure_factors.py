@@ -545,10 +545,11 @@ def _iso_and_aniso_classes(b_box, box_of, n_classes: int, u_aniso, iso_atoms, cl
 # 1va7's shaken start (11,12,12)/(13,14,14)/(16,19,19) boxes, its refined model (11,12,12)/(11,13,13)/(13,15,15)),
 # and the classes are static shapes: the rerun compiled every program again (11.7 s against 7.8 s with them kept).
 # With ``reuse_classes`` (``runtime.reuse_box_classes``; off by default, since a model's layout then depends on what
-# ran before in the cache folder, and F_calc with it at the box truncation's ~1e-4) the chosen layout (box, atom count and largest B of each class) is stored per problem (the atoms'
-# types on one grid), and a later setup of the same atoms takes the stored layout when its atoms, sorted by B,
-# fit the stored classes and spread at most STORED_CLASS_COST times the points of the best layout for them
-# (bigger boxes only cut the Gaussians further out: F is as accurate or more).
+# ran before in the cache folder, and F_calc with it at the box truncation's ~1e-4) the chosen layout (box, atom
+# count and largest B of each class) is stored per problem (the atoms' types on one grid), and a later setup of the
+# same atoms takes the stored layout when its atoms, sorted by B, fit the stored classes and spread at most
+# STORED_CLASS_COST times the points of the best layout for them (bigger boxes only cut the Gaussians further out:
+# F is as accurate or more).
 STORED_CLASS_TABLE = "box_classes"
 STORED_CLASS_COST = 1.5
 STORED_CLASS_ENTRIES = 64  # layouts kept (the most recent problems)
