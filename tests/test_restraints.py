@@ -151,6 +151,32 @@ def test_counts_and_rms_match_gemmi(pdb_id):
     assert rep.n_chiral_wrong_sign == ref["wrong"]
 
 
+def test_report_runs_the_energy_functions_in_numpy_and_compiles_nothing():
+    """The report's per-restraint values (numpy arguments) equal the same functions traced and compiled as the
+    energy uses them (float32), to float32 round-off, on 1l2h (every term family, symmetry contacts), and
+    computing them starts no XLA compilation (they were one more program per problem)."""
+    from jaxrefine.core.cache import compile_counters, compile_delta
+    from jaxrefine.restraints import report
+
+    model, r = _load("1l2h")
+    nb = build_nonbonded(model, r)
+    host = jax.tree_util.tree_map(np.asarray, (r, nb))
+    before = compile_counters()
+    got = report._values(np.asarray(model.xyz_cart, float), *host)
+    rep = geometry_report(model.xyz_cart, r, nb, model)
+    spent = compile_delta(before)
+    assert spent["compile_s"] == 0.0 and spent["trace_s"] == 0.0, spent
+    assert all(isinstance(v, np.ndarray) for v in got.values())
+    ref = jax.jit(report._values)(jnp.asarray(model.xyz_cart, jnp.float32), r, nb)
+    for k, v in ref.items():
+        a, b = np.asarray(got[k]), np.asarray(v)
+        if k == "plane":  # the least-squares normal's sign is arbitrary
+            a, b = np.abs(a), np.abs(b)
+        assert a.shape == b.shape and np.max(np.abs(a - b)) < 1e-4, k  # Å or radians; float32 of ~50 Å coordinates
+    real = np.asarray(r.bond.mask) > 0
+    assert rep.rms_bond == pytest.approx(_rms(got["bond"][real] - np.asarray(r.bond.ideal)[real]))
+
+
 def test_counts_with_hydrogens_4xof():
     model, r = _load("4xof", hydrogens=True)
     c = r.counts()

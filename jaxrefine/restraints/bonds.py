@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from ..core.device import array_module
 from ..core.restraint_terms import AngleTerm, BondTerm
 
 
 def bond_lengths(xyz_cart, bond: BondTerm):
     """(nb,) distances (Å) of the bonded pairs; xyz_cart (n, 3) Å."""
+    xp = array_module(xyz_cart)
     d = xyz_cart[bond.idx[:, 0]] - xyz_cart[bond.idx[:, 1]]
     # safe norm: padding rows point at (0, 0) and would give a NaN gradient through sqrt(0)
-    return jnp.sqrt(jnp.sum(d * d, axis=-1) + (1.0 - bond.mask))
+    return xp.sqrt(xp.sum(d * d, axis=-1) + (1.0 - bond.mask))
 
 
 def bond_energy(xyz_cart, bond: BondTerm):
@@ -26,13 +28,14 @@ def bond_energy(xyz_cart, bond: BondTerm):
 
 def bond_angles(xyz_cart, angle: AngleTerm):
     """(na,) angles (radians) at the middle atom, via atan2(|u×v|, u·v) (stable near 0 and π)."""
+    xp = array_module(xyz_cart)
     u = xyz_cart[angle.idx[:, 0]] - xyz_cart[angle.idx[:, 1]]
     v = xyz_cart[angle.idx[:, 2]] - xyz_cart[angle.idx[:, 1]]
     pad = (1.0 - angle.mask)[:, None]
-    u = u + pad * jnp.array([1.0, 0.0, 0.0], u.dtype)  # padding rows: a harmless right angle
-    v = v + pad * jnp.array([0.0, 1.0, 0.0], v.dtype)
-    c = jnp.cross(u, v)
-    return jnp.arctan2(jnp.sqrt(jnp.sum(c * c, axis=-1) + 1e-30), jnp.sum(u * v, axis=-1))
+    u = u + pad * xp.array([1.0, 0.0, 0.0], u.dtype)  # padding rows: a harmless right angle
+    v = v + pad * xp.array([0.0, 1.0, 0.0], v.dtype)
+    c = xp.cross(u, v)
+    return xp.arctan2(xp.sqrt(xp.sum(c * c, axis=-1) + 1e-30), xp.sum(u * v, axis=-1))
 
 
 def angle_energy(xyz_cart, angle: AngleTerm):

@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from ..core.device import array_module
 from ..core.restraint_terms import ChiralTerm
 
 
 def chiral_volumes(xyz_cart, chiral: ChiralTerm):
     """(nc,) signed chiral volumes (Å³)."""
+    xp = array_module(xyz_cart)
     c = xyz_cart[chiral.idx[:, 0]]
     a, b, d = (xyz_cart[chiral.idx[:, k]] - c for k in (1, 2, 3))
-    return jnp.sum(a * jnp.cross(b, d), axis=-1)
+    return xp.sum(a * xp.cross(b, d), axis=-1)
 
 
 def chiral_targets(volumes, chiral: ChiralTerm):
     """(nc,) target volumes: ±ideal by the dictionary sign, the current sign for "both"."""
-    sign = jnp.where(chiral.sign == 0, jnp.where(volumes >= 0, 1.0, -1.0), chiral.sign)
+    xp = array_module(volumes)
+    sign = xp.where(chiral.sign == 0, xp.where(volumes >= 0, 1.0, -1.0), chiral.sign)
     return sign * chiral.ideal
 
 

@@ -15,6 +15,8 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from ..core.device import array_module
+
 NONBONDED_SIGMA = 0.2  # Å, REFMAC5/servalcat default esd of the vdW repulsion
 
 
@@ -57,11 +59,12 @@ def pair_distances(xyz_cart, nb: NonbondedList, orth=None, frac=None):
     orth = nb.orth if orth is None else orth
     frac = nb.frac if frac is None else frac
     # rotate all atoms once per operator, then gather one image per pair (cheaper than per-pair matrices)
-    rot_cart = jnp.einsum("ij,ojk,kl->oil", orth, nb.rot, frac)  # (n_ops, 3, 3)
-    images = jnp.einsum("oij,nj->oni", rot_cart, xyz_cart)  # (n_ops, n, 3)
+    xp = array_module(xyz_cart)
+    rot_cart = xp.einsum("ij,ojk,kl->oil", orth, nb.rot, frac)  # (n_ops, 3, 3)
+    images = xp.einsum("oij,nj->oni", rot_cart, xyz_cart)  # (n_ops, n, 3)
     diff = xyz_cart[nb.i] - images[nb.op, nb.j] - nb.shift @ orth.T
     pad = (nb.weight == 0).astype(diff.dtype)
-    return jnp.sqrt(jnp.sum(diff * diff, axis=-1) + pad)  # padding: d = 1, gradient finite
+    return xp.sqrt(xp.sum(diff * diff, axis=-1) + pad)  # padding: d = 1, gradient finite
 
 
 def nonbonded_energy(xyz_cart, nb: NonbondedList, orth=None, frac=None):

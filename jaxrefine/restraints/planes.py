@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from ..core.device import array_module
 from ..core.restraint_terms import PlaneTerm
 
 
@@ -42,16 +44,18 @@ def _smallest_eigenvector_jvp(primals, tangents):
 
 def plane_distances(xyz_cart, plane: PlaneTerm):
     """(np, max_atoms) signed distances (Å) of each plane atom to its least-squares plane."""
+    xp = array_module(xyz_cart)
     pts = xyz_cart[plane.idx]  # (np, k, 3)
     w = plane.atom_mask[..., None]
-    n_at = jnp.maximum(plane.atom_mask.sum(-1), 1.0)[:, None]
+    n_at = xp.maximum(plane.atom_mask.sum(-1), 1.0)[:, None]
     c = (pts * w).sum(1) / n_at
     r = (pts - c[:, None, :]) * w
-    scatter = jnp.einsum("pki,pkj->pij", r, r)
+    scatter = xp.einsum("pki,pkj->pij", r, r)
     # padding planes have zero scatter: add a fixed, non-degenerate diagonal so eigh is defined
-    pad = (1.0 - plane.mask)[:, None, None] * jnp.diag(jnp.array([3.0, 2.0, 1.0], pts.dtype))
-    normal = smallest_eigenvector(scatter + pad)
-    return jnp.einsum("pki,pi->pk", r, normal)
+    pad = (1.0 - plane.mask)[:, None, None] * xp.diag(xp.array([3.0, 2.0, 1.0], pts.dtype))
+    # on the host (numpy input) numpy's eigh: the same normal (the eigenvector's sign cancels in the square)
+    normal = smallest_eigenvector(scatter + pad) if xp is jnp else np.linalg.eigh(scatter + pad)[1][..., :, 0]
+    return xp.einsum("pki,pi->pk", r, normal)
 
 
 def plane_energy(xyz_cart, plane: PlaneTerm):

@@ -55,9 +55,9 @@ class GeometryReport:
         return asdict(self)
 
 
-@jax.jit
 def _values(xyz_cart, restraints: Restraints, nonbonded):
-    """All per-restraint geometric values in one compiled call (eager op-by-op is slow)."""
+    """All per-restraint geometric values, by the energy's own functions run in numpy (numpy arguments: no XLA
+    program to compile or load; see :func:`jaxrefine.core.device.array_module`)."""
     out = {
         "bond": bond_lengths(xyz_cart, restraints.bond),
         "angle": bond_angles(xyz_cart, restraints.angle),
@@ -133,7 +133,7 @@ def geometry_report(xyz_cart, restraints: Restraints, nonbonded: NonbondedList |
         model: the Model, for residue labels of outliers (None: atom indices).
     """
     xyz = np.asarray(xyz_cart, float)
-    vals = jax.tree_util.tree_map(np.asarray, _values(xyz, restraints, nonbonded))
+    vals = _values(xyz, *jax.tree_util.tree_map(np.asarray, (restraints, nonbonded)))
     deg = 180.0 / np.pi
     out = {}
 
