@@ -486,6 +486,28 @@ def test_tls_start_from_header_and_from_chains():
     np.testing.assert_allclose(np.asarray(b_eq(u_total))[keep], model.b_iso[keep], atol=1e-6)
 
 
+@pytest.mark.parametrize("pdb_id, mode", [("4xof", "aniso"), ("1va7", "tls")])
+def test_starting_adps_on_the_host_match_the_traced_ones_and_compile_nothing(pdb_id, mode):
+    """The setup's starting ADPs (build_adp_model's TLS start and atom_adp) run in numpy with no XLA program (they
+    were two programs before the problem existed, on the cold run's critical path), and atom_adp in numpy gives
+    what the same function gives traced and jitted (float64 here, so to round-off)."""
+    from jaxrefine.core.cache import compile_counters, compile_delta
+    from jaxrefine.problem.adp_model import atom_adp, build_adp_model
+
+    model = read_model(dataset_paths(pdb_id)[0], hydrogens=False)
+    before = compile_counters()
+    adp, u_raw, tls_raw, b0, choice = build_adp_model(model, mode, "auto", 2.0, 2.0, 20000)
+    host = atom_adp(np.asarray(b0, float), u_raw, tls_raw, model.xyz_cart, adp)
+    spent = compile_delta(before)
+    assert spent["compile_s"] == 0.0 and spent["trace_s"] == 0.0, spent
+    assert choice.mode == mode and all(isinstance(a, np.ndarray) for a in host)
+    traced = jax.jit(atom_adp)(jnp.asarray(b0), None if u_raw is None else jnp.asarray(u_raw),  # x64: conftest
+                               None if tls_raw is None else jnp.asarray(tls_raw), jnp.asarray(model.xyz_cart),
+                               jax.tree_util.tree_map(jnp.asarray, adp))
+    for a, b in zip(host, traced):
+        np.testing.assert_allclose(a, np.asarray(b), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("suffix", [".cif", ".pdb"])
 def test_refined_tls_and_anisou_written_and_read_back_reproduce_the_adps(tmp_path, suffix):
     """model_updates -> writers -> file -> read_model -> TLS start from the header: the same U."""

@@ -31,11 +31,15 @@ def zeros_on_device(shape, dtype) -> jax.Array:
     return jax.device_put(np.zeros(shape, dtype), jax.devices()[0])
 
 
-def array_module(x):
-    """numpy for a numpy array, else ``jax.numpy``: a function written against the returned module runs on the
-    host with no XLA program when called on numpy data (reports, statistics), and traces as usual under jit.
-    The geometry report's restraint values were one more program for every problem (5kzb: 0.17 s to compile
-    alone, 1.4 s beside the L-BFGS program's compilation in a cold run); in numpy they take milliseconds."""
-    import jax.numpy as jnp
 
-    return np if isinstance(x, np.ndarray) else jnp
+def array_module(*arrays):
+    """numpy when no argument is a JAX array (numpy arrays, numbers, None), else ``jax.numpy`` (a device array or
+    a tracer: under jit, grad or vmap).  A function written against the returned module runs on the host with no
+    XLA program when called on numpy data (reports, starting values), and traces as usual otherwise.  The geometry
+    report's restraint values were one more program for every problem (5kzb: 0.17 s to compile alone, 1.4 s beside
+    the L-BFGS program's compilation in a cold run); in numpy they take milliseconds."""
+    if any(isinstance(a, jax.Array) for a in arrays):
+        import jax.numpy as jnp
+
+        return jnp
+    return np

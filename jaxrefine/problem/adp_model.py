@@ -23,8 +23,6 @@ from __future__ import annotations
 import logging
 from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ..io.ncs import find_ncs_copies
@@ -43,6 +41,7 @@ from ..xray.adp import (
     u_iso6,
 )
 
+from ..core.device import array_module
 from .params import atom_b, atom_xyz
 
 log = logging.getLogger("jaxrefine")
@@ -139,11 +138,10 @@ def _tls_shift_scale(tls: TlsGroups, xyz_cart) -> np.ndarray:
     return out
 
 
-@jax.jit
 def _tls_start(raw, origin, xyz_cart, group):
-    """T, L, S of raw TLS parameters and the U they give the atoms (one compiled program for the host's start)."""
+    """T, L, S of raw TLS parameters and the U they give the atoms (numpy in, numpy out: no XLA program)."""
     t, l, s = tls_from_cholesky(raw)  # noqa: E741
-    return t, l, s, u_from_tls(t, l, s, origin, xyz_cart, group)
+    return t, l, s, u_from_tls(t, l, s, np.asarray(origin, float), np.asarray(xyz_cart, float), np.asarray(group))
 
 
 def _start_tls(model, spec: str, b_min: float):
@@ -160,7 +158,7 @@ def _start_tls(model, spec: str, b_min: float):
         tls = tls._replace(t=np.tile(t6, (tls.n_groups, 1)), l=np.tile(l6, (tls.n_groups, 1)))
         source = "chains" if spec in ("auto", "chain") else f"selections {spec!r}"
     raw = tls_cholesky_params(tls.t, tls.l, tls.s)
-    t, l, s, u_tls = (np.asarray(a) for a in _tls_start(raw, tls.origin, model.xyz_cart, tls.group))  # as the raw values give them
+    t, l, s, u_tls = _tls_start(raw, tls.origin, model.xyz_cart, tls.group)  # as the raw values give them
     inside = tls.group >= 0
     b_res = model.b_iso - np.asarray(b_eq(u_tls))
     if source.startswith("the input") and np.median(b_res[inside]) < 0:
@@ -240,13 +238,14 @@ def atom_adp(b_iso, u_raw, tls_raw, xyz_cart, adp: AdpModel | None, u_shape=None
     if adp is None:
         u_total = u_iso6(b_iso) if u_shape is None else u_iso6(b_iso) + u_shape
         return b_iso, u_shape, u_total
-    u = jnp.asarray(adp.u_fixed, b_iso.dtype)
+    xp = array_module(b_iso, u_raw, tls_raw, xyz_cart, adp.u_fixed)  # numpy: the setup's start (no XLA program)
+    u = xp.asarray(adp.u_fixed, b_iso.dtype)
     b_sf = b_iso
     if u_raw is not None and u_raw.shape[0]:
         idx = adp.aniso_index
-        u_an = u_from_cholesky(u_raw, adp.u_min)[jnp.maximum(idx, 0)]
-        u = u + jnp.where((idx >= 0)[:, None], u_an, 0.0)
-        b_sf = jnp.where(idx >= 0, 0.0, b_iso)
+        u_an = u_from_cholesky(u_raw, adp.u_min)[xp.maximum(idx, 0)]
+        u = u + xp.where((idx >= 0)[:, None], u_an, 0.0)
+        b_sf = xp.where(idx >= 0, 0.0, b_iso)
     if tls_raw is not None and tls_raw.shape[0]:
         t, l, s = tls_from_cholesky(tls_raw)
         u = u + u_from_tls(t, l, s, adp.tls_origin, xyz_cart, adp.tls_group)
@@ -304,14 +303,11 @@ def ncs_restraint_energy(params, problem):
     return problem.ncs.weight * ncs_energy(atom_xyz(params, problem.maps)[0], problem.ncs.term)
 
 
-_tls_from_cholesky_jit = jax.jit(tls_from_cholesky)  # for the writers (host code)
-
-
 def refined_tls(params, problem, choice: AdpChoice) -> TlsGroups | None:
     """The TLS groups of ``choice`` with the tensors of ``params`` (numpy), or None."""
     if choice is None or choice.tls is None or params.tls_raw is None:
         return None
-    t, l, s = (np.asarray(a, float) for a in _tls_from_cholesky_jit(params.tls_raw))
+    t, l, s = tls_from_cholesky(np.asarray(params.tls_raw, float))  # numpy: no XLA program for the writers
     return choice.tls._replace(t=t, l=l, s=s)
 
 

@@ -50,10 +50,6 @@ BODY_RADIUS_PAD = 1.0  # Å added to a rigid body's radius of gyration: rotation
 #                        (radius × angle), and a one-atom body must not get radius 0
 
 
-# the starting ADPs on the host: one compiled program (op by op it compiled ~30 small ones)
-_atom_adp_jit = jax.jit(atom_adp)
-
-
 def rigid_bodies(model: Model, spec: str):
     """(n,) body index and (n_bodies, 3) centres for the spec "chain", "all" or "sel1; sel2".
 
@@ -355,10 +351,10 @@ def adp_model_and_params(model, refl, cfg: Config, restraints, u_shape, params: 
         u_raw=None if u_raw is None else on_device(u_raw, dtype),
         tls_raw=None if tls_raw is None else on_device(tls_raw, dtype),
     )
-    xyz = on_device(model.xyz_cart, jnp.float64 if dtype == jnp.float64 else jnp.float32)
-    b_sf, u_sf, _ = _atom_adp_jit(on_device(np.maximum(b_start, cfg.refine.b_min), xyz.dtype), params.u_raw, params.tls_raw,
-                             xyz, adp, None)
-    return adp, params, np.asarray(b_sf, float), np.asarray(u_sf, float), choice
+    # the starting ADPs on the host, in numpy (no XLA program; the setup waits for it before the problem exists)
+    b_sf, u_sf, _ = atom_adp(np.maximum(np.asarray(b_start, float), cfg.refine.b_min), u_raw, tls_raw,
+                             np.asarray(model.xyz_cart, float), jax.tree_util.tree_map(np.asarray, adp), None)
+    return adp, params, b_sf, u_sf, choice
 
 
 def anisotropic_shape(model, keep: bool):

@@ -15,7 +15,8 @@ the origin in Å; the files' degree units are converted in :mod:`jaxrefine.io.tl
   atom's position r relative to the group origin (Schomaker & Trueblood 1968, Acta Cryst. B24, 63;
   Winn, Isupov & Murshudov 2001, Acta Cryst. D57, 122, eq. 2).
 
-Pure JAX (numpy for the inverse maps that run outside jit).
+Pure JAX, and numpy for numpy input (:func:`jaxrefine.core.device.array_module`: the setup's starting ADPs and the
+writers' TLS tensors on the host with no XLA program); the inverse maps are numpy.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..core.device import array_module
 from .structure_factors import _u6_to_mat as u6_to_matrix
 
 EIGHT_PI2 = 8.0 * np.pi**2
@@ -30,7 +32,7 @@ EIGHT_PI2 = 8.0 * np.pi**2
 
 def matrix_to_u6(m):
     """(..., 3, 3) symmetric -> (..., 6) U11 U22 U33 U12 U13 U23."""
-    return jnp.stack([m[..., 0, 0], m[..., 1, 1], m[..., 2, 2], m[..., 0, 1], m[..., 0, 2], m[..., 1, 2]], -1)
+    return array_module(m).stack([m[..., 0, 0], m[..., 1, 1], m[..., 2, 2], m[..., 0, 1], m[..., 0, 2], m[..., 1, 2]], -1)
 
 
 def b_eq(u_aniso):
@@ -40,7 +42,7 @@ def b_eq(u_aniso):
 
 def u_iso6(b_iso):
     """(n, 6) U = B/(8π²)·I of isotropic atoms; b_iso (n,) Å² (numpy in, numpy out)."""
-    xp = np if isinstance(b_iso, np.ndarray) else jnp
+    xp = array_module(b_iso)
     u = b_iso / EIGHT_PI2
     z = xp.zeros_like(u)
     return xp.stack([u, u, u, z, z, z], -1)
@@ -56,6 +58,10 @@ def lower_factor(raw, k: int):
     """(..., k, k) lower-triangular factor from (..., k(k+1)/2) raw parameters: the k diagonal
     entries through softplus (> 0), then the entries below the diagonal row by row."""
     rows, cols = _lower_indices(k)
+    if array_module(raw) is np:  # softplus(x) = log(1 + e^x)
+        out = np.zeros(raw.shape[:-1] + (k, k), raw.dtype)
+        out[..., rows, cols] = np.concatenate([np.logaddexp(0.0, raw[..., :k]), raw[..., k:]], -1)
+        return out
     vals = jnp.concatenate([jax.nn.softplus(raw[..., :k]), raw[..., k:]], -1)
     return jnp.zeros(raw.shape[:-1] + (k, k), raw.dtype).at[..., rows, cols].set(vals)
 
@@ -85,9 +91,10 @@ def u_from_cholesky(chol_raw, u_min=0.0):
         chol_raw: (n, 6) raw parameters: softplus⁻¹ of L11, L22, L33, then L21, L31, L32 (Å).
         u_min: scalar floor added to every eigenvalue (Å²), e.g. b_min/(8π²).
     """
+    xp = array_module(chol_raw, u_min)
     lf = lower_factor(chol_raw, 3)
-    u = jnp.einsum("nij,nkj->nik", lf, lf)
-    return matrix_to_u6(u) + u_min * jnp.asarray([1.0, 1.0, 1.0, 0.0, 0.0, 0.0], u.dtype)
+    u = xp.einsum("nij,nkj->nik", lf, lf)
+    return matrix_to_u6(u) + u_min * xp.asarray([1.0, 1.0, 1.0, 0.0, 0.0, 0.0], u.dtype)
 
 
 def cholesky_params(u_aniso, u_min=0.0, eig_floor=1e-4):
@@ -117,7 +124,7 @@ def tls_from_cholesky(tls_raw):
     atom position.  C = F·Fᵀ with F from :func:`lower_factor` guarantees it.
     """
     f = lower_factor(tls_raw, 6)
-    c = jnp.einsum("gij,gkj->gik", f, f)
+    c = array_module(tls_raw).einsum("gij,gkj->gik", f, f)
     return matrix_to_u6(c[:, :3, :3]), matrix_to_u6(c[:, 3:, 3:]), c[:, 3:, :3]
 
 
@@ -139,9 +146,10 @@ def tls_shift_matrix(r):
     A = [[0, z, −y], [−z, 0, x], [y, −x, 0]]: a small libration λ (rad) moves the atom by
     λ × r = A·λ, so with u = t + A·λ and S_ij = <λ_i t_j>: U = T + A L Aᵀ + A S + Sᵀ Aᵀ.
     """
+    xp = array_module(r)
     x, y, z = r[..., 0], r[..., 1], r[..., 2]
-    o = jnp.zeros_like(x)
-    return jnp.stack([jnp.stack([o, z, -y], -1), jnp.stack([-z, o, x], -1), jnp.stack([y, -x, o], -1)], -2)
+    o = xp.zeros_like(x)
+    return xp.stack([xp.stack([o, z, -y], -1), xp.stack([-z, o, x], -1), xp.stack([y, -x, o], -1)], -2)
 
 
 def u_from_tls(t, l, s, origin, xyz_cart, group):
@@ -157,10 +165,11 @@ def u_from_tls(t, l, s, origin, xyz_cart, group):
 
     Reference: Winn, Isupov & Murshudov 2001, Acta Cryst. D57, 122, eq. 2.
     """
-    g = jnp.maximum(group, 0)
-    a = tls_shift_matrix(xyz_cart - jnp.asarray(origin)[g])
-    lm = u6_to_matrix(jnp.asarray(l))[g]
-    sm = jnp.asarray(s)[g]
-    asm = jnp.einsum("nij,njk->nik", a, sm)
-    u = u6_to_matrix(jnp.asarray(t))[g] + jnp.einsum("nij,njk,nlk->nil", a, lm, a) + asm + jnp.swapaxes(asm, -1, -2)
-    return jnp.where((group >= 0)[:, None], matrix_to_u6(u), 0.0)
+    xp = array_module(t, l, s, origin, xyz_cart)
+    g = xp.maximum(group, 0)
+    a = tls_shift_matrix(xyz_cart - xp.asarray(origin)[g])
+    lm = u6_to_matrix(xp.asarray(l))[g]
+    sm = xp.asarray(s)[g]
+    asm = xp.einsum("nij,njk->nik", a, sm)
+    u = u6_to_matrix(xp.asarray(t))[g] + xp.einsum("nij,njk,nlk->nil", a, lm, a) + asm + xp.swapaxes(asm, -1, -2)
+    return xp.where((group >= 0)[:, None], matrix_to_u6(u), 0.0)
