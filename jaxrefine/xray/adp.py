@@ -32,7 +32,8 @@ EIGHT_PI2 = 8.0 * np.pi**2
 
 def matrix_to_u6(m):
     """(..., 3, 3) symmetric -> (..., 6) U11 U22 U33 U12 U13 U23."""
-    return array_module(m).stack([m[..., 0, 0], m[..., 1, 1], m[..., 2, 2], m[..., 0, 1], m[..., 0, 2], m[..., 1, 2]], -1)
+    entries = [m[..., 0, 0], m[..., 1, 1], m[..., 2, 2], m[..., 0, 1], m[..., 0, 2], m[..., 1, 2]]
+    return array_module(m).stack(entries, -1)
 
 
 def b_eq(u_aniso):
