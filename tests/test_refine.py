@@ -228,6 +228,31 @@ def test_minimise_loop_compiles_once_for_all_blocks(small_setup):
     assert programs() == before  # new blocks, step counts, data, state and scale: no recompile
 
 
+def test_host_programs_prepared_ahead_are_the_ones_the_cycles_and_the_writers_call(tmp_path):
+    """While the minimiser's program compiles, the main thread compiles the small programs the first macrocycle
+    (shifts applied, the w_A scan's free likelihood) and the writers (total U, map coefficients) call, for the
+    arguments they will pass: each of those programs compiles once when prepared and not again when the
+    refinement and its outputs call it (5e5z anisotropic, cut to 2.9 Å: shapes no other test uses, and the scan)."""
+    from jaxrefine.problem import xray_state
+    from jaxrefine.refine import engine
+    from jaxrefine.refine.outputs import prepare_writer_programs, write_outputs
+    from jaxrefine.xray import maps
+
+    model, refl = _inputs("5e5z")
+    setup = build_setup(None, None, _cfg("refine.adp=aniso"), model=model, refl=refl.cut(d_min=2.9))
+    settings = engine.LoopSettings.from_config(setup.config, setup.refl.d_min, strategy=engine.setup_strategy(setup))
+    assert settings.scan_w_a and setup.problem.adp is not None
+    programs = (engine.apply_shifts_jit, engine._ml_target_jit, xray_state._total_u, maps._coefficients)
+    before = [f._cache_size() for f in programs]
+    prepare_writer_programs(setup)
+    engine._prepare_cycle_programs(setup.params, setup.problem, setup.state, settings)
+    prepared = [f._cache_size() for f in programs]
+    assert [b - a for a, b in zip(before, prepared)] == [1, 1, 1, 1]
+    result = engine.refine(setup, n_cycles=1)
+    write_outputs(result, setup, str(tmp_path))
+    assert [f._cache_size() for f in programs] == prepared
+
+
 def test_minimisations_side_by_side_match_one_after_the_other(small_setup):
     """minimise_blocks_each (the w_A scan's trials on threads of their own): for each state the parameters
     minimise_blocks gives for it alone, bit for bit, and the steps and evaluations of all of them counted."""

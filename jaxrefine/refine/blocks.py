@@ -21,7 +21,7 @@ from .gauss_newton import CG_RTOL, MAX_CG, gauss_newton_steps
 from ..core.cache import call_exported, prepare_exported
 from ..core.device import on_device, zeros_on_device
 
-_apply_shifts_jit = jax.jit(apply_shifts)  # host code: one program, not one per operation
+apply_shifts_jit = jax.jit(apply_shifts)  # host code: one program, not one per operation
 
 STRATEGY_BLOCKS = {
     "rigid": ("rigid",),
@@ -141,7 +141,7 @@ def minimise_blocks_each(blocks, params: Params, problem: Problem, states, n_ste
     for shifts, _, stats in runs:  # counted here, on the caller's thread (the recorder is not shared)
         timing.count("steps", stats.steps)  # waits for the minimisation (timing sections stay honest)
         timing.count("evaluations", stats.evaluations)
-        out.append(_apply_shifts_jit(shifts, mask, params, problem))
+        out.append(apply_shifts_jit(shifts, mask, params, problem))
     return out
 
 

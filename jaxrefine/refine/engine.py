@@ -33,8 +33,9 @@ from ..problem.xray_state import (current_model_arrays, f_model_of_jit, mask_mov
 from ..xray.targets import ml_amplitude_target
 from . import weights as wmod
 from ..core.cache import enable_compilation_cache
-from ..core.device import on_device
-from .blocks import (GN_AUTO_MIN_ATOMS, JOINT_D_MAX, STRATEGY_BLOCKS, converge_rtol_for, cycle_plan, gauss_newton_block, gauss_newton_plan, joint_applies, low_resolution_work_set, minimise_blocks, minimise_blocks_each,  # noqa: F401 (STRATEGY_BLOCKS re-exported)
+from ..core.device import on_device, zeros_on_device
+from .energy import block_mask, zero_shifts
+from .blocks import (GN_AUTO_MIN_ATOMS, JOINT_D_MAX, STRATEGY_BLOCKS, apply_shifts_jit, converge_rtol_for, cycle_plan, gauss_newton_block, gauss_newton_plan, joint_applies, low_resolution_work_set, minimise_blocks, minimise_blocks_each,  # noqa: F401 (STRATEGY_BLOCKS re-exported)
                      prepare_block_minimiser, prepare_gauss_newton, xray_gradient_norm)
 from .guard import Kept, keep_better, overfitting_warnings, stop_for_rising_r_free, within_limits
 from .monitor import HEADER, CycleStats, converged, cycle_statistics, format_cycle, log_cycle  # noqa: F401 (re-exported)
@@ -236,6 +237,18 @@ def _free_nll(f_model, problem: Problem, state: XrayState):
     return _ml_target_jit(x.f_obs, x.sig_f_obs, f_model, state.sigma_a, x.centric, x.epsilon, x.free)
 
 
+def _prepare_cycle_programs(params: Params, problem: Problem, state: XrayState, settings: LoopSettings) -> None:
+    """Compile (or load) the small host programs of the first macrocycle — the minimiser's shifts applied to the
+    parameters, and the w_A scan's free likelihood where the scan runs — with the starting arrays, which have the
+    shapes and placements of the later ones.  Called while the minimiser's program compiles on its thread: the
+    main thread would wait for it idle and then compile these one after the other.  The values are not used."""
+    shifts = jax.tree_util.tree_map(on_device, zero_shifts(params))  # placed as the minimiser's output is
+    apply_shifts_jit(shifts, block_mask(params, ("xyz",)), params, problem)
+    if settings.scan_w_a:
+        x = problem.xray
+        _free_nll(zeros_on_device(x.f_obs.shape, jnp.result_type(x.f_obs.dtype, jnp.complex64)), problem, state)
+
+
 def _weight_trials(weights, params, problem, state, settings: LoopSettings, n_steps: int) -> list:
     """``n_steps`` coordinate steps from ``params`` with each weight of ``weights`` (same compiled minimiser: w_A
     is traced; the trials side by side, :func:`jaxrefine.refine.blocks.minimise_blocks_each`) and each trial's
@@ -370,6 +383,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
     # the statistics first (they do not depend on w_A): in a cold run their programs (the geometry report's) then
     # compile while the minimiser's program, which the initial w_A needs, is still compiling on its thread
     start = cycle_statistics(0, params, problem, state, t0)
+    _prepare_cycle_programs(params, problem, state, settings)
     with timing.section("initial_w_a"):
         w_a = choose_initial_w_a(setup, problem, state, params, settings)
     state = state._replace(w_a=jnp.asarray(w_a, problem.maps.orth.dtype))
