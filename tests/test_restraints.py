@@ -175,6 +175,19 @@ def test_report_runs_the_energy_functions_in_numpy_and_compiles_nothing():
         assert a.shape == b.shape and np.max(np.abs(a - b)) < 1e-4, k  # Å or radians; float32 of ~50 Å coordinates
     real = np.asarray(r.bond.mask) > 0
     assert rep.rms_bond == pytest.approx(_rms(got["bond"][real] - np.asarray(r.bond.ideal)[real]))
+    # a traced restraint parameter with host coordinates still traces (jax.numpy), e.g. torsion targets learnt by
+    # gradient: dE/dφ₀ = −2 mask Δ/σ² with Δ the reduced deviation
+    from jaxrefine.restraints.torsions import torsion_energy
+
+    t = r.torsion
+    g = jax.grad(lambda ideal: torsion_energy(np.asarray(model.xyz_cart, float), t._replace(ideal=ideal)))(
+        jnp.asarray(t.ideal, float))
+    expect = -2.0 * np.asarray(t.mask) * got["torsion"] / np.asarray(t.sigma, float) ** 2
+    np.testing.assert_allclose(np.asarray(g), expect, rtol=1e-6, atol=1e-9)
+    from jaxrefine.restraints import bond_lengths
+
+    traced_mask = jax.jit(lambda m: bond_lengths(np.asarray(model.xyz_cart, float), r.bond._replace(mask=m)))
+    np.testing.assert_allclose(np.asarray(traced_mask(jnp.asarray(r.bond.mask))), got["bond"], rtol=1e-12)
 
 
 def test_counts_with_hydrogens_4xof():

@@ -33,12 +33,13 @@ def zeros_on_device(shape, dtype) -> jax.Array:
 
 
 def array_module(*arrays):
-    """numpy when no argument is a JAX array (numpy arrays, numbers, None), else ``jax.numpy`` (a device array or
-    a tracer: under jit, grad or vmap).  A function written against the returned module runs on the host with no
-    XLA program when called on numpy data (reports, starting values), and traces as usual otherwise.  The geometry
-    report's restraint values were one more program for every problem (5kzb: 0.17 s to compile alone, 1.4 s beside
-    the L-BFGS program's compilation in a cold run); in numpy they take milliseconds."""
-    if any(isinstance(a, jax.Array) for a in arrays):
+    """numpy when no argument (arrays or pytrees of them) holds a JAX array, else ``jax.numpy`` (a device array, or
+    a tracer under jit, grad or vmap, whichever argument is traced: pass every array the function computes with).
+    A function written against the returned module runs on the host with no XLA program when called on numpy data
+    (reports, starting values), and traces as usual otherwise.  The geometry report's restraint values were one
+    more program for every problem (5kzb: 0.17 s to compile alone, 1.4 s beside the L-BFGS program's compilation in
+    a cold run); in numpy they take milliseconds."""
+    if any(isinstance(a, jax.Array) for a in jax.tree_util.tree_leaves(arrays)):
         import jax.numpy as jnp
 
         return jnp

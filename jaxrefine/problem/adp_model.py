@@ -238,7 +238,7 @@ def atom_adp(b_iso, u_raw, tls_raw, xyz_cart, adp: AdpModel | None, u_shape=None
     if adp is None:
         u_total = u_iso6(b_iso) if u_shape is None else u_iso6(b_iso) + u_shape
         return b_iso, u_shape, u_total
-    xp = array_module(b_iso, u_raw, tls_raw, xyz_cart, adp.u_fixed)  # numpy: the setup's start (no XLA program)
+    xp = array_module(b_iso, u_raw, tls_raw, xyz_cart, adp)  # numpy: the setup's start (no XLA program)
     u = xp.asarray(adp.u_fixed, b_iso.dtype)
     b_sf = b_iso
     if u_raw is not None and u_raw.shape[0]:

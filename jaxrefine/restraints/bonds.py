@@ -14,7 +14,7 @@ from ..core.restraint_terms import AngleTerm, BondTerm
 
 def bond_lengths(xyz_cart, bond: BondTerm):
     """(nb,) distances (Å) of the bonded pairs; xyz_cart (n, 3) Å."""
-    xp = array_module(xyz_cart)
+    xp = array_module(xyz_cart, *bond)
     d = xyz_cart[bond.idx[:, 0]] - xyz_cart[bond.idx[:, 1]]
     # safe norm: padding rows point at (0, 0) and would give a NaN gradient through sqrt(0)
     return xp.sqrt(xp.sum(d * d, axis=-1) + (1.0 - bond.mask))
@@ -28,7 +28,7 @@ def bond_energy(xyz_cart, bond: BondTerm):
 
 def bond_angles(xyz_cart, angle: AngleTerm):
     """(na,) angles (radians) at the middle atom, via atan2(|u×v|, u·v) (stable near 0 and π)."""
-    xp = array_module(xyz_cart)
+    xp = array_module(xyz_cart, *angle)
     u = xyz_cart[angle.idx[:, 0]] - xyz_cart[angle.idx[:, 1]]
     v = xyz_cart[angle.idx[:, 2]] - xyz_cart[angle.idx[:, 1]]
     pad = (1.0 - angle.mask)[:, None]

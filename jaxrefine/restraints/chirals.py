@@ -23,7 +23,7 @@ def chiral_volumes(xyz_cart, chiral: ChiralTerm):
 
 def chiral_targets(volumes, chiral: ChiralTerm):
     """(nc,) target volumes: ±ideal by the dictionary sign, the current sign for "both"."""
-    xp = array_module(volumes)
+    xp = array_module(volumes, *chiral)
     sign = xp.where(chiral.sign == 0, xp.where(volumes >= 0, 1.0, -1.0), chiral.sign)
     return sign * chiral.ideal
 

@@ -59,7 +59,7 @@ def pair_distances(xyz_cart, nb: NonbondedList, orth=None, frac=None):
     orth = nb.orth if orth is None else orth
     frac = nb.frac if frac is None else frac
     # rotate all atoms once per operator, then gather one image per pair (cheaper than per-pair matrices)
-    xp = array_module(xyz_cart, orth, frac)
+    xp = array_module(xyz_cart, orth, frac, *nb)
     rot_cart = xp.einsum("ij,ojk,kl->oil", orth, nb.rot, frac)  # (n_ops, 3, 3)
     images = xp.einsum("oij,nj->oni", rot_cart, xyz_cart)  # (n_ops, n, 3)
     diff = xyz_cart[nb.i] - images[nb.op, nb.j] - nb.shift @ orth.T

@@ -44,7 +44,7 @@ def _smallest_eigenvector_jvp(primals, tangents):
 
 def plane_distances(xyz_cart, plane: PlaneTerm):
     """(np, max_atoms) signed distances (Å) of each plane atom to its least-squares plane."""
-    xp = array_module(xyz_cart)
+    xp = array_module(xyz_cart, *plane)
     pts = xyz_cart[plane.idx]  # (np, k, 3)
     w = plane.atom_mask[..., None]
     n_at = xp.maximum(plane.atom_mask.sum(-1), 1.0)[:, None]

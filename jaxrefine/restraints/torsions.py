@@ -15,7 +15,7 @@ from ..core.restraint_terms import TorsionTerm
 def dihedrals(xyz_cart, idx, mask):
     """(nt,) dihedral angles (radians, IUPAC sign) of atoms idx (nt, 4) via atan2 (Blondel &
     Karplus 1996, J. Comput. Chem. 17, 1132)."""
-    xp = array_module(xyz_cart)
+    xp = array_module(xyz_cart, mask)
     p0, p1, p2, p3 = (xyz_cart[idx[:, k]] for k in range(4))
     pad = (1.0 - mask)[:, None]
     b0 = p1 - p0 + pad * xp.array([1.0, 0.0, 0.0], p0.dtype)
@@ -32,7 +32,7 @@ def dihedrals(xyz_cart, idx, mask):
 def torsion_deviations(xyz_cart, torsion: TorsionTerm):
     """(nt,) φ − φ₀ (radians) reduced to the nearest periodic minimum."""
     phi = dihedrals(xyz_cart, torsion.idx, torsion.mask)
-    xp = array_module(phi)
+    xp = array_module(phi, *torsion)
     step = (2.0 * xp.pi / torsion.period).astype(phi.dtype)
     d = phi - torsion.ideal
     return d - step * xp.round(d / step)
