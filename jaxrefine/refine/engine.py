@@ -380,8 +380,9 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
     t0 = time.perf_counter()
     problem, params, state = setup.problem, setup.params, setup.state
     timing.begin_cycle(0)  # the starting model: initial w_A and statistics
-    # the statistics first (they do not depend on w_A): in a cold run their programs (the geometry report's) then
-    # compile while the minimiser's program, which the initial w_A needs, is still compiling on its thread
+    # the statistics first (they do not depend on w_A): in a cold run their programs then compile while the
+    # minimiser's program, which the initial w_A needs, is still compiling on its thread (the geometry report's
+    # values are numpy: no program)
     start = cycle_statistics(0, params, problem, state, t0)
     _prepare_cycle_programs(params, problem, state, settings)
     with timing.section("initial_w_a"):
