@@ -55,16 +55,12 @@ def metrics(result: RefinementResult) -> dict:
 
 
 def prepare_writer_programs(setup) -> None:
-    """Compile (or load) the programs the writers call and the macrocycles may not — every atom's total U for
-    ANISOU, the map coefficients — with the setup's arrays, which have the refined ones' shapes.  Called while the
-    minimiser's program compiles on its thread (:func:`jaxrefine.refine.engine.prepare_refinement`), where the main
-    thread would otherwise wait idle and compile these one after the other after the last macrocycle (cold 1va7:
-    ~0.2 s).  The values are not used."""
-    problem, state = setup.problem, setup.state
-    current_u_aniso(setup.params, problem)
-    x = problem.xray
-    f_model = np.zeros(x.f_obs.shape, np.result_type(np.asarray(x.f_obs).dtype, np.complex64))
-    map_coefficients(np.asarray(x.f_obs), f_model, state.sigma_a, np.asarray(x.centric), np.asarray(x.epsilon))
+    """Compile (or load) the program the writers call and the macrocycles may not — every atom's total U for
+    ANISOU — with the setup's arrays, which have the refined ones' shapes.  Called while the minimiser's program
+    compiles on its thread (:func:`jaxrefine.refine.engine.prepare_refinement`), where the main thread would
+    otherwise wait idle and compile it after the last macrocycle.  The values are not used.  (The map coefficients
+    are numpy: no program.)"""
+    current_u_aniso(setup.params, setup.problem)
 
 
 def model_updates(params, problem, setup, keep) -> dict:

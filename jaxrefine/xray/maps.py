@@ -12,22 +12,24 @@ fill-in, e.g. phenix.maps and servalcat).
 """
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
+import jax.scipy.special
 import numpy as np
-from jax.scipy.special import i0e, i1e
+import scipy.special
 
-from ..core.device import on_device
+from ..core.device import array_module
 
 
 def figure_of_merit(f_obs, f_model_abs, d, s, centric, epsilon, sig_f_obs=None):
-    """(n,) figure of merit m for the ML model of :mod:`jaxrefine.xray.targets`."""
-    fo = jnp.asarray(f_obs)
-    sig = jnp.zeros_like(fo) if sig_f_obs is None else jnp.asarray(sig_f_obs)
-    eps = jnp.asarray(epsilon, fo.dtype)
+    """(n,) figure of merit m for the ML model of :mod:`jaxrefine.xray.targets` (numpy for numpy arguments, see
+    :func:`jaxrefine.core.device.array_module`; scipy's or JAX's exponentially scaled Bessel functions)."""
+    xp = array_module(f_obs, f_model_abs, d, s, centric, epsilon, sig_f_obs)
+    special = scipy.special if xp is np else jax.scipy.special
+    fo = xp.asarray(f_obs)
+    sig = xp.zeros_like(fo) if sig_f_obs is None else xp.asarray(sig_f_obs)
+    eps = xp.asarray(epsilon, fo.dtype)
     x_a = 2.0 * fo * d * f_model_abs / (eps * s + 2.0 * sig**2)
     x_c = fo * d * f_model_abs / (eps * s + sig**2)
-    return jnp.where(jnp.asarray(centric, bool), jnp.tanh(x_c), i1e(x_a) / i0e(x_a))
+    return xp.where(xp.asarray(centric, bool), xp.tanh(x_c), special.i1e(x_a) / special.i0e(x_a))
 
 
 def map_coefficients(f_obs, f_model, sigma_a, centric, epsilon, observed=None, sig_f_obs=None):
@@ -45,28 +47,21 @@ def map_coefficients(f_obs, f_model, sigma_a, centric, epsilon, observed=None, s
     Returns:
         (two_fofc, fofc): (n,) complex each.
     """
-    # one dtype per argument whatever the caller holds (numpy float64 or device float32 σA, complex64 or
-    # complex128 F_model), so that the compiled program is reused
-    # host arrays go over with a numpy cast (no one-operation conversion program: core/device.py)
-    fo = on_device(np.nan_to_num(np.asarray(f_obs, float)))
-    real = lambda a: on_device(a, fo.dtype)  # noqa: E731
-    return _coefficients(fo, on_device(f_model, jnp.result_type(fo.dtype, jnp.complex64)), real(sigma_a.d), real(sigma_a.s),
-                         on_device(centric, bool), real(epsilon), None if observed is None else on_device(observed, bool),
-                         None if sig_f_obs is None else real(sig_f_obs))
-
-
-@jax.jit
-def _coefficients(fo, fm, d, s, centric, epsilon, observed, sig_f_obs):
-    """:func:`map_coefficients` on arrays (one compiled program: host code called it op by op)."""
-    fm_abs = jnp.abs(fm)
-    phase = jnp.where(fm_abs > 0, fm / jnp.where(fm_abs > 0, fm_abs, 1.0), 1.0)
-    m = figure_of_merit(fo, fm_abs, d, s, centric, epsilon, sig_f_obs)
-    cen = jnp.asarray(centric, bool)
+    # on the host in float64 (numpy; no XLA program to compile or load, where the water check and the writers
+    # called one per run), whatever the caller holds (numpy, or device arrays of the X-ray state)
+    real = lambda a: None if a is None else np.asarray(a, float)  # noqa: E731
+    fo = np.nan_to_num(real(f_obs))
+    fm = np.asarray(f_model, complex)
+    d, s = real(sigma_a.d), real(sigma_a.s)
+    fm_abs = np.abs(fm)
+    phase = np.where(fm_abs > 0, fm / np.where(fm_abs > 0, fm_abs, 1.0), 1.0)
+    m = figure_of_merit(fo, fm_abs, d, s, np.asarray(centric, bool), real(epsilon), real(sig_f_obs))
+    cen = np.asarray(centric, bool)
     dfc = d * fm_abs
-    two = jnp.where(cen, m * fo, 2.0 * m * fo - dfc) * phase
+    two = np.where(cen, m * fo, 2.0 * m * fo - dfc) * phase
     diff = (m * fo - dfc) * phase
     if observed is not None:
-        obs = jnp.asarray(observed, bool)
-        two = jnp.where(obs, two, d * fm)
-        diff = jnp.where(obs, diff, 0.0)
+        obs = np.asarray(observed, bool)
+        two = np.where(obs, two, d * fm)
+        diff = np.where(obs, diff, 0.0)
     return two, diff
