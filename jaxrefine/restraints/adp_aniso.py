@@ -22,6 +22,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from ..core.device import array_module
 from ..core.restraint_terms import pad_rows, padded_length
 
 SIGMA_RIGID = 0.004  # Å², SHELXL RIGU default s1 (1-2 pairs); 1-3 pairs get twice this
@@ -99,7 +100,7 @@ def msd_along(u6, e):
 def rigid_bond_deltas(xyz_cart, u_aniso, term: AnisoAdpTerm):
     """(npair,) eᵀ(U_i − U_j)e (Å²) along each pair's unit vector; xyz_cart (n, 3) Å, u_aniso (n, 6) Å² (numpy
     coordinates and term: numpy, for reports; else JAX)."""
-    xp = np if isinstance(xyz_cart, np.ndarray) else jnp
+    xp = array_module(xyz_cart, u_aniso, term)
     i, j = term.idx[:, 0], term.idx[:, 1]
     d = xyz_cart[i] - xyz_cart[j]
     # padding rows point at atom 0 twice: add 1 under the root so the norm (and its gradient) is finite

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from ..core.device import array_module
 from ..core.restraint_terms import bucket_length, pad_rows
 
 NCS_RADIUS = 4.5  # Å, pairs of atoms closer than this in either copy are restrained
@@ -98,7 +99,7 @@ def ncs_term(xyz_cart, copies, radius=NCS_RADIUS, sigma=NCS_SIGMA, saturation=NC
 def ncs_deltas(xyz_cart, term: NcsTerm):
     """(n,) distance differences Δ = d(copy 1) − d(copy 2) (Å); xyz_cart (n_atoms, 3) Å (numpy coordinates and
     term: numpy, for reports; else JAX)."""
-    xp = np if isinstance(xyz_cart, np.ndarray) else jnp
+    xp = array_module(xyz_cart, term)
     pad = 1.0 - term.mask  # padding rows point at atom 0 twice: keep sqrt away from 0
 
     def dist(a, b):

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..core.device import array_module
 from .solvent import bulk_solvent_factor
 
 K_SOL_GRID = np.arange(0.0, 0.61, 0.05)  # e/Å³ relative to the mask; typical 0.3–0.45 (Fokine & Urzhumtsev 2002)
@@ -104,7 +105,7 @@ def aniso_basis(crystal) -> np.ndarray:
 def aniso_quadratic(s_cart):
     """(n, 6) products such that sᵀ B s = q · (B11 B22 B33 B12 B13 B23) (numpy for numpy input: host code
     compiles no programs for it)."""
-    xp = np if isinstance(s_cart, np.ndarray) else jnp
+    xp = array_module(s_cart)
     x, y, z = s_cart[:, 0], s_cart[:, 1], s_cart[:, 2]
     return xp.stack([x * x, y * y, z * z, 2 * x * y, 2 * x * z, 2 * y * z], axis=1)
 

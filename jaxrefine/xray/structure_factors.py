@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core.cache import read_table, write_table
-from ..core.device import on_device
+from ..core.device import array_module, on_device
 from .fft_grid import box_rows, fold_periodic_c, spread_boxes
 from .formfactors import FIT_TOL, FormFactors, f0, fit_form_factors
 
@@ -91,7 +91,7 @@ def split_adp(b_iso, u_aniso, has_aniso):
 
 def _u6_to_mat(u6):
     """(..., 6) U11 U22 U33 U12 U13 U23 -> (..., 3, 3) symmetric (numpy for numpy input)."""
-    xp = np if isinstance(u6, np.ndarray) else jnp
+    xp = array_module(u6)
     u11, u22, u33, u12, u13, u23 = (u6[..., i] for i in range(6))
     return xp.stack(
         [xp.stack([u11, u12, u13], -1), xp.stack([u12, u22, u23], -1), xp.stack([u13, u23, u33], -1)], -2
