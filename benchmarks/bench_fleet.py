@@ -3,7 +3,8 @@
 One shared model (5e5z without its water, shaken by 0.3 Å: the "apo" starting model of every
 entry) and N datasets made from it: |F_calc + k_sol F_mask| of the deposited model (water present
 in even entries: the "bound" datasets; absent in odd ones), each with its own coordinate jitter
-(0.05 Å), B offset (±2 Å²) and noise (2-8 % of F), on the hkl list and free flags of 5e5z.  The
+(0.05 Å), B offset (±2 Å²) and noise (2-8 % of F), on the hkl list and free flags of 5e5z, each entry
+missing up to 3 % of the reflections at random (its own reflection list, as a real screen's crystals).  The
 entries are laid out as ``screen/<id>/model.pdb`` + ``data.mtz``, i.e. the folder-pattern manifest.
 
 Measured in the same run (entries per hour on this machine; wall time from start to last result):
@@ -60,8 +61,10 @@ def _f_model(st, hkl, d_min):
     return np.abs(f_calc + K_SOL * np.exp(-B_SOL * s2 / 4) * f_mask)
 
 
-def make_screen(root: Path, n: int, seed: int = 0) -> Path:
-    """Write ``root/screen/eNN/{model.pdb,data.mtz}``; returns the folder pattern's parent."""
+def make_screen(root: Path, n: int, seed: int = 0, drop: float = 0.03) -> Path:
+    """Write ``root/screen/eNN/{model.pdb,data.mtz}``; returns the folder pattern's parent.  Each entry's data lack
+    a random fraction (up to ``drop``) of the reflections, as crystals of a screen differ in completeness (the
+    highest-resolution reflection is kept: the same d_min)."""
     import gemmi
 
     rng = np.random.default_rng(seed)
@@ -89,12 +92,14 @@ def make_screen(root: Path, n: int, seed: int = 0) -> Path:
         f = _f_model(st, hkl, d_min)
         sig = rng.uniform(0.02, 0.08) * f + 0.01 * f.mean()
         f_obs = np.abs(f + rng.normal(size=f.shape) * sig)
+        rows = rng.random(len(hkl)) >= rng.uniform(0.0, drop)  # this crystal's reflection list
+        rows[np.argmin([mtz.cell.calculate_d(list(h)) for h in hkl])] = True
         out = gemmi.Mtz(with_base=True)
         out.cell, out.spacegroup = mtz.cell, mtz.spacegroup
         out.add_dataset("screen")
         for label, kind in (("FP", "F"), ("SIGFP", "Q"), ("FREE", "I")):
             out.add_column(label, kind)
-        out.set_data(np.column_stack([hkl, f_obs, sig, free]).astype(np.float32))
+        out.set_data(np.column_stack([hkl, f_obs, sig, free])[rows].astype(np.float32))
         folder = screen / f"e{i:02d}{'_bound' if i % 2 == 0 else ''}"
         folder.mkdir(parents=True, exist_ok=True)
         out.write_to_file(str(folder / "data.mtz"))

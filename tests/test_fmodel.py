@@ -485,6 +485,7 @@ def test_rfactors_reports_the_refinements_r(pdb_id):
     from jaxrefine.config import load_config
     from jaxrefine.problem import build_setup
     from jaxrefine.problem.fmodel import fmodel_statistics
+    from jaxrefine.problem.problem import observed
     from jaxrefine.problem.xray_state import f_model_of_jit
 
     from conftest import monomer_dir
@@ -492,9 +493,10 @@ def test_rfactors_reports_the_refinements_r(pdb_id):
     model, refl = _load(pdb_id, hydrogens=False)
     st = fmodel_statistics(model, refl)
     s = build_setup(None, None, load_config(None, [f"model.monlib={monomer_dir()}", "refine.adp=iso"]), model=model, refl=refl)
-    fm = np.asarray(f_model_of_jit(s.params, s.problem, s.state))
-    keep = np.asarray(s.problem.xray.f_obs) > 0
-    ours = r_factors(np.asarray(s.problem.xray.f_obs)[keep], fm[keep], ~np.asarray(s.problem.xray.work)[keep])
+    x = s.problem.xray
+    fo, fm, work = observed(x, x.f_obs, f_model_of_jit(s.params, s.problem, s.state), x.work)  # without the pads
+    keep = fo > 0
+    ours = r_factors(fo[keep], fm[keep], ~work[keep])
     assert ours["r_work"] == pytest.approx(st["r_work"], abs=1e-3) and ours["r_free"] == pytest.approx(st["r_free"], abs=1e-3)
 
 

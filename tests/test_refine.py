@@ -259,6 +259,57 @@ def test_host_programs_prepared_ahead_are_the_ones_the_cycles_and_the_writers_ca
     assert [f._cache_size() for f in programs] == prepared
 
 
+def test_padded_reflections_change_no_energy_gradient_scale_or_r_factor(small_setup):
+    """The problem's reflections are padded to a bucket size (problem.XrayData) with copies of the last one in no
+    set: giving the pads absurd amplitudes, σ and indices changes neither E_total nor its gradient, nor the scales
+    and σA refitted on the data, nor a cycle's R-factors (each would move by orders of magnitude if a pad
+    counted)."""
+    from jaxrefine.problem.problem import n_observed, reflection_bucket
+    from jaxrefine.problem.xray_state import update_xray_state
+    from jaxrefine.refine.monitor import cycle_statistics
+
+    p, prob, state = small_setup.params, small_setup.problem, small_setup.state
+    x, n = prob.xray, small_setup.refl.n
+    assert n_observed(x) == n and x.f_obs.shape[0] == reflection_bucket(n) > n
+    pads = slice(n, None)
+    assert not np.any(np.asarray(x.work)[pads] | np.asarray(x.free)[pads] | np.asarray(x.sigma_a_use)[pads])
+    junk = prob._replace(xray=x._replace(f_obs=x.f_obs.at[pads].set(1e5), sig_f_obs=x.sig_f_obs.at[pads].set(1e-3),
+                                         hkl=x.hkl.at[pads].set(jnp.asarray([1, 0, 0], x.hkl.dtype))))
+    grad = jax.jit(jax.value_and_grad(total_energy))
+    (e0, g0), (e1, g1) = grad(p, prob, state), grad(p, junk, state)
+    assert float(e0) == pytest.approx(float(e1), rel=1e-12)
+    np.testing.assert_allclose(np.asarray(g1.xyz_frac), np.asarray(g0.xyz_frac), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(g1.b_raw), np.asarray(g0.b_raw), rtol=1e-9, atol=1e-12)
+    s0, s1 = (update_xray_state(small_setup, pr, state, p) for pr in (prob, junk))
+    for a, b in ((s0.scales.k_overall, s1.scales.k_overall), (s0.scales.k_sol, s1.scales.k_sol),
+                 (s0.sigma_a.bin_d, s1.sigma_a.bin_d), (s0.sigma_a.bin_s, s1.sigma_a.bin_s)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-9)
+    r0, r1 = (cycle_statistics(0, p, pr, s0, 0.0) for pr in (prob, junk))
+    assert (r0.r_work, r0.r_free) == (r1.r_work, r1.r_free) and 0.1 < r0.r_work < 0.6
+
+
+def test_a_dataset_of_similar_size_refines_with_the_programs_the_first_compiled():
+    """A fragment screen's next crystal: the same model against a dataset with a few reflections fewer (5e5z's,
+    5 of them dropped).  Reflection counts padded to a bucket size (problem.XrayData), the σA set and the scale
+    fit's work set too, give the second refinement the first one's programs: it compiles nothing (before the
+    padding, the minimiser, F_model, the scale fit, σA and the mask's F all compiled again)."""
+    from jaxrefine.core.cache import compile_counters, compile_delta
+
+    model, refl = _inputs("5e5z")
+    d = refl.d
+    drop = np.random.default_rng(0).choice(np.flatnonzero(d > d.min() + 0.2), 5, replace=False)  # d_min kept
+    keep = np.ones(refl.n, bool)
+    keep[drop] = False
+    cfg = _cfg("refine.n_cycles=1")
+    refine(build_setup(None, None, cfg, model=model, refl=refl), n_cycles=1)
+    start = compile_counters()
+    setup = build_setup(None, None, cfg, model=model, refl=refl.take(keep))
+    result = refine(setup, n_cycles=1)
+    spent = compile_delta(start)
+    assert setup.refl.n == refl.n - 5 and result.history[-1].r_free < 0.4
+    assert spent["cache_misses"] == 0 and spent["compile_s"] == 0.0, spent
+
+
 def test_minimisations_side_by_side_match_one_after_the_other(small_setup):
     """minimise_blocks_each (the w_A scan's trials on threads of their own): for each state the parameters
     minimise_blocks gives for it alone, bit for bit, and the steps and evaluations of all of them counted."""

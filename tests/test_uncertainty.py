@@ -37,7 +37,9 @@ BLOCK_RTOL = 1e-9  # one colour per atom: blocks from HVPs are exact up to float
 COLOURED_BLOCK_RTOL = 0.1  # 6 Å colouring: the X-ray term still couples atoms further apart; 3.3% measured on 5e5z
 COUPLED_RATIO = (0.85, 1.15)  # coupled σ_r / dense: same-colour leakage (≥ 6 Å apart) measured 0.95–1.06 on 5e5z
 COUPLED_SPEARMAN = 0.9  # measured 0.97 on 5e5z with a 6 Å colouring
-IMPLICIT_RTOL = 0.05  # implicit vs finite difference: re-minimisation to gtol 1e-9 leaves ~1% noise in a 1e-3 step
+# implicit vs finite difference: re-minimisation to gtol 1e-9 leaves ~1% noise in a step of 1e-3 w_A (7 % in atom 10's
+# x once the reflections were padded, which moved the minimum by rounding), ~0.3 % in the 1e-2 step taken
+IMPLICIT_RTOL = 0.02
 ENSEMBLE_SPEARMAN = 0.5  # 24 runs: the sample σ of one atom scatters by ~1/sqrt(2·24) ≈ 15%, ranks over 47 atoms stay ≥ 0.5
 SYNTH_RATIO = (0.6, 1.4)  # RMS error to the truth / predicted σ_r (and σ_B): measured 0.85 (B 1.0) on the 30-residue demo
 SYNTH_SPEARMAN = 0.4  # per-atom RMS error vs σ_r over 16 noise draws: 0.76 measured on the 30-residue demo
@@ -157,7 +159,8 @@ def minimum():
     # programs in the session's compilation cache
     setup = build_setup(model_path, data_path, load_config(None, NOTEBOOK_05_FLOAT64))
     m, r = setup.model, setup.refl
-    sf = make_sf_setup(m.crystal, r.hkl, setup.problem.sf.ff, method="direct", d_min=r.d_min, dtype=jnp.float64)
+    hkl = np.asarray(setup.problem.xray.hkl)  # the problem's reflections, padded (problem.XrayData)
+    sf = make_sf_setup(m.crystal, hkl, setup.problem.sf.ff, method="direct", d_min=r.d_min, dtype=jnp.float64)
     setup = setup._replace(problem=setup.problem._replace(sf=sf))
     state = setup.state._replace(w_a=jnp.asarray(U.starting_w_a(setup, (setup.problem, setup.state)), jnp.float64))
     ps = (setup.problem, state)
@@ -270,7 +273,7 @@ def test_implicit_derivative_matches_reminimisation(minimum):
     assert res.max() < 1e-4
     exact, res_exact = U.implicit_derivative(g, "w_a", params, ps, setup.model.crystal)  # "auto": dense here
     assert res_exact.max() < 1e-8
-    h = 1e-3 * float(state.w_a)
+    h = 1e-2 * float(state.w_a)  # central differences: the step's error is O(h²), the re-minimisation's noise O(1/h)
     vals = []
     for sign in (1, -1):
         ps_h = (problem, state._replace(w_a=state.w_a + sign * h))

@@ -138,6 +138,15 @@ def bucket_length(n: int, steps_per_octave: int = 4, quantum: int = PAD_QUANTUM)
     return padded_length(math.ceil(2.0 ** (k / steps_per_octave) - 1e-9), quantum)
 
 
+def pad_edge_rows(a, length: int) -> np.ndarray:
+    """A numpy array padded along axis 0 to ``length`` rows with copies of its last row (finite values where a mask
+    leaves the pads out: a masked term is still evaluated, and a NaN there reaches the gradient)."""
+    a = np.asarray(a)
+    if a.shape[0] >= length:
+        return a
+    return np.concatenate([a, np.repeat(a[-1:], length - a.shape[0], axis=0)])
+
+
 def pad_rows(a, length: int, fill=0):
     """Pad a numpy array along axis 0 to ``length`` rows with ``fill``."""
     a = np.asarray(a)

@@ -16,15 +16,24 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 from ..config import Config
+from ..core.restraint_terms import bucket_length, pad_edge_rows
 from ..io.model import Model
 from ..io.reflections import Reflections
 from .params import AtomMaps, Params
 
 
 class XrayData(NamedTuple):
-    """Observed data and their static bookkeeping (arrays, (n_refl,) unless noted)."""
+    """Observed data and their static bookkeeping (arrays, (n_refl,) unless noted).
+
+    ``n_refl`` is the data's reflection count padded to :func:`reflection_bucket` (datasets of similar size then
+    share compiled programs: JAX's cache keys on shapes).  The pads follow the observed reflections and copy the
+    last of them (finite values everywhere, so no NaN reaches a gradient through a mask); they are in neither the
+    work, the free nor the σA set, so every sum over a set leaves them out.  Host code that reports per reflection
+    takes the first :func:`n_observed` entries (:func:`observed`).
+    """
 
     hkl: jax.Array  # (n, 3) int
     s2: jax.Array  # 1/d² (Å⁻²)
@@ -37,6 +46,41 @@ class XrayData(NamedTuple):
     centric: jax.Array  # bool
     epsilon: jax.Array  # float
     bins: jax.Array  # int resolution bin of σA
+    observed: jax.Array  # bool, False for the pads at the end
+
+
+# Reflection counts are padded to sizes on a geometric grid of this many steps per doubling (at most ~9 % more
+# reflections, so at most ~9 % more work in the parts of F_calc and the targets that go by reflection; the FFT,
+# which dominates, does not change).
+REFLECTION_STEPS_PER_OCTAVE = 8
+REFLECTION_QUANTUM = 64
+
+
+def reflection_bucket(n: int) -> int:
+    """``n`` reflections rounded up to the padded count the problem's arrays have (see :class:`XrayData`)."""
+    return bucket_length(n, REFLECTION_STEPS_PER_OCTAVE, REFLECTION_QUANTUM)
+
+
+pad_reflections = pad_edge_rows  # (n, ...) -> (length, ...), the pads copies of the last row
+
+
+def n_observed(x: XrayData) -> int:
+    """The number of observed reflections in ``x`` (its arrays' leading entries; the rest are pads)."""
+    return int(np.count_nonzero(np.asarray(x.observed)))
+
+
+def observed(x: XrayData, *arrays):
+    """The observed part (the first :func:`n_observed` entries along axis 0) of each (n_refl, ...) array, as numpy
+    arrays: one array for one argument, else a tuple."""
+    n = n_observed(x)
+    out = tuple(np.asarray(a)[:n] for a in arrays)
+    return out[0] if len(out) == 1 else out
+
+
+def observed_sigma_a(x: XrayData, sigma_a):
+    """``sigma_a`` (:class:`jaxrefine.xray.targets.SigmaA` of the problem's reflections) for the observed ones."""
+    d, s, bins = observed(x, sigma_a.d, sigma_a.s, sigma_a.bins)
+    return sigma_a._replace(d=d, s=s, bins=bins)
 
 
 class XrayState(NamedTuple):

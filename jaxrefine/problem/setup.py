@@ -29,7 +29,7 @@ from ..xray.targets import choose_sigma_a_set, sigma_a_bins
 from .adp_model import atom_adp, build_adp_model, build_ncs, ncs_log_lines
 from .neighbours import build_nonbonded
 from .params import AtomMaps, Params, b_to_raw, occ_to_raw, occupancy_groups
-from .problem import Problem, Setup, XrayData, XrayState
+from .problem import Problem, Setup, XrayData, XrayState, pad_reflections, reflection_bucket
 from .riding import H_B_FACTOR, riding_from_sites
 from .xray_state import cast_floats, update_xray_state, xray_state_spec
 
@@ -242,14 +242,21 @@ def atom_maps_and_params(model: Model, cfg: Config, dtype, strategy: str | None 
 
 
 def xray_data(refl: Reflections, dtype) -> XrayData:
-    """The observed data as arrays, with the σA reflection set and bins."""
+    """The observed data as arrays, with the σA reflection set and bins, padded to :func:`reflection_bucket`
+    reflections (see :class:`XrayData`)."""
     use = refine_hkl_free(refl)
+    n = reflection_bucket(refl.n)
+    pad = lambda a: pad_reflections(a, n)  # noqa: E731
+    real = pad(np.ones(refl.n, bool))
+    real[refl.n:] = False
     return XrayData(
-        hkl=on_device(refl.hkl), s2=on_device(refl.s2, dtype),
-        s_cart=on_device(reciprocal_vectors(refl.hkl, refl.crystal), dtype),
-        sigma_a_use=on_device(use), f_obs=on_device(refl.f_obs, dtype),
-        sig_f_obs=on_device(refl.sig_f_obs, dtype), work=on_device(~refl.free), free=on_device(refl.free),
-        centric=on_device(refl.centric), epsilon=on_device(refl.epsilon, dtype), bins=on_device(sigma_a_bins(refl.d, use)),
+        hkl=on_device(pad(refl.hkl)), s2=on_device(pad(refl.s2), dtype),
+        s_cart=on_device(pad(reciprocal_vectors(refl.hkl, refl.crystal)), dtype),
+        sigma_a_use=on_device(pad(use) & real), f_obs=on_device(pad(refl.f_obs), dtype),
+        sig_f_obs=on_device(pad(refl.sig_f_obs), dtype), work=on_device(pad(~refl.free) & real),
+        free=on_device(pad(refl.free) & real), centric=on_device(pad(refl.centric)),
+        epsilon=on_device(pad(refl.epsilon), dtype), bins=on_device(pad(sigma_a_bins(refl.d, use))),
+        observed=on_device(real),
     )
 
 
@@ -295,7 +302,7 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
             u_sf = np.concatenate([np.asarray(u_sf, float), np.zeros((sites.n, 6))])
             iso_atoms = np.arange(len(elements)) >= model.n_atoms
         log.info("riding hydrogens: %d", sites.n)
-    sf = make_sf_setup(model.crystal, refl.hkl, it92_form_factors(elements, model.source), d_min=refl.d_min,
+    sf = make_sf_setup(model.crystal, pad_reflections(refl.hkl, reflection_bucket(refl.n)), it92_form_factors(elements, model.source), d_min=refl.d_min,
                        b_iso=b_sf, b_margin=SF_B_MARGIN, dtype=dtype, u_aniso=u_sf, iso_atoms=iso_atoms,
                        reuse_classes=cfg.runtime.reuse_box_classes)
     problem = Problem(
@@ -305,7 +312,7 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
         adp=cast_floats(adp, dtype), ncs=cast_floats(ncs, dtype), riding=riding,
     )
     state = XrayState(  # w_A is chosen by the loop; mask, scales and σA are fitted just below
-        f_mask=zeros_on_device(refl.n, jnp.complex128 if dtype == jnp.float64 else jnp.complex64), scales=None,
+        f_mask=zeros_on_device(reflection_bucket(refl.n), jnp.complex128 if dtype == jnp.float64 else jnp.complex64), scales=None,
         sigma_a=None, nonbonded=cast_floats(build_nonbonded(model, restraints, model.crystal), dtype),
         w_a=on_device(1.0, dtype),
     )

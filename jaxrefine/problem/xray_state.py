@@ -23,7 +23,7 @@ from .adp_model import adp_of, refined_tls
 from .fmodel import fit_scales_and_sigma_a, model_f_mask, resolution_scale_for
 from .neighbours import NONBONDED_SLACK, build_nonbonded
 from .params import Params, atom_b, atom_occ, atom_xyz
-from .problem import Problem, XrayState
+from .problem import Problem, XrayState, pad_reflections
 from .riding import scattering_atoms
 
 
@@ -138,11 +138,13 @@ def f_model_of_jit(params: Params, problem: Problem, state: XrayState):
 
 
 # ----------------------------------------------------------------------------- state updates
-def solvent_f_mask(model: Model, refl, xyz_cart, r_probe: float, r_shrink: float, dtype):
-    """(n_refl,) complex F of the bulk-solvent mask of ``model`` at the coordinates ``xyz_cart`` (Å)."""
-    f_mask, _, _ = model_f_mask(model, model.crystal, refl.hkl, refl.d_min, r_probe=r_probe, r_shrink=r_shrink,
+def solvent_f_mask(model: Model, refl, xyz_cart, r_probe: float, r_shrink: float, dtype, n_refl: int | None = None):
+    """(n_refl,) complex F of the bulk-solvent mask of ``model`` at the coordinates ``xyz_cart`` (Å), at ``refl``'s
+    reflections padded to ``n_refl`` as the problem's (:class:`jaxrefine.problem.problem.XrayData`; None: not)."""
+    hkl = pad_reflections(refl.hkl, n_refl or refl.n)  # the F of the mask grid at the pads too: one program
+    f_mask, _, _ = model_f_mask(model, model.crystal, hkl, refl.d_min, r_probe=r_probe, r_shrink=r_shrink,
                                 xyz_cart=xyz_cart)
-    return jnp.asarray(f_mask, dtype)
+    return on_device(f_mask, dtype)
 
 
 def update_xray_state(setup, problem: Problem, state: XrayState, params: Params, rebuild_mask: bool = True) -> XrayState:
@@ -173,7 +175,8 @@ def refit_xray_state(setup, problem: Problem, state: XrayState, params: Params, 
     f_calc = f_calc_of_jit(params, problem)
     if rebuild_mask:
         solvent = setup.config.solvent
-        f_mask = solvent_f_mask(setup.model, setup.refl, xyz, solvent.r_probe, solvent.r_shrink, state.f_mask.dtype)
+        f_mask = solvent_f_mask(setup.model, setup.refl, xyz, solvent.r_probe, solvent.r_shrink, state.f_mask.dtype,
+                                n_refl=x.f_obs.shape[0])
     scales, f_model, sigma_a = fit_scales_and_sigma_a(x.f_obs, x.sig_f_obs, f_calc, f_mask, x.s_cart, x.work,
                                                       x.sigma_a_use, x.bins, x.centric, x.epsilon, setup.model.crystal,
                                                       resolution_scale=resolution_scale_for(setup.refl.d_min))

@@ -9,11 +9,10 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ..problem.params import Params
-from ..problem.problem import Problem, XrayState
+from ..problem.problem import Problem, XrayState, pad_reflections
 from .energy import SHIFT_ENERGY, apply_shifts, block_mask, zero_shifts
 from ..core import timing
 from .optimize import minimise_with_stats, prepare_minimiser
@@ -85,7 +84,7 @@ def low_resolution_work_set(problem: Problem, d, d_min: float, d_cut: float | No
     """
     if not d_cut or d_cut <= d_min:
         return problem
-    low = jnp.asarray(np.asarray(d) >= d_cut)
+    low = on_device(pad_reflections(np.asarray(d) >= d_cut, problem.xray.work.shape[0]))  # pads: not work anyway
     return problem._replace(xray=problem.xray._replace(work=problem.xray.work & low))
 
 

@@ -21,6 +21,7 @@ from ..config import dump_config
 from ..io.writers import write_json, write_model, write_mtz, write_text
 from ..xray.maps import map_coefficients
 from ..problem.adp_model import adp_ncs_statistics, statistics_lines
+from ..problem.problem import observed, observed_sigma_a
 from ..problem.xray_state import current_model_arrays, current_u_aniso, f_model_of_jit, written_adps
 from .engine import RefinementResult
 
@@ -144,8 +145,8 @@ def write_outputs(result: RefinementResult, setup, out_dir, argv=None) -> dict:
     if cfg.output.write_pdb:
         write_model(out_model, os.path.join(out_dir, "refined.pdb"), **updates)
     x = problem.xray
-    fm = np.asarray(f_model_of_jit(params, problem, result.state))
-    two, one = map_coefficients(np.asarray(x.f_obs), fm, result.state.sigma_a, np.asarray(x.centric), np.asarray(x.epsilon))
+    fo, fm, centric, epsilon = observed(x, x.f_obs, f_model_of_jit(params, problem, result.state), x.centric, x.epsilon)
+    two, one = map_coefficients(fo, fm, observed_sigma_a(x, result.state.sigma_a), centric, epsilon)
     write_mtz(os.path.join(out_dir, "maps.mtz"), refl.crystal, refl.hkl, {
         "FP": ("F", refl.f_obs), "SIGFP": ("Q", refl.sig_f_obs), "FREE": ("I", np.where(refl.free, 0, 1)),
         "FMODEL/PHIFMODEL": ("FP", fm), "2FOFCWT/PH2FOFCWT": ("FP", np.asarray(two)), "FOFCWT/PHFOFCWT": ("FP", np.asarray(one)),

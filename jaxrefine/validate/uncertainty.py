@@ -648,6 +648,7 @@ def at_minimum(setup, n_steps: int = 1000, direct: bool = True, target: str = "m
     Returns:
         (params, (problem, state), largest |∂E/∂u| left).
     """
+    from ..problem.problem import pad_reflections
     from ..refine.optimize import minimise
     from ..xray.structure_factors import make_sf_setup
 
@@ -655,7 +656,8 @@ def at_minimum(setup, n_steps: int = 1000, direct: bool = True, target: str = "m
     dtype = params.xyz_frac.dtype
     if direct:  # the FFT setup's form factors: one type per atom, then per riding hydrogen
         m, r = setup.model, setup.refl
-        problem = problem._replace(sf=make_sf_setup(m.crystal, r.hkl, problem.sf.ff, method="direct", d_min=r.d_min,
+        hkl = pad_reflections(r.hkl, problem.xray.hkl.shape[0])  # the problem's reflections, pads included
+        problem = problem._replace(sf=make_sf_setup(m.crystal, hkl, problem.sf.ff, method="direct", d_min=r.d_min,
                                                     dtype=dtype))
     ps = (problem, setup.state._replace(w_a=jnp.asarray(starting_w_a(setup, (problem, setup.state), target), dtype)))
     u, _ = minimise(_FLAT_ENERGY[target], _zeros(params), (params, ps), n_steps)
@@ -683,7 +685,8 @@ def d_r_free_d_w_a(params, problem, crystal, target: str = "ml", cutoff: float =
 
 
 def reflection_influence(atoms, params, problem, crystal, target: str = "ml", cutoff: float = COLOUR_CUTOFF):
-    """d(centroid of ``atoms``)/dF_obs(h): (3, n_refl) Å per unit of F, by three implicit solves.
+    """d(centroid of ``atoms``)/dF_obs(h): (3, n_refl) Å per unit of F (the data's reflections, in their order), by
+    three implicit solves.
 
     The norm over the 3 components ranks reflections by how far a change of their amplitude moves
     the selected atoms (e.g. a side chain).
@@ -695,8 +698,10 @@ def reflection_influence(atoms, params, problem, crystal, target: str = "ml", cu
     g = np.zeros((3, n, 4))
     for c in range(3):
         g[c, sel, c] = 1.0 / sel.sum()
+    from ..problem.problem import n_observed
+
     d, _ = implicit_derivative(g, "f_obs", params, problem, crystal, target, cutoff)
-    return d
+    return d[:, :n_observed(problem[0].xray)]  # the observed reflections (the pads' columns are zero)
 
 
 # ------------------------------------------------------------------ the ensemble check
@@ -792,11 +797,12 @@ def completeness(refl) -> float:
 
 def uncertainty_summary(model, refl, params, problem, unc: Uncertainties) -> dict:
     """metrics.json content: overall figures beside Cruickshank's DPI, and one row per residue."""
+    from ..problem.problem import observed
     from ..xray.stats import r_factors
 
     fm = np.asarray(jax.jit(_model_f)(params, problem))
     x = problem[0].xray
-    r = r_factors(np.asarray(x.f_obs), fm, np.asarray(x.free))
+    r = r_factors(*observed(x, x.f_obs, fm, x.free))
     ok = np.isfinite(unc.sigma_r)
     d = dpi(int(ok.sum()), int(np.sum(np.asarray(x.work))), completeness(refl), refl.d_min, r["r_work"], r["r_free"])
     return {

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core.device import array_module
+from ..core.restraint_terms import bucket_length, pad_edge_rows
 from .solvent import bulk_solvent_factor
 
 K_SOL_GRID = np.arange(0.0, 0.61, 0.05)  # e/Å³ relative to the mask; typical 0.3–0.45 (Fokine & Urzhumtsev 2002)
@@ -42,6 +43,7 @@ LM_LAMBDA_MIN = 1e-9
 LM_MAX_ITER = 30  # accepted steps
 LM_MAX_TRIES = 10  # damping increases per step before giving up
 LM_REL_TOL = 1e-6
+LM_STEPS_PER_OCTAVE, LM_QUANTUM = 8, 64  # the work set's padded sizes (bucket_length)
 
 
 class Scales(NamedTuple):
@@ -301,15 +303,23 @@ def _solvent_grid_search(fo, fc, fm, qw, s2w, basis, k_sol_grid, b_sol_grid, com
 def _joint_refinement(x, fo, fc, fm, qw, s2w, basis, refine, use_solvent, resolution_scale, n_macro):
     """Rounds of (Levenberg–Marquardt of all scale parameters, resolution-dependent k_iso fit) from
     the grid-search start ``x``.  Returns (x, k_iso nodes or None, k_iso values or None)."""
+    n = len(fo)
     mult = np.ones_like(fo)
     nodes = vals = None
-    # device_put, not jnp.asarray: jnp.asarray of a numpy array is a one-operation program per shape
-    fo_j, fc_j, fm_j, q_j, s2_j, basis_j, w_j = (jax.device_put(a) for a in (fo, fc, fm, qw, s2w, basis, np.ones_like(fo)))
+    # the work set padded to a bucket size (weight 0, values copied from its last reflection): the programs are
+    # shared by datasets of similar size (see jaxrefine.problem.problem.XrayData).  device_put, not jnp.asarray:
+    # jnp.asarray of a numpy array is a one-operation program per shape
+    size = bucket_length(n, LM_STEPS_PER_OCTAVE, LM_QUANTUM)
+    w = np.zeros(size)
+    w[:n] = 1.0
+    fo_j, fc_j, fm_j, q_j, s2_j, basis_j, w_j = (jax.device_put(a) for a in (
+        *(pad_edge_rows(a, size) for a in (fo, fc, fm, qw, s2w)), basis, w))
     for _ in range(n_macro if resolution_scale else 1):
         if refine:
-            x, _ = _levenberg_marquardt(x, (fo_j, fc_j, fm_j, q_j, s2_j, basis_j, w_j, jax.device_put(mult)), fix_solvent=not use_solvent)
+            x, _ = _levenberg_marquardt(x, (fo_j, fc_j, fm_j, q_j, s2_j, basis_j, w_j, jax.device_put(pad_edge_rows(mult, size))),
+                                        fix_solvent=not use_solvent)
         if resolution_scale:
-            amp = np.asarray(_amp_model_jit(jax.device_put(x), fc_j, fm_j, q_j, s2_j, basis_j))
+            amp = np.asarray(_amp_model_jit(jax.device_put(x), fc_j, fm_j, q_j, s2_j, basis_j))[:n]
             nodes, vals = fit_k_iso(fo, amp, s2w)
             mult = _hat_interpolate(s2w, nodes, vals)
     return x, nodes, vals

@@ -25,6 +25,7 @@ from jax.scipy.special import i0e, i1e
 
 from ..core.cache import call_exported
 from ..core.device import on_device
+from ..core.restraint_terms import bucket_length, pad_edge_rows
 
 MIN_PER_BIN = 50  # reflections per σA bin (servalcat's default for the test set)
 MAX_BINS = 20
@@ -152,6 +153,7 @@ def sigma_a_bins(d, use, min_per_bin: int = MIN_PER_BIN, max_bins: int = MAX_BIN
 SIGMA_A_NEWTON_ITER = 30  # at most; a bin stops once its steps change ln D, ln S by < SIGMA_A_STEP_TOL
 SIGMA_A_STEP_TOL = 1e-6
 SIGMA_A_DAMPING0 = 1e-3  # × the block's largest diagonal element
+SIGMA_A_STEPS_PER_OCTAVE, SIGMA_A_QUANTUM = 8, 64  # the σA set's padded sizes (bucket_length)
 SIGMA_A_DAMPING_MAX = 1e3  # a bin whose steps are refused until its damping reaches this has converged
 
 
@@ -268,7 +270,13 @@ def estimate_sigma_a(f_obs, f_model, use, bins, centric, epsilon, sig_f_obs=None
     # only the reflections used enter the objective (the free set: ~5 % of them); device_put, not
     # jnp.asarray: jnp.asarray of a numpy array is a one-operation program per shape
     k = np.flatnonzero(use)
-    args = tuple(on_device(np.asarray(a)[k]) for a in (fo, sig, fm, np.asarray(centric, bool), eps, bins))
+    # padded to a bucket size with copies of the last one in bin −1, which no bin's sum counts: the program is shared
+    # by datasets of similar size (see jaxrefine.problem.problem.XrayData)
+    size = bucket_length(len(k), SIGMA_A_STEPS_PER_OCTAVE, SIGMA_A_QUANTUM)
+    cols = [pad_edge_rows(np.asarray(a)[k], size) for a in (fo, sig, fm, np.asarray(centric, bool), eps, bins)]
+    if len(k):
+        cols[-1][len(k):] = -1
+    args = tuple(on_device(a) for a in cols)
 
     p = p0.copy()
     if len(k):
