@@ -459,6 +459,16 @@ def test_f_from_grid_of_a_gaussian():
     f = np.asarray(f_from_grid(jnp.asarray(rho), jnp.asarray(hkl), crystal))
     s2 = s2_of(hkl, crystal)
     assert np.max(np.abs(np.abs(f) - np.exp(-bb * s2 / 4))) < 1e-6
+    # the compiled form (solvent masks) takes the cell's volume as an argument: a crystal of a screen whose cell
+    # differs a little, on the same grid, reuses the program; F scales with the volume
+    from jaxrefine.xray.structure_factors import _f_from_grid_compiled, f_from_grid_jit
+
+    f1 = np.asarray(f_from_grid_jit(rho.astype(np.float32), hkl, crystal.volume))
+    n_programs = _f_from_grid_compiled._cache_size()
+    f2 = np.asarray(f_from_grid_jit(rho.astype(np.float32), hkl, 1.004 * crystal.volume))
+    assert _f_from_grid_compiled._cache_size() == n_programs
+    np.testing.assert_allclose(f1, f, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(f2, 1.004 * f1, rtol=1e-6, atol=1e-7)
 
 
 def test_form_factor_tables():

@@ -31,8 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -818,19 +817,19 @@ def f_from_grid(grid, hkl, setup):
 
 
 class _CellVolume(NamedTuple):
-    volume: float  # Å³
+    volume: Any  # Å³
 
 
-@partial(jax.jit, static_argnames="volume")
-def _f_from_grid_compiled(grid, hkl, volume: float):
+@jax.jit
+def _f_from_grid_compiled(grid, hkl, volume):
     return f_from_grid(grid, hkl, _CellVolume(volume))
 
 
 def f_from_grid_jit(grid, hkl, volume: float):
-    """:func:`f_from_grid` as one compiled program (host code: solvent masks), for a cell of ``volume`` Å³
-    (static: one program per cell, as the grid is).  Run op by op it compiled a dozen one-operation
-    programs per process."""
-    return _f_from_grid_compiled(on_device(grid), on_device(hkl), volume=float(volume))
+    """:func:`f_from_grid` as one compiled program (host code: solvent masks), for a cell of ``volume`` Å³ (an
+    argument: cells of one grid share the program, e.g. a screen's crystals).  Run op by op it compiled a dozen
+    one-operation programs per process."""
+    return _f_from_grid_compiled(on_device(grid), on_device(hkl), on_device(volume, np.float32))
 
 
 # ----------------------------------------------------------------------------- entry point
