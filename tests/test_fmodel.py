@@ -308,7 +308,11 @@ def test_sigma_a_fit_reaches_the_minimum_an_independent_optimiser_finds():
     use = np.ones(n, bool)
     bins = sigma_a_bins(dspacing, use)
     assert bins.max() + 1 == nb
+    from jaxrefine.core.cache import compile_counters, compile_delta
+
+    before = compile_counters()
     sa = estimate_sigma_a(fo, fc, use, bins, cen, eps, sig)
+    assert compile_delta(before)["total_s"] == 0.0  # numpy on the host: no program to compile or load
 
     def total(p):
         p = p.reshape(nb, 2)
@@ -596,3 +600,8 @@ def test_sigma_a_fit_derivatives_in_closed_form_equal_jax_derivatives():
     assert g.dtype == jnp.float64
     np.testing.assert_allclose(np.asarray(g), want_g, rtol=1e-9, atol=1e-9 * np.abs(want_g).max())
     np.testing.assert_allclose(np.asarray(h), want_h, rtol=1e-9, atol=1e-9 * np.abs(want_h).max())
+    # the fit's own call: numpy arrays, scipy's Bessel functions (core.device.array_module)
+    g_np, h_np = _bin_derivatives(p, fo, sig, fm, cen, eps, bins, onehot)
+    assert isinstance(g_np, np.ndarray) and isinstance(h_np, np.ndarray)
+    np.testing.assert_allclose(g_np, want_g, rtol=1e-9, atol=1e-9 * np.abs(want_g).max())
+    np.testing.assert_allclose(h_np, want_h, rtol=1e-9, atol=1e-9 * np.abs(want_h).max())

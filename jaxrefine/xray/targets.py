@@ -20,12 +20,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.special
 import numpy as np
-from jax.scipy.special import i0e, i1e
 
-from ..core.cache import call_exported
-from ..core.device import on_device
-from ..core.restraint_terms import bucket_length, pad_edge_rows
+from ..core.device import array_module, on_device
 
 MIN_PER_BIN = 50  # reflections per σA bin (servalcat's default for the test set)
 MAX_BINS = 20
@@ -62,22 +60,25 @@ def _abs(f):
 
 
 def ml_amplitude_nll(f_obs, sig_f_obs, f_model_abs, d, s, centric, epsilon):
-    """Per-reflection −log P(Fo | |Fm|) (see the module docstring); (n,) arrays -> (n,)."""
-    fo = jnp.asarray(f_obs)
-    sig = jnp.asarray(sig_f_obs)
-    eps = jnp.asarray(epsilon, fo.dtype)
-    cen = jnp.asarray(centric, bool)
+    """Per-reflection −log P(Fo | |Fm|) (see the module docstring); (n,) arrays -> (n,) (numpy for numpy arguments:
+    :func:`jaxrefine.core.device.array_module`)."""
+    xp = array_module(f_obs, sig_f_obs, f_model_abs, d, s, centric, epsilon)
+    i0e = _special(xp).i0e
+    fo = xp.asarray(f_obs)
+    sig = xp.asarray(sig_f_obs)
+    eps = xp.asarray(epsilon, fo.dtype)
+    cen = xp.asarray(centric, bool)
     dfc = d * f_model_abs
     sum_a = eps * s + 2.0 * sig**2
     sum_c = eps * s + sig**2
-    log_fo = jnp.log(jnp.where(fo > 0, fo, 1.0))
+    log_fo = xp.log(xp.where(fo > 0, fo, 1.0))
     # (Fo² + (D|Fm|)²)/Σ − X = (Fo − D|Fm|)²/Σ: the exponential parts of I0 and cosh are folded into
     # the square so that no large terms cancel (float32: Fo²/Σ can reach 1e6).
     x_a = 2.0 * fo * dfc / sum_a
-    nll_a = -(jnp.log(2.0) + log_fo - jnp.log(sum_a)) + (fo - dfc) ** 2 / sum_a - jnp.log(i0e(x_a))
+    nll_a = -(xp.log(2.0) + log_fo - xp.log(sum_a)) + (fo - dfc) ** 2 / sum_a - xp.log(i0e(x_a))
     x_c = fo * dfc / sum_c  # >= 0; log cosh x = x + log1p(exp(−2x)) − log 2
-    nll_c = -0.5 * jnp.log(2.0 / (jnp.pi * sum_c)) + (fo - dfc) ** 2 / (2.0 * sum_c) - jnp.log1p(jnp.exp(-2.0 * x_c)) + jnp.log(2.0)
-    return jnp.where(cen, nll_c, nll_a)
+    nll_c = -0.5 * xp.log(2.0 / (xp.pi * sum_c)) + (fo - dfc) ** 2 / (2.0 * sum_c) - xp.log1p(xp.exp(-2.0 * x_c)) + xp.log(2.0)
+    return xp.where(cen, nll_c, nll_a)
 
 
 def ml_amplitude_target(f_obs, sig_f_obs, f_model, sigma_a: SigmaA, centric, epsilon, mask):
@@ -138,10 +139,10 @@ def sigma_a_bins(d, use, min_per_bin: int = MIN_PER_BIN, max_bins: int = MAX_BIN
     return np.searchsorted(-edges, -d, side="right").astype(np.int32)
 
 
-# σA fit: a damped Newton iteration per bin, compiled (one program call per fit).  The objective is a sum over
-# bins, each bin's two parameters (ln D, ln S) reaching only its own reflections, so its Hessian is one 2×2 block
-# per bin: from two forward-over-reverse products with unit tangents (the reflections are independent), summed
-# per bin.  Each bin keeps its own Levenberg-Marquardt damping (Nocedal & Wright 2006, sec. 10.3): a step that
+# σA fit: a damped Newton iteration per bin, in numpy float64 (it was one compiled program per fit until
+# 2026-12-04: 0.43 s to compile beside the minimiser's program in a cold run, ~0.25 s to load in a warm one; the
+# fit itself takes a few ms either way).  The objective is a sum over bins, each bin's two parameters (ln D, ln S)
+# reaching only its own reflections, so its Hessian is one 2×2 block per bin, written out (_bin_derivatives).  Each bin keeps its own Levenberg-Marquardt damping (Nocedal & Wright 2006, sec. 10.3): a step that
 # raises its bin's −log-likelihood beyond rounding is refused and the damping raised ×10, an accepted one lowers
 # it ×0.3.  Steps are taken until they change ln D, ln S by < 1e-6 (with a strict decrease and 1e-4 the end point
 # moved by 1e-4 in ln S with the rounding of F_calc: 5e5z's energy gradient with and without jaxrefine's XLA flag
@@ -153,13 +154,22 @@ def sigma_a_bins(d, use, min_per_bin: int = MIN_PER_BIN, max_bins: int = MAX_BIN
 SIGMA_A_NEWTON_ITER = 30  # at most; a bin stops once its steps change ln D, ln S by < SIGMA_A_STEP_TOL
 SIGMA_A_STEP_TOL = 1e-6
 SIGMA_A_DAMPING0 = 1e-3  # × the block's largest diagonal element
-SIGMA_A_STEPS_PER_OCTAVE, SIGMA_A_QUANTUM = 8, 64  # the σA set's padded sizes (bucket_length)
 SIGMA_A_DAMPING_MAX = 1e3  # a bin whose steps are refused until its damping reaches this has converged
+
+
+def _special(xp):
+    """scipy.special for numpy, jax.scipy.special for jax.numpy (the exponentially scaled Bessel functions)."""
+    if xp is np:
+        import scipy.special
+
+        return scipy.special
+    return jax.scipy.special
 
 
 def _bin_values(p, fo, sig, fm, cen, eps, bins, onehot):
     """Per bin −log-likelihood (n_bins,) of ln D, ln S ``p`` (n_bins, 2); ``onehot`` (n, n_bins) the bins."""
-    return ml_amplitude_nll(fo, sig, fm, jnp.exp(p[bins, 0]), jnp.exp(p[bins, 1]), cen, eps) @ onehot
+    xp = array_module(p, fo, fm, onehot)
+    return ml_amplitude_nll(fo, sig, fm, xp.exp(p[bins, 0]), xp.exp(p[bins, 1]), cen, eps) @ onehot
 
 
 def _bin_derivatives(p, fo, sig, fm, cen, eps, bins, onehot):
@@ -174,61 +184,63 @@ def _bin_derivatives(p, fo, sig, fm, cen, eps, bins, onehot):
     nll_u = 2c₁a²/Σ − m x,  nll_uu = 4c₁a²/Σ − m x − m' x²,  nll_v = w B with B = c₁(1 − q) + m x,
     nll_uv = −2c₁ w a²/Σ + (m' x + m) x w,  nll_vv = w(1 − w) B + w (c₁ q w − (m' x + m) x w).
     """
-    d, s = jnp.exp(p[bins, 0]), jnp.exp(p[bins, 1])
-    c1 = jnp.where(cen, 0.5, 1.0)
-    t = jnp.asarray(eps, fo.dtype) * s
-    big = t + jnp.where(cen, 1.0, 2.0) * sig * sig
+    xp = array_module(p, fo, sig, fm, cen, eps, bins, onehot)
+    special = _special(xp)
+    d, s = xp.exp(p[bins, 0]), xp.exp(p[bins, 1])
+    c1 = xp.where(cen, 0.5, 1.0)
+    t = xp.asarray(eps, fo.dtype) * s
+    big = t + xp.where(cen, 1.0, 2.0) * sig * sig
     a = d * fm
-    x = jnp.where(cen, 1.0, 2.0) * fo * a / big
-    m_bessel = i1e(x) / i0e(x)
-    m_over_x = jnp.where(x > 1e-6, m_bessel / jnp.where(x > 1e-6, x, 1.0), 0.5)  # I₁/I₀ ≈ x/2 near 0
-    m = jnp.where(cen, jnp.tanh(x), m_bessel)
-    dm = jnp.where(cen, 1.0 - m * m, 1.0 - m_over_x - m * m)
+    x = xp.where(cen, 1.0, 2.0) * fo * a / big
+    m_bessel = special.i1e(x) / special.i0e(x)
+    m_over_x = xp.where(x > 1e-6, m_bessel / xp.where(x > 1e-6, x, 1.0), 0.5)  # I₁/I₀ ≈ x/2 near 0
+    m = xp.where(cen, xp.tanh(x), m_bessel)
+    dm = xp.where(cen, 1.0 - m * m, 1.0 - m_over_x - m * m)
     w = t / big
     q = (fo * fo + a * a) / big
     a2 = a * a / big
     b = c1 * (1.0 - q) + m * x
-    grads = jnp.stack([2.0 * c1 * a2 - m * x, w * b])
+    grads = xp.stack([2.0 * c1 * a2 - m * x, w * b])
     h_uu = 4.0 * c1 * a2 - m * x - dm * x * x
     h_uv = -2.0 * c1 * w * a2 + (dm * x + m) * x * w
     h_vv = w * (1.0 - w) * b + w * (c1 * q * w - (dm * x + m) * x * w)
     g = (grads @ onehot).T  # (n_bins, 2)
-    dd, ds, ss = jnp.stack([h_uu, h_uv, h_vv]) @ onehot
-    return g, jnp.stack([jnp.stack([dd, ds], -1), jnp.stack([ds, ss], -1)], -2)
+    dd, ds, ss = xp.stack([h_uu, h_uv, h_vv]) @ onehot
+    return g, xp.stack([xp.stack([dd, ds], -1), xp.stack([ds, ss], -1)], -2)
 
 
-@jax.jit
 def _fit_bins(p0, fo, sig, fm, cen, eps, bins):
-    """(n_bins, 2) ln D, ln S lowering each bin's −log-likelihood from ``p0`` (see above), within the bounds."""
-    onehot = (bins[:, None] == jnp.arange(p0.shape[0])[None, :]).astype(fo.dtype)
-    lo = jnp.asarray([LN_D_BOUNDS[0], LN_S_BOUNDS[0]], p0.dtype)
-    hi = jnp.asarray([LN_D_BOUNDS[1], LN_S_BOUNDS[1]], p0.dtype)
-    eye = jnp.eye(2, dtype=p0.dtype)
-
-    def step(carry):
-        i, p, value, mu, done = carry
+    """(n_bins, 2) ln D, ln S lowering each bin's −log-likelihood from ``p0`` (see above), within the bounds; numpy
+    float64 on the host (a few ms: no XLA program to compile, 0.43 s beside the minimiser's in a cold 1va7 run, or to
+    load, ~0.25 s of a warm one)."""
+    p0, fo, sig, fm, eps = (np.asarray(a, float) for a in (p0, fo, sig, fm, eps))
+    cen, bins = np.asarray(cen, bool), np.asarray(bins, np.int64)
+    n_bins = p0.shape[0]
+    onehot = (bins[:, None] == np.arange(n_bins)[None, :]).astype(float)
+    lo = np.asarray([LN_D_BOUNDS[0], LN_S_BOUNDS[0]])
+    hi = np.asarray([LN_D_BOUNDS[1], LN_S_BOUNDS[1]])
+    p, value = p0.copy(), _bin_values(p0, fo, sig, fm, cen, eps, bins, onehot)
+    mu, done = np.full(n_bins, SIGMA_A_DAMPING0), np.zeros(n_bins, bool)
+    for _ in range(SIGMA_A_NEWTON_ITER):
+        if done.all():
+            break
         g, h = _bin_derivatives(p, fo, sig, fm, cen, eps, bins, onehot)
-        scale = jnp.maximum(jnp.max(jnp.abs(jnp.diagonal(h, axis1=-2, axis2=-1)), -1), 1e-12)
-        a = h + (mu * scale)[:, None, None] * eye
+        scale = np.maximum(np.max(np.abs(np.diagonal(h, axis1=-2, axis2=-1)), -1), 1e-12)
+        a = h + (mu * scale)[:, None, None] * np.eye(2)
         det = a[:, 0, 0] * a[:, 1, 1] - a[:, 0, 1] * a[:, 1, 0]
-        adj = jnp.stack([jnp.stack([a[:, 1, 1], -a[:, 0, 1]], -1), jnp.stack([-a[:, 1, 0], a[:, 0, 0]], -1)], -2)
-        delta = -jnp.einsum("bij,bj->bi", adj, g) / jnp.where(det > 0, det, 1.0)[:, None]
-        trial = jnp.clip(p + jnp.clip(delta, -1.0, 1.0), lo, hi)  # at most a factor e in D or S per step
-        descent = ~done & (det > 0) & (a[:, 0, 0] > 0) & jnp.all(jnp.isfinite(trial), -1)  # damped Hessian pos. def.
-        trial = jnp.where(descent[:, None], trial, p)
+        adj = np.stack([np.stack([a[:, 1, 1], -a[:, 0, 1]], -1), np.stack([-a[:, 1, 0], a[:, 0, 0]], -1)], -2)
+        delta = -np.einsum("bij,bj->bi", adj, g) / np.where(det > 0, det, 1.0)[:, None]
+        trial = np.clip(p + np.clip(delta, -1.0, 1.0), lo, hi)  # at most a factor e in D or S per step
+        descent = ~done & (det > 0) & (a[:, 0, 0] > 0) & np.all(np.isfinite(trial), -1)  # damped Hessian pos. def.
+        trial = np.where(descent[:, None], trial, p)
         trial_value = _bin_values(trial, fo, sig, fm, cen, eps, bins, onehot)
         # a step is refused when it raises its bin's value by more than rounding: near the minimum the values stop
         # resolving the decrease while the gradient still guides the steps (else the end point varies with rounding)
-        ok = descent & (trial_value <= value + 8.0 * jnp.finfo(value.dtype).eps * jnp.abs(value))
-        mu = jnp.where(ok, 0.3 * mu, jnp.where(done, mu, 10.0 * mu))
-        small = jnp.max(jnp.abs(trial - p), -1) < SIGMA_A_STEP_TOL
+        ok = descent & (trial_value <= value + 8.0 * np.finfo(float).eps * np.abs(value))
+        mu = np.where(ok, 0.3 * mu, np.where(done, mu, 10.0 * mu))
+        small = np.max(np.abs(trial - p), -1) < SIGMA_A_STEP_TOL
         done = done | (ok & small) | (mu >= SIGMA_A_DAMPING_MAX)
-        return i + 1, jnp.where(ok[:, None], trial, p), jnp.where(ok, trial_value, value), mu, done
-
-    n_bins = p0.shape[0]
-    init = (jnp.zeros((), jnp.int32), p0, _bin_values(p0, fo, sig, fm, cen, eps, bins, onehot),
-            jnp.full((n_bins,), SIGMA_A_DAMPING0, p0.dtype), jnp.zeros((n_bins,), bool))
-    _, p, _, _, _ = jax.lax.while_loop(lambda c: (c[0] < SIGMA_A_NEWTON_ITER) & ~jnp.all(c[4]), step, init)
+        p, value = np.where(ok[:, None], trial, p), np.where(ok, trial_value, value)
     return p
 
 
@@ -267,22 +279,11 @@ def estimate_sigma_a(f_obs, f_model, use, bins, centric, epsilon, sig_f_obs=None
         ss = np.mean((fo[sel] ** 2 - (dd * fm[sel]) ** 2) / eps[sel])
         ss = max(ss, S_START_FLOOR * np.mean(fo[sel] ** 2 / eps[sel]), 1e-6)
         p0[i] = np.log(dd), np.log(ss)
-    # only the reflections used enter the objective (the free set: ~5 % of them); device_put, not
-    # jnp.asarray: jnp.asarray of a numpy array is a one-operation program per shape
+    # only the reflections used enter the objective (the free set: ~5 % of them)
     k = np.flatnonzero(use)
-    # padded to a bucket size with copies of the last one in bin −1, which no bin's sum counts: the program is shared
-    # by datasets of similar size (see jaxrefine.problem.problem.XrayData)
-    size = bucket_length(len(k), SIGMA_A_STEPS_PER_OCTAVE, SIGMA_A_QUANTUM)
-    cols = [pad_edge_rows(np.asarray(a)[k], size) for a in (fo, sig, fm, np.asarray(centric, bool), eps, bins)]
-    if len(k):
-        cols[-1][len(k):] = -1
-    args = tuple(on_device(a) for a in cols)
-
     p = p0.copy()
     if len(k):
-        # kept exported between runs: its trace (the Newton loop over a gradient and two of its directional
-        # derivatives) was ~0.1 s of every warm run
-        p = np.array(call_exported(_fit_bins, (on_device(p0, args[0].dtype), *args), {}, "sigma_a_fit"), float)
+        p = _fit_bins(p0, *(np.asarray(a)[k] for a in (fo, sig, fm, np.asarray(centric, bool), eps, bins)))
     empty = np.array([not (use & (bins == i)).any() for i in range(n_bins)])
     p[empty] = p0[empty]
     bin_d, bin_s = np.exp(p[:, 0]), np.exp(p[:, 1])
