@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..core.device import array_module
+
 
 class Params(NamedTuple):
     xyz_frac: jax.Array
@@ -72,7 +74,9 @@ def b_to_raw(b_iso, b_min):
 
 
 def b_of(b_raw, b_min):
-    """B (Å²) from the unconstrained parameter."""
+    """B (Å²) from the unconstrained parameter (numpy for numpy arguments: :func:`jaxrefine.core.device.array_module`)."""
+    if array_module(b_raw, b_min) is np:
+        return b_min + np.logaddexp(b_raw, 0.0)  # softplus
     return b_min + jax.nn.softplus(b_raw)
 
 
@@ -82,16 +86,17 @@ def rotation_matrix(rotvec):
     Reference: e.g. Murray, Li & Sastry, A Mathematical Introduction to Robotic Manipulation
     (1994), eq. 2.14.  Near θ = 0 the Taylor series of sin θ/θ and (1 − cos θ)/θ² are used.
     """
-    th2 = jnp.sum(rotvec * rotvec, axis=-1)[..., None, None]
+    xp = array_module(rotvec)
+    th2 = xp.sum(rotvec * rotvec, axis=-1)[..., None, None]
     small = th2 < 1e-8
-    th2s = jnp.where(small, 1.0, th2)
-    th = jnp.sqrt(th2s)
-    a = jnp.where(small, 1.0 - th2 / 6.0, jnp.sin(th) / th)
-    b = jnp.where(small, 0.5 - th2 / 24.0, (1.0 - jnp.cos(th)) / th2s)
+    th2s = xp.where(small, 1.0, th2)
+    th = xp.sqrt(th2s)
+    a = xp.where(small, 1.0 - th2 / 6.0, xp.sin(th) / th)
+    b = xp.where(small, 0.5 - th2 / 24.0, (1.0 - xp.cos(th)) / th2s)
     x, y, z = rotvec[..., 0], rotvec[..., 1], rotvec[..., 2]
-    zero = jnp.zeros_like(x)
-    k = jnp.stack([jnp.stack([zero, -z, y], -1), jnp.stack([z, zero, -x], -1), jnp.stack([-y, x, zero], -1)], -2)
-    eye = jnp.eye(3, dtype=rotvec.dtype)
+    zero = xp.zeros_like(x)
+    k = xp.stack([xp.stack([zero, -z, y], -1), xp.stack([z, zero, -x], -1), xp.stack([-y, x, zero], -1)], -2)
+    eye = xp.eye(3, dtype=rotvec.dtype)
     return eye + a * k + b * (k @ k)
 
 
@@ -106,7 +111,8 @@ def atom_xyz(params: Params, maps: AtomMaps):
         return cart0, params.xyz_frac
     r = rotation_matrix(params.rot)[maps.body_index]  # (n, 3, 3)
     c = maps.body_centre[maps.body_index]
-    cart = jnp.einsum("nij,nj->ni", r, cart0 - c) + c + params.trans[maps.body_index]
+    xp = array_module(params.rot, params.trans, params.xyz_frac, maps.orth, maps.body_centre)
+    cart = xp.einsum("nij,nj->ni", r, cart0 - c) + c + params.trans[maps.body_index]
     return cart, cart @ maps.frac.T
 
 
@@ -116,14 +122,23 @@ def atom_occ(params: Params, maps: AtomMaps):
         return maps.occ0
     n_sets = maps.set_total.shape[0]
     logits = params.occ_raw
-    set_max = jax.ops.segment_max(logits, maps.group_set, num_segments=n_sets)
-    e = jnp.exp(logits - set_max[maps.group_set])
-    denom = jax.ops.segment_sum(e, maps.group_set, num_segments=n_sets)[maps.group_set]
+    xp = array_module(logits, maps.occ0, maps.set_total)
+    if xp is np:  # the host's segment reductions
+        set_max = np.full(n_sets, -np.inf, logits.dtype)
+        np.maximum.at(set_max, maps.group_set, logits)
+        e = np.exp(logits - set_max[maps.group_set])
+        denom = np.bincount(maps.group_set, e, n_sets).astype(logits.dtype)[maps.group_set]
+        sigmoid = 1.0 / (1.0 + np.exp(-logits))
+    else:
+        set_max = jax.ops.segment_max(logits, maps.group_set, num_segments=n_sets)
+        e = jnp.exp(logits - set_max[maps.group_set])
+        denom = jax.ops.segment_sum(e, maps.group_set, num_segments=n_sets)[maps.group_set]
+        sigmoid = jax.nn.sigmoid(logits)
     single = maps.set_size[maps.group_set] == 1
-    frac_in_set = jnp.where(single, jax.nn.sigmoid(logits), e / denom)
-    group_occ = frac_in_set * jnp.where(single, 1.0, maps.set_total[maps.group_set])
-    g = jnp.maximum(maps.occ_group, 0)
-    return jnp.where(maps.occ_group >= 0, group_occ[g], maps.occ0)
+    frac_in_set = xp.where(single, sigmoid, e / denom)
+    group_occ = frac_in_set * xp.where(single, 1.0, maps.set_total[maps.group_set])
+    g = xp.maximum(maps.occ_group, 0)
+    return xp.where(maps.occ_group >= 0, group_occ[g], maps.occ0)
 
 
 def atom_b(params: Params, maps: AtomMaps):

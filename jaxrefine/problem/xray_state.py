@@ -44,29 +44,41 @@ def cast_floats(tree, dtype):
 
 
 # ----------------------------------------------------------------------------- Params -> atoms, F
-# jitted: called from host code every macrocycle (statistics, state refits, writers); run op by op
-# these compiled ~700 single operations on a TLS model (~6 s of a cold 5kzb run)
-@jax.jit
+# Called from host code every macrocycle (statistics, state refits, writers).  On the host in numpy float64 (the
+# functions pick numpy for numpy arguments, core.device.array_module): run op by op through JAX these compiled ~700
+# single operations on a TLS model (~6 s of a cold 5kzb run); jitted, two programs (0.18 and 0.12 s to compile beside
+# the minimiser's in a cold 1va7 run); in numpy ~1 ms a call for 2 000 atoms.
 def _model_arrays(params: Params, problem: Problem):
     xyz_cart, _ = atom_xyz(params, problem.maps)
     b = atom_b(params, problem.maps) if problem.adp is None else b_eq(adp_of(params, problem)[2])
     return xyz_cart, b, atom_occ(params, problem.maps)
 
 
-@jax.jit
-def _total_u(params: Params, problem: Problem):
-    return adp_of(params, problem)[2]
+def _to_host(tree):
+    """numpy copies of a pytree's arrays, floating ones as float64."""
+    def host(a):
+        a = np.asarray(a)
+        return a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) else a
+
+    return jax.tree_util.tree_map(host, tree)
+
+
+def _on_host(params: Params, problem: Problem):
+    """(params, problem) with what the atoms' arrays are computed from (the parameters, the atom maps, the ADP model,
+    the fixed ANISOU shapes) as numpy arrays."""
+    return _to_host(params), problem._replace(maps=_to_host(problem.maps), adp=_to_host(problem.adp),
+                                              u_shape=_to_host(problem.u_shape))
 
 
 def current_model_arrays(params: Params, problem: Problem):
     """numpy (xyz_cart (n, 3) Å, b_iso (n,) Å², occ (n,)) for the parameters; b_iso is B_eq of the
     total U where the ADP model is anisotropic or TLS."""
-    return tuple(np.asarray(a, float) for a in _model_arrays(params, problem))
+    return tuple(np.asarray(a, float) for a in _model_arrays(*_on_host(params, problem)))
 
 
 def current_u_aniso(params: Params, problem: Problem):
     """numpy (n, 6) total U (Å²) of every atom for the writers' ANISOU, or None for an isotropic ADP model."""
-    return None if problem.adp is None else np.asarray(_total_u(params, problem), float)
+    return None if problem.adp is None else np.asarray(adp_of(*_on_host(params, problem))[2], float)
 
 
 def written_adps(model: Model, params: Params, problem: Problem, adp_choice=None) -> dict:

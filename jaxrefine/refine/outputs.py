@@ -55,15 +55,6 @@ def metrics(result: RefinementResult) -> dict:
     return out
 
 
-def prepare_writer_programs(setup) -> None:
-    """Compile (or load) the program the writers call and the macrocycles may not — every atom's total U for
-    ANISOU — with the setup's arrays, which have the refined ones' shapes.  Called while the minimiser's program
-    compiles on its thread (:func:`jaxrefine.refine.engine.prepare_refinement`), where the main thread would
-    otherwise wait idle and compile it after the last macrocycle.  The values are not used.  (The map coefficients
-    are numpy: no program.)"""
-    current_u_aniso(setup.params, setup.problem)
-
-
 def model_updates(params, problem, setup, keep) -> dict:
     """The arrays the writers put into the refined model (atoms ``keep`` only): coordinates, B
     (B_eq of the total U for anisotropic and TLS atoms), occupancies, ANISOU and TLS groups

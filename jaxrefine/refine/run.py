@@ -24,7 +24,7 @@ from ..io.writers import check_output_folder, protect, staged_output, write_json
 from ..problem.setup import build_setup, load_inputs
 from ..core.cache import compile_counters, enable_compilation_cache
 from .engine import HEADER, format_cycle, prepare_refinement, refine
-from .outputs import prepare_writer_programs, write_outputs
+from .outputs import write_outputs
 
 log = logging.getLogger("jaxrefine")
 
@@ -222,7 +222,6 @@ def _run(model_path, data_path, inputs, stage, cfg, progress, plot_title, after_
     model, refl = inputs
     with timing.section("setup"):
         setup = build_setup(model_path, data_path, cfg, model=model, refl=refl, on_problem=prepare_refinement(cfg))
-        prepare_writer_programs(setup)  # while the minimiser's program compiles
     refl = setup.refl
     log.info("%s: %d atoms; %s: %d reflections (%d free), %.2f-%.2f Å; monomer library: %s",
              model_path, setup.model.n_atoms, data_path, refl.n, refl.n_free, refl.d_max, refl.d_min, setup.monlib or "built-in")
