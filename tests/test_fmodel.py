@@ -263,6 +263,25 @@ def test_ml_target_jit_compiles_once():
     assert len(traces) == 1
 
 
+def test_ml_target_on_the_host_equals_the_traced_one():
+    """ml_amplitude_target with numpy arguments (the w_A scan's free likelihood, engine._free_nll) runs in numpy with
+    scipy's Bessel function, compiles nothing, and equals the jitted target in float64."""
+    from jaxrefine.core.cache import compile_counters, compile_delta
+
+    _, _, f_calc, f_mask, fo, sig, cen, eps, mask, sa = _small_problem(seed=3)
+    host_sa = SigmaA(np.asarray(sa.d, float), np.asarray(sa.s, float), None, None, None)
+    before = compile_counters()
+    host = ml_amplitude_target(np.asarray(fo, float), np.asarray(sig, float), np.asarray(f_calc, complex), host_sa,
+                               np.asarray(cen), np.asarray(eps, float), np.asarray(mask))
+    assert compile_delta(before)["total_s"] == 0.0 and isinstance(host, np.floating)
+    traced = jax.jit(ml_amplitude_target)(jnp.asarray(fo, jnp.float64), jnp.asarray(sig, jnp.float64),
+                                          jnp.asarray(f_calc, jnp.complex128),
+                                          SigmaA(jnp.asarray(sa.d, jnp.float64), jnp.asarray(sa.s, jnp.float64),
+                                                 None, None, None), jnp.asarray(cen), jnp.asarray(eps, jnp.float64),
+                                          jnp.asarray(mask))
+    assert float(host) == pytest.approx(float(traced), rel=1e-12)
+
+
 # ------------------------------------------------------------------------------ σA estimation
 def test_estimate_sigma_a_recovers_simulated_d_and_s():
     """Fo = |D Fc + error| with complex Gaussian error of variance εS (acentric) / real (centric)."""

@@ -33,7 +33,7 @@ from ..problem.xray_state import (current_model_arrays, f_model_of_jit, mask_mov
 from ..xray.targets import ml_amplitude_target
 from . import weights as wmod
 from ..core.cache import enable_compilation_cache
-from ..core.device import on_device, zeros_on_device
+from ..core.device import on_device
 from .energy import block_mask, zero_shifts
 from .blocks import (GN_AUTO_MIN_ATOMS, JOINT_D_MAX, STRATEGY_BLOCKS, apply_shifts_jit, converge_rtol_for, cycle_plan, gauss_newton_block, gauss_newton_plan, joint_applies, low_resolution_work_set, minimise_blocks, minimise_blocks_each,  # noqa: F401 (STRATEGY_BLOCKS re-exported)
                      prepare_block_minimiser, prepare_gauss_newton, xray_gradient_norm)
@@ -227,26 +227,25 @@ def choose_initial_w_a(setup: Setup, problem: Problem | None = None, state: Xray
     return wmod.initial_w_a(gx, problem.restraints, setup.model.n_atoms, settings.target_rmsz)
 
 
-_ml_target_jit = jax.jit(ml_amplitude_target)
-
-
-def _free_nll(f_model, problem: Problem, state: XrayState):
+def _free_nll(f_model, problem: Problem, state: XrayState) -> float:
     """Free-set −log-likelihood of ``f_model`` (the parameters' F_model with the state's scales, from the compiled
-    F_calc that every report shares: no program of its own around the structure factors) with the state's σA."""
+    F_calc that every report shares) with the state's σA: numpy float64 on the host (no program of its own: it was
+    one more to compile beside the minimiser's in a cold run, 0.06-0.08 s)."""
     x = problem.xray
-    return _ml_target_jit(x.f_obs, x.sig_f_obs, f_model, state.sigma_a, x.centric, x.epsilon, x.free)
+    fo, sig, fm, centric, eps, free, d, s = (np.asarray(a) for a in (x.f_obs, x.sig_f_obs, f_model, x.centric,
+                                                                     x.epsilon, x.free, state.sigma_a.d, state.sigma_a.s))
+    fo, sig, eps, d, s = (a.astype(np.float64) for a in (fo, sig, eps, d, s))
+    sigma_a = state.sigma_a._replace(d=d, s=s)
+    return float(ml_amplitude_target(fo, sig, fm.astype(np.complex128), sigma_a, centric, eps, free))
 
 
 def _prepare_cycle_programs(params: Params, problem: Problem, state: XrayState, settings: LoopSettings) -> None:
-    """Compile (or load) the small host programs of the first macrocycle — the minimiser's shifts applied to the
-    parameters, and the w_A scan's free likelihood where the scan runs — with the starting arrays, which have the
-    shapes and placements of the later ones.  Called while the minimiser's program compiles on its thread: the
-    main thread would wait for it idle and then compile these one after the other.  The values are not used."""
+    """Compile (or load) the small host program of the first macrocycle — the minimiser's shifts applied to the
+    parameters — with the starting arrays, which have the shapes and placements of the later ones.  Called while the
+    minimiser's program compiles on its thread: the main thread would wait for it idle and then compile it.  The
+    values are not used."""
     shifts = jax.tree_util.tree_map(on_device, zero_shifts(params))  # placed as the minimiser's output is
     apply_shifts_jit(shifts, block_mask(params, ("xyz",)), params, problem)
-    if settings.scan_w_a:
-        x = problem.xray
-        _free_nll(zeros_on_device(x.f_obs.shape, jnp.result_type(x.f_obs.dtype, jnp.complex64)), problem, state)
 
 
 def _weight_trials(weights, params, problem, state, settings: LoopSettings, n_steps: int) -> list:

@@ -53,9 +53,10 @@ class SigmaA(NamedTuple):
 
 
 def _abs(f):
-    f = jnp.asarray(f)
-    if jnp.iscomplexobj(f):
-        return jnp.sqrt(f.real**2 + f.imag**2 + _TINY)
+    xp = array_module(f)
+    f = xp.asarray(f)
+    if xp.iscomplexobj(f):
+        return xp.sqrt(f.real**2 + f.imag**2 + _TINY)
     return f
 
 
@@ -85,7 +86,7 @@ def ml_amplitude_target(f_obs, sig_f_obs, f_model, sigma_a: SigmaA, centric, eps
     """Maximum-likelihood amplitude target: Σ_mask −log P(Fo | F_model).
 
     Pure JAX, jit-able, differentiable wrt ``f_model`` (complex) and the scale parameters
-    inside it.
+    inside it; numpy for numpy arguments (:func:`jaxrefine.core.device.array_module`: host reports).
 
     Args:
         f_obs: (n,) observed amplitudes.
@@ -99,9 +100,10 @@ def ml_amplitude_target(f_obs, sig_f_obs, f_model, sigma_a: SigmaA, centric, eps
     Returns:
         scalar −log-likelihood summed over the masked reflections.
     """
+    xp = array_module(f_obs, sig_f_obs, f_model, sigma_a.d, sigma_a.s, centric, epsilon, mask)
     nll = ml_amplitude_nll(f_obs, sig_f_obs, _abs(f_model), sigma_a.d, sigma_a.s, centric, epsilon)
-    m = jnp.asarray(mask)
-    return jnp.sum(jnp.where(m > 0, m * nll, 0.0))
+    m = xp.asarray(mask)
+    return xp.sum(xp.where(m > 0, m * nll, 0.0))
 
 
 def ls_amplitude_target(f_obs, sig_f_obs, f_model, mask, scale=None, use_sigma: bool = True):
