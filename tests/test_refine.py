@@ -293,25 +293,50 @@ def test_padded_reflections_change_no_energy_gradient_scale_or_r_factor(small_se
     assert (r0.r_work, r0.r_free) == (r1.r_work, r1.r_free) and 0.1 < r0.r_work < 0.6
 
 
+def test_fixed_size_fits_change_no_scale_and_no_sigma_a_of_any_reflection():
+    """The state keeps k_iso(s²) on K_ISO_MAX_NODES nodes and σA on MAX_BINS bins (xray_state.fixed_size_fits): the
+    scale of every reflection (below, between and beyond the fitted nodes) and each reflection's D and S stay
+    exactly what the fit gave."""
+    from jaxrefine.problem.xray_state import fixed_size_fits
+    from jaxrefine.xray.scaling import K_ISO_MAX_NODES, Scales, k_total
+    from jaxrefine.xray.targets import MAX_BINS, SigmaA
+
+    scales = Scales(k_overall=jnp.asarray(1.3), b_aniso=jnp.asarray([2.0, -1.0, -1.0, 0.5, 0.0, 0.0]),
+                    k_sol=jnp.asarray(0.35), b_sol=jnp.asarray(46.0), k_iso_s2=jnp.asarray([0.02, 0.08, 0.2]),
+                    k_iso=jnp.asarray([1.1, 0.9, 1.25]))
+    bins = np.array([0, 1, 2, 2, 1])
+    sigma_a = SigmaA(d=None, s=None, bins=bins, bin_d=np.array([0.9, 0.8, 0.6]), bin_s=np.array([10.0, 40.0, 90.0]))
+    s_cart = np.random.default_rng(0).normal(size=(500, 3)) * 0.3  # s² from 0 to beyond the last node
+    fixed, fixed_sa = fixed_size_fits(scales, sigma_a)
+    assert fixed.k_iso_s2.shape == (K_ISO_MAX_NODES,) and fixed_sa.bin_d.shape == (MAX_BINS,)
+    np.testing.assert_allclose(np.asarray(k_total(fixed, jnp.asarray(s_cart))), np.asarray(k_total(scales, jnp.asarray(s_cart))),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(fixed_sa.bin_d[bins], sigma_a.bin_d[bins])
+    np.testing.assert_array_equal(fixed_sa.bin_s[bins], sigma_a.bin_s[bins])
+
+
 def test_a_dataset_of_similar_size_refines_with_the_programs_the_first_compiled():
-    """A fragment screen's next crystal: the same model against a dataset with a few reflections fewer (5e5z's,
-    5 of them dropped).  Reflection counts padded to a bucket size (problem.XrayData), the σA set and the scale
-    fit's work set too, give the second refinement the first one's programs: it compiles nothing (before the
-    padding, the minimiser, F_model, the scale fit, σA and the mask's F all compiled again)."""
+    """A fragment screen's next crystal: the same model against a dataset with 10 % of the reflections fewer (5e5z's,
+    40 of them dropped: one σA bin less, 6 against 7).  Reflection counts padded to a bucket size
+    (problem.XrayData), the scale fit's work set too, and the state's σA bins and k_iso nodes at fixed counts
+    (xray_state.fixed_size_fits) give the second refinement the first one's programs: it compiles nothing (before
+    the padding, the minimiser, F_model, the scale fit, σA and the mask's F all compiled again)."""
     from jaxrefine.core.cache import compile_counters, compile_delta
 
     model, refl = _inputs("5e5z")
     d = refl.d
-    drop = np.random.default_rng(0).choice(np.flatnonzero(d > d.min() + 0.2), 5, replace=False)  # d_min kept
+    drop = np.random.default_rng(0).choice(np.flatnonzero(d > d.min() + 0.2), 40, replace=False)  # d_min kept
     keep = np.ones(refl.n, bool)
     keep[drop] = False
     cfg = _cfg("refine.n_cycles=1")
-    refine(build_setup(None, None, cfg, model=model, refl=refl), n_cycles=1)
+    first = build_setup(None, None, cfg, model=model, refl=refl)
+    refine(first, n_cycles=1)
     start = compile_counters()
     setup = build_setup(None, None, cfg, model=model, refl=refl.take(keep))
     result = refine(setup, n_cycles=1)
     spent = compile_delta(start)
-    assert setup.refl.n == refl.n - 5 and result.history[-1].r_free < 0.4
+    bins = [int(np.asarray(s.problem.xray.bins).max()) + 1 for s in (first, setup)]
+    assert setup.refl.n == refl.n - 40 and bins == [7, 6] and result.history[-1].r_free < 0.45
     assert spent["cache_misses"] == 0 and spent["compile_s"] == 0.0, spent
 
 

@@ -15,10 +15,10 @@ from ..core.cache import call_exported
 from ..core.device import on_device
 from ..io.model import Model
 from ..xray.fmodel import f_model, f_model_jit
-from ..xray.scaling import Scales, k_iso_node_count
+from ..xray.scaling import K_ISO_MAX_NODES, Scales
 from ..xray.structure_factors import structure_factors
 from ..xray.adp import b_eq
-from ..xray.targets import SigmaA
+from ..xray.targets import MAX_BINS, SigmaA
 from .adp_model import adp_of, refined_tls
 from .fmodel import fit_scales_and_sigma_a, model_f_mask, resolution_scale_for
 from .neighbours import NONBONDED_SLACK, build_nonbonded
@@ -192,7 +192,28 @@ def refit_xray_state(setup, problem: Problem, state: XrayState, params: Params, 
     scales, f_model, sigma_a = fit_scales_and_sigma_a(x.f_obs, x.sig_f_obs, f_calc, f_mask, x.s_cart, x.work,
                                                       x.sigma_a_use, x.bins, x.centric, x.epsilon, setup.model.crystal,
                                                       resolution_scale=resolution_scale_for(setup.refl.d_min))
+    scales, sigma_a = fixed_size_fits(scales, sigma_a)
     return cast_floats(state._replace(f_mask=f_mask, scales=scales, sigma_a=sigma_a), x.s2.dtype), f_model
+
+
+def fixed_size_fits(scales: Scales, sigma_a: SigmaA):
+    """The fits as the state keeps them: k_iso(s²) on K_ISO_MAX_NODES nodes and σA on MAX_BINS bins, whatever the
+    data's size (one node per 500 work reflections, one bin per 50 of the σA set, below those caps), so that
+    datasets of one model share the compiled programs (the state is their argument).  The extra nodes lie beyond
+    the last one, 1 Å⁻² apart, with its value (jnp.interp is constant beyond the ends: k_iso unchanged everywhere);
+    the extra bins repeat the last one's D and S and no reflection is in them."""
+    if scales.k_iso_s2 is not None:
+        nodes, vals = np.asarray(scales.k_iso_s2, float), np.asarray(scales.k_iso, float)
+        extra = K_ISO_MAX_NODES - len(nodes)
+        if extra > 0:
+            nodes = np.concatenate([nodes, nodes[-1] + np.arange(1, extra + 1)])
+            vals = np.concatenate([vals, np.repeat(vals[-1:], extra)])
+            scales = scales._replace(k_iso_s2=on_device(nodes, scales.k_iso_s2.dtype),
+                                     k_iso=on_device(vals, scales.k_iso.dtype))
+    extra = MAX_BINS - len(sigma_a.bin_d)
+    if extra > 0:
+        sigma_a = sigma_a._replace(bin_d=pad_reflections(sigma_a.bin_d, MAX_BINS), bin_s=pad_reflections(sigma_a.bin_s, MAX_BINS))
+    return scales, sigma_a
 
 
 def xray_state_spec(problem: Problem, nonbonded, d_min: float) -> XrayState:
@@ -202,9 +223,8 @@ def xray_state_spec(problem: Problem, nonbonded, d_min: float) -> XrayState:
     x = problem.xray
     n, dtype = x.f_obs.shape[0], x.s2.dtype
     spec = lambda shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
-    work = np.asarray(x.work, bool) & (np.asarray(x.f_obs) > 0)  # as fit_scales selects them
-    nodes = spec((k_iso_node_count(int(work.sum())),)) if resolution_scale_for(d_min) else None
-    n_bins = int(np.asarray(x.bins).max()) + 1
+    nodes = spec((K_ISO_MAX_NODES,)) if resolution_scale_for(d_min) else None  # fixed_size_fits
+    n_bins = MAX_BINS
     return XrayState(
         f_mask=spec((n,), jnp.complex128 if dtype == jnp.float64 else jnp.complex64),
         scales=Scales(k_overall=spec(()), b_aniso=spec((6,)), k_sol=spec(()), b_sol=spec(()), k_iso_s2=nodes, k_iso=nodes),

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core.device import array_module
-from ..core.restraint_terms import bucket_length, pad_edge_rows
+from ..core.restraint_terms import pad_edge_rows
 from .solvent import bulk_solvent_factor
 
 K_SOL_GRID = np.arange(0.0, 0.61, 0.05)  # e/Å³ relative to the mask; typical 0.3–0.45 (Fokine & Urzhumtsev 2002)
@@ -43,7 +43,6 @@ LM_LAMBDA_MIN = 1e-9
 LM_MAX_ITER = 30  # accepted steps
 LM_MAX_TRIES = 10  # damping increases per step before giving up
 LM_REL_TOL = 1e-6
-LM_STEPS_PER_OCTAVE, LM_QUANTUM = 8, 64  # the work set's padded sizes (bucket_length)
 
 
 class Scales(NamedTuple):
@@ -300,16 +299,18 @@ def _solvent_grid_search(fo, fc, fm, qw, s2w, basis, k_sol_grid, b_sol_grid, com
     return np.concatenate([[k], basis @ b6, [k_sol, b_sol]])
 
 
-def _joint_refinement(x, fo, fc, fm, qw, s2w, basis, refine, use_solvent, resolution_scale, n_macro):
+def _joint_refinement(x, fo, fc, fm, qw, s2w, basis, refine, use_solvent, resolution_scale, n_macro, size=None):
     """Rounds of (Levenberg–Marquardt of all scale parameters, resolution-dependent k_iso fit) from
-    the grid-search start ``x``.  Returns (x, k_iso nodes or None, k_iso values or None)."""
+    the grid-search start ``x``; the work set's arrays padded to ``size`` rows for the compiled programs (None: not
+    padded).  Returns (x, k_iso nodes or None, k_iso values or None)."""
     n = len(fo)
     mult = np.ones_like(fo)
     nodes = vals = None
-    # the work set padded to a bucket size (weight 0, values copied from its last reflection): the programs are
-    # shared by datasets of similar size (see jaxrefine.problem.problem.XrayData).  device_put, not jnp.asarray:
-    # jnp.asarray of a numpy array is a one-operation program per shape
-    size = bucket_length(n, LM_STEPS_PER_OCTAVE, LM_QUANTUM)
+    # the work set padded (weight 0, values copied from its last reflection) to the length of the arrays it was taken
+    # from: a refinement's reflections are padded to a bucket size (jaxrefine.problem.problem.XrayData), so the
+    # programs are shared by the datasets that share the problem's.  device_put, not jnp.asarray: jnp.asarray of a
+    # numpy array is a one-operation program per shape
+    size = max(size or n, n)
     w = np.zeros(size)
     w[:n] = 1.0
     fo_j, fc_j, fm_j, q_j, s2_j, basis_j, w_j = (jax.device_put(a) for a in (
@@ -372,7 +373,8 @@ def fit_scales(
     basis = aniso_basis(crystal)
     fo, fc, fm, qw, s2w = f_obs[work], f_calc[work], f_mask[work], q[work], s2[work]
     x = _solvent_grid_search(fo, fc, fm, qw, s2w, basis, k_sol_grid, b_sol_grid)
-    x, nodes, vals = _joint_refinement(x, fo, fc, fm, qw, s2w, basis, refine, use_solvent, resolution_scale, n_macro)
+    x, nodes, vals = _joint_refinement(x, fo, fc, fm, qw, s2w, basis, refine, use_solvent, resolution_scale, n_macro,
+                                       size=len(f_obs))
     b_cart = basis.T @ x[1:-2]
     return Scales(
         k_overall=jax.device_put(x[0]),
