@@ -302,8 +302,9 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
             u_sf = np.concatenate([np.asarray(u_sf, float), np.zeros((sites.n, 6))])
             iso_atoms = np.arange(len(elements)) >= model.n_atoms
         log.info("riding hydrogens: %d", sites.n)
-    sf = make_sf_setup(model.crystal, pad_reflections(refl.hkl, reflection_bucket(refl.n)), it92_form_factors(elements, model.source), d_min=refl.d_min,
-                       b_iso=b_sf, b_margin=SF_B_MARGIN, dtype=dtype, u_aniso=u_sf, iso_atoms=iso_atoms,
+    n_refl = reflection_bucket(refl.n)  # the problem's padded reflection count (XrayData)
+    sf = make_sf_setup(model.crystal, pad_reflections(refl.hkl, n_refl), it92_form_factors(elements, model.source),
+                       d_min=refl.d_min, b_iso=b_sf, b_margin=SF_B_MARGIN, dtype=dtype, u_aniso=u_sf, iso_atoms=iso_atoms,
                        reuse_classes=cfg.runtime.reuse_box_classes)
     problem = Problem(
         maps=maps, sf=sf, xray=xray_data(refl, dtype), restraints=restraints,
@@ -312,7 +313,7 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
         adp=cast_floats(adp, dtype), ncs=cast_floats(ncs, dtype), riding=riding,
     )
     state = XrayState(  # w_A is chosen by the loop; mask, scales and σA are fitted just below
-        f_mask=zeros_on_device(reflection_bucket(refl.n), jnp.complex128 if dtype == jnp.float64 else jnp.complex64), scales=None,
+        f_mask=zeros_on_device(n_refl, jnp.complex128 if dtype == jnp.float64 else jnp.complex64), scales=None,
         sigma_a=None, nonbonded=cast_floats(build_nonbonded(model, restraints, model.crystal), dtype),
         w_a=on_device(1.0, dtype),
     )

@@ -212,7 +212,8 @@ def fixed_size_fits(scales: Scales, sigma_a: SigmaA):
                                      k_iso=on_device(vals, scales.k_iso.dtype))
     extra = MAX_BINS - len(sigma_a.bin_d)
     if extra > 0:
-        sigma_a = sigma_a._replace(bin_d=pad_reflections(sigma_a.bin_d, MAX_BINS), bin_s=pad_reflections(sigma_a.bin_s, MAX_BINS))
+        sigma_a = sigma_a._replace(bin_d=pad_reflections(sigma_a.bin_d, MAX_BINS),
+                                   bin_s=pad_reflections(sigma_a.bin_s, MAX_BINS))
     return scales, sigma_a
 
 
