@@ -31,7 +31,6 @@ def zeros_on_device(shape, dtype) -> jax.Array:
     return jax.device_put(np.zeros(shape, dtype), jax.devices()[0])
 
 
-
 def array_module(*arrays):
     """numpy when no argument (arrays or pytrees of them) holds a JAX array, else ``jax.numpy`` (a device array, or
     a tracer under jit, grad or vmap, whichever argument is traced: pass every array the function computes with).
@@ -44,3 +43,15 @@ def array_module(*arrays):
 
         return jnp
     return np
+
+
+def special_module(xp):
+    """The special functions that go with the array module ``xp`` (:func:`array_module`): ``scipy.special`` for
+    numpy, ``jax.scipy.special`` for ``jax.numpy`` (e.g. the exponentially scaled Bessel functions i0e, i1e)."""
+    if xp is np:
+        import scipy.special
+
+        return scipy.special
+    import jax.scipy.special
+
+    return jax.scipy.special

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..core.cache import call_exported
 from ..core.device import on_device
+from ..core.restraint_terms import pad_edge_rows
 from ..io.model import Model
 from ..xray.fmodel import f_model, f_model_jit
 from ..xray.scaling import K_ISO_MAX_NODES, Scales
@@ -212,8 +213,7 @@ def fixed_size_fits(scales: Scales, sigma_a: SigmaA):
                                      k_iso=on_device(vals, scales.k_iso.dtype))
     extra = MAX_BINS - len(sigma_a.bin_d)
     if extra > 0:
-        sigma_a = sigma_a._replace(bin_d=pad_reflections(sigma_a.bin_d, MAX_BINS),
-                                   bin_s=pad_reflections(sigma_a.bin_s, MAX_BINS))
+        sigma_a = sigma_a._replace(bin_d=pad_edge_rows(sigma_a.bin_d, MAX_BINS), bin_s=pad_edge_rows(sigma_a.bin_s, MAX_BINS))
     return scales, sigma_a
 
 

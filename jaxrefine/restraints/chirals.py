@@ -15,7 +15,7 @@ from ..core.restraint_terms import ChiralTerm
 
 def chiral_volumes(xyz_cart, chiral: ChiralTerm):
     """(nc,) signed chiral volumes (Å³)."""
-    xp = array_module(xyz_cart)
+    xp = array_module(xyz_cart, *chiral)
     c = xyz_cart[chiral.idx[:, 0]]
     a, b, d = (xyz_cart[chiral.idx[:, k]] - c for k in (1, 2, 3))
     return xp.sum(a * xp.cross(b, d), axis=-1)

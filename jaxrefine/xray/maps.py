@@ -12,18 +12,16 @@ fill-in, e.g. phenix.maps and servalcat).
 """
 from __future__ import annotations
 
-import jax.scipy.special
 import numpy as np
-import scipy.special
 
-from ..core.device import array_module
+from ..core.device import array_module, special_module
 
 
 def figure_of_merit(f_obs, f_model_abs, d, s, centric, epsilon, sig_f_obs=None):
     """(n,) figure of merit m for the ML model of :mod:`jaxrefine.xray.targets` (numpy for numpy arguments, see
     :func:`jaxrefine.core.device.array_module`; scipy's or JAX's exponentially scaled Bessel functions)."""
     xp = array_module(f_obs, f_model_abs, d, s, centric, epsilon, sig_f_obs)
-    special = scipy.special if xp is np else jax.scipy.special
+    special = special_module(xp)
     fo = xp.asarray(f_obs)
     sig = xp.zeros_like(fo) if sig_f_obs is None else xp.asarray(sig_f_obs)
     eps = xp.asarray(epsilon, fo.dtype)

@@ -20,10 +20,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.special
 import numpy as np
 
-from ..core.device import array_module, on_device
+from ..core.device import array_module, on_device, special_module
 
 MIN_PER_BIN = 50  # reflections per σA bin (servalcat's default for the test set)
 MAX_BINS = 20
@@ -64,7 +63,7 @@ def ml_amplitude_nll(f_obs, sig_f_obs, f_model_abs, d, s, centric, epsilon):
     """Per-reflection −log P(Fo | |Fm|) (see the module docstring); (n,) arrays -> (n,) (numpy for numpy arguments:
     :func:`jaxrefine.core.device.array_module`)."""
     xp = array_module(f_obs, sig_f_obs, f_model_abs, d, s, centric, epsilon)
-    i0e = _special(xp).i0e
+    i0e = special_module(xp).i0e
     fo = xp.asarray(f_obs)
     sig = xp.asarray(sig_f_obs)
     eps = xp.asarray(epsilon, fo.dtype)
@@ -144,7 +143,8 @@ def sigma_a_bins(d, use, min_per_bin: int = MIN_PER_BIN, max_bins: int = MAX_BIN
 # σA fit: a damped Newton iteration per bin, in numpy float64 (it was one compiled program per fit until
 # 2026-12-04: 0.43 s to compile beside the minimiser's program in a cold run, ~0.25 s to load in a warm one; the
 # fit itself takes a few ms either way).  The objective is a sum over bins, each bin's two parameters (ln D, ln S)
-# reaching only its own reflections, so its Hessian is one 2×2 block per bin, written out (_bin_derivatives).  Each bin keeps its own Levenberg-Marquardt damping (Nocedal & Wright 2006, sec. 10.3): a step that
+# reaching only its own reflections, so its Hessian is one 2×2 block per bin, written out (_bin_derivatives).
+# Each bin keeps its own Levenberg-Marquardt damping (Nocedal & Wright 2006, sec. 10.3): a step that
 # raises its bin's −log-likelihood beyond rounding is refused and the damping raised ×10, an accepted one lowers
 # it ×0.3.  Steps are taken until they change ln D, ln S by < 1e-6 (with a strict decrease and 1e-4 the end point
 # moved by 1e-4 in ln S with the rounding of F_calc: 5e5z's energy gradient with and without jaxrefine's XLA flag
@@ -157,15 +157,6 @@ SIGMA_A_NEWTON_ITER = 30  # at most; a bin stops once its steps change ln D, ln 
 SIGMA_A_STEP_TOL = 1e-6
 SIGMA_A_DAMPING0 = 1e-3  # × the block's largest diagonal element
 SIGMA_A_DAMPING_MAX = 1e3  # a bin whose steps are refused until its damping reaches this has converged
-
-
-def _special(xp):
-    """scipy.special for numpy, jax.scipy.special for jax.numpy (the exponentially scaled Bessel functions)."""
-    if xp is np:
-        import scipy.special
-
-        return scipy.special
-    return jax.scipy.special
 
 
 def _bin_values(p, fo, sig, fm, cen, eps, bins, onehot):
@@ -187,7 +178,7 @@ def _bin_derivatives(p, fo, sig, fm, cen, eps, bins, onehot):
     nll_uv = −2c₁ w a²/Σ + (m' x + m) x w,  nll_vv = w(1 − w) B + w (c₁ q w − (m' x + m) x w).
     """
     xp = array_module(p, fo, sig, fm, cen, eps, bins, onehot)
-    special = _special(xp)
+    special = special_module(xp)
     d, s = xp.exp(p[bins, 0]), xp.exp(p[bins, 1])
     c1 = xp.where(cen, 0.5, 1.0)
     t = xp.asarray(eps, fo.dtype) * s
