@@ -145,6 +145,10 @@ class RuntimeConfig:
     # them (a rerun from the refined model loads the first run's programs); off by default: the classes then depend on
     # what ran before, which moves F_calc at the box truncation's level (~1e-4) and R-free in the 4th decimal
     reuse_box_classes: bool = False
+    # the FFT grid, its blur and the form-factor fit made for d_min rounded down to one of this many resolutions per
+    # octave (2^(k/16) Å: 2.83, 2.95, 3.08 ...), so that datasets of nearby resolution (a screen's crystals, a rerun
+    # with another data.d_min) share compiled programs; 0: made for the data's own d_min (benchmarks/README.md)
+    grid_steps: int = 16
 
 
 @dataclass(frozen=True)
@@ -250,6 +254,7 @@ _CHECKS = {
     ("refine", "steps_occ"): _non_negative,
     ("refine", "steps_rigid"): _non_negative,
     ("refine", "gn_steps"): _non_negative_int_or_auto,
+    ("runtime", "grid_steps"): _non_negative,
     ("refine", "b_shift_scale"): _positive,
     ("refine", "learning_rate"): _positive,
     ("refine", "converge_rtol"): _non_negative_or_auto,

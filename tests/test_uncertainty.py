@@ -183,6 +183,10 @@ def _argmin(params, ps):
         return float(v), np.asarray(g, float).ravel()
 
     r = minimize(f, np.zeros(4 * n), jac=True, method="L-BFGS-B", options={"gtol": 1e-9, "ftol": 1e-16, "maxiter": 5000})
+    for _ in range(3):  # L-BFGS-B can stop at E's rounding with |∇E| ~1e-4 left: a restart (fresh memory) goes on
+        if np.abs(r.jac).max() < 1e-6:
+            break
+        r = minimize(f, r.x, jac=True, method="L-BFGS-B", options={"gtol": 1e-9, "ftol": 1e-16, "maxiter": 5000})
     return r.x.reshape(n, 4), r
 
 

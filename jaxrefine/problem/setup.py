@@ -24,7 +24,7 @@ from ..io.reflections import Reflections, check_compatible, read_reflections
 from ..io.topology import build_restraints, find_monlib
 from ..restraints import GeometryWeights
 from ..xray.scaling import reciprocal_vectors
-from ..xray.structure_factors import make_sf_setup
+from ..xray.structure_factors import grid_resolution, make_sf_setup
 from ..xray.targets import choose_sigma_a_set, sigma_a_bins
 from .adp_model import atom_adp, build_adp_model, build_ncs, ncs_log_lines
 from .neighbours import build_nonbonded
@@ -304,7 +304,7 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
         log.info("riding hydrogens: %d", sites.n)
     n_refl = reflection_bucket(refl.n)  # the problem's padded reflection count (XrayData)
     sf = make_sf_setup(model.crystal, pad_reflections(refl.hkl, n_refl), it92_form_factors(elements, model.source),
-                       d_min=refl.d_min, b_iso=b_sf, b_margin=SF_B_MARGIN, dtype=dtype, u_aniso=u_sf, iso_atoms=iso_atoms,
+                       d_min=grid_resolution(refl.d_min, cfg.runtime.grid_steps), b_iso=b_sf, b_margin=SF_B_MARGIN, dtype=dtype, u_aniso=u_sf, iso_atoms=iso_atoms,
                        reuse_classes=cfg.runtime.reuse_box_classes)
     problem = Problem(
         maps=maps, sf=sf, xray=xray_data(refl, dtype), restraints=restraints,

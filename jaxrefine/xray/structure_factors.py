@@ -219,6 +219,17 @@ def fft_grid_shape(crystal, d_min: float, rate: float = 1.5, hkl=None) -> tuple:
     return tuple(_smooth_size(int(v)) for v in need)
 
 
+def grid_resolution(d_min: float, steps_per_octave: int = 0) -> float:
+    """The resolution (Å) an FFT grid, its blur and the form-factor fit are made for: ``d_min`` rounded down to one
+    of ``steps_per_octave`` values per octave (2^(k / steps) Å), so that datasets of nearby resolution get the same
+    grid and boxes and share compiled programs (``runtime.grid_steps``); ``d_min`` itself for 0.  The grid is then
+    up to 2^(3 / steps) times finer than ``d_min`` needs (F as accurate or more)."""
+    if steps_per_octave <= 0:
+        return float(d_min)
+    k = math.floor(math.log2(float(d_min)) * steps_per_octave + 1e-9)
+    return float(2.0 ** (k / steps_per_octave))
+
+
 def _sample_indices(hkl, grid_shape):
     """Index of each reflection into an rfftn array of grid_shape, and whether to conjugate.
 
