@@ -1,16 +1,19 @@
 """A simulated fragment screen refined as a fleet, one process at a time, and by servalcat.
 
-One shared model (5e5z without its water, shaken by 0.3 Å: the "apo" starting model of every
+One shared model (--pdb, 5e5z by default, without its water, shaken by 0.3 Å: the "apo" starting model of every
 entry) and N datasets made from it: |F_calc + k_sol F_mask| of the deposited model (water present
 in even entries: the "bound" datasets; absent in odd ones), each with its own coordinate jitter
 (0.05 Å), B offset (±2 Å²) and noise (2-8 % of F), on the hkl list and free flags of 5e5z, each entry
-missing up to 3 % of the reflections at random (its own reflection list, as a real screen's crystals).  The
-entries are laid out as ``screen/<id>/model.pdb`` + ``data.mtz``, i.e. the folder-pattern manifest.
+missing up to 3 % of the reflections at random (its own reflection list, as a real screen's crystals), with its
+own cell (each length within ±--cell-spread, β within ±0.2°; fractional coordinates kept) and resolution (cut at
+up to --d-spread beyond 5e5z's d_min).  The entries are laid out as ``screen/<id>/model.pdb`` + ``data.mtz``, i.e.
+the folder-pattern manifest.
 
 Measured in the same run (entries per hour on this machine; wall time from start to last result):
 
 * fleet: ``jaxrefine.fleet.refine_many`` on a LocalCluster of --workers processes, a fresh
-  compilation cache (the first entries compile, the rest reuse);
+  compilation cache (the first entries compile, the rest reuse); with --no-shared-layout the same once more with
+  ``runtime.grid_steps=0`` and ``runtime.cell_range=[]`` (each entry's FFT layout made for its own cell and d_min);
 * sequential: ``jaxrefine refine`` processes one after another (fresh cache: the first compiles, the
   rest load from the persistent cache); --sequential of them, extrapolated to N as
   first + (N-1) × mean(rest);
@@ -40,9 +43,17 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("JAXREFINE_DATA", REPO.parent / "shared" / "data"))
-MODEL = DATA / "xray" / "5e5z" / "5e5z.pdb.gz"
-MTZ = DATA / "xray" / "5e5z" / "5e5z.mtz.gz"
+# the shared dataset a screen is made from (--pdb): its amplitude and free-flag columns (the screen's data.mtz
+# always carries FP, SIGFP and FREE, the flags' values copied)
+SOURCES = {"5e5z": ("FP", "FREE"), "1va7": ("FOBS", "R-free-flags"), "5kzb": ("FOBS", "R-free-flags")}
+
+
+def _source(pdb: str):
+    """(model path, MTZ path, amplitude label, free-flag label) of a shared dataset."""
+    folder = DATA / "xray" / pdb
+    return (next(folder.glob(f"{pdb}.pdb*")), next(folder.glob(f"{pdb}.mtz*"))) + SOURCES[pdb]
 K_SOL, B_SOL = 0.35, 46.0  # typical bulk solvent (Fokine & Urzhumtsev 2002)
+COMPILED_S = 1.0  # an entry with more tracing+compiling than this compiled programs of its own (a load is ~0.1 s)
 
 
 # ----------------------------------------------------------------------------- the screen
@@ -61,41 +72,66 @@ def _f_model(st, hkl, d_min):
     return np.abs(f_calc + K_SOL * np.exp(-B_SOL * s2 / 4) * f_mask)
 
 
-def make_screen(root: Path, n: int, seed: int = 0, drop: float = 0.03) -> Path:
+def _with_cell(st, cell):
+    """The structure in ``cell``, its fractional coordinates kept."""
+    import gemmi
+
+    old = st.cell
+    new = gemmi.UnitCell(*cell)
+    for atom in (a for ch in st[0] for r in ch for a in r):
+        atom.pos = new.orthogonalize(old.fractionalize(atom.pos))
+    st.cell = new
+    st.setup_cell_images()
+    return st
+
+
+def make_screen(root: Path, n: int, seed: int = 0, drop: float = 0.03, cell_spread: float = 0.0,
+                d_spread: float = 0.0, pdb: str = "5e5z") -> Path:
     """Write ``root/screen/eNN/{model.pdb,data.mtz}``; returns the folder pattern's parent.  Each entry's data lack
-    a random fraction (up to ``drop``) of the reflections, as crystals of a screen differ in completeness (the
-    highest-resolution reflection is kept: the same d_min)."""
+    a random fraction (up to ``drop``) of the reflections, as crystals of a screen differ in completeness; its cell
+    lengths differ by up to ``cell_spread`` (relative) and β by up to 0.2° (fractional coordinates kept), and its data
+    stop at d_min × (1 + up to ``d_spread``)."""
     import gemmi
 
     rng = np.random.default_rng(seed)
-    mtz = gemmi.read_mtz_file(str(MTZ))
+    model_path, mtz_path, f_label, free_label = _source(pdb)
+    mtz = gemmi.read_mtz_file(str(mtz_path))
     hkl = np.array(mtz.make_miller_array(), int)
-    fp = np.array(mtz.column_with_label("FP"), float)
-    free = np.array(mtz.column_with_label("FREE"), float)
+    fp = np.array(mtz.column_with_label(f_label), float)
+    free = np.array(mtz.column_with_label(free_label), float)
     keep = np.isfinite(fp)
     hkl, free = hkl[keep], free[keep]
     d_min = float(min(mtz.cell.calculate_d(list(h)) for h in hkl))
-    deposited = gemmi.read_structure(str(MODEL))
+    deposited = gemmi.read_structure(str(model_path))
     deposited.setup_entities()
     apo = deposited.clone()
     apo.remove_waters()
     start = apo.clone()
-    for atom in (a for r in start[0][0] for a in r):
+    for atom in (a for ch in start[0] for r in ch for a in r):
         atom.pos = gemmi.Position(*(np.array(atom.pos.tolist()) + rng.normal(0, 0.3 / np.sqrt(3), 3)))
     screen = root / "screen"
+    cell0 = np.array(mtz.cell.parameters)
     for i in range(n):
         st = deposited.clone() if i % 2 == 0 else apo.clone()
+        cell = cell0 * np.r_[1 + rng.uniform(-cell_spread, cell_spread, 3), 1, 1, 1]
+        cell[4] += rng.uniform(-0.2, 0.2) if cell_spread else 0.0
+        st = _with_cell(st, cell)
+        entry_start = _with_cell(start.clone(), cell)
+        uc = gemmi.UnitCell(*cell)
+        d = np.array([uc.calculate_d(list(h)) for h in hkl])
+        d_cut = d.min() * (1 + rng.uniform(0, d_spread))
         db = rng.uniform(-2, 2)
-        for atom in (a for r in st[0][0] for a in r):
+        for atom in (a for ch in st[0] for r in ch for a in r):
             atom.pos = gemmi.Position(*(np.array(atom.pos.tolist()) + rng.normal(0, 0.05 / np.sqrt(3), 3)))
             atom.b_iso = max(atom.b_iso + db, 2.0)
         f = _f_model(st, hkl, d_min)
         sig = rng.uniform(0.02, 0.08) * f + 0.01 * f.mean()
         f_obs = np.abs(f + rng.normal(size=f.shape) * sig)
         rows = rng.random(len(hkl)) >= rng.uniform(0.0, drop)  # this crystal's reflection list
-        rows[np.argmin([mtz.cell.calculate_d(list(h)) for h in hkl])] = True
+        rows[np.argmin(np.where(d >= d_cut, d, np.inf))] = True  # its highest-resolution reflection kept
+        rows &= d >= d_cut
         out = gemmi.Mtz(with_base=True)
-        out.cell, out.spacegroup = mtz.cell, mtz.spacegroup
+        out.cell, out.spacegroup = uc, mtz.spacegroup
         out.add_dataset("screen")
         for label, kind in (("FP", "F"), ("SIGFP", "Q"), ("FREE", "I")):
             out.add_column(label, kind)
@@ -103,7 +139,7 @@ def make_screen(root: Path, n: int, seed: int = 0, drop: float = 0.03) -> Path:
         folder = screen / f"e{i:02d}{'_bound' if i % 2 == 0 else ''}"
         folder.mkdir(parents=True, exist_ok=True)
         out.write_to_file(str(folder / "data.mtz"))
-        start.write_pdb(str(folder / "model.pdb"))
+        entry_start.write_pdb(str(folder / "model.pdb"))
     return screen
 
 
@@ -165,10 +201,25 @@ def vmap_prototype(screen: Path, batch: int, sets: list, repeats: int = 5) -> di
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     import jaxrefine as jr
+    from jaxrefine.config import config_from_dict, config_to_dict
+    from jaxrefine.fleet.driver import entry_configs, fleet_base
+    from jaxrefine.fleet.manifest import Entry
 
-    cfg = jr.load_config(None, sets)
-    folders = sorted(screen.iterdir())[:batch]
-    setups = [jr.build_setup(str(f / "model.pdb"), str(f / "data.mtz"), cfg) for f in folders]
+    # each entry's configuration as refine_many makes it (the fleet's grid steps, its crystal form's cell range), and
+    # the first `batch` entries whose problems have the first one's shapes (a batch is one shape)
+    entries = [Entry(id=f.name, model=str(f / "model.pdb"), data=str(f / "data.mtz")) for f in sorted(screen.iterdir())]
+    base = fleet_base(config_to_dict(jr.load_config(None, sets)))
+    configs = entry_configs(entries, base)
+    setups, shape = [], None
+    for e in entries:
+        s = jr.build_setup(e.model, e.data, config_from_dict(configs.get(e.id, base)))
+        this = jax.tree_util.tree_structure((s.params, s.problem, s.state)), [
+            (x.shape, x.dtype) for x in jax.tree_util.tree_leaves((s.params, s.problem, s.state))]
+        shape = this if shape is None else shape
+        if this == shape:
+            setups.append(s)
+        if len(setups) == batch:
+            break
     args = [(s.params, s.problem, s.state) for s in setups]
     stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *args)
 
@@ -199,7 +250,7 @@ def vmap_prototype(screen: Path, batch: int, sets: list, repeats: int = 5) -> di
     e1, g1 = single(*args[0])
     eb, gb = batched(*sharded)
     rel = abs(float(eb[0]) - float(e1)) / abs(float(e1))  # on the host: eb lives on the mesh, e1 on one device
-    return {"batch": batch, "devices": n_dev, "n_atoms": int(setups[0].model.n_atoms), "n_refl": int(setups[0].refl.n),
+    return {"batch": len(setups), "devices": n_dev, "n_atoms": int(setups[0].model.n_atoms), "n_refl": int(setups[0].refl.n),
             "single_s": t_single, "vmap_1dev_s": t_vmap1, "vmap_sharded_s": t_vmap4,
             "compile_single_s": c_single, "compile_vmap_1dev_s": c_vmap1, "compile_vmap_sharded_s": c_vmap4,
             "energy_rel_diff": rel}
@@ -239,6 +290,13 @@ def report(res: dict, n: int) -> str:
               f"(tracing+compiling {comp[0]:.1f} / {comp[1]:.1f} s), the rest median {statistics.median(per[2:]):.1f} s "
               f"(tracing+compiling median {statistics.median(comp[2:]):.2f} s); kept input: {fl['kept_input']}; "
               f"median R-free of the input {statistics.median(fl['r_free_in']):.3f}"]
+    for key, label in (("fleet", "shared layouts (the fleet's grid steps and cell ranges)"),
+                       ("fleet_own_layout", "each entry's own layout (runtime.grid_steps=0, runtime.cell_range=[])")):
+        if key in res:
+            r = res[key]
+            compiled = sum(c > COMPILED_S for c in r["compile_s"])
+            lines.append(f"fleet, {label}: {r['wall_s']:.0f} s for {r['n']}, {compiled} entries compiled "
+                         f"(> {COMPILED_S} s of tracing+compiling), {sum(r['compile_s']):.0f} s of compilation in all")
     vm = res.get("vmap")
     if vm:
         lines += ["", f"vmap prototype ({vm['batch']} entries, {vm['n_atoms']} atoms, {vm['n_refl']} reflections; "
@@ -264,20 +322,30 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8, help="entries in the vmap prototype (0: skip it)")
     ap.add_argument("--out", help="work folder (default: a temporary one)")
     ap.add_argument("--json", help="write the raw results here")
+    ap.add_argument("--pdb", default="5e5z", choices=sorted(SOURCES), help="the shared dataset the screen is made from")
+    ap.add_argument("--cell-spread", type=float, default=0.004, help="relative spread of the entries' cell lengths")
+    ap.add_argument("--d-spread", type=float, default=0.03, help="relative spread of the entries' d_min")
+    ap.add_argument("--no-shared-layout", action="store_true",
+                    help="also run the fleet with each entry's FFT layout made for its own cell and d_min")
     ap.add_argument("--vmap-only", help=argparse.SUPPRESS)  # internal: the 4-device subprocess
     args = ap.parse_args(argv)
-    sets = [f"refine.n_cycles={args.cycles}"]
+    sets = [f"refine.n_cycles={args.cycles}", f"model.monlib={DATA / 'monomers'}"]  # as servalcat's --monlib
     if args.vmap_only:
         print(json.dumps(vmap_prototype(Path(args.vmap_only), args.batch, sets)))
         return 0
     root = Path(args.out or tempfile.mkdtemp(prefix="bench_fleet_"))
     t = time.perf_counter()
-    screen = make_screen(root, args.entries)
+    screen = make_screen(root, args.entries, cell_spread=args.cell_spread, d_spread=args.d_spread, pdb=args.pdb)
     print(f"screen of {args.entries} datasets in {root} ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
-    res = {"workers": args.workers, "cycles": args.cycles, "entries": args.entries,
+    res = {"pdb": args.pdb, "workers": args.workers, "cycles": args.cycles, "entries": args.entries, "cell_spread": args.cell_spread,
+           "d_spread": args.d_spread,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_before": os.getloadavg()}
     res["fleet"] = run_fleet(screen, root / "fleet", args.workers, sets)
     print(f"fleet: {res['fleet']['wall_s']:.0f} s", file=sys.stderr)
+    if args.no_shared_layout:
+        res["fleet_own_layout"] = run_fleet(screen, root / "fleet_own", args.workers,
+                                            sets + ["runtime.grid_steps=0", "runtime.cell_range=[]"])
+        print(f"fleet, own layouts: {res['fleet_own_layout']['wall_s']:.0f} s", file=sys.stderr)
     if args.sequential:
         res["sequential"] = run_sequential(screen, root / "sequential", args.sequential, sets)
         print(f"sequential: {res['sequential']['times_s']}", file=sys.stderr)

@@ -146,9 +146,14 @@ class RuntimeConfig:
     # what ran before, which moves F_calc at the box truncation's level (~1e-4) and R-free in the 4th decimal
     reuse_box_classes: bool = False
     # the FFT grid, its blur and the form-factor fit made for d_min rounded down to one of this many resolutions per
-    # octave (2^(k/16) Å: 2.83, 2.95, 3.08 ...), so that datasets of nearby resolution (a screen's crystals, a rerun
-    # with another data.d_min) share compiled programs; 0: made for the data's own d_min (benchmarks/README.md)
-    grid_steps: int = 16
+    # octave (16: 2.83, 2.95, 3.08 Å ...), so that datasets of nearby resolution (a screen's crystals, a rerun with
+    # another data.d_min) share compiled programs, at the cost of a grid up to 2^(3/16) = 1.14x finer (5kzb: 54 -> 60
+    # points along a and b, 10-15 % per evaluation); 0: made for the data's own d_min; auto: 16 in refine_many, else 0
+    grid_steps: Any = "auto"
+    # cells (a, b, c, α, β, γ) the FFT grid and boxes must also serve, as [[lowest], [highest]]: crystals of one form
+    # with slightly different cells then get one layout and share compiled programs; auto: none for one run,
+    # the entry's crystal form's range in refine_many (fleet.driver.cell_ranges); []: none
+    cell_range: Any = "auto"
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,21 @@ def _positive(v):
 
 def _non_negative(v):
     return None if v >= 0 else "must be >= 0"
+
+
+def _cell_range(v):
+    """auto, [] or [[a, b, c, α, β, γ] lowest, [...] highest] with positive lengths, angles in (0, 180) and lowest <= highest."""
+    if v == "auto" or (isinstance(v, (list, tuple)) and len(v) == 0):
+        return None
+    message = "must be auto, [] or [[a, b, c, alpha, beta, gamma] lowest, [...] highest]"
+    if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(c, (list, tuple)) and len(c) == 6 for c in v)):
+        return message
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for c in v for x in c):
+        return message
+    lo, hi = v
+    if not (all(x > 0 for x in lo) and all(x < 180 for x in hi[3:]) and all(a <= b for a, b in zip(lo, hi))):
+        return message + ": lengths > 0, angles in (0, 180), lowest <= highest"
+    return None
 
 
 def _non_negative_int_or_auto(v):
@@ -254,7 +274,8 @@ _CHECKS = {
     ("refine", "steps_occ"): _non_negative,
     ("refine", "steps_rigid"): _non_negative,
     ("refine", "gn_steps"): _non_negative_int_or_auto,
-    ("runtime", "grid_steps"): _non_negative,
+    ("runtime", "grid_steps"): _non_negative_int_or_auto,
+    ("runtime", "cell_range"): _cell_range,
     ("refine", "b_shift_scale"): _positive,
     ("refine", "learning_rate"): _positive,
     ("refine", "converge_rtol"): _non_negative_or_auto,

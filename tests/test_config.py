@@ -77,6 +77,11 @@ def test_bad_config_errors(tmp_path):
     ("data.labin=5", "data.labin: expected text, got 5"),
     ("model.place_translation=[1, 2]", "model.place_translation = (1, 2): needs 0 or 3 numbers, got 2"),
     ("model.place_rotation=[a, b, c]", "model.place_rotation = ('a', 'b', 'c'): must be numbers"),
+    ("runtime.grid_steps=-1", "runtime.grid_steps = -1: must be a whole number >= 0 or 'auto'"),
+    ("runtime.cell_range=[50, 60, 70]", "runtime.cell_range = [50, 60, 70]: must be auto, []"),
+    ("runtime.cell_range=[[a, b, c, d, e, f], [1, 2, 3, 4, 5, 6]]", "must be auto"),
+    ("runtime.cell_range=[[50, 60, 70, 90, 90, 90], [49, 60, 70, 90, 90, 90]]", "lowest <= highest"),
+    ("runtime.cell_range=[[50, 60, 70, 90, 90, 90], [51, 60, 70, 90, 90, 190]]", "angles in (0, 180)"),
 ])
 def test_values_are_checked_on_load(override, message):
     if message is None:
@@ -153,3 +158,12 @@ def test_choice_lists_are_defined_once():
     assert choices["strategy"] is config.STRATEGY_SETTINGS and choices["target"] is config.TARGETS
     with pytest.raises(ConfigError, match="choose one of " + ", ".join(config.OPTIMIZERS)):
         load_config(None, ["refine.optimizer=newton"])
+
+
+def test_grid_steps_and_cell_range_take_their_forms():
+    for value, loaded in (("16", 16), ("auto", "auto"), ("0", 0)):
+        assert load_config(None, [f"runtime.grid_steps={value}"]).runtime.grid_steps == loaded
+    span = [[50, 60, 70, 90, 90, 90], [51, 61, 71, 90, 90, 90]]
+    assert load_config(None, [f"runtime.cell_range={span}"]).runtime.cell_range == span
+    assert load_config(None, ["runtime.cell_range=[]"]).runtime.cell_range == []
+    assert load_config(None, []).runtime.cell_range == "auto"

@@ -279,3 +279,34 @@ def test_killed_fleet_resumes_to_the_same_table(fleet_run, fleet_inputs, tmp_pat
     assert os.path.getmtime(out / "a" / "result.json") == a_stamp  # not run again
     assert json.loads((out / "a" / "result.json").read_text())["status"] == "refined"
     _assert_same_table(_table(out), _table(out_ref))
+
+
+def test_cell_ranges_per_crystal_form_leave_out_other_forms(tmp_path):
+    """refine_many's runtime.cell_range for each entry: the range of its space group's cells within 1 % / 1° of the
+    group's median (three P 21 21 21 crystals); an entry 5 % off, one alone in its group and an unreadable one get
+    none (their own cell), and a range set by the user is kept."""
+    import gemmi
+    import numpy as np
+
+    from jaxrefine.fleet.driver import cell_ranges, entry_configs
+
+    def mtz(name, sg, cell):
+        m = gemmi.Mtz(with_base=True)
+        m.spacegroup, m.cell = gemmi.SpaceGroup(sg), gemmi.UnitCell(*cell)
+        m.add_dataset("x")
+        m.set_data(np.zeros((0, 3), np.float32))
+        m.write_to_file(str(tmp_path / name))
+        return Entry(id=name[:-4], model=str(tmp_path / "absent.pdb"), data=str(tmp_path / name))
+
+    entries = [mtz("a.mtz", "P 21 21 21", (50.0, 60.0, 70.0, 90, 90, 90)),
+               mtz("b.mtz", "P 21 21 21", (50.3, 59.8, 70.1, 90, 90, 90)),
+               mtz("c.mtz", "P 21 21 21", (49.9, 60.2, 70.0, 90, 90, 90)),
+               mtz("far.mtz", "P 21 21 21", (52.5, 60.0, 70.0, 90, 90, 90)),
+               mtz("alone.mtz", "P 1", (30.0, 40.0, 50.0, 80, 85, 95)),
+               Entry(id="bad", model=str(tmp_path / "absent.pdb"), data=str(tmp_path / "absent.mtz"))]
+    ranges = cell_ranges(entries)
+    assert sorted(ranges) == ["a", "b", "c"]
+    assert ranges["a"] == ranges["c"] == [[49.9, 59.8, 70.0, 90.0, 90.0, 90.0], [50.3, 60.2, 70.1, 90.0, 90.0, 90.0]]
+    configs = entry_configs(entries, {"runtime": {"cell_range": "auto"}})
+    assert sorted(configs) == ["a", "b", "c"] and configs["b"]["runtime"]["cell_range"] == ranges["b"]
+    assert entry_configs(entries, {"runtime": {"cell_range": []}}) == {}

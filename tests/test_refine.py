@@ -806,3 +806,15 @@ def test_cli_refine_writes_outputs(tmp_path):
     from jaxrefine.config import load_config as _load
 
     assert _load(out / "config.yaml").refine.n_cycles == 2
+
+
+def test_corner_cells_of_a_cell_range():
+    """runtime.cell_range -> the cells the FFT layout also serves: each parameter at its lowest or highest."""
+    from jaxrefine.problem.setup import corner_cells
+
+    assert corner_cells("auto") == [] and corner_cells([]) == []
+    lo, hi = [50.0, 60.0, 70.0, 90.0, 100.0, 90.0], [50.5, 60.5, 70.5, 90.0, 100.5, 90.0]
+    corners = corner_cells([lo, hi])
+    assert len(corners) == 16 and tuple(lo) in corners and tuple(hi) in corners
+    assert all(c[3] == 90.0 and c[5] == 90.0 for c in corners)
+    assert corner_cells([lo, lo]) == [tuple(lo)]

@@ -691,3 +691,51 @@ def test_datasets_cut_within_one_grid_step_get_one_layout_and_an_accurate_f():
                                                   None))
     print(f"1va7 at 2.95 Å on the 2.83 Å grid: FFT vs direct R {r_amp(f_fft[pick], f_dir):.2e}")
     assert r_amp(f_fft[pick], f_dir) < TOL_FFT_R and phase_diff_deg(f_fft[pick], f_dir) < TOL_FFT_PHASE_DEG
+
+
+
+def test_one_layout_serves_a_range_of_cells_with_an_accurate_f():
+    """runtime.cell_range: 5kzb's crystal (I4₁22) with its cell 0.6 % shorter, as deposited and 0.3 % longer
+    (fractional coordinates kept: a screen's crystals of one form) gets one grid and box layout when each setup also
+    serves the range's corners (layout_cells); made for each cell alone, the blur differs and the longest cell's
+    box classes hold other atom counts (547 + 235 against 586 + 196: other shapes, another program).  F of the
+    shortest cell on the shared layout stays within the FFT's accuracy of the direct sum."""
+    import dataclasses
+    import itertools
+
+    from jaxrefine.core.crystal import orth_matrix
+    from jaxrefine.xray.structure_factors import grid_resolution
+
+    model_path, data_path = dataset_paths("5kzb")
+    model, refl = read_model(model_path, hydrogens=False), read_reflections(data_path)
+    ff = it92_form_factors(model.element)
+    (x, b, q), _ = model_arrays(model, aniso=False)
+    cell = np.asarray(model.crystal.cell, float)
+    scales = (0.994, 1.0, 1.003)
+
+    def crystal(f):
+        c = cell * [f, f, f, 1, 1, 1]
+        o = orth_matrix(c)
+        return dataclasses.replace(model.crystal, cell=c, orth=o, frac=np.linalg.inv(o))
+
+    corners = sorted(set(itertools.product(*({lo, hi} for lo, hi in zip(crystal(scales[0]).cell, crystal(scales[-1]).cell)))))
+    assert len(corners) == 8
+
+    def setup(f, cells=()):  # the grid made for d_min on the fleet's ladder of resolutions (runtime.grid_steps)
+        return make_sf_setup(crystal(f), refl.hkl, ff, d_min=grid_resolution(refl.d_min, 16), b_iso=b, b_margin=15.0,
+                             layout_cells=cells)
+
+    def layout(s):
+        return (s.meta.grid_shape, s.meta.box, s.meta.rows, s.meta.cross_terms, tuple(len(a) for a in s.box_atoms),
+                float(s.b_blur))
+
+    shared = [setup(f, corners) for f in scales]
+    assert len({layout(s) for s in shared}) == 1
+    own = [layout(setup(f)) for f in scales]
+    assert len({o[:5] for o in own}) == 2 and own[-1][4] == (547, 235) and len({o[5] for o in own}) == 3
+    pick = subset(np.arange(refl.n), N_SUBSET)
+    f_fft = np.asarray(jax.jit(structure_factors)(x, b, q, shared[0], None))[pick]
+    direct = make_sf_setup(crystal(scales[0]), refl.hkl[pick], ff, "direct")
+    f_dir = np.asarray(jax.jit(structure_factors)(x, b, q, direct, None))
+    print(f"5kzb with its cell 0.6 % shorter on the range's layout: FFT vs direct R {r_amp(f_fft, f_dir):.2e}")
+    assert r_amp(f_fft, f_dir) < TOL_FFT_R and phase_diff_deg(f_fft, f_dir) < TOL_FFT_PHASE_DEG

@@ -9,12 +9,16 @@ scheduler gives up on a task the first time its worker dies instead of moving it
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 import os
 
+import numpy as np
+
 from ..config import Config, config_to_dict, load_config
 from ..errors import ConfigError
+from ..io.crystal_io import header_cell
 from ..io.writers import write_json
 from .manifest import as_entries
 from .progress import ProgressLine
@@ -28,6 +32,15 @@ FINISHED = ("refined", "kept input")
 # another worker up to 3 times, which would let one bad entry kill several workers).
 DASK_SETTINGS = {"distributed.scheduler.allowed-failures": 0}
 REFRESH_S = 2.0  # redraw interval of the progress line while nothing finishes
+# A screen's crystals of one form differ in cell by a fraction of a per cent, enough to change a spreading box by a
+# grid point and so compile every program again (1va7 with its cell 0.3 % longer).  Entries of one space group within
+# these bounds of the group's median cell get the group's range as runtime.cell_range (one FFT layout for all).
+CELL_RANGE_LENGTH = 0.01  # relative to the median length
+CELL_RANGE_ANGLE = 1.0  # degrees from the median angle
+# runtime.grid_steps: auto in a fleet: the grid made for d_min rounded down to 16 steps per octave, so that crystals
+# of nearby resolution share compiled programs (a single run takes its own d_min: the finer grid costs up to 10-15 %
+# per evaluation where it crosses to a larger FFT size; benchmarks/README.md)
+FLEET_GRID_STEPS = 16
 
 
 def _require_dask():
@@ -64,6 +77,53 @@ def _close(client) -> None:
     client.close()
     if cluster is not None:
         cluster.close()
+
+
+def cell_ranges(entries: list) -> dict:
+    """{entry id: [[lowest], [highest]] cell} for ``runtime.cell_range``: per space group, the range of the entries
+    within CELL_RANGE_LENGTH and CELL_RANGE_ANGLE of the group's median cell (where two or more are); other entries
+    are left out (their own cell).  Made from every entry of the screen, so that it does not depend on which
+    entries a resumed run still has to do."""
+    groups: dict = {}
+    for e in entries:
+        cell = header_cell(e.data, e.model)  # the MTZ header where the data are MTZ, else the model's
+        if cell is not None:
+            groups.setdefault(cell[0], []).append((e.id, np.asarray(cell[1], float)))
+    out = {}
+    for members in groups.values():
+        cells = np.stack([c for _, c in members])
+        med = np.median(cells, axis=0)
+        near = (np.all(np.abs(cells[:, :3] - med[:3]) <= CELL_RANGE_LENGTH * med[:3], axis=1)
+                & np.all(np.abs(cells[:, 3:] - med[3:]) <= CELL_RANGE_ANGLE, axis=1))
+        if near.sum() < 2:
+            continue
+        span = [[round(float(x), 4) for x in cells[near].min(0)], [round(float(x), 4) for x in cells[near].max(0)]]
+        span[0] = [min(a, b) for a, b in zip(span[0], cells[near].min(0))]  # rounding never narrows the range
+        span[1] = [max(a, b) for a, b in zip(span[1], cells[near].max(0))]
+        out.update({i: span for (i, _), ok in zip(members, near) if ok})
+    return out
+
+
+def entry_configs(entries: list, base: dict) -> dict:
+    """{entry id: its configuration} where it differs from ``base``: ``runtime.cell_range: auto`` becomes the
+    entry's crystal form's range (:func:`cell_ranges`).  (``runtime.grid_steps: auto`` is resolved in ``base``
+    itself: :func:`fleet_base`.)"""
+    if base.get("runtime", {}).get("cell_range", "auto") != "auto":
+        return {}
+    out = {}
+    for i, span in cell_ranges(entries).items():
+        out[i] = copy.deepcopy(base)
+        out[i].setdefault("runtime", {})["cell_range"] = [[float(x) for x in c] for c in span]
+    return out
+
+
+def fleet_base(base: dict) -> dict:
+    """The shared configuration with the fleet's own defaults: ``runtime.grid_steps: auto`` -> FLEET_GRID_STEPS."""
+    if base.get("runtime", {}).get("grid_steps", "auto") != "auto":
+        return base
+    out = copy.deepcopy(base)
+    out.setdefault("runtime", {})["grid_steps"] = FLEET_GRID_STEPS
+    return out
 
 
 def pending_entries(entries: list, out_root: str, retry_failed: bool = False):
@@ -103,7 +163,7 @@ def refine_many(entries, out_dir, client=None, *, scheduler: str | None = None, 
     """
     _require_dask()
     entries = as_entries(entries)
-    base = shared_config(config, overrides)
+    base = fleet_base(shared_config(config, overrides))
     out_root = os.path.abspath(os.fspath(out_dir))
     os.makedirs(out_root, exist_ok=True)
     records, todo = pending_entries(entries, out_root, retry_failed)
@@ -120,7 +180,8 @@ def refine_many(entries, out_dir, client=None, *, scheduler: str | None = None, 
             if link:  # None when the scheduler runs no dashboard
                 note = "" if importlib.util.find_spec("bokeh") else " (its status pages need bokeh: pip install bokeh)"
                 line.say(f"fleet: Dask dashboard at {link}{note}")
-            _run(client, todo, out_root, base, tolerance, records, table, line)
+            _run(client, todo, out_root, base, tolerance, records, table, line,
+                 entry_bases=entry_configs(entries, base))
         finally:
             line.close()
             if owned:
@@ -130,8 +191,9 @@ def refine_many(entries, out_dir, client=None, *, scheduler: str | None = None, 
     return _maybe_dataframe(rows, as_dataframe)
 
 
-def _run(client, todo, out_root, base, tolerance, records, table, line, task=run_entry) -> None:
-    """Run one ``task(entry, out_root, base, tolerance)`` per entry and collect the rows as they end.
+def _run(client, todo, out_root, base, tolerance, records, table, line, task=run_entry, entry_bases=None) -> None:
+    """Run one ``task(entry, out_root, base, tolerance)`` per entry (``entry_bases[entry.id]`` instead of ``base``
+    where given) and collect the rows as they end.
 
     At most one task per worker thread is in flight (the next is submitted when one ends), so no
     task waits in a worker's queue: a worker that dies takes only the entry it was running, and
@@ -148,7 +210,7 @@ def _run(client, todo, out_root, base, tolerance, records, table, line, task=run
         slots = max(1, sum(client.nthreads().values()))
         while queue and len(in_flight) < slots:
             e = queue.pop(0)
-            fut = client.submit(task, e, out_root, base, tolerance, key=f"jaxrefine-{e.id}-{os.urandom(4).hex()}",
+            fut = client.submit(task, e, out_root, (entry_bases or {}).get(e.id, base), tolerance, key=f"jaxrefine-{e.id}-{os.urandom(4).hex()}",
                                 pure=False, retries=0)
             in_flight[fut] = e
 

@@ -48,3 +48,16 @@ def gemmi_cell(crystal: Crystal) -> gemmi.UnitCell:
 
 def gemmi_space_group(crystal: Crystal) -> gemmi.SpaceGroup:
     return gemmi.find_spacegroup_by_name(crystal.space_group)
+
+
+def header_cell(data_path: str, model_path: str):
+    """(space group name, (a, b, c, α, β, γ)) from an MTZ file's header (no data read), else from the model file;
+    None when neither can be read (whoever reads the files in full reports why)."""
+    try:
+        if str(data_path).lower().endswith((".mtz", ".mtz.gz")):
+            mtz = gemmi.read_mtz_file(str(data_path), with_data=False)
+            return (mtz.spacegroup.hm if mtz.spacegroup else ""), tuple(mtz.cell.parameters)
+        st = gemmi.read_structure(str(model_path))
+        return st.spacegroup_hm, tuple(st.cell.parameters)
+    except (RuntimeError, ValueError, OSError):
+        return None

@@ -304,8 +304,8 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
         log.info("riding hydrogens: %d", sites.n)
     n_refl = reflection_bucket(refl.n)  # the problem's padded reflection count (XrayData)
     sf = make_sf_setup(model.crystal, pad_reflections(refl.hkl, n_refl), it92_form_factors(elements, model.source),
-                       d_min=grid_resolution(refl.d_min, cfg.runtime.grid_steps), b_iso=b_sf, b_margin=SF_B_MARGIN, dtype=dtype, u_aniso=u_sf, iso_atoms=iso_atoms,
-                       reuse_classes=cfg.runtime.reuse_box_classes)
+                       d_min=grid_resolution(refl.d_min, grid_steps(cfg)), b_iso=b_sf, b_margin=SF_B_MARGIN, dtype=dtype, u_aniso=u_sf, iso_atoms=iso_atoms,
+                       reuse_classes=cfg.runtime.reuse_box_classes, layout_cells=corner_cells(cfg.runtime.cell_range))
     problem = Problem(
         maps=maps, sf=sf, xray=xray_data(refl, dtype), restraints=restraints,
         geo_weights=geometry_weights(cfg, dtype), w_b=on_device(cfg.weights.w_b, dtype),
@@ -322,6 +322,26 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
     if on_problem is not None:
         on_problem(problem, params, xray_state_spec(problem, state.nonbonded, refl.d_min), refl, strategy)
     return setup._replace(state=update_xray_state(setup, problem, state, params))
+
+
+def grid_steps(cfg: Config) -> int:
+    """``runtime.grid_steps`` resolved: auto is 0 here (a single refinement's grid made for its own d_min);
+    :func:`jaxrefine.fleet.driver.refine_many` resolves auto to its own FLEET_GRID_STEPS before the entries run."""
+    steps = cfg.runtime.grid_steps
+    return 0 if steps == "auto" else int(steps)
+
+
+def corner_cells(cell_range) -> list:
+    """The corners (a, b, c, α, β, γ) of ``runtime.cell_range`` ([[lowest], [highest]]; each parameter at its lowest
+    or highest, the distinct ones): the cells the FFT layout is made to serve besides the model's own (the layout's
+    boxes and grid spacing change monotonically enough over a range of ~1 % that its corners bound it; a cell inside
+    that needed more only gets a layout of its own); none for auto and []."""
+    if isinstance(cell_range, str) or not cell_range:
+        return []
+    import itertools
+
+    lo, hi = (tuple(float(x) for x in c) for c in cell_range)
+    return sorted(set(itertools.product(*({a, b} for a, b in zip(lo, hi)))))
 
 
 def rebuild_setup(setup: Setup, model: Model) -> Setup:

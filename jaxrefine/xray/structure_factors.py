@@ -264,6 +264,7 @@ def make_sf_setup(
     iso_atoms=None,
     reuse_classes: bool = False,
     class_points: float | None = None,
+    layout_cells=(),
 ) -> SFSetup:
     """Precompute the arrays and static sizes of a structure-factor problem (numpy, outside jit).
 
@@ -298,6 +299,10 @@ def make_sf_setup(
             ISO_POINT_COST).
         class_points: fft: box points a further class must save to be made (default CLASS_MIN_POINTS; 0: up to
             ``n_classes`` whenever they save any).
+        layout_cells: fft: further cells (a, b, c, α, β, γ) the grid and boxes must also serve: the grid as fine,
+            the blur, boxes and rows as large and the metric's cross terms as many as any of them needs (with this
+            cell's own), so that crystals of one form with slightly different cells (a screen: ``runtime.cell_range``)
+            get one layout and share compiled programs; F of this cell is as accurate or more.
         reuse_classes: fft: keep the box classes an earlier setup of the same atoms on the same grid chose
             (stored beside the compiled programs, see STORED_CLASS_COST) when this model's atoms fit them, so that
             a rerun from a refined model loads the programs compiled for the first run instead of compiling anew.
@@ -311,7 +316,7 @@ def make_sf_setup(
         In a refinement, build it from the starting model (b_margin leaves room for B to grow)
         and rebuild only between macrocycles.  B + B_blur must stay positive.
     """
-    from ..core.crystal import s2_of  # crystal.py is numpy-only
+    from ..core.crystal import orth_matrix, s2_of  # crystal.py is numpy-only
 
     if method not in ("fft", "direct"):
         raise ValueError(f"method must be 'fft' or 'direct', got {method!r}")
@@ -368,6 +373,10 @@ def make_sf_setup(
     rot_int = np.rint(np.asarray(crystal.rot)).astype(np.int64)
     h_rot = np.einsum("ri,oij->orj", hkl.astype(np.int64), rot_int)  # (ops, r, 3) = hR = (Rᵀh)ᵀ
     grid = fft_grid_shape(crystal, d_min, rate, h_rot.reshape(-1, 3))
+    other_orth = [orth_matrix(c) for c in layout_cells]
+    for o in other_orth:  # as fine as each of the layout's cells needs
+        grid = tuple(max(g, h) for g, h in zip(grid, fft_grid_shape(_Orth(o), d_min, rate)))
+    fracs = [frac] + [np.linalg.inv(o) for o in other_orth]
     n_grid = np.asarray(grid, float)
     if b_iso is None:
         b_iso = np.full(n_atoms, 20.0)
@@ -378,13 +387,13 @@ def make_sf_setup(
     if b_blur is None:
         # the nearest alias of h lies at |s| >= min_a N_a |a*| − s_max; its weight relative to h is
         # exp(−(B + B_blur)(s_alias² − s_max²)/4) (Ten Eyck 1977), made <= eps for the sharpest atom
-        s_alias = float(np.min(n_grid * np.linalg.norm(frac, axis=1))) - math.sqrt(s2_max)
+        s_alias = min(float(np.min(n_grid * np.linalg.norm(f, axis=1))) for f in fracs) - math.sqrt(s2_max)
         b_needed = 4.0 * log_eps / max(s_alias**2 - s2_max, 1e-6)
         b_blur = max(b_needed - b_min, 0.0)
     # box half-width: the Gaussian of an atom falls to eps of its peak; its variance along grid
     # axis a is (B/8π²)·(D G* D)_aa grid steps² (D = diag N)
-    cov_per_b = np.diag(n_grid) @ (frac @ frac.T) @ np.diag(n_grid) / EIGHT_PI2
-    var_per_b = np.diag(cov_per_b)
+    covs = [np.diag(n_grid) @ (f @ f.T) @ np.diag(n_grid) / EIGHT_PI2 for f in fracs]
+    var_per_b = np.max([np.diag(c) for c in covs], axis=0)
     b_box = _form_factor_extent(ff, b_hi + b_margin + b_blur, log_eps_box)
 
     def box_of(b):
@@ -396,8 +405,8 @@ def make_sf_setup(
         key = _layout_key(grid, orth, log_eps_box, n_classes, ff.type_index, u_aniso is not None, iso_atoms)
         groups, iso_classes = _stored_or_new_classes(key, groups, iso_classes, b_box, iso_atoms)
     g_metric = np.diag(1.0 / n_grid) @ (orth.T @ orth) @ np.diag(1.0 / n_grid)
-    scale = np.abs(np.diag(g_metric))
-    cross = tuple(p for p in PAIRS if abs(g_metric[p]) > 1e-9 * math.sqrt(scale[p[0]] * scale[p[1]]))
+    cross = tuple(p for p in PAIRS if any(_has_cross(np.diag(1.0 / n_grid) @ (o.T @ o) @ np.diag(1.0 / n_grid), p)
+                                          for o in [orth] + other_orth))
     idx, conj = _sample_indices(h_rot.reshape(-1, 3), grid)
     phase = np.exp(2j * np.pi * np.einsum("ri,oi->or", hkl.astype(float), np.asarray(crystal.trans, float)))
     meta = SFMeta(
@@ -406,7 +415,8 @@ def make_sf_setup(
         chunk=0,
         grid_shape=grid,
         box=tuple(box for box, _, _ in groups),
-        rows=tuple(box_rows(box, cov_per_b[:2, :2] * b, 2.0 * log_eps_box) for box, _, b in groups),
+        rows=tuple(tuple(sorted(set().union(*(box_rows(box, c[:2, :2] * b, 2.0 * log_eps_box) for c in covs))))
+                   for box, _, b in groups),
         cross_terms=cross,
         constant=constant,
         iso_classes=iso_classes,
@@ -421,6 +431,15 @@ def make_sf_setup(
         box_atoms=tuple(on_device(atoms, jnp.int32) for _, atoms, _ in groups),
         meta=meta,
     )
+
+
+class _Orth(NamedTuple):
+    orth: np.ndarray  # what fft_grid_shape reads of a crystal
+
+
+def _has_cross(g_metric, p) -> bool:
+    """Whether the grid metric couples axes p = (i, j) (an off-diagonal entry above rounding)."""
+    return abs(g_metric[p]) > 1e-9 * math.sqrt(abs(g_metric[p[0], p[0]]) * abs(g_metric[p[1], p[1]]))
 
 
 def _form_factor_extent(ff: FormFactors, b_total, log_eps_box: float, z_floor: float = 6.0):
