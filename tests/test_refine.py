@@ -818,3 +818,15 @@ def test_corner_cells_of_a_cell_range():
     assert len(corners) == 16 and tuple(lo) in corners and tuple(hi) in corners
     assert all(c[3] == 90.0 and c[5] == 90.0 for c in corners)
     assert corner_cells([lo, lo]) == [tuple(lo)]
+
+
+def test_a_cell_range_without_the_models_cell_is_warned_about(caplog):
+    from jaxrefine.problem.setup import _check_cell_range
+
+    span = [[50.0, 60.0, 70.0, 90.0, 90.0, 90.0], [50.5, 60.5, 70.5, 90.0, 90.0, 90.0]]
+    with caplog.at_level("WARNING", logger="jaxrefine"):
+        _check_cell_range(span, (50.2, 60.1, 70.4, 90, 90, 90), "a.pdb")
+        _check_cell_range("auto", (10, 10, 10, 90, 90, 90), "a.pdb")
+        assert not caplog.records
+        _check_cell_range(span, (52.0, 60.1, 70.4, 90, 90, 90), "b.pdb")
+    assert len(caplog.records) == 1 and "b.pdb: the cell [52.0, 60.1, 70.4, 90.0, 90.0, 90.0] is outside" in caplog.text

@@ -303,6 +303,7 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
             iso_atoms = np.arange(len(elements)) >= model.n_atoms
         log.info("riding hydrogens: %d", sites.n)
     n_refl = reflection_bucket(refl.n)  # the problem's padded reflection count (XrayData)
+    _check_cell_range(cfg.runtime.cell_range, model.crystal.cell, model_path)
     sf = make_sf_setup(model.crystal, pad_reflections(refl.hkl, n_refl), it92_form_factors(elements, model.source),
                        d_min=grid_resolution(refl.d_min, grid_steps(cfg)), b_iso=b_sf, b_margin=SF_B_MARGIN, dtype=dtype, u_aniso=u_sf, iso_atoms=iso_atoms,
                        reuse_classes=cfg.runtime.reuse_box_classes, layout_cells=corner_cells(cfg.runtime.cell_range))
@@ -342,6 +343,18 @@ def corner_cells(cell_range) -> list:
 
     lo, hi = (tuple(float(x) for x in c) for c in cell_range)
     return sorted(set(itertools.product(*({a, b} for a, b in zip(lo, hi)))))
+
+
+def _check_cell_range(cell_range, cell, where) -> None:
+    """Warn when ``runtime.cell_range`` leaves out the model's own cell (another crystal form's range: the FFT layout
+    then serves both, with a finer grid or larger boxes than either needs)."""
+    if isinstance(cell_range, str) or not cell_range:
+        return
+    lo, hi = (np.asarray(c, float) for c in cell_range)
+    cell = np.asarray(cell, float)
+    if np.any(cell < lo - 1e-3) or np.any(cell > hi + 1e-3):
+        log.warning("%s: the cell %s is outside runtime.cell_range %s; the FFT layout serves both (slower)",
+                    where or "model", np.round(cell, 3).tolist(), [list(lo), list(hi)])
 
 
 def rebuild_setup(setup: Setup, model: Model) -> Setup:
