@@ -204,11 +204,12 @@ def _non_negative(v):
 
 
 def _cell_range(v):
-    """auto, [] or [[a, b, c, α, β, γ] lowest, [...] highest] with positive lengths, angles in (0, 180) and lowest <= highest."""
+    """auto, [] or [[a, b, c, α, β, γ] lowest, [...] highest]: lengths > 0, angles in (0, 180), lowest <= highest."""
     if v == "auto" or (isinstance(v, (list, tuple)) and len(v) == 0):
         return None
     message = "must be auto, [] or [[a, b, c, alpha, beta, gamma] lowest, [...] highest]"
-    if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(c, (list, tuple)) and len(c) == 6 for c in v)):
+    pair = isinstance(v, (list, tuple)) and len(v) == 2
+    if not (pair and all(isinstance(c, (list, tuple)) and len(c) == 6 for c in v)):
         return message
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for c in v for x in c):
         return message

@@ -97,9 +97,7 @@ def cell_ranges(entries: list) -> dict:
                 & np.all(np.abs(cells[:, 3:] - med[3:]) <= CELL_RANGE_ANGLE, axis=1))
         if near.sum() < 2:
             continue
-        span = [[round(float(x), 4) for x in cells[near].min(0)], [round(float(x), 4) for x in cells[near].max(0)]]
-        span[0] = [min(a, b) for a, b in zip(span[0], cells[near].min(0))]  # rounding never narrows the range
-        span[1] = [max(a, b) for a, b in zip(span[1], cells[near].max(0))]
+        span = [cells[near].min(0).tolist(), cells[near].max(0).tolist()]
         out.update({i: span for (i, _), ok in zip(members, near) if ok})
     return out
 
@@ -113,7 +111,7 @@ def entry_configs(entries: list, base: dict) -> dict:
     out = {}
     for i, span in cell_ranges(entries).items():
         out[i] = copy.deepcopy(base)
-        out[i].setdefault("runtime", {})["cell_range"] = [[float(x) for x in c] for c in span]
+        out[i].setdefault("runtime", {})["cell_range"] = span
     return out
 
 
@@ -210,8 +208,8 @@ def _run(client, todo, out_root, base, tolerance, records, table, line, task=run
         slots = max(1, sum(client.nthreads().values()))
         while queue and len(in_flight) < slots:
             e = queue.pop(0)
-            fut = client.submit(task, e, out_root, (entry_bases or {}).get(e.id, base), tolerance, key=f"jaxrefine-{e.id}-{os.urandom(4).hex()}",
-                                pure=False, retries=0)
+            fut = client.submit(task, e, out_root, (entry_bases or {}).get(e.id, base), tolerance,
+                                key=f"jaxrefine-{e.id}-{os.urandom(4).hex()}", pure=False, retries=0)
             in_flight[fut] = e
 
     submit_more()

@@ -305,8 +305,9 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
     n_refl = reflection_bucket(refl.n)  # the problem's padded reflection count (XrayData)
     _check_cell_range(cfg.runtime.cell_range, model.crystal.cell, model_path)
     sf = make_sf_setup(model.crystal, pad_reflections(refl.hkl, n_refl), it92_form_factors(elements, model.source),
-                       d_min=grid_resolution(refl.d_min, grid_steps(cfg)), b_iso=b_sf, b_margin=SF_B_MARGIN, dtype=dtype, u_aniso=u_sf, iso_atoms=iso_atoms,
-                       reuse_classes=cfg.runtime.reuse_box_classes, layout_cells=corner_cells(cfg.runtime.cell_range))
+                       d_min=grid_resolution(refl.d_min, grid_steps(cfg)), b_iso=b_sf, b_margin=SF_B_MARGIN, dtype=dtype,
+                       u_aniso=u_sf, iso_atoms=iso_atoms, reuse_classes=cfg.runtime.reuse_box_classes,
+                       layout_cells=corner_cells(cfg.runtime.cell_range))
     problem = Problem(
         maps=maps, sf=sf, xray=xray_data(refl, dtype), restraints=restraints,
         geo_weights=geometry_weights(cfg, dtype), w_b=on_device(cfg.weights.w_b, dtype),
