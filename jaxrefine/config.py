@@ -146,7 +146,8 @@ class RuntimeConfig:
     # what ran before, which moves F_calc at the box truncation's level (~1e-4) and R-free in the 4th decimal
     reuse_box_classes: bool = False
     # the FFT grid, its blur and the form-factor fit made for d_min rounded down to one of this many resolutions per
-    # octave (16: 2.83, 2.95, 3.08 Å ...), so that datasets of nearby resolution (a screen's crystals, a rerun with
+    # octave (16: 2.83, 2.95, 3.08 Å ...), and the reflections padded to every unique one to that resolution
+    # (setup.problem_reflection_count), so that datasets of nearby resolution (a screen's crystals, a rerun with
     # another data.d_min) share compiled programs, at the cost of a grid up to 2^(3/16) = 1.14x finer (5kzb: 54 -> 60
     # points along a and b, 10-15 % per evaluation); 0: made for the data's own d_min; auto: 16 in refine_many, else 0
     grid_steps: Any = "auto"

@@ -830,3 +830,20 @@ def test_a_cell_range_without_the_models_cell_is_warned_about(caplog):
         assert not caplog.records
         _check_cell_range(span, (52.0, 60.1, 70.4, 90, 90, 90), "b.pdb")
     assert len(caplog.records) == 1 and "b.pdb: the cell [52.0, 60.1, 70.4, 90.0, 90.0, 90.0] is outside" in caplog.text
+
+
+def test_crystals_of_one_resolution_step_get_one_reflection_count():
+    """With runtime.grid_steps, the problem's reflection count is at least every unique reflection to the step's
+    resolution (in the largest cell of a cell range): 1va7 cut at 2.96, 2.99 and 3.04 Å (one step, 2.954 Å) pads its
+    5871, 5663 and 5374 reflections to one count, where their own size buckets are two (6336, 5824)."""
+    from jaxrefine.problem.setup import problem_reflection_count
+    from jaxrefine.xray.structure_factors import grid_resolution
+
+    model, refl = _inputs("1va7")
+    cuts = [refl.take(refl.d >= d) for d in (2.96, 2.99, 3.04)]
+    assert {round(grid_resolution(r.d_min, 16), 3) for r in cuts} == {2.954}
+    own = [problem_reflection_count(r, model.crystal) for r in cuts]
+    stepped = [problem_reflection_count(r, model.crystal, grid_resolution(r.d_min, 16)) for r in cuts]
+    assert len(set(own)) == 2 and len(set(stepped)) == 1 and stepped[0] >= max(own)
+    longer = tuple(np.asarray(model.crystal.cell) * [1.03, 1.03, 1.03, 1, 1, 1])
+    assert problem_reflection_count(cuts[0], model.crystal, 2.954, [longer]) > stepped[0]  # the range's largest cell

@@ -241,11 +241,11 @@ def atom_maps_and_params(model: Model, cfg: Config, dtype, strategy: str | None 
     return maps, params
 
 
-def xray_data(refl: Reflections, dtype) -> XrayData:
-    """The observed data as arrays, with the σA reflection set and bins, padded to :func:`reflection_bucket`
-    reflections (see :class:`XrayData`)."""
+def xray_data(refl: Reflections, dtype, n: int | None = None) -> XrayData:
+    """The observed data as arrays, with the σA reflection set and bins, padded to ``n`` reflections (default
+    :func:`reflection_bucket` of the data's count; see :class:`XrayData`)."""
     use = refine_hkl_free(refl)
-    n = reflection_bucket(refl.n)
+    n = reflection_bucket(refl.n) if n is None else int(n)
     pad = lambda a: pad_reflections(a, n)  # noqa: E731
     real = pad(np.ones(refl.n, bool))
     real[refl.n:] = False
@@ -302,14 +302,14 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
             u_sf = np.concatenate([np.asarray(u_sf, float), np.zeros((sites.n, 6))])
             iso_atoms = np.arange(len(elements)) >= model.n_atoms
         log.info("riding hydrogens: %d", sites.n)
-    n_refl = reflection_bucket(refl.n)  # the problem's padded reflection count (XrayData)
     _check_cell_range(cfg.runtime.cell_range, model.crystal.cell, model_path)
+    corners, d_grid = corner_cells(cfg.runtime.cell_range), grid_resolution(refl.d_min, grid_steps(cfg))
+    n_refl = problem_reflection_count(refl, model.crystal, d_grid if grid_steps(cfg) else None, corners)
     sf = make_sf_setup(model.crystal, pad_reflections(refl.hkl, n_refl), it92_form_factors(elements, model.source),
-                       d_min=grid_resolution(refl.d_min, grid_steps(cfg)), b_iso=b_sf, b_margin=SF_B_MARGIN, dtype=dtype,
-                       u_aniso=u_sf, iso_atoms=iso_atoms, reuse_classes=cfg.runtime.reuse_box_classes,
-                       layout_cells=corner_cells(cfg.runtime.cell_range))
+                       d_min=d_grid, b_iso=b_sf, b_margin=SF_B_MARGIN, dtype=dtype, u_aniso=u_sf, iso_atoms=iso_atoms,
+                       reuse_classes=cfg.runtime.reuse_box_classes, layout_cells=corners)
     problem = Problem(
-        maps=maps, sf=sf, xray=xray_data(refl, dtype), restraints=restraints,
+        maps=maps, sf=sf, xray=xray_data(refl, dtype, n_refl), restraints=restraints,
         geo_weights=geometry_weights(cfg, dtype), w_b=on_device(cfg.weights.w_b, dtype),
         u_shape=None if u_shape is None else on_device(u_shape, dtype),
         adp=cast_floats(adp, dtype), ncs=cast_floats(ncs, dtype), riding=riding,
@@ -324,6 +324,29 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
     if on_problem is not None:
         on_problem(problem, params, xray_state_spec(problem, state.nonbonded, refl.d_min), refl, strategy)
     return setup._replace(state=update_xray_state(setup, problem, state, params))
+
+
+def problem_reflection_count(refl: Reflections, crystal, d_grid: float | None = None, cells=()) -> int:
+    """The problem's padded reflection count (:class:`XrayData`): the data's count in its size bucket
+    (:func:`reflection_bucket`); with the grid made for a resolution step ``d_grid`` (``runtime.grid_steps``), at
+    least the count of every unique reflection to ``d_grid`` in the model's cell or the largest of ``cells`` (a
+    crystal form's range), so that crystals of one step and range, whatever their completeness or d_min within the
+    step, get one count and share compiled programs (the pads are in no set: up to ~1.14x the reflections a
+    complete dataset to the data's own d_min holds)."""
+    n = refl.n
+    if d_grid is not None:
+        import dataclasses
+
+        from ..core.crystal import orth_matrix
+        from ..io.miller_io import unique_miller_indices
+
+        def count(cell):
+            orth = orth_matrix(cell)
+            return len(unique_miller_indices(dataclasses.replace(crystal, cell=np.asarray(cell, float), orth=orth,
+                                                                 frac=np.linalg.inv(orth)), d_grid))
+
+        n = max([n, count(crystal.cell)] + [count(c) for c in cells])
+    return reflection_bucket(n)
 
 
 def grid_steps(cfg: Config) -> int:
