@@ -202,13 +202,13 @@ def vmap_prototype(screen: Path, batch: int, sets: list, repeats: int = 5) -> di
 
     import jaxrefine as jr
     from jaxrefine.config import config_from_dict, config_to_dict
-    from jaxrefine.fleet.driver import entry_configs, fleet_base
+    from jaxrefine.fleet.driver import entry_configs
     from jaxrefine.fleet.manifest import Entry
 
     # each entry's configuration as refine_many makes it (the fleet's grid steps, its crystal form's cell range), and
     # the first `batch` entries whose problems have the first one's shapes (a batch is one shape)
     entries = [Entry(id=f.name, model=str(f / "model.pdb"), data=str(f / "data.mtz")) for f in sorted(screen.iterdir())]
-    base = fleet_base(config_to_dict(jr.load_config(None, sets)))
+    base = config_to_dict(jr.load_config(None, sets))
     configs = entry_configs(entries, base)
     setups, shape = [], None
     for e in entries:

@@ -149,7 +149,8 @@ class RuntimeConfig:
     # octave (16: 2.83, 2.95, 3.08 Å ...), and the reflections padded to every unique one to that resolution
     # (setup.problem_reflection_count), so that datasets of nearby resolution (a screen's crystals, a rerun with
     # another data.d_min) share compiled programs, at the cost of a grid up to 2^(3/16) = 1.14x finer (5kzb: 54 -> 60
-    # points along a and b, 10-15 % per evaluation); 0: made for the data's own d_min; auto: 16 in refine_many, else 0
+    # points along a and b, 10-15 % per evaluation); 0: made for the data's own d_min; auto: 16 for the entries of
+    # refine_many that share a crystal form with others (fleet.driver.entry_configs), else 0
     grid_steps: Any = "auto"
     # cells (a, b, c, α, β, γ) the FFT grid and boxes must also serve, as [[lowest], [highest]]: crystals of one form
     # with slightly different cells then get one layout and share compiled programs; auto: none for one run,

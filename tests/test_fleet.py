@@ -283,8 +283,8 @@ def test_killed_fleet_resumes_to_the_same_table(fleet_run, fleet_inputs, tmp_pat
 
 def test_cell_ranges_per_crystal_form_leave_out_other_forms(tmp_path):
     """refine_many's runtime.cell_range for each entry: the range of its space group's cells within 1 % / 1° of the
-    group's median (three P 21 21 21 crystals); an entry 5 % off, one alone in its group and an unreadable one get
-    none (their own cell), and a range set by the user is kept."""
+    group's median (three P 21 21 21 crystals), with the fleet's grid steps; an entry 5 % off, one alone in its
+    group and an unreadable one get neither (their own cell and d_min), and a user's settings are kept."""
     import gemmi
     import numpy as np
 
@@ -307,6 +307,9 @@ def test_cell_ranges_per_crystal_form_leave_out_other_forms(tmp_path):
     ranges = cell_ranges(entries)
     assert sorted(ranges) == ["a", "b", "c"]
     assert ranges["a"] == ranges["c"] == [[49.9, 59.8, 70.0, 90.0, 90.0, 90.0], [50.3, 60.2, 70.1, 90.0, 90.0, 90.0]]
-    configs = entry_configs(entries, {"runtime": {"cell_range": "auto"}})
-    assert sorted(configs) == ["a", "b", "c"] and configs["b"]["runtime"]["cell_range"] == ranges["b"]
-    assert entry_configs(entries, {"runtime": {"cell_range": []}}) == {}
+    configs = entry_configs(entries, {"runtime": {"cell_range": "auto", "grid_steps": "auto"}})
+    assert sorted(configs) == ["a", "b", "c"]
+    assert configs["b"]["runtime"] == {"cell_range": ranges["b"], "grid_steps": 16}
+    assert entry_configs(entries, {"runtime": {"cell_range": [], "grid_steps": 0}}) == {}
+    assert entry_configs(entries, {"runtime": {"cell_range": [], "grid_steps": "auto"}})["c"]["runtime"] == {
+        "cell_range": [], "grid_steps": 16}  # a setting of the user's kept

@@ -37,9 +37,10 @@ REFRESH_S = 2.0  # redraw interval of the progress line while nothing finishes
 # these bounds of the group's median cell get the group's range as runtime.cell_range (one FFT layout for all).
 CELL_RANGE_LENGTH = 0.01  # relative to the median length
 CELL_RANGE_ANGLE = 1.0  # degrees from the median angle
-# runtime.grid_steps: auto in a fleet: the grid made for d_min rounded down to 16 steps per octave, so that crystals
-# of nearby resolution share compiled programs (a single run takes its own d_min: the finer grid costs up to 10-15 %
-# per evaluation where it crosses to a larger FFT size; benchmarks/README.md)
+# runtime.grid_steps: auto for the entries of such a crystal form: the grid made for d_min rounded down to 16 steps per
+# octave, so that crystals of nearby resolution share compiled programs (a lone run, or an entry alone in its form,
+# takes its own d_min: the finer grid costs up to 10-15 % per evaluation where it crosses to a larger FFT size, and
+# the step's reflection count up to ~20 % more reflections; benchmarks/README.md)
 FLEET_GRID_STEPS = 16
 
 
@@ -103,24 +104,21 @@ def cell_ranges(entries: list) -> dict:
 
 
 def entry_configs(entries: list, base: dict) -> dict:
-    """{entry id: its configuration} where it differs from ``base``: ``runtime.cell_range: auto`` becomes the
-    entry's crystal form's range (:func:`cell_ranges`).  (``runtime.grid_steps: auto`` is resolved in ``base``
-    itself: :func:`fleet_base`.)"""
-    if base.get("runtime", {}).get("cell_range", "auto") != "auto":
+    """{entry id: its configuration} where it differs from ``base``: for an entry that shares its crystal form with
+    others in the screen (:func:`cell_ranges`), ``runtime.cell_range: auto`` becomes the form's range and
+    ``runtime.grid_steps: auto`` FLEET_GRID_STEPS; other entries keep ``base`` (auto: their own cell and d_min)."""
+    runtime = base.get("runtime", {})
+    settings = {}
+    if runtime.get("cell_range", "auto") == "auto":
+        settings["cell_range"] = None  # the entry's range
+    if runtime.get("grid_steps", "auto") == "auto":
+        settings["grid_steps"] = FLEET_GRID_STEPS
+    if not settings:
         return {}
     out = {}
     for i, span in cell_ranges(entries).items():
         out[i] = copy.deepcopy(base)
-        out[i].setdefault("runtime", {})["cell_range"] = span
-    return out
-
-
-def fleet_base(base: dict) -> dict:
-    """The shared configuration with the fleet's own defaults: ``runtime.grid_steps: auto`` -> FLEET_GRID_STEPS."""
-    if base.get("runtime", {}).get("grid_steps", "auto") != "auto":
-        return base
-    out = copy.deepcopy(base)
-    out.setdefault("runtime", {})["grid_steps"] = FLEET_GRID_STEPS
+        out[i].setdefault("runtime", {}).update({k: span if v is None else v for k, v in settings.items()})
     return out
 
 
@@ -161,7 +159,7 @@ def refine_many(entries, out_dir, client=None, *, scheduler: str | None = None, 
     """
     _require_dask()
     entries = as_entries(entries)
-    base = fleet_base(shared_config(config, overrides))
+    base = shared_config(config, overrides)
     out_root = os.path.abspath(os.fspath(out_dir))
     os.makedirs(out_root, exist_ok=True)
     records, todo = pending_entries(entries, out_root, retry_failed)

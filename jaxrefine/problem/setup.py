@@ -351,7 +351,8 @@ def problem_reflection_count(refl: Reflections, crystal, d_grid: float | None = 
 
 def grid_steps(cfg: Config) -> int:
     """``runtime.grid_steps`` resolved: auto is 0 here (a single refinement's grid made for its own d_min);
-    :func:`jaxrefine.fleet.driver.refine_many` resolves auto to its own FLEET_GRID_STEPS before the entries run."""
+    :func:`jaxrefine.fleet.driver.refine_many` gives the entries of a crystal form with others in the screen its
+    FLEET_GRID_STEPS (:func:`jaxrefine.fleet.driver.entry_configs`)."""
     steps = cfg.runtime.grid_steps
     return 0 if steps == "auto" else int(steps)
 
