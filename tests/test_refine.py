@@ -835,7 +835,7 @@ def test_a_cell_range_without_the_models_cell_is_warned_about(caplog):
 def test_crystals_of_one_resolution_step_get_one_reflection_count():
     """With runtime.grid_steps, the problem's reflection count is at least every unique reflection to the step's
     resolution (in the largest cell of a cell range): 1va7 cut at 2.96, 2.99 and 3.04 Å (one step, 2.954 Å) pads its
-    5871, 5663 and 5374 reflections to one count, where their own size buckets are two (6336, 5824)."""
+    5864, 5652 and 5399 reflections to one count, where their own size buckets are two (6336, 5824)."""
     from jaxrefine.problem.setup import problem_reflection_count
     from jaxrefine.xray.structure_factors import grid_resolution
 
