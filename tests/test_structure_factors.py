@@ -700,10 +700,9 @@ def test_one_layout_serves_a_range_of_cells_with_an_accurate_f():
     serves the range's corners (layout_cells); made for each cell alone, the blur differs and the longest cell's
     box classes hold other atom counts (547 + 235 against 586 + 196: other shapes, another program).  F of the
     shortest cell on the shared layout stays within the FFT's accuracy of the direct sum."""
-    import dataclasses
     import itertools
 
-    from jaxrefine.core.crystal import orth_matrix
+    from jaxrefine.core.crystal import with_cell
     from jaxrefine.xray.structure_factors import grid_resolution
 
     model_path, data_path = dataset_paths("5kzb")
@@ -714,9 +713,7 @@ def test_one_layout_serves_a_range_of_cells_with_an_accurate_f():
     scales = (0.994, 1.0, 1.003)
 
     def crystal(f):
-        c = cell * [f, f, f, 1, 1, 1]
-        o = orth_matrix(c)
-        return dataclasses.replace(model.crystal, cell=c, orth=o, frac=np.linalg.inv(o))
+        return with_cell(model.crystal, cell * [f, f, f, 1, 1, 1])
 
     corners = sorted(set(itertools.product(*({lo, hi} for lo, hi in zip(crystal(scales[0]).cell, crystal(scales[-1]).cell)))))
     assert len(corners) == 8

@@ -11,7 +11,7 @@ A symmetry operator maps ``x' = R x + t`` on fractional coordinates.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -84,6 +84,12 @@ def orth_matrix(cell) -> np.ndarray:
             [0.0, 0.0, c * v / sg],
         ]
     )
+
+
+def with_cell(crystal: Crystal, cell) -> Crystal:
+    """``crystal``'s symmetry in another cell (a, b, c, α, β, γ), its orth and frac matrices made for it."""
+    orth = orth_matrix(cell)
+    return replace(crystal, cell=np.asarray(cell, float), orth=orth, frac=np.linalg.inv(orth))
 
 
 def s2_of(hkl: np.ndarray, crystal: Crystal) -> np.ndarray:

@@ -303,8 +303,9 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
             iso_atoms = np.arange(len(elements)) >= model.n_atoms
         log.info("riding hydrogens: %d", sites.n)
     _check_cell_range(cfg.runtime.cell_range, model.crystal.cell, model_path)
-    corners, d_grid = corner_cells(cfg.runtime.cell_range), grid_resolution(refl.d_min, grid_steps(cfg))
-    n_refl = problem_reflection_count(refl, model.crystal, d_grid if grid_steps(cfg) else None, corners)
+    corners, steps = corner_cells(cfg.runtime.cell_range), grid_steps(cfg)
+    d_grid = grid_resolution(refl.d_min, steps)
+    n_refl = problem_reflection_count(refl, model.crystal, d_grid if steps else None, corners)
     sf = make_sf_setup(model.crystal, pad_reflections(refl.hkl, n_refl), it92_form_factors(elements, model.source),
                        d_min=d_grid, b_iso=b_sf, b_margin=SF_B_MARGIN, dtype=dtype, u_aniso=u_sf, iso_atoms=iso_atoms,
                        reuse_classes=cfg.runtime.reuse_box_classes, layout_cells=corners)
@@ -335,17 +336,10 @@ def problem_reflection_count(refl: Reflections, crystal, d_grid: float | None = 
     complete dataset to the data's own d_min holds)."""
     n = refl.n
     if d_grid is not None:
-        import dataclasses
-
-        from ..core.crystal import orth_matrix
+        from ..core.crystal import with_cell
         from ..io.miller_io import unique_miller_indices
 
-        def count(cell):
-            orth = orth_matrix(cell)
-            return len(unique_miller_indices(dataclasses.replace(crystal, cell=np.asarray(cell, float), orth=orth,
-                                                                 frac=np.linalg.inv(orth)), d_grid))
-
-        n = max([n, count(crystal.cell)] + [count(c) for c in cells])
+        n = max([n] + [len(unique_miller_indices(with_cell(crystal, c), d_grid)) for c in [crystal.cell, *cells]])
     return reflection_bucket(n)
 
 

@@ -316,7 +316,7 @@ def make_sf_setup(
         In a refinement, build it from the starting model (b_margin leaves room for B to grow)
         and rebuild only between macrocycles.  B + B_blur must stay positive.
     """
-    from ..core.crystal import orth_matrix, s2_of  # crystal.py is numpy-only
+    from ..core.crystal import s2_of, with_cell  # crystal.py is numpy-only
 
     if method not in ("fft", "direct"):
         raise ValueError(f"method must be 'fft' or 'direct', got {method!r}")
@@ -373,10 +373,10 @@ def make_sf_setup(
     rot_int = np.rint(np.asarray(crystal.rot)).astype(np.int64)
     h_rot = np.einsum("ri,oij->orj", hkl.astype(np.int64), rot_int)  # (ops, r, 3) = hR = (Rᵀh)ᵀ
     grid = fft_grid_shape(crystal, d_min, rate, h_rot.reshape(-1, 3))
-    other_orth = [orth_matrix(c) for c in layout_cells]
-    for o in other_orth:  # as fine as each of the layout's cells needs
-        grid = tuple(max(g, h) for g, h in zip(grid, fft_grid_shape(_Orth(o), d_min, rate)))
-    fracs = [frac] + [np.linalg.inv(o) for o in other_orth]
+    others = [with_cell(crystal, c) for c in layout_cells]
+    for other in others:  # as fine as each of the layout's cells needs
+        grid = tuple(max(g, h) for g, h in zip(grid, fft_grid_shape(other, d_min, rate)))
+    fracs = [frac] + [np.asarray(o.frac, float) for o in others]
     n_grid = np.asarray(grid, float)
     if b_iso is None:
         b_iso = np.full(n_atoms, 20.0)
@@ -404,9 +404,10 @@ def make_sf_setup(
     if reuse_classes:
         key = _layout_key(grid, orth, log_eps_box, n_classes, ff.type_index, u_aniso is not None, iso_atoms)
         groups, iso_classes = _stored_or_new_classes(key, groups, iso_classes, b_box, iso_atoms)
-    g_metric = np.diag(1.0 / n_grid) @ (orth.T @ orth) @ np.diag(1.0 / n_grid)
-    cross = tuple(p for p in PAIRS if any(_has_cross(np.diag(1.0 / n_grid) @ (o.T @ o) @ np.diag(1.0 / n_grid), p)
-                                          for o in [orth] + other_orth))
+    metrics = [np.diag(1.0 / n_grid) @ (o.T @ o) @ np.diag(1.0 / n_grid)
+               for o in [orth] + [np.asarray(c.orth, float) for c in others]]
+    g_metric = metrics[0]
+    cross = tuple(p for p in PAIRS if any(_has_cross(g, p) for g in metrics))
     idx, conj = _sample_indices(h_rot.reshape(-1, 3), grid)
     phase = np.exp(2j * np.pi * np.einsum("ri,oi->or", hkl.astype(float), np.asarray(crystal.trans, float)))
     meta = SFMeta(
@@ -431,10 +432,6 @@ def make_sf_setup(
         box_atoms=tuple(on_device(atoms, jnp.int32) for _, atoms, _ in groups),
         meta=meta,
     )
-
-
-class _Orth(NamedTuple):
-    orth: np.ndarray  # what fft_grid_shape reads of a crystal
 
 
 def _has_cross(g_metric, p) -> bool:
