@@ -282,6 +282,51 @@ def test_water_picking_recovers_removed_waters():
 
 
 @pytest.mark.slow
+def test_water_picking_fills_spare_slots(caplog):
+    """4xof (1.15 Å) with a third of its waters removed, refined 2 cycles with water picking: the picked waters
+    go into the setup's occupancy-0 slots (the problem keeps every shape: no rebuild, no compiling again), most
+    of them where a removed water was; the slots stay out of the non-bonded list until filled and out of the
+    refined model when empty, and the new waters are in it with occupancy 1."""
+    import logging
+
+    from jaxrefine.config import load_config
+    from jaxrefine.problem.setup import build_setup, spare_water_count
+    from jaxrefine.refine.engine import refine, refined_model
+    from jaxrefine.validate.waters import nearest_distance, water_hooks
+
+    model, refl = _load("4xof")
+    water_res = np.unique(model.res_index[model.kind == "water"])
+    drop = np.random.default_rng(0).choice(water_res, size=len(water_res) // 3, replace=False)
+    dropped = np.isin(model.res_index, drop)
+    rest = model.subset(~dropped)
+    cfg = load_config(None, ["refine.n_cycles=2", "waters.update_waters=true", "refine.adp=iso",
+                             "model.hydrogens=remove"])
+    setup = build_setup(None, None, cfg, model=rest, refl=refl)
+    spare = setup.spare_waters
+    k = spare_water_count(rest)
+    assert spare is not None and spare.sum() == k and setup.model.n_atoms == rest.n_atoms + k
+    assert np.all(setup.model.occ[spare] == 0) and np.all(np.asarray(setup.problem.maps.occ0)[spare] == 0)
+    listed = np.unique(np.concatenate([np.asarray(setup.state.nonbonded.i), np.asarray(setup.state.nonbonded.j)]))
+    assert not np.isin(np.nonzero(spare)[0], listed).any()  # all at the model's centre, yet no clash listed
+    with caplog.at_level(logging.INFO, logger="jaxrefine"):
+        res = refine(setup, **water_hooks(cfg))
+    assert not any("rebuilt" in r.getMessage() for r in caplog.records)
+    assert res.setup is not setup and res.params.xyz_frac.shape == setup.params.xyz_frac.shape
+    filled = spare & (np.asarray(res.problem.maps.occ0) > 0)
+    assert 0 < filled.sum() < k and np.all(res.setup.model.occ[filled] == 1)
+    listed = np.concatenate([np.asarray(res.state.nonbonded.i), np.asarray(res.state.nonbonded.j)])
+    assert not np.isin(np.nonzero(spare & ~filled)[0], listed).any()
+    out = refined_model(res)
+    assert out.n_atoms == setup.model.n_atoms - (spare & ~filled).sum() - int(res.removed_atoms[~spare].sum())
+    assert np.all(out.occ[out.kind == "water"] > 0)
+    new = out.xyz_cart[np.isin(out.chain_id, np.unique(setup.model.chain_id[spare]))]
+    assert len(new) == filled.sum()
+    removed = model.xyz_cart[dropped & (model.element == "O")]
+    d_new = nearest_distance(new, removed, model.crystal, 3.0)
+    assert np.mean(d_new < WATER_MATCH) > 1 - WATER_FALSE, d_new
+
+
+@pytest.mark.slow
 def test_metal_coordinating_waters_are_not_clashes():
     """5orl: the six waters that coordinate its two Mg ions (2.05-2.21 Å) are not flagged as clashes
     (they were removed from a shaken start, costing 0.009 in R-free), while a water moved to 1.6 Å

@@ -60,7 +60,7 @@ def replace_residues(model: Model, replacements: dict, keep_atoms=("N", "CA", "C
     return model_from_structure(st, source=model.source, hydrogens=True)
 
 
-def add_waters(model: Model, xyz_cart, b_iso, chain: str = "W") -> Model:
+def add_waters(model: Model, xyz_cart, b_iso, chain: str = "W", occ: float = 1.0) -> Model:
     """A model with HOH residues appended (one O each) in a chain of their own.
 
     Args:
@@ -68,6 +68,7 @@ def add_waters(model: Model, xyz_cart, b_iso, chain: str = "W") -> Model:
         xyz_cart: (n, 3) Å; b_iso: (n,) Å².
         chain: chain name for the new waters (a new chain ``chain`` after the existing ones; its
             residue numbers continue after the largest water number of the model).
+        occ: their occupancy (0: slots for water picking, :func:`jaxrefine.problem.setup.with_spare_waters`).
     """
     if model.structure is None:
         raise InputError(f"{model.source}: this model has no gemmi structure to edit")
@@ -89,7 +90,7 @@ def add_waters(model: Model, xyz_cart, b_iso, chain: str = "W") -> Model:
         res.seqid = gemmi.SeqId(start + i, " ")
         res.het_flag = "H"
         res.entity_type = gemmi.EntityType.Water
-        res.add_atom(_new_atom("O", "O", x, b, 1.0))
+        res.add_atom(_new_atom("O", "O", x, b, occ))
         new.add_residue(res)
     st[0].add_chain(new)
     st.setup_entities()

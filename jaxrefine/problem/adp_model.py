@@ -103,9 +103,10 @@ class NcsModel(NamedTuple):
 
 
 def parameter_ratio(model, n_work: int, mode: str) -> float:
-    """Work reflections per refined parameter (xyz + B, or xyz + U for non-water atoms)."""
-    heavy = ~np.asarray(model.is_hydrogen, bool)
+    """Work reflections per refined parameter (xyz + B, or xyz + U for non-water atoms); waters of occupancy 0
+    (the slots kept for water picking, :func:`jaxrefine.problem.setup.with_spare_waters`) are not counted."""
     water = np.asarray(model.kind == "water")
+    heavy = ~np.asarray(model.is_hydrogen, bool) & ~(water & (np.asarray(model.occ) <= 0))
     per_atom = 9 if mode == "aniso" else 4
     n_par = per_atom * int((heavy & ~water).sum()) + 4 * int((heavy & water).sum())
     return n_work / max(n_par, 1)

@@ -98,7 +98,15 @@ def _symmetry_candidates(xyz_cart, crystal, cutoff):
     return np.concatenate(js), np.concatenate(ops), np.concatenate(shifts), np.concatenate(pos)
 
 
-def build_nonbonded(model_or_xyz, restraints: Restraints, crystal=None, cutoff: float | None = None, max_pairs: int | None = None, slack: float = NONBONDED_SLACK):
+def switched_off_waters(model, occ) -> np.ndarray:
+    """(n,) bool: the waters of ``model`` whose occupancy ``occ`` (n,) is 0: removed by the water check, or spare
+    slots not yet filled by water picking.  They carry no density and are left out of the non-bonded list (a
+    removed water that clashed pushed its neighbours away; a slot sits anywhere)."""
+    return (np.asarray(model.kind) == "water") & (np.asarray(occ) <= 0)
+
+
+def build_nonbonded(model_or_xyz, restraints: Restraints, crystal=None, cutoff: float | None = None, max_pairs: int | None = None, slack: float = NONBONDED_SLACK,
+                    off=None):
     """Padded list of non-bonded pairs that are (nearly) in contact, symmetry mates included.
 
     Pairs related by a bond or an angle (1-2, 1-3) and pairs of different alternative
@@ -114,6 +122,8 @@ def build_nonbonded(model_or_xyz, restraints: Restraints, crystal=None, cutoff: 
             PAIRS_PER_ATOM per atom, rounded up to a size bucket.  If more pairs are
             found the most distant are dropped with a warning.
         slack: list pairs with d < d_min + slack.
+        off: (n,) bool atoms left out (:func:`switched_off_waters`); default: the model's waters of occupancy 0, or none
+            for bare coordinates.
 
     Returns:
         :class:`jaxrefine.restraints.nonbonded.NonbondedList`.
@@ -136,6 +146,10 @@ def build_nonbonded(model_or_xyz, restraints: Restraints, crystal=None, cutoff: 
     rot = np.asarray(crystal.rot, float)
     ident = np.array([np.allclose(r, np.eye(3)) for r in rot])[op] & np.all(np.abs(shift) < 1e-9, axis=1)
     keep = np.where(ident, i < j, True) & ~((i == j) & (d < 0.5))  # once per pair; not special-position self images
+    if off is None and hasattr(model_or_xyz, "occ"):
+        off = switched_off_waters(model_or_xyz, model_or_xyz.occ)
+    if off is not None and np.any(off):
+        keep &= ~(np.asarray(off, bool)[i] | np.asarray(off, bool)[j])
     alt = np.asarray(restraints.altloc)
     keep &= ~((alt[i] != 0) & (alt[j] != 0) & (alt[i] != alt[j]))
     n = xyz.shape[0]

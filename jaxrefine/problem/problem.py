@@ -151,3 +151,4 @@ class Setup(NamedTuple):
     ncs_copies: tuple = ()  # jaxrefine.io.ncs.NcsCopies restrained to each other
     hydrogens: tuple = ("remove", "")  # (mode, reason): model.hydrogens as chosen for this setup (auto resolved)
     strategy: tuple = ("", "")  # (strategy, reason): refine.strategy as chosen for this setup (auto resolved)
+    spare_waters: Any = None  # (n_atoms,) bool: water slots kept for water picking (occupancy 0 until filled), or None

@@ -22,7 +22,7 @@ from ..xray.adp import b_eq
 from ..xray.targets import MAX_BINS, SigmaA
 from .adp_model import adp_of, refined_tls
 from .fmodel import fit_scales_and_sigma_a, model_f_mask, resolution_scale_for
-from .neighbours import NONBONDED_SLACK, build_nonbonded
+from .neighbours import NONBONDED_SLACK, build_nonbonded, switched_off_waters
 from .params import Params, atom_b, atom_occ, atom_xyz
 from .problem import Problem, XrayState, pad_reflections
 from .riding import scattering_atoms
@@ -267,5 +267,6 @@ def refresh_neighbours(setup, problem: Problem, state: XrayState, params: Params
     xyz, _, _ = current_model_arrays(params, problem)
     if not moved_beyond(xyz, built_at, 0.5 * NONBONDED_SLACK):
         return state, built_at
-    nb = build_nonbonded(xyz, problem.restraints, setup.model.crystal, max_pairs=int(state.nonbonded.i.shape[0]))
+    nb = build_nonbonded(xyz, problem.restraints, setup.model.crystal, max_pairs=int(state.nonbonded.i.shape[0]),
+                         off=switched_off_waters(setup.model, np.asarray(problem.maps.occ0)))
     return state._replace(nonbonded=cast_floats(nb, problem.maps.orth.dtype)), xyz

@@ -450,6 +450,8 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
                 nb_built_at = mask_at = riding_at = None  # other atoms: all rebuilt next cycle
             setup, params, problem, state = ctx.setup, ctx.params, ctx.problem, ctx.state
             removed_labels += list(ctx.removed)
+        if atoms_changed:  # the next cycle's shifts from the new atoms (waters in slots moved from anywhere)
+            previous = current_model_arrays(params, problem)[:2]
         if settings.w_a == "auto" and "xyz" in blocks and not settings.scan_w_a:
             w_a = wmod.adjust_w_a(float(state.w_a), st.rmsz_bond, settings.target_rmsz, st.rms_bond, st.rms_angle)
             state = state._replace(w_a=jnp.asarray(w_a, problem.maps.orth.dtype))
@@ -490,6 +492,8 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
         log.info(msg)
         warnings.append(msg)
     removed_atoms = (np.asarray(kept.problem.maps.occ0) <= 0) & (kept.setup.model.occ > 0)
+    if kept.setup.spare_waters is not None:  # slots for water picking that no water filled
+        removed_atoms |= kept.setup.spare_waters & (kept.setup.model.occ <= 0)
     return RefinementResult(params=kept.params, problem=kept.problem, state=kept.state, history=history,
                             best_cycle=kept.cycle, warnings=warnings, wall_s=time.perf_counter() - t0,
                             removed_waters=removed_labels, removed_atoms=removed_atoms, setup=kept.setup,

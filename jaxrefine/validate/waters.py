@@ -177,6 +177,34 @@ class WaterUpdate(NamedTuple):
     report: dict
 
 
+class WaterChanges(NamedTuple):
+    """What one round of water picking changes in a model (:func:`water_changes`)."""
+
+    removed: np.ndarray  # (n_atoms,) bool: the atoms of the waters removed
+    added: np.ndarray  # (k, 3) Cartesian positions (Å) of the new waters
+    b_new: float  # their B (Å²): the mean B of the waters kept (of all atoms without waters)
+    heights: np.ndarray  # (k,) their mFo−DFc peaks (σ)
+
+
+def water_changes(model, refl, params: WaterConfig = WaterConfig(), maps=None, remove: bool = True) -> WaterChanges:
+    """The waters one round removes (bad ones, when ``remove``) and the new ones it adds at mFo−DFc peaks (see
+    :func:`update_waters`, which applies them to the model)."""
+    from .density import model_maps
+
+    maps = model_maps(model, refl) if maps is None else maps
+    removed = np.zeros(model.n_atoms, bool)
+    if remove:
+        bad = bad_waters(model, maps, params)
+        removed = np.isin(model.res_index, np.unique(model.res_index[bad]))
+    kept = model.subset(~removed) if removed.any() else model
+    new_xyz, heights = pick_waters(kept, maps, params)
+    n_water = int((kept.kind == "water").sum())
+    limit = int(np.ceil(params.max_new_fraction * max(n_water, kept.n_residues // 2, 1)))
+    waters = kept.kind == "water"
+    b_new = float(kept.b_iso[waters].mean()) if waters.any() else float(kept.b_iso.mean())
+    return WaterChanges(removed, new_xyz[:limit], b_new, heights[:limit])
+
+
 def update_waters(model, refl, params: WaterConfig = WaterConfig(), maps=None, remove: bool = True) -> WaterUpdate:
     """Remove bad waters, then add waters at mFo−DFc peaks (one round; run between macrocycles).
 
@@ -191,27 +219,22 @@ def update_waters(model, refl, params: WaterConfig = WaterConfig(), maps=None, r
         :class:`WaterUpdate` (added: (k, 3) positions of the new waters).
     """
     from ..io.residue_edit import add_waters
-    from .density import model_maps
 
-    maps = model_maps(model, refl) if maps is None else maps
-    n_removed = 0
-    if remove:
-        bad = bad_waters(model, maps, params)
-        n_removed = int(np.unique(model.res_index[bad]).size)
-        if n_removed:
-            model = model.subset(~np.isin(model.res_index, np.unique(model.res_index[bad])))
-    new_xyz, heights = pick_waters(model, maps, params)
-    n_water = int((model.kind == "water").sum())
-    limit = int(np.ceil(params.max_new_fraction * max(n_water, model.n_residues // 2, 1)))
-    new_xyz, heights = new_xyz[:limit], heights[:limit]
-    waters = model.kind == "water"
-    b_new = float(model.b_iso[waters].mean()) if waters.any() else float(model.b_iso.mean())
-    if len(new_xyz):
-        model = add_waters(model, new_xyz, np.full(len(new_xyz), b_new))
-    report = {"removed": n_removed, "added": int(len(new_xyz)), "n_waters": int((model.kind == "water").sum()),
-              "peak_sigma": [round(float(h), 2) for h in heights]}
-    log.info("waters: removed %d, added %d (now %d)", n_removed, len(new_xyz), report["n_waters"])
-    return WaterUpdate(model, new_xyz, n_removed, report)
+    ch = water_changes(model, refl, params, maps, remove)
+    n_removed = int(np.unique(model.res_index[ch.removed]).size)
+    if n_removed:
+        model = model.subset(~ch.removed)
+    if len(ch.added):
+        model = add_waters(model, ch.added, np.full(len(ch.added), ch.b_new))
+    report = _water_report(n_removed, ch, int((model.kind == "water").sum()))
+    return WaterUpdate(model, ch.added, n_removed, report)
+
+
+def _water_report(n_removed: int, ch: WaterChanges, n_waters: int) -> dict:
+    """The round's report (and its log line)."""
+    log.info("waters: removed %d, added %d (now %d)", n_removed, len(ch.added), n_waters)
+    return {"removed": n_removed, "added": int(len(ch.added)), "n_waters": n_waters,
+            "peak_sigma": [round(float(h), 2) for h in ch.heights]}
 
 
 # ------------------------------------------------------------------ actions between macrocycles
@@ -279,26 +302,78 @@ def remove_bad_waters_hook(params: WaterConfig = WaterConfig(), told: list | Non
 
 
 def pick_waters_hook(params: WaterConfig = WaterConfig(), remove: bool = True, told: list | None = None):
-    """Action: water picking between coordinate macrocycles (not after the last): remove bad waters,
-    add waters at mFo−DFc peaks, and rebuild the problem for the new atoms (this recompiles the energy).
-    Nothing happens with data beyond ``params.max_d_min`` (see :func:`waters_apply`)."""
+    """Action: water picking between coordinate macrocycles (not after the last): remove bad waters and add waters
+    at mFo−DFc peaks.  New waters fill the setup's spare slots (:func:`jaxrefine.problem.setup.with_spare_waters`):
+    the shapes stay and nothing compiles again.  Where the slots run out (or rigid bodies move the atoms) the
+    problem is rebuilt for the new atoms (this recompiles the energy).  Nothing happens with data beyond
+    ``params.max_d_min`` (see :func:`waters_apply`)."""
     told = [] if told is None else told
 
     def pick(ctx):
         if "xyz" not in ctx.blocks or ctx.last or not waters_apply(ctx, params, told):
             return ctx
-        from ..problem.setup import rebuild_setup
-        from ..problem.xray_state import model_of
+        from ..problem.problem import observed, observed_sigma_a
+        from ..problem.xray_state import f_model_of_jit, model_of
+        from .density import maps_of_f_model
 
         setup, problem = ctx.setup, ctx.problem
-        model_now = model_of(setup.model, ctx.params, problem, setup.adp_choice)
-        keep = model_now.occ > 0
-        if not keep.all():
-            model_now = model_now.subset(keep)
-        upd = update_waters(model_now, setup.refl, params, remove=remove)
-        if not upd.report["added"] and not upd.removed and keep.all():
+        model_all = model_of(setup.model, ctx.params, problem, setup.adp_choice)
+        live = model_all.occ > 0
+        model_now = model_all if live.all() else model_all.subset(live)
+        # the maps of the refinement's F_model (scales and σA refitted at the end of the cycle): no F_calc of its own
+        # for the live atoms (another shape each round: 0.5 s of compiling a round on 4xof)
+        x = problem.xray
+        maps = maps_of_f_model(setup.refl, observed(x, f_model_of_jit(ctx.params, problem, ctx.state)),
+                               observed_sigma_a(x, ctx.state.sigma_a))
+        ch = water_changes(model_now, setup.refl, params, maps=maps, remove=remove)
+        removed = np.zeros(model_all.n_atoms, bool)
+        removed[np.nonzero(live)[0][ch.removed]] = True
+        n_removed = int(np.unique(model_now.res_index[ch.removed]).size)
+        spare = setup.spare_waters
+        free = np.zeros(model_all.n_atoms, bool) if spare is None else spare & ~live
+        if not len(ch.added) and not removed.any():
+            log.info("waters: removed 0, added 0 (now %d)", int((model_now.kind == "water").sum()))
             return ctx
-        new = rebuild_setup(setup, upd.model)
+        if len(ch.added) <= free.sum() and ctx.params.rot.shape[0] == 0:
+            n_now = int((model_now.kind == "water").sum()) - int(ch.removed.sum()) + len(ch.added)
+            _water_report(n_removed, ch, n_now)
+            return _fill_slots(ctx, removed, np.nonzero(free)[0][:len(ch.added)], ch)
+        from ..io.residue_edit import add_waters
+        from ..problem.setup import rebuild_setup
+
+        model_new = model_now.subset(~ch.removed) if ch.removed.any() else model_now
+        if len(ch.added):
+            model_new = add_waters(model_new, ch.added, np.full(len(ch.added), ch.b_new))
+        _water_report(n_removed, ch, int((model_new.kind == "water").sum()))
+        log.info("waters: %d new, %d spare slots: the problem is rebuilt for the new atoms", len(ch.added), int(free.sum()))
+        new = rebuild_setup(setup, model_new)
         return ctx._replace(setup=new, params=new.params, problem=new.problem, state=new.state._replace(w_a=ctx.state.w_a))
 
     return pick
+
+
+def _fill_slots(ctx, removed, slots, ch: WaterChanges):
+    """``ctx`` with the waters ``removed`` ((n,) bool) switched off and the new waters in the spare ``slots``: their
+    positions, B and occupancy 1 in the parameters, the problem and the setup's model (which the solvent mask and
+    the writers read); the X-ray state refitted for them.  A new setup object: the loop rebuilds the neighbour
+    list and the mask, and compares R-free from here on."""
+    from ..problem.params import b_to_raw
+    from ..problem.xray_state import update_xray_state
+
+    setup, problem, params = ctx.setup, ctx.problem, ctx.params
+    model = setup.model
+    occ0 = np.array(problem.maps.occ0)
+    occ0[removed] = 0.0
+    occ0[slots] = 1.0
+    xyz_frac = np.array(params.xyz_frac)
+    xyz_frac[slots] = model.crystal.to_frac(ch.added)
+    b_raw = np.array(params.b_raw)
+    b_raw[slots] = b_to_raw(np.full(len(slots), ch.b_new), float(problem.maps.b_min))
+    xyz_cart, b_iso, occ = model.xyz_cart.copy(), model.b_iso.copy(), model.occ.copy()
+    xyz_cart[slots], b_iso[slots], occ[slots] = ch.added, ch.b_new, 1.0
+    setup = setup._replace(model=model.with_arrays(xyz_cart=xyz_cart, b_iso=b_iso, occ=occ))
+    problem = problem._replace(maps=problem.maps._replace(occ0=on_device(occ0, problem.maps.occ0.dtype)))
+    params = params._replace(xyz_frac=on_device(xyz_frac, params.xyz_frac.dtype), b_raw=on_device(b_raw, params.b_raw.dtype))
+    state = update_xray_state(setup, problem, ctx.state, params)
+    labels = tuple(f"{model.chain_id[i]}/{model.res_name[i]} {model.res_seq[i]}" for i in np.nonzero(removed)[0])
+    return ctx._replace(setup=setup, params=params, problem=problem, state=state, removed=labels)
