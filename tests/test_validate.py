@@ -327,6 +327,38 @@ def test_water_picking_fills_spare_slots(caplog):
 
 
 @pytest.mark.slow
+def test_water_picking_rebuilds_when_the_slots_run_out(monkeypatch, caplog):
+    """With one slot and more waters picked (4xof without a third of its waters), the round rebuilds the problem
+    for the new atoms (the way before the slots), and the new setup has slots again, counted for the new model."""
+    import logging
+
+    import jaxrefine.problem.setup as setup_module
+    from jaxrefine.config import load_config
+    from jaxrefine.refine.engine import refine, refined_model
+    from jaxrefine.validate.waters import water_hooks
+
+    model, refl = _load("4xof")
+    water_res = np.unique(model.res_index[model.kind == "water"])
+    drop = np.random.default_rng(0).choice(water_res, size=len(water_res) // 3, replace=False)
+    rest = model.subset(~np.isin(model.res_index, drop))
+    monkeypatch.setattr(setup_module, "SPARE_WATER_MIN", 1)
+    monkeypatch.setattr(setup_module, "SPARE_WATER_FRACTION", 0.0)
+    cfg = load_config(None, ["refine.n_cycles=2", "waters.update_waters=true", "refine.adp=iso",
+                             "model.hydrogens=remove"])
+    setup = setup_module.build_setup(None, None, cfg, model=rest, refl=refl)
+    assert setup.spare_waters.sum() == 1
+    with caplog.at_level(logging.INFO, logger="jaxrefine"):
+        res = refine(setup, **water_hooks(cfg))
+    assert any("1 spare slots: the problem is rebuilt" in r.getMessage() for r in caplog.records)
+    n_new = res.setup.model.n_atoms - res.setup.spare_waters.sum()
+    assert n_new > rest.n_atoms and res.params.xyz_frac.shape[0] == res.setup.model.n_atoms
+    assert res.setup.spare_waters.sum() == 1 and np.all(res.setup.model.occ[res.setup.spare_waters] == 0)
+    out = refined_model(res)
+    assert out.n_atoms == n_new - int(res.removed_atoms[~res.setup.spare_waters].sum())
+    assert np.all(out.occ[out.kind == "water"] > 0)
+
+
+@pytest.mark.slow
 def test_metal_coordinating_waters_are_not_clashes():
     """5orl: the six waters that coordinate its two Mg ions (2.05-2.21 Å) are not flagged as clashes
     (they were removed from a shaken start, costing 0.009 in R-free), while a water moved to 1.6 Å
