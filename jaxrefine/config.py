@@ -141,6 +141,9 @@ class OutputConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     compilation_cache: Any = "auto"  # auto ($JAXREFINE_CACHE_DIR, else ~/.cache/jaxrefine/jax) | off | a folder
+    # the cache folder's size limit (MB): a process that used the folder deletes, when it ends, the least recently
+    # used files once it holds more, down to 80 % (core.cache.prune_cache); 0: no limit
+    cache_max_mb: float = 2000.0
     # keep the FFT box classes an earlier run of the same atoms stored in the cache folder when this model's atoms fit
     # them (a rerun from the refined model loads the first run's programs); off by default: the classes then depend on
     # what ran before, which moves F_calc at the box truncation's level (~1e-4) and R-free in the 4th decimal
@@ -278,6 +281,7 @@ _CHECKS = {
     ("refine", "steps_rigid"): _non_negative,
     ("refine", "gn_steps"): _non_negative_int_or_auto,
     ("runtime", "grid_steps"): _non_negative_int_or_auto,
+    ("runtime", "cache_max_mb"): _non_negative,
     ("runtime", "cell_range"): _cell_range,
     ("refine", "b_shift_scale"): _positive,
     ("refine", "learning_rate"): _positive,

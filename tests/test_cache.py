@@ -94,6 +94,44 @@ def test_second_process_hits_the_cache(tmp_path):
     assert any((tmp_path / "c").iterdir())
 
 
+def test_cache_folder_is_kept_under_its_size_limit(tmp_path):
+    """Over the limit, the least recently used files go (access or modification time, whichever is later; files in
+    subfolders too) until the folder holds PRUNE_TO of it; files used in the last minutes stay; within the limit,
+    or with no limit, nothing goes."""
+    folder = tmp_path / "c"
+    (folder / "exported").mkdir(parents=True)
+    now = time.time()
+    paths = []
+    for k in range(10):  # 10 files of 100 kB, last used k hours ago (the exported ones read, not written, lately)
+        p = folder / ("exported" if k % 2 else ".") / f"f{k}-cache"
+        p.write_bytes(b"x" * 100_000)
+        os.utime(p, (now - 3600 * k, now - 3600 * (k + 20 if k % 2 else k)))
+        paths.append(p)
+    assert cache.prune_cache(str(folder), 0, now=now) == 0  # no limit
+    assert cache.prune_cache(str(folder), 1_000_000, now=now) == 0 and all(p.exists() for p in paths)
+    freed = cache.prune_cache(str(folder), 500_000, now=now)
+    assert freed == 600_000 and [p.exists() for p in paths] == [True] * 4 + [False] * 6
+    assert sum(p.stat().st_size for p in paths if p.exists()) <= cache.PRUNE_TO * 500_000
+    os.utime(paths[3], (now - 60, now - 60))  # in use by another process: kept even over the limit
+    assert cache.prune_cache(str(folder), 100_000, now=now) == 200_000 and paths[3].exists() and paths[0].exists()
+
+
+def test_a_run_prunes_its_cache_folder_when_it_ends(tmp_path):
+    """enable_compilation_cache(folder, max_mb) keeps the folder under max_mb when the process ends."""
+    folder = tmp_path / "c"
+    folder.mkdir()
+    old = folder / "old-cache"
+    old.write_bytes(b"x" * 2_000_000)
+    os.utime(old, (time.time() - 86400, time.time() - 86400))
+    env = dict(os.environ)
+    env.pop(cache.ENV_VAR, None)
+    code = ("import sys; from jaxrefine.core import cache; cache.enable_compilation_cache(sys.argv[1], float(sys.argv[2]))")
+    subprocess.run([sys.executable, "-c", code, str(folder), "10"], check=True, timeout=120, env=env)
+    assert old.exists()  # 2 MB within 10 MB
+    subprocess.run([sys.executable, "-c", code, str(folder), "1"], check=True, timeout=120, env=env)
+    assert not old.exists()
+
+
 # ------------------------------------------------------------------- lowered programs kept on disk
 _TRACES = []
 

@@ -15,6 +15,10 @@ Where the cache lives, first match wins:
 The cache is trusted code (see JAX's documentation): keep it in a folder only you can write to.
 The largest programs also keep their lowered form there (:func:`call_exported`, ``exported/``: pickled
 ``jax.export`` artifacts), which a warm run reads instead of tracing again.
+
+The folder is kept under a size (``runtime.cache_max_mb``): a process that used it deletes, when it ends, the least
+recently used files once the folder holds more (:func:`prune_cache`), so that hundreds of datasets and the programs
+of older jaxrefine versions do not fill the disk.
 """
 from __future__ import annotations
 
@@ -69,12 +73,14 @@ def resolve_cache_dir(cache_dir=None) -> str | None:
     return default_cache_dir()
 
 
-def enable_compilation_cache(cache_dir: str | None = None) -> str | None:
+def enable_compilation_cache(cache_dir: str | None = None, max_mb: float | None = None) -> str | None:
     """Turn JAX's persistent compilation cache on (or off) for this process.
 
     Args:
         cache_dir: a folder, ``"off"`` (also ``False``), or None / ``"auto"`` for the default
             order (``$JAXREFINE_CACHE_DIR``, a folder already set in JAX, the user's cache folder).
+        max_mb: the folder's size limit (MB; ``runtime.cache_max_mb``), kept when this process ends
+            (:func:`prune_cache`); None or 0: no limit from this call.
 
     Returns:
         The cache folder in use, or None when the cache is off.
@@ -100,7 +106,70 @@ def enable_compilation_cache(cache_dir: str | None = None) -> str | None:
     if jax.config.jax_compilation_cache_dir != path:
         _set_dir(path)
     log.debug("JAX compilation cache: %s", path)
+    if max_mb:
+        _prune_at_exit(path, float(max_mb) * 2**20)
     return path
+
+
+# --- the folder's size ---------------------------------------------------------------------------
+PRUNE_TO = 0.8  # a folder over its limit is cut to this fraction of it, so that not every run prunes again
+PRUNE_MIN_AGE_S = 300.0  # files written or read this recently are kept (another process may be using them)
+_prune_limits: dict = {}  # folder -> limit (bytes) this process keeps at exit
+
+
+def prune_cache(folder: str, max_bytes: float, now: float | None = None) -> int:
+    """Keep the cache ``folder`` under ``max_bytes``: when it holds more, delete its least recently used files (JAX's
+    executables, the exported programs, the tables; last use = a file's access or modification time, whichever is
+    later: a load marks its exported program) until it holds PRUNE_TO × ``max_bytes``, sparing the files used in the
+    last PRUNE_MIN_AGE_S.  A deleted program is compiled again when next needed.
+
+    Returns:
+        the bytes deleted (0 when within the limit, or ``max_bytes`` <= 0: no limit).
+    """
+    import time
+
+    if max_bytes <= 0:
+        return 0
+    now = time.time() if now is None else now
+    files = []
+    for root, _dirs, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            try:
+                st = os.stat(path)
+            except OSError:  # deleted meanwhile by another process
+                continue
+            files.append((max(st.st_atime, st.st_mtime), st.st_size, path))
+    total = sum(size for _, size, _ in files)
+    if total <= max_bytes:
+        return 0
+    freed = 0
+    for used, size, path in sorted(files):
+        if total - freed <= PRUNE_TO * max_bytes or now - used < PRUNE_MIN_AGE_S:
+            break
+        try:
+            os.remove(path)
+            freed += size
+        except OSError:
+            continue
+    log.debug("compilation cache %s: %.0f MB over its %.0f MB limit, %.0f MB of least recently used files deleted",
+              folder, total / 2**20, max_bytes / 2**20, freed / 2**20)
+    return freed
+
+
+def _prune_at_exit(folder: str, max_bytes: float) -> None:
+    """Keep ``folder`` under ``max_bytes`` when this process ends (after the background preparations)."""
+    if not _prune_limits:
+        atexit.register(_prune_all)
+    _prune_limits[folder] = max_bytes
+
+
+def _prune_all() -> None:
+    for folder, limit in list(_prune_limits.items()):
+        try:
+            prune_cache(folder, limit)
+        except Exception as exc:  # never fail a finished run over the cache's size
+            log.debug("pruning %s failed (%s)", folder, exc)
 
 
 def _set_dir(path: str | None) -> None:
@@ -404,6 +473,10 @@ def _load_or_export(jitted, treedef, leaves, static: dict, path: str):
         with open(path, "rb") as fh:
             exp, tree = pickle.load(fh)
         if isinstance(exp, jax.export.Exported) and isinstance(tree, jax.tree_util.PyTreeDef):
+            try:
+                os.utime(path)  # used now: the last a size limit deletes (prune_cache)
+            except OSError:
+                pass
             return exp, tree
         log.debug("stored program %s is not an exported program: exporting again", path)
     except FileNotFoundError:

@@ -126,7 +126,7 @@ def run_entry(entry, out_root: str, base_config: dict, tolerance: float = KEEP_I
     c0, h0 = _compile["seconds"], _compile["hits"]
     try:
         cfg = config_from_dict(apply_overrides(base_config, entry.config_overrides()))
-        enable_compilation_cache(cfg.runtime.compilation_cache)  # shared by all workers of this machine
+        enable_compilation_cache(cfg.runtime.compilation_cache, cfg.runtime.cache_max_mb)  # shared by all workers of this machine
         rec["adp"] = adp_model(cfg)
         metrics = run_refinement(entry.model, entry.data, out_dir, cfg, **water_hooks(cfg))  # as the CLI: bad waters removed
         rec.update(never_worse(metrics, entry, out_dir, tolerance))

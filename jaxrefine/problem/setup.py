@@ -276,7 +276,7 @@ def build_setup(model_path, data_path, cfg: Config | None = None, model=None, re
     cfg = cfg or Config()
     # the persistent compilation cache (runtime.compilation_cache), as the CLI and refine() turn it on: a script,
     # notebook or test that builds a problem loads the programs an earlier process compiled for the same shapes
-    enable_compilation_cache(cfg.runtime.compilation_cache)
+    enable_compilation_cache(cfg.runtime.compilation_cache, cfg.runtime.cache_max_mb)
     if model is None or refl is None:
         model, refl = load_inputs(model_path, data_path, cfg)
     dtype = _dtype(cfg)

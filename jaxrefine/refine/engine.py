@@ -375,7 +375,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
         setup = with_rigid_bodies(setup)
     # the persistent compilation cache, as for the CLI (runtime.compilation_cache): notebooks and scripts that
     # call refine() directly load the loop's compiled code from an earlier process instead of compiling it
-    enable_compilation_cache(setup.config.runtime.compilation_cache)
+    enable_compilation_cache(setup.config.runtime.compilation_cache, setup.config.runtime.cache_max_mb)
     t0 = time.perf_counter()
     problem, params, state = setup.problem, setup.params, setup.state
     timing.begin_cycle(0)  # the starting model: initial w_A and statistics

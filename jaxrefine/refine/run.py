@@ -217,7 +217,7 @@ def _keep_failed_log(log_path, out_dir) -> None:
 
 
 def _run(model_path, data_path, inputs, stage, cfg, progress, plot_title, after_minimise, between_cycles, guard) -> dict:
-    cache = enable_compilation_cache(cfg.runtime.compilation_cache)
+    cache = enable_compilation_cache(cfg.runtime.compilation_cache, cfg.runtime.cache_max_mb)
     log.info("compilation cache: %s", cache or "off")
     model, refl = inputs
     with timing.section("setup"):
