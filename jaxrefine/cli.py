@@ -138,6 +138,9 @@ def console_main() -> None:
     """
     apply_malloc_defaults()  # before the command's first large allocation (core/malloc_options.py)
     status = main()
+    from .core.cache import prune_registered
+
+    prune_registered()  # the cache folder's size limit (runtime.cache_max_mb): os._exit below skips atexit
     logging.shutdown()  # flush and close every log handler (refine.log)
     try:
         sys.stdout.flush()

@@ -132,6 +132,27 @@ def test_a_run_prunes_its_cache_folder_when_it_ends(tmp_path):
     assert not old.exists()
 
 
+
+def test_the_command_prunes_the_cache_folder_before_its_quick_exit(tmp_path, monkeypatch, restore_jax_cache):
+    """The jaxrefine command ends with os._exit (no atexit handlers): it keeps the folder's limit first."""
+    from jaxrefine import cli
+
+    folder = tmp_path / "c"
+    folder.mkdir()
+    old = folder / "old-cache"
+    old.write_bytes(b"x" * 2_000_000)
+    os.utime(old, (time.time() - 86400, time.time() - 86400))
+    monkeypatch.setattr(cli, "main", lambda: cache.enable_compilation_cache(str(folder), 1) and 0)
+
+    def no_exit(status):
+        raise SystemExit(status)
+
+    monkeypatch.setattr(os, "_exit", no_exit)
+    with pytest.raises(SystemExit):
+        cli.console_main()
+    assert not old.exists()
+
+
 # ------------------------------------------------------------------- lowered programs kept on disk
 _TRACES = []
 

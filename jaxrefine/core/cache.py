@@ -158,14 +158,17 @@ def prune_cache(folder: str, max_bytes: float, now: float | None = None) -> int:
 
 
 def _prune_at_exit(folder: str, max_bytes: float) -> None:
-    """Keep ``folder`` under ``max_bytes`` when this process ends (after the background preparations)."""
+    """Keep ``folder`` under ``max_bytes`` when this process ends (after the background preparations), or at
+    :func:`prune_registered` (the command's quick exit skips ``atexit``)."""
     if not _prune_limits:
-        atexit.register(_prune_all)
+        atexit.register(prune_registered)
     _prune_limits[folder] = max_bytes
 
 
-def _prune_all() -> None:
-    for folder, limit in list(_prune_limits.items()):
+def prune_registered() -> None:
+    """Keep every cache folder this process used under its limit now (:func:`prune_cache`); once."""
+    while _prune_limits:
+        folder, limit = _prune_limits.popitem()
         try:
             prune_cache(folder, limit)
         except Exception as exc:  # never fail a finished run over the cache's size
