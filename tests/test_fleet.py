@@ -313,3 +313,22 @@ def test_cell_ranges_per_crystal_form_leave_out_other_forms(tmp_path):
     assert entry_configs(entries, {"runtime": {"cell_range": [], "grid_steps": 0}}) == {}
     assert entry_configs(entries, {"runtime": {"cell_range": [], "grid_steps": "auto"}})["c"]["runtime"] == {
         "cell_range": [], "grid_steps": 16}  # a setting of the user's kept
+
+
+def test_fleet_keeps_the_cache_folder_under_its_limit(tmp_path):
+    """Once the entries are done the driver keeps the shared configuration's cache folder under runtime.cache_max_mb
+    (Dask's workers may end without their exit handlers)."""
+    import os
+    import time
+
+    from jaxrefine.fleet.driver import _keep_cache_limit, shared_config
+
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    old = folder / "old-cache"
+    old.write_bytes(b"x" * 2_000_000)
+    os.utime(old, (time.time() - 86400, time.time() - 86400))
+    _keep_cache_limit(shared_config(None, [f"runtime.compilation_cache={folder}", "runtime.cache_max_mb=10"]))
+    assert old.exists()
+    _keep_cache_limit(shared_config(None, [f"runtime.compilation_cache={folder}", "runtime.cache_max_mb=1"]))
+    assert not old.exists()

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from ..config import Config, config_to_dict, load_config
+from ..config import Config, config_from_dict, config_to_dict, load_config
 from ..errors import ConfigError
 from ..io.crystal_io import header_cell
 from ..io.writers import write_json
@@ -183,8 +183,21 @@ def refine_many(entries, out_dir, client=None, *, scheduler: str | None = None, 
             if owned:
                 _close(client)
     table()
+    _keep_cache_limit(base)
     rows = [records[i] for i in order]
     return _maybe_dataframe(rows, as_dataframe)
+
+
+def _keep_cache_limit(base: dict) -> None:
+    """The cache folder under ``runtime.cache_max_mb`` once the fleet is done (``base``: the shared configuration as
+    :func:`shared_config` gives it; its workers may end without their exit handlers; on another machine's workers it
+    is that machine's own folder, kept by its runs)."""
+    from ..core.cache import prune_cache, resolve_cache_dir
+
+    runtime = config_from_dict(base).runtime
+    folder = resolve_cache_dir(runtime.compilation_cache)
+    if folder and runtime.cache_max_mb and os.path.isdir(folder):
+        prune_cache(folder, float(runtime.cache_max_mb) * 2**20)
 
 
 def _run(client, todo, out_root, base, tolerance, records, table, line, task=run_entry, entry_bases=None) -> None:
