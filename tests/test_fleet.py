@@ -318,9 +318,6 @@ def test_cell_ranges_per_crystal_form_leave_out_other_forms(tmp_path):
 def test_fleet_keeps_the_cache_folder_under_its_limit(tmp_path):
     """Once the entries are done the driver keeps the shared configuration's cache folder under runtime.cache_max_mb
     (Dask's workers may end without their exit handlers)."""
-    import os
-    import time
-
     from jaxrefine.fleet.driver import _keep_cache_limit, shared_config
 
     folder = tmp_path / "cache"
