@@ -95,18 +95,23 @@ def test_second_process_hits_the_cache(tmp_path):
 
 
 def test_cache_folder_is_kept_under_its_size_limit(tmp_path):
-    """Over the limit, the least recently used files go (access or modification time, whichever is later; files in
-    subfolders too) until the folder holds PRUNE_TO of it; files used in the last minutes stay; within the limit,
-    or with no limit, nothing goes."""
+    """Over the limit, the least recently used files go (access or modification time, whichever is later; the
+    exported programs too) until the folder holds PRUNE_TO of it; files used in the last minutes stay; within the
+    limit, or with no limit, nothing goes; files the cache did not write are neither counted nor deleted."""
     folder = tmp_path / "c"
     (folder / "exported").mkdir(parents=True)
+    (folder / "mine").mkdir()
     now = time.time()
     paths = []
     for k in range(10):  # 10 files of 100 kB, last used k hours ago (the exported ones read, not written, lately)
-        p = folder / ("exported" if k % 2 else ".") / f"f{k}-cache"
+        p = folder / "exported" / f"f{k}.pkl" if k % 2 else folder / f"f{k}-cache"
         p.write_bytes(b"x" * 100_000)
         os.utime(p, (now - 3600 * k, now - 3600 * (k + 20 if k % 2 else k)))
         paths.append(p)
+    others = [folder / "notes.txt", folder / "mine" / "old-cache", folder / "exported" / "readme.md"]
+    for p in others:  # not the cache's files: never counted or deleted
+        p.write_bytes(b"y" * 1_000_000)
+        os.utime(p, (now - 10**6, now - 10**6))
     assert cache.prune_cache(str(folder), 0, now=now) == 0  # no limit
     assert cache.prune_cache(str(folder), 1_000_000, now=now) == 0 and all(p.exists() for p in paths)
     freed = cache.prune_cache(str(folder), 500_000, now=now)
@@ -114,6 +119,7 @@ def test_cache_folder_is_kept_under_its_size_limit(tmp_path):
     assert sum(p.stat().st_size for p in paths if p.exists()) <= cache.PRUNE_TO * 500_000
     os.utime(paths[3], (now - 60, now - 60))  # in use by another process: kept even over the limit
     assert cache.prune_cache(str(folder), 100_000, now=now) == 200_000 and paths[3].exists() and paths[0].exists()
+    assert all(p.exists() for p in others)
 
 
 def test_a_run_prunes_its_cache_folder_when_it_ends(tmp_path):

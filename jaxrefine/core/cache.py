@@ -121,7 +121,8 @@ def prune_cache(folder: str, max_bytes: float, now: float | None = None) -> int:
     """Keep the cache ``folder`` under ``max_bytes``: when it holds more, delete its least recently used files (JAX's
     executables, the exported programs, the tables; last use = a file's access or modification time, whichever is
     later: a load marks its exported program) until it holds PRUNE_TO × ``max_bytes``, sparing the files used in the
-    last PRUNE_MIN_AGE_S.  A deleted program is compiled again when next needed.
+    last PRUNE_MIN_AGE_S.  A deleted program is compiled again when next needed.  Only the cache's own files count
+    and go (:func:`_cache_files`): a folder given as the cache that holds other files keeps them.
 
     Returns:
         the bytes deleted (0 when within the limit, or ``max_bytes`` <= 0: no limit).
@@ -132,14 +133,12 @@ def prune_cache(folder: str, max_bytes: float, now: float | None = None) -> int:
         return 0
     now = time.time() if now is None else now
     files = []
-    for root, _dirs, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            try:
-                st = os.stat(path)
-            except OSError:  # deleted meanwhile by another process
-                continue
-            files.append((max(st.st_atime, st.st_mtime), st.st_size, path))
+    for path in _cache_files(folder):
+        try:
+            st = os.stat(path)
+        except OSError:  # deleted meanwhile by another process
+            continue
+        files.append((max(st.st_atime, st.st_mtime), st.st_size, path))
     total = sum(size for _, size, _ in files)
     if total <= max_bytes:
         return 0
@@ -155,6 +154,21 @@ def prune_cache(folder: str, max_bytes: float, now: float | None = None) -> int:
     log.debug("compilation cache %s: %.0f MB over its %.0f MB limit, %.0f MB of least recently used files deleted",
               folder, total / 2**20, max_bytes / 2**20, freed / 2**20)
     return freed
+
+
+def _cache_files(folder: str) -> list:
+    """The files of the cache ``folder`` that JAX or jaxrefine wrote: JAX's executables (``*-cache``, ``*-atime``)
+    at the top, the exported programs (``exported/*.pkl``) and the tables (``tables/*.json``)."""
+    own = [(folder, ("-cache", "-atime")), (os.path.join(folder, EXPORT_SUBFOLDER), (".pkl",)),
+           (os.path.join(folder, TABLES_SUBFOLDER), (".json",))]
+    out = []
+    for sub, endings in own:
+        try:
+            with os.scandir(sub) as it:
+                out += [e.path for e in it if e.is_file(follow_symlinks=False) and e.name.endswith(endings)]
+        except OSError:  # no such subfolder
+            continue
+    return out
 
 
 def _prune_at_exit(folder: str, max_bytes: float) -> None:
