@@ -16,6 +16,9 @@ def add_arguments(p):
     p.add_argument("--labin", help="data columns, e.g. FP,SIGFP,FREE")
     p.add_argument("--block-only", action="store_true", help="block-diagonal estimate only (fast; a lower bound)")
     p.add_argument("--cutoff", type=float, default=6.0, help="colouring distance in Å (default 6)")
+    p.add_argument("--curvature", choices=["gauss-newton", "exact"], default="gauss-newton",
+                   help="the Gauss–Newton matrix (default; positive semi-definite at any model) or the exact Hessian "
+                        "(only at a minimum of the −log posterior)")
     p.add_argument("--weights", choices=["posterior", "refinement"], default="posterior",
                    help="restraints as −log prior (default) or with the refinement's w_A")
 
@@ -32,7 +35,7 @@ def run(args) -> int:
     from ..validate.uncertainty import model_uncertainty
 
     s = model_uncertainty(args.model, args.data, args.out, cfg, coupled=not args.block_only, cutoff=args.cutoff,
-                          weights=args.weights)
+                          weights=args.weights, curvature=args.curvature)
     d = s["dpi"]
     sb = "n/a" if s["sigma_b_median"] is None else f"{s['sigma_b_median']:.2f} Å²"
     print(f"RMS σ_r {s['sigma_r_rms']:.3f} Å (block-diagonal {s['sigma_r_block_rms']:.3f} Å), median σ_B {sb}; "

@@ -12,6 +12,21 @@ and the covariance of the parameters is approximated by H⁻¹, H = ∇²E_post 
 ch. 27).  ``weights="refinement"`` uses the refinement's own E_total (w_A as refined); it is the
 Hessian whose inverse gives implicit derivatives of the refined parameters.
 
+**Gauss–Newton by default.** H is positive definite only near E_post's own minimum.  A model refined by another
+program (other restraints, other weights), or by jaxrefine with the refinement's w_A, is not there: on the
+deposited 4xof the Hessian has directions of negative curvature (Rayleigh quotients down to −100 along the CG
+directions, in the X-ray term alone), and CG solves with it diverge; on 5e5z shaken by 0.3 Å its smallest
+eigenvalue is −0.16 × the largest.  The uncertainties therefore use, unless ``curvature="exact"``, the
+(generalised) Gauss–Newton matrix G = Jᵀ C J + H_ADP, J the Jacobian of the residuals (|F_model| of each work
+reflection, the geometry residuals r with E_geometry = Σ r², the NCS distance differences), C each term's own
+second derivative in its residual, floored at 0 (ML: ∂²(−log P(Fo | |Fm|))/∂|Fm|² at the model; LS: w k² with k
+held; geometry: 2 w_A; NCS: the Geman–McClure ρ''), H_ADP the exact Hessian of the quadratic B restraints.  G is
+positive semi-definite at any model; it leaves out the residuals' own curvature (Σ ∂E/∂r · ∇²r), small where the
+model fits: at the minimum of 5e5z σ_r(G)/σ_r(H) is 1.03 in the median (0.89–1.11 per atom).  It is the normal
+matrix whose inverse gives the esds of full-matrix least squares (e.g. SHELXL; Sheldrick 2008, Acta Cryst. A64,
+112), and the generalised Gauss–Newton matrix of Schraudolph 2002 (Neural Comput. 14, 1723).  Implicit
+derivatives (below) need the exact H at a minimum and use it.
+
 **Parameters.** Cartesian coordinate shifts (Å, the engine's "shift" variables of
 :func:`jaxrefine.refine.energy.apply_shifts`) and B shifts in Å² (mapped onto the engine's
 positive B parameter), so that an atom whose B sits at the floor ``refine.b_min`` keeps a finite curvature.
@@ -19,10 +34,10 @@ A floating origin (polar space groups: P1, P2₁, C2, P4₁ ...) leaves E unchan
 of all atoms; those directions are projected out (uncertainties relative to a fixed origin).
 
 **Two estimates.**
-1. Block-diagonal: the per-atom 4×4 blocks (x, y, z, B) of H from Hessian-vector products
-   (reverse over reverse, ``jax.grad`` of ``∇E · v``).  Atoms are coloured so that two atoms of a
-   colour are more than ``cutoff`` Å apart (symmetry mates included); one probe per colour and
-   component then gives the blocks of all atoms of that colour at once (Curtis, Powell & Reid 1974,
+1. Block-diagonal: the per-atom 4×4 blocks (x, y, z, B) of G (or H) from matrix-vector products (G v: the
+   transpose of one VJP gives J v, a second VJP Jᵀ C J v; H v: reverse over reverse, ``jax.grad`` of ``∇E · v``).
+   Atoms are coloured so that two atoms of a colour are more than ``cutoff`` Å apart (symmetry mates
+   included); one probe per colour and component then gives the blocks of all atoms of that colour at once (Curtis, Powell & Reid 1974,
    IMA J. Appl. Math. 13, 117: column grouping for sparse derivatives).  The X-ray term still couples
    atoms beyond the cutoff a little (3% of a block on 5e5z at 6 Å; ``cutoff=inf`` is exact).  Inverting each block
    ignores coupling between atoms and therefore gives a lower bound of each atom's variance
@@ -71,9 +86,11 @@ log = logging.getLogger("jaxrefine")
 
 COLOUR_CUTOFF = 6.0  # Å: beyond this the restraints (1–4 pairs, non-bonded contacts) do not couple two atoms
 CG_TOL = 1e-5  # relative residual of the CG solves (implicit derivatives: the 1e-3 below is not enough there)
-PROBE_CG_TOL = 1e-3  # ... of the probing solves of the coupled esds: on 5e5z σ_r and σ_B agree with those at
-# 1e-5 to 1e-4 relatively (far below the probing noise of a few %); atom_uncertainties 30 s against 36 s at 1e-4
+PROBE_CG_TOL = 5e-3  # ... of the probing solves of the coupled esds, in the preconditioner's norm: on 4xof (788 atoms)
+# every atom's variance within 3% of the converged one (30 iterations; 1e-2: 11%, 20 iterations), below the probing
+# noise of a few %
 CG_MAXITER = 400
+PROBE_RESIDUAL_WARN = 0.05  # a probing solve left above this relative residual: its esds are not to be trusted
 HVP_BATCH = 8  # Hessian-vector products evaluated together (vmap)
 # Parameters (4 per atom) up to which the coupled estimate and the implicit solves use the exact Hessian, one
 # HVP per parameter and a dense eigendecomposition (method "auto"): on 5e5z (188 parameters) 188 HVPs against
@@ -83,6 +100,7 @@ DENSE_MAX_PARAMS = 2400
 B_AT_FLOOR = 0.05  # Å²: an atom whose B is within this of refine.b_min sits at a bound; its B is held fixed
 EIG_FLOOR = 1e-8  # eigenvalues of a block below this × its largest are floored (not positive definite)
 WEIGHTS = ("posterior", "refinement")
+CURVATURES = ("gauss-newton", "exact")
 
 
 # ------------------------------------------------------------------ the one link to the engine
@@ -171,9 +189,83 @@ def _hvp(v, params, problem, target):
     return jax.grad(g)(_zeros(params))
 
 
-@partial(jax.jit, static_argnames="target")
-def hvp_batch(vs, params, problem, target: str = "ml"):
-    """H v for a batch of directions ``vs`` (k, n, 4) at the parameters (zero shifts)."""
+def _curvature_floor(elementwise, x0, mask):
+    """(n,) max(d²/dx² elementwise(x), 0) at ``x0`` for a sum of per-element functions, 0 where ``mask`` is off
+    (one forward-over-reverse pass: the Hessian of a separable sum is diagonal)."""
+    d2 = jax.jvp(jax.grad(lambda x: jnp.sum(elementwise(x))), (x0,), (jnp.ones_like(x0),))[1]
+    return jnp.where(mask, jnp.nan_to_num(jnp.maximum(d2, 0.0), posinf=0.0), 0.0)
+
+
+def _gn_features(u, params, ps):
+    """What E_post's Gauss–Newton matrix is built from, at the shifts ``u``: (|F_model| (n_refl,), the geometry
+    residuals (E_geometry = Σ r²), the NCS distance differences / σ (empty without NCS), the shifted parameters)."""
+    from ..problem.params import atom_xyz
+    from ..restraints.geometry import geometry_residuals
+    from ..restraints.ncs import ncs_deltas
+
+    problem, state = ps
+    p = shifted_params(u, params, ps)
+    fm = _model_f(p, ps)
+    amp = jnp.sqrt(fm.real**2 + fm.imag**2 + 1e-12)
+    xyz = atom_xyz(p, problem.maps)[0]
+    r = geometry_residuals(xyz, problem.restraints, state.nonbonded, problem.geo_weights, problem.maps.orth, problem.maps.frac)
+    z = jnp.zeros((0,), xyz.dtype) if problem.ncs is None else ncs_deltas(xyz, problem.ncs.term) / problem.ncs.term.sigma
+    return amp, r, z, p
+
+
+def _gn_weights(amp0, z0, ps, target):
+    """(per-reflection weights c_h, per-NCS-pair weights) of the Gauss–Newton matrix: each term's own curvature in
+    its residual (ML: ∂²(−log P(Fo | |Fm|))/∂|Fm|² at the model; LS: w k² with k held), floored at 0."""
+    from ..restraints.ncs import geman_mcclure
+    from ..xray.targets import ml_amplitude_nll
+
+    problem, state = ps
+    x = problem.xray
+    work = x.work > 0
+    if target == "ml":
+        c_amp = _curvature_floor(lambda a: jnp.where(work, ml_amplitude_nll(
+            x.f_obs, x.sig_f_obs, a, state.sigma_a.d, state.sigma_a.s, x.centric, x.epsilon), 0.0), amp0, work)
+        c_amp = c_amp * x.work
+    else:  # ½ Σ w (Fo − k|Fm|)², k = Σ w Fo|Fm| / Σ w |Fm|² held at the model's
+        sig = x.sig_f_obs
+        w = jnp.where(sig > 0, 1.0 / jnp.where(sig > 0, sig, 1.0) ** 2, 1.0) * x.work
+        k = jnp.sum(w * x.f_obs * amp0) / jnp.sum(w * amp0 * amp0)
+        c_amp = w * k * k
+    if problem.ncs is None:
+        return c_amp, jnp.zeros_like(z0)
+    term = problem.ncs.term
+    c_z = _curvature_floor(lambda z: geman_mcclure(z, term.saturation), z0, term.mask > 0)
+    return c_amp, c_z * term.mask * problem.ncs.weight * state.w_a
+
+
+def _gn_products(vs, params, problem, target):
+    """G v for a batch ``vs`` (k, n, 4), G the (generalised) Gauss–Newton matrix of E_post (module docstring):
+    Jᵀ C J over the amplitudes, the geometry residuals and the NCS differences, plus the exact Hessian of the
+    (quadratic) B restraints.  One linearisation for the batch; J v is the transpose of the VJP (forward mode
+    cannot enter the FFT spreading's custom VJP), Jᵀ(C J v) the VJP: two linear passes per direction."""
+    from ..problem.adp_model import adp_restraint_energy
+
+    prob, state = problem
+    zero = _zeros(params)
+    feats, vjp = jax.vjp(lambda u: _gn_features(u, params, problem)[:3], zero)
+    c_amp, c_z = _gn_weights(feats[0], feats[2], problem, target)
+    jvp = jax.linear_transpose(vjp, feats)
+    adp_grad = jax.grad(lambda u: prob.w_b * adp_restraint_energy(shifted_params(u, params, problem), prob))
+
+    def one(v):
+        ja, jr, jz = jvp((v,))[0]
+        (g,) = vjp((c_amp * ja, 2.0 * state.w_a * jr, c_z * jz))
+        return g + jax.jvp(adp_grad, (zero,), (v,))[1]
+
+    return jax.vmap(one)(vs)
+
+
+@partial(jax.jit, static_argnames=("target", "curvature"))
+def hvp_batch(vs, params, problem, target: str = "ml", curvature: str = "exact"):
+    """H v for a batch of directions ``vs`` (k, n, 4) at the parameters (zero shifts); ``curvature`` "exact" (the
+    Hessian of E) or "gauss-newton" (its Gauss–Newton matrix, positive semi-definite: :func:`_gn_products`)."""
+    if curvature == "gauss-newton":
+        return _gn_products(vs, params, problem, target)
     return jax.vmap(_hvp, in_axes=(0, None, None, None))(vs, params, problem, target)
 
 
@@ -238,8 +330,9 @@ def colour_atoms(xyz_cart, crystal, cutoff: float = COLOUR_CUTOFF) -> np.ndarray
     return colour
 
 
-def hessian_blocks(params, problem, target: str = "ml", colours=None, batch: int = HVP_BATCH):
-    """Per-atom 4×4 blocks (x, y, z in Å; B in Å²) of H, (n, 4, 4), from 4 HVPs per colour."""
+def hessian_blocks(params, problem, target: str = "ml", colours=None, batch: int = HVP_BATCH, curvature: str = "exact"):
+    """Per-atom 4×4 blocks (x, y, z in Å; B in Å²) of H (or of its Gauss–Newton matrix: ``curvature``), (n, 4, 4),
+    from 4 HVPs per colour."""
     n = params.xyz_frac.shape[0]
     colours = np.arange(n) if colours is None else np.asarray(colours)
     n_col = int(colours.max()) + 1
@@ -251,7 +344,7 @@ def hessian_blocks(params, problem, target: str = "ml", colours=None, batch: int
         vs = np.zeros((batch, n, 4))
         for b, (c, k) in enumerate(chunk):
             vs[b, colours == c, k] = 1.0
-        hv = np.asarray(hvp_batch(jnp.asarray(vs, dtype), params, problem, target), float)
+        hv = np.asarray(hvp_batch(jnp.asarray(vs, dtype), params, problem, target, curvature), float)
         for b, (c, k) in enumerate(chunk):
             sel = colours == c
             blocks[sel, :, k] = hv[b, sel, :]
@@ -267,8 +360,9 @@ def invert_blocks(blocks):
     return np.einsum("nij,nj,nkj->nik", v, 1.0 / w, v), int(bad.sum())
 
 
-def dense_hessian(params, problem, target: str = "ml", batch: int = HVP_BATCH) -> np.ndarray:
-    """The whole Hessian (n, 4, n, 4) at the parameters (zero shifts), one HVP per parameter, symmetrised."""
+def dense_hessian(params, problem, target: str = "ml", batch: int = HVP_BATCH, curvature: str = "exact") -> np.ndarray:
+    """The whole Hessian (n, 4, n, 4) at the parameters (zero shifts), one HVP per parameter, symmetrised (or its
+    Gauss–Newton matrix: ``curvature``)."""
     n = params.xyz_frac.shape[0]
     dtype = params.xyz_frac.dtype
     cols = np.zeros((4 * n, n, 4))
@@ -276,7 +370,7 @@ def dense_hessian(params, problem, target: str = "ml", batch: int = HVP_BATCH) -
         vs = np.zeros((batch, 4 * n))
         k = min(batch, 4 * n - start)
         vs[np.arange(k), start + np.arange(k)] = 1.0
-        hv = hvp_batch(jnp.asarray(vs.reshape(batch, n, 4), dtype), params, problem, target)
+        hv = hvp_batch(jnp.asarray(vs.reshape(batch, n, 4), dtype), params, problem, target, curvature)
         cols[start:start + k] = np.asarray(hv, float)[:k]
     h = cols.reshape(4 * n, 4 * n)
     return (0.5 * (h + h.T)).reshape(n, 4, n, 4)
@@ -327,11 +421,16 @@ def active_components(params, ps) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ CG solves
-def solve(rhs, params, problem, m_inv, basis, active, target: str = "ml", tol: float = CG_TOL, maxiter: int = CG_MAXITER):
+def solve(rhs, params, problem, m_inv, basis, active, target: str = "ml", tol: float = CG_TOL, maxiter: int = CG_MAXITER,
+          curvature: str = "exact", norm: str = "plain"):
     """x = H⁺ rhs for a batch (k, n, 4) by preconditioned conjugate gradients (Hestenes & Stiefel 1952;
     Nocedal & Wright 2006, Algorithm 5.3), H restricted to the ``active`` (n,) atoms or (n, 4) components and the fixed-origin
     subspace.  The products H·p go through the compiled :func:`hvp_batch` (one compilation for blocks,
-    solves and sensitivities); the iteration itself is a numpy loop over the batch.
+    solves and sensitivities); the iteration itself is a numpy loop over the batch.  A solve that meets
+    non-positive curvature (H not positive definite: a model away from the minimum, with ``curvature="exact"``)
+    stops there with its residual as it stands.  ``norm``: the residual's relative size as ‖r‖/‖b‖ ("plain") or
+    in the preconditioner's norm, sqrt(rᵀMr / bᵀMb) ("preconditioned": the same for coordinate and B components,
+    whose plain residuals differ by their units).
 
     Args:
         m_inv: (n, 4, 4) inverse blocks (the preconditioner); basis: (k, 3) floating-origin directions.
@@ -354,7 +453,7 @@ def solve(rhs, params, problem, m_inv, basis, active, target: str = "ml", tol: f
         for s in range(0, len(v), HVP_BATCH):
             chunk = np.zeros((HVP_BATCH,) + v.shape[1:])
             chunk[: len(v[s:s + HVP_BATCH])] = v[s:s + HVP_BATCH]
-            hv = np.asarray(hvp_batch(jnp.asarray(p_(chunk), dtype), params, problem, target=target), float)
+            hv = np.asarray(hvp_batch(jnp.asarray(p_(chunk), dtype), params, problem, target, curvature), float)
             out[s:s + HVP_BATCH] = hv[: len(v[s:s + HVP_BATCH])]
         return p_(out)
 
@@ -369,12 +468,16 @@ def solve(rhs, params, problem, m_inv, basis, active, target: str = "ml", tol: f
     z = m_(r)
     d = z.copy()
     rz = dot(r, z)
+    rz0 = np.maximum(rz, 1e-300)
+    size = (lambda: np.sqrt(np.maximum(rz, 0.0) / rz0)) if norm == "preconditioned" else (lambda: np.sqrt(dot(r, r)) / b_norm)
+    stopped = np.zeros(len(b), bool)
     for _ in range(maxiter):
-        res = np.sqrt(dot(r, r)) / b_norm
-        if np.all(res < tol):
+        res = size()
+        if np.all((res < tol) | stopped):
             break
         ad = a_(d)
-        live = res >= tol
+        stopped |= (res >= tol) & ~(dot(d, ad) > 0)
+        live = (res >= tol) & ~stopped
         alpha = np.where(live, rz / np.where(live, dot(d, ad), 1.0), 0.0)[:, None, None]
         x += alpha * d
         r -= alpha * ad
@@ -382,8 +485,7 @@ def solve(rhs, params, problem, m_inv, basis, active, target: str = "ml", tol: f
         rz_new = dot(r, z)
         d = z + (rz_new / np.where(rz != 0, rz, 1.0))[:, None, None] * d
         rz = rz_new
-    res = np.sqrt(dot(r, r)) / b_norm
-    return x, res
+    return x, size()
 
 
 # ------------------------------------------------------------------ the estimates
@@ -432,7 +534,7 @@ def _uncertainties_of(cov, m_inv, comp, info) -> Uncertainties:
 
 def atom_uncertainties(params, problem, crystal, target: str = "ml", weights: str = "posterior", coupled: bool = True,
                        cutoff: float = COLOUR_CUTOFF, seed: int = 0, active=None, progress=None,
-                       method: str = "auto") -> Uncertainties:
+                       method: str = "auto", curvature: str = "gauss-newton") -> Uncertainties:
     """Block-diagonal and coupled per-atom uncertainties at ``params`` (see the module docstring).
 
     The coupled blocks of H⁻¹ are probed colour by colour: for colour c and component k, the probe
@@ -451,24 +553,28 @@ def atom_uncertainties(params, problem, crystal, target: str = "ml", weights: st
         active: (n, 4) bool components to estimate (default :func:`active_components`); the others are held fixed
             and their esds are NaN ("?" in the mmCIF).
         progress: callable taking a line of text (long runs).
-        method: "probe" (colours and CG, as above), "dense" (the exact Hessian and its inverse) or
+        method: "probe" (colours and CG, as above), "dense" (the whole matrix and its inverse) or
             "auto" (dense up to :data:`DENSE_MAX_PARAMS` active parameters, with ``coupled``).
+        curvature: "gauss-newton" (default: the Gauss–Newton matrix of E_post, positive semi-definite at any
+            model) or "exact" (the Hessian; indefinite away from E_post's minimum, where the CG solves fail).
     """
+    if curvature not in CURVATURES:
+        raise ValueError(f"uncertainty curvature {curvature!r}: expected {' or '.join(CURVATURES)}")
     t0 = time.perf_counter()
     say = progress or log.info
     prob = weighted_problem(problem, weights)
     n = params.xyz_frac.shape[0]
     comp = active_components(params, problem) if active is None else np.asarray(active, bool)
     if coupled and choose_method(method, int(comp.sum())) == "dense":
-        return _dense_uncertainties(params, prob, crystal, target, weights, comp, say, t0)
+        return _dense_uncertainties(params, prob, crystal, target, weights, comp, say, t0, curvature)
     active = comp.any(1)
     xyz = np.asarray(params.xyz_frac, float) @ np.asarray(crystal.orth, float).T
     colours = np.where(active, colour_atoms(xyz, crystal, cutoff), -1)
     n_col = int(colours.max()) + 1
     basis = floating_origin(crystal)
-    say(f"uncertainty: {int(active.sum())} atoms, {n_col} colours ({cutoff:g} Å), {4 * n_col} Hessian-vector products "
-        f"for the blocks" + (f", floating origin along {len(basis)} direction(s)" if len(basis) else ""))
-    m_inv, n_bad = _invert_active_blocks(hessian_blocks(params, prob, target, colours), comp)
+    say(f"uncertainty: {int(active.sum())} atoms, {n_col} colours ({cutoff:g} Å), {4 * n_col} matrix-vector products "
+        f"for the blocks of the {'Gauss–Newton matrix' if curvature == 'gauss-newton' else 'Hessian'}" + (f", floating origin along {len(basis)} direction(s)" if len(basis) else ""))
+    m_inv, n_bad = _invert_active_blocks(hessian_blocks(params, prob, target, colours, curvature=curvature), comp)
     cov = m_inv.copy()
     res_max = 0.0
     if coupled:
@@ -477,18 +583,22 @@ def atom_uncertainties(params, problem, crystal, target: str = "ml", weights: st
         signs = rng.choice([-1.0, 1.0], size=n)
         probes = [(c, k) for c in range(n_col) for k in range(4)]
         est = np.zeros((n, 4, 4))
+        t_solves = time.perf_counter()
         for start in range(0, len(probes), HVP_BATCH):
             chunk = probes[start:start + HVP_BATCH]
             vs = np.zeros((HVP_BATCH, n, 4))
             for j, (c, k) in enumerate(chunk):
                 vs[j, colours == c, k] = signs[colours == c]
-            x, res = solve(vs[: len(chunk)] * comp, params, prob, m_inv, basis, comp, target=target, tol=PROBE_CG_TOL)
+            x, res = solve(vs[: len(chunk)] * comp, params, prob, m_inv, basis, comp, target=target, tol=PROBE_CG_TOL,
+                           curvature=curvature, norm="preconditioned")
             res_max = max(res_max, float(np.max(res)))
             for j, (c, k) in enumerate(chunk):
                 sel = colours == c
                 est[sel, :, k] = x[j, sel, :] * signs[sel, None]
-            if progress is not None and (start // HVP_BATCH) % 10 == 9:
-                say(f"uncertainty: {start + len(chunk)}/{len(probes)} solves")
+            done = start + len(chunk)
+            spent = time.perf_counter() - t_solves
+            say(f"uncertainty: {done}/{len(probes)} solves, {spent:.0f} s" + (
+                f", about {spent * (len(probes) - done) / done:.0f} s left" if done < len(probes) else ""))
         est = 0.5 * (est + est.transpose(0, 2, 1))
         idx = np.arange(4)
         # a variance of H⁻¹ is never below that of the inverse diagonal block (Schur complement): clip the noise there
@@ -498,28 +608,34 @@ def atom_uncertainties(params, problem, crystal, target: str = "ml", weights: st
             "cutoff": cutoff, "n_hvp_blocks": 4 * n_col,
             "n_cg_solves": 4 * n_col if coupled else 0, "not_positive_definite": n_bad, "cg_residual_max": res_max,
             "floating_origin": len(basis), "weights": weights, "target": target, "method": "probe" if coupled else "blocks",
-            "seconds": time.perf_counter() - t0}
+            "curvature": curvature, "seconds": time.perf_counter() - t0}
+    if coupled and res_max > PROBE_RESIDUAL_WARN:
+        log.warning("uncertainty: the CG solves of the coupled estimate stopped at a relative residual of %.2g (not "
+                    "converged: %s); the coupled uncertainties are unreliable", res_max,
+                    "the Hessian is not positive definite away from the minimum, use curvature gauss-newton"
+                    if curvature == "exact" else "too few iterations")
     if n_bad:
         log.warning("uncertainty: %d atom blocks of the Hessian are not positive definite (model not at a minimum?); "
                     "their uncertainties are unreliable", n_bad)
     return _uncertainties_of(cov, m_inv, comp, info)
 
 
-def _dense_uncertainties(params, prob, crystal, target, weights, comp, say, t0) -> Uncertainties:
+def _dense_uncertainties(params, prob, crystal, target, weights, comp, say, t0, curvature="exact") -> Uncertainties:
     """:func:`atom_uncertainties` by the exact Hessian (method "dense"): coupled = blocks of its pseudo-inverse,
     block-diagonal = inverses of its diagonal blocks."""
     n = params.xyz_frac.shape[0]
     basis = floating_origin(crystal)
-    say(f"uncertainty: {int(comp.any(1).sum())} atoms, exact Hessian from {4 * n} Hessian-vector products"
+    what = "Gauss–Newton matrix" if curvature == "gauss-newton" else "Hessian"
+    say(f"uncertainty: {int(comp.any(1).sum())} atoms, the whole {what} from {4 * n} matrix-vector products"
         + (f", floating origin along {len(basis)} direction(s)" if len(basis) else ""))
-    h = dense_hessian(params, prob, target)
+    h = dense_hessian(params, prob, target, curvature=curvature)
     hinv, n_neg = dense_inverse(h, comp, basis)
     idx = np.arange(n)
     m_inv, n_bad = _invert_active_blocks(h[idx, :, idx, :], comp)
     info = {"n_atoms": int(comp.any(1).sum()), "b_at_floor": int((comp.any(1) & ~comp[:, 3]).sum()), "n_colours": n,
             "cutoff": float("inf"), "n_hvp_blocks": 4 * n, "n_cg_solves": 0, "not_positive_definite": max(n_bad, n_neg),
             "cg_residual_max": 0.0, "floating_origin": len(basis), "weights": weights, "target": target,
-            "method": "dense", "seconds": time.perf_counter() - t0}
+            "method": "dense", "curvature": curvature, "seconds": time.perf_counter() - t0}
     if info["not_positive_definite"]:
         log.warning("uncertainty: the Hessian has %d negative eigenvalues (model not at a minimum?); the uncertainties "
                     "are unreliable", info["not_positive_definite"])
@@ -854,7 +970,7 @@ def plot_residue_uncertainty(summary: dict, path, title: str = "") -> None:
 
 def model_uncertainty(model_path, data_path, out_dir, cfg=None, coupled: bool = True, cutoff: float = COLOUR_CUTOFF,
                       weights: str = "posterior", model_out: str = "uncertainty.cif", json_out: str = "uncertainty.json",
-                      progress=None, _rewrite_model: bool = False) -> dict:
+                      progress=None, _rewrite_model: bool = False, curvature: str = "gauss-newton") -> dict:
     """Uncertainties of a model as given (no refinement): writes ``model_out`` (mmCIF with esd columns),
     ``json_out`` and ``uncertainty.png`` into ``out_dir``; returns the summary.
 
@@ -886,7 +1002,7 @@ def model_uncertainty(model_path, data_path, out_dir, cfg=None, coupled: bool = 
     state = state._replace(w_a=jnp.asarray(starting_w_a(setup, (setup.problem, state), cfg.refine.target), state.w_a.dtype))
     problem = (setup.problem, state)
     unc = atom_uncertainties(setup.params, problem, model.crystal, target=cfg.refine.target, weights=weights,
-                             coupled=coupled, cutoff=cutoff, progress=progress)
+                             coupled=coupled, cutoff=cutoff, progress=progress, curvature=curvature)
     summary = uncertainty_summary(model, refl, setup.params, problem, unc)
     log_summary(summary, progress)
     xyz, b, occ = current_model_arrays(setup.params, setup.problem)
