@@ -346,7 +346,7 @@ def test_uncertainties_are_calibrated_on_a_synthetic_crystal():
 
 
 @pytest.mark.slow
-def test_gauss_newton_matrix_from_explicit_jacobians(minimum, dense):
+def test_gauss_newton_matrix_from_explicit_jacobians(minimum, dense, caplog):
     """The default curvature G (curvature="gauss-newton") against Jᵀ C J built from explicit Jacobians (jax.jacrev)
     of |F_model| and the geometry residuals, C by central differences of the ML −log P in float64, plus the exact
     Hessian of the B restraints; G is positive semi-definite where the Hessian of the deposited model is not, and
@@ -401,6 +401,9 @@ def test_gauss_newton_matrix_from_explicit_jacobians(minimum, dense):
     g0 = U.dense_hessian(start, wp, "ml", curvature="gauss-newton").reshape(4 * n, 4 * n)
     assert np.linalg.eigvalsh(h0).min() < -1e-6 * np.abs(h0).max()
     assert np.linalg.eigvalsh(g0).min() > -1e-9 * np.abs(g0).max()
+    with caplog.at_level("WARNING", logger="jaxrefine"):  # implicit derivatives need the exact H at a minimum: said
+        U.implicit_derivative(np.ones((1, n, 4)), "w_a", start, ps, setup.model.crystal)
+    assert any("not at a minimum" in r.getMessage() for r in caplog.records)
     # at the minimum the two curvatures give close esds (G leaves out the residuals' own curvature)
     unc_g = U.atom_uncertainties(params, ps, setup.model.crystal)  # the default: G, dense at this size
     unc_h = U.atom_uncertainties(params, ps, setup.model.crystal, curvature="exact")

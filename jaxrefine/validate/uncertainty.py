@@ -90,7 +90,8 @@ PROBE_CG_TOL = 5e-3  # ... of the probing solves of the coupled esds, in the pre
 # every atom's variance within 3% of the converged one (30 iterations; 1e-2: 11%, 20 iterations), below the probing
 # noise of a few %
 CG_MAXITER = 400
-PROBE_RESIDUAL_WARN = 0.05  # a probing solve left above this relative residual: its esds are not to be trusted
+PROBE_RESIDUAL_WARN = 0.05
+IMPLICIT_RESIDUAL_WARN = 1e-3  # an implicit-derivative solve left above this (CG_TOL asks for 1e-5)  # a probing solve left above this relative residual: its esds are not to be trusted
 HVP_BATCH = 8  # Hessian-vector products evaluated together (vmap)
 # Parameters (4 per atom) up to which the coupled estimate and the implicit solves use the exact Hessian, one
 # HVP per parameter and a dense eigendecomposition (method "auto"): on 5e5z (188 parameters) 188 HVPs against
@@ -722,7 +723,7 @@ def implicit_derivative(phi_grads, name, params, problem, crystal, target: str =
         n = params.xyz_frac.shape[0]
         basis = floating_origin(crystal)
         h = dense_hessian(params, problem, target)
-        hinv, _ = dense_inverse(h, comp, basis)
+        hinv, n_neg = dense_inverse(h, comp, basis)
         u = np.einsum("ajbk,rbk->raj", hinv, rhs)
         hu = np.einsum("ajbk,rbk->raj", h.reshape(n, 4, n, 4), u)
         keep = comp * 1.0
@@ -733,6 +734,12 @@ def implicit_derivative(phi_grads, name, params, problem, crystal, target: str =
     else:
         m_inv, basis = _preconditioner(params, problem, crystal, target, cutoff)
         u, res = solve(rhs, params, problem, m_inv, basis, comp, target=target)
+        n_neg = 0
+    if n_neg or np.max(res) > IMPLICIT_RESIDUAL_WARN:
+        log.warning("implicit derivatives: %s; the parameters are not at a minimum of E_total (take them there first, "
+                    "e.g. with at_minimum) and the derivatives are meaningless",
+                    f"the Hessian has {n_neg} negative eigenvalues" if n_neg else
+                    f"the CG solves stopped at a relative residual of {np.max(res):.2g}")
     u = jnp.asarray(u, params.xyz_frac.dtype)
     out = np.stack([-np.asarray(_mixed_jit(u[k], params, problem, target, name), float) for k in range(u.shape[0])])
     return out, np.asarray(res, float)
