@@ -37,12 +37,12 @@ of all atoms; those directions are projected out (uncertainties relative to a fi
 1. Block-diagonal: the per-atom 4×4 blocks (x, y, z, B) of G (or H) from matrix-vector products (G v: the
    transpose of one VJP gives J v, a second VJP Jᵀ C J v; H v: reverse over reverse, ``jax.grad`` of ``∇E · v``).
    Atoms are coloured so that two atoms of a colour are more than ``cutoff`` Å apart (symmetry mates
-   included); one probe per colour and component then gives the blocks of all atoms of that colour at once (Curtis, Powell & Reid 1974,
-   IMA J. Appl. Math. 13, 117: column grouping for sparse derivatives).  The X-ray term still couples
-   atoms beyond the cutoff a little (3% of a block on 5e5z at 6 Å; ``cutoff=inf`` is exact).  Inverting each block
-   ignores coupling between atoms and therefore gives a lower bound of each atom's variance
+   included); one probe per colour and component then gives the blocks of all atoms of that colour at
+   once (Curtis, Powell & Reid 1974, IMA J. Appl. Math. 13, 117: column grouping for sparse derivatives).
+   The X-ray term still couples atoms beyond the cutoff a little (3% of a block on 5e5z at 6 Å;
+   ``cutoff=inf`` is exact).  Inverting each block ignores coupling between atoms and therefore gives a lower bound of each atom's variance
    (the inverse of a Schur complement dominates the inverse of the diagonal block).
-2. Coupled: the per-atom blocks of H⁻¹, probed colour by colour with random signs
+2. Coupled: the per-atom blocks of G⁻¹ (H⁻¹), probed colour by colour with random signs
    (probing: Tang & Saad 2012, Numer. Linear Algebra Appl. 19, 485; random signs as in Hutchinson
    1990, Commun. Stat. Simul. 19, 433, make it unbiased), H⁻¹v by conjugate gradients
    (:func:`solve`, a batched numpy loop over HVPs) preconditioned by the inverse blocks.  Only atoms of one colour
@@ -90,8 +90,8 @@ PROBE_CG_TOL = 5e-3  # ... of the probing solves of the coupled esds, in the pre
 # every atom's variance within 3% of the converged one (30 iterations; 1e-2: 11%, 20 iterations), below the probing
 # noise of a few %
 CG_MAXITER = 400
-PROBE_RESIDUAL_WARN = 0.05
-IMPLICIT_RESIDUAL_WARN = 1e-3  # an implicit-derivative solve left above this (CG_TOL asks for 1e-5)  # a probing solve left above this relative residual: its esds are not to be trusted
+PROBE_RESIDUAL_WARN = 0.05  # a probing solve left above this relative residual: its esds are not to be trusted
+IMPLICIT_RESIDUAL_WARN = 1e-3  # an implicit-derivative solve left above this (CG_TOL asks for 1e-5)
 HVP_BATCH = 8  # Hessian-vector products evaluated together (vmap)
 # Parameters (4 per atom) up to which the coupled estimate and the implicit solves use the exact Hessian, one
 # HVP per parameter and a dense eigendecomposition (method "auto"): on 5e5z (188 parameters) 188 HVPs against
