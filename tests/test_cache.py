@@ -138,7 +138,6 @@ def test_a_run_prunes_its_cache_folder_when_it_ends(tmp_path):
     assert not old.exists()
 
 
-
 def test_the_command_prunes_the_cache_folder_before_its_quick_exit(tmp_path, monkeypatch, restore_jax_cache):
     """The jaxrefine command ends with os._exit (no atexit handlers): it keeps the folder's limit first."""
     from jaxrefine import cli

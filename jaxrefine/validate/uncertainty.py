@@ -199,7 +199,7 @@ def _curvature_floor(elementwise, x0, mask):
 
 def _gn_features(u, params, ps):
     """What E_post's Gauss–Newton matrix is built from, at the shifts ``u``: (|F_model| (n_refl,), the geometry
-    residuals (E_geometry = Σ r²), the NCS distance differences / σ (empty without NCS), the shifted parameters)."""
+    residuals (E_geometry = Σ r²), the NCS distance differences / σ (empty without NCS))."""
     from ..problem.params import atom_xyz
     from ..restraints.geometry import geometry_residuals
     from ..restraints.ncs import ncs_deltas
@@ -211,14 +211,14 @@ def _gn_features(u, params, ps):
     xyz = atom_xyz(p, problem.maps)[0]
     r = geometry_residuals(xyz, problem.restraints, state.nonbonded, problem.geo_weights, problem.maps.orth, problem.maps.frac)
     z = jnp.zeros((0,), xyz.dtype) if problem.ncs is None else ncs_deltas(xyz, problem.ncs.term) / problem.ncs.term.sigma
-    return amp, r, z, p
+    return amp, r, z
 
 
 def _gn_weights(amp0, z0, ps, target):
     """(per-reflection weights c_h, per-NCS-pair weights) of the Gauss–Newton matrix: each term's own curvature in
     its residual (ML: ∂²(−log P(Fo | |Fm|))/∂|Fm|² at the model; LS: w k² with k held), floored at 0."""
     from ..restraints.ncs import geman_mcclure
-    from ..xray.targets import ml_amplitude_nll
+    from ..xray.targets import ls_scale, ls_weights, ml_amplitude_nll
 
     problem, state = ps
     x = problem.xray
@@ -228,10 +228,8 @@ def _gn_weights(amp0, z0, ps, target):
             x.f_obs, x.sig_f_obs, a, state.sigma_a.d, state.sigma_a.s, x.centric, x.epsilon), 0.0), amp0, work)
         c_amp = c_amp * x.work
     else:  # ½ Σ w (Fo − k|Fm|)², k = Σ w Fo|Fm| / Σ w |Fm|² held at the model's
-        sig = x.sig_f_obs
-        w = jnp.where(sig > 0, 1.0 / jnp.where(sig > 0, sig, 1.0) ** 2, 1.0) * x.work
-        k = jnp.sum(w * x.f_obs * amp0) / jnp.sum(w * amp0 * amp0)
-        c_amp = w * k * k
+        w = ls_weights(x.sig_f_obs, x.work)
+        c_amp = w * ls_scale(x.f_obs, amp0, w) ** 2
     if problem.ncs is None:
         return c_amp, jnp.zeros_like(z0)
     term = problem.ncs.term
@@ -248,7 +246,7 @@ def _gn_products(vs, params, problem, target):
 
     prob, state = problem
     zero = _zeros(params)
-    feats, vjp = jax.vjp(lambda u: _gn_features(u, params, problem)[:3], zero)
+    feats, vjp = jax.vjp(lambda u: _gn_features(u, params, problem), zero)
     c_amp, c_z = _gn_weights(feats[0], feats[2], problem, target)
     jvp = jax.linear_transpose(vjp, feats)
     adp_grad = jax.grad(lambda u: prob.w_b * adp_restraint_energy(shifted_params(u, params, problem), prob))

@@ -120,11 +120,21 @@ def ls_amplitude_target(f_obs, sig_f_obs, f_model, mask, scale=None, use_sigma: 
     """
     fo = jnp.asarray(f_obs)
     fm = _abs(f_model)
-    sig = jnp.asarray(sig_f_obs)
-    w = jnp.where(sig > 0, 1.0 / jnp.where(sig > 0, sig, 1.0) ** 2, 1.0) if use_sigma else jnp.ones_like(fo)
-    w = w * jnp.asarray(mask, fo.dtype)
-    k = jnp.sum(w * fo * fm) / jnp.sum(w * fm * fm) if scale is None else scale
+    w = ls_weights(sig_f_obs, mask, fo.dtype) if use_sigma else jnp.asarray(mask, fo.dtype)
+    k = ls_scale(fo, fm, w) if scale is None else scale
     return 0.5 * jnp.sum(w * (fo - k * fm) ** 2)
+
+
+def ls_weights(sig_f_obs, mask, dtype=None):
+    """(n,) weights of the LS target: 1/σ² (1 where σ <= 0), times ``mask``."""
+    sig = jnp.asarray(sig_f_obs)
+    w = jnp.where(sig > 0, 1.0 / jnp.where(sig > 0, sig, 1.0) ** 2, 1.0)
+    return w * jnp.asarray(mask, dtype or sig.dtype)
+
+
+def ls_scale(f_obs, f_model_abs, w):
+    """The LS target's best scale k = Σ w Fo|Fm| / Σ w |Fm|²."""
+    return jnp.sum(w * f_obs * f_model_abs) / jnp.sum(w * f_model_abs * f_model_abs)
 
 
 def sigma_a_bins(d, use, min_per_bin: int = MIN_PER_BIN, max_bins: int = MAX_BINS) -> np.ndarray:
