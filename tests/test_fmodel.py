@@ -122,6 +122,37 @@ def test_fit_scales_recovers_known_parameters():
     assert r_factors(f_obs, fm, ~work)["r_work"] < 1e-3
 
 
+LM_JACOBIAN_RTOL = 1e-6  # analytic Jacobian of the scale fit against float64 central differences (step 1e-6 rel.)
+
+
+def test_scale_fit_residuals_are_f_models_and_their_jacobian_is_exact():
+    """The joint scale fit's residuals (numpy float64) are F_obs − k_iso |F_model| of the Scales that fit_scales
+    returns for the same x = [k, p, k_sol, B_sol], and their analytic Jacobian agrees with central differences."""
+    from jaxrefine.xray.scaling import _lm_pieces, _lm_residuals, _ScaleFitData, aniso_quadratic
+
+    cr, hkl, f_calc, f_mask = _synthetic(n=800, seed=2)
+    s = reciprocal_vectors(hkl, cr)
+    s2, q, basis = np.sum(s**2, axis=1), np.asarray(aniso_quadratic(s)), aniso_basis(cr)
+    rng = np.random.default_rng(3)
+    mult = 1 + 0.1 * rng.random(len(hkl))
+    f_obs = np.abs(f_calc) * (1 + 0.2 * rng.random(len(hkl)))
+    data = _ScaleFitData(f_obs, f_calc, f_mask, s2, q @ basis.T, mult)
+    x = np.concatenate([[0.9], rng.normal(size=basis.shape[0]) * 3, [0.35, 45.0]])
+    scales = Scales(k_overall=np.float64(x[0]), b_aniso=basis.T @ x[1:-2], k_sol=np.float64(x[-2]), b_sol=np.float64(x[-1]))
+    np.testing.assert_allclose(_lm_residuals(x, data), f_obs - mult * np.abs(f_model(f_calc, f_mask, s, scales)), rtol=1e-12,
+                               atol=1e-9 * f_obs.max())
+    r, jac = _lm_pieces(x, data)
+    np.testing.assert_array_equal(r, _lm_residuals(x, data))
+    fd = np.empty_like(jac)
+    for j in range(len(x)):
+        h = 1e-6 * max(abs(x[j]), 1.0)
+        up, down = x.copy(), x.copy()
+        up[j] += h
+        down[j] -= h
+        fd[:, j] = (_lm_residuals(up, data) - _lm_residuals(down, data)) / (2 * h)
+    np.testing.assert_allclose(jac, fd, rtol=LM_JACOBIAN_RTOL, atol=LM_JACOBIAN_RTOL * np.abs(fd).max())
+
+
 def test_compiled_solvent_grid_search_picks_the_float64_loops_point():
     """The (k_sol, B_sol) grid search, scored by one compiled program and its best points re-scored in float64
     (the path for 20k or more work reflections), returns the point (and its log-linear fit) that a float64 loop

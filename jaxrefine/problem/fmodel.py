@@ -9,11 +9,12 @@ import logging
 import time
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ..core.device import on_device
-from ..xray.fmodel import f_model_jit
+from ..xray.fmodel import f_model
 from ..xray.scaling import Scales, fit_scales, reciprocal_vectors
 from ..xray.stats import r_factor_best_scale, r_factors
 from ..xray.structure_factors import structure_factors_jit
@@ -146,7 +147,9 @@ def fit_scales_and_sigma_a(f_obs, sig_f_obs, f_calc, f_mask, s_cart, work, sigma
     f_obs = np.asarray(f_obs)
     scales = fit_scales(f_obs, np.asarray(f_calc), np.asarray(f_mask), np.asarray(s_cart), np.asarray(work), crystal,
                         use_solvent=use_solvent, resolution_scale=resolution_scale)
-    fm = f_model_jit(jnp.asarray(f_calc), jnp.asarray(f_mask), jnp.asarray(s_cart), scales)
+    # F_model in numpy (host arrays: no program; jitted it was traced and loaded once more per run, beside
+    # f_model_of_jit's own program for the device arrays of the reports)
+    fm = f_model(np.asarray(f_calc), np.asarray(f_mask), np.asarray(s_cart), jax.tree_util.tree_map(np.asarray, scales))
     sigma_a = estimate_sigma_a(f_obs, np.asarray(fm), np.asarray(sigma_a_use), np.asarray(bins), np.asarray(centric),
                                np.asarray(epsilon), np.asarray(sig_f_obs))
     return scales, fm, sigma_a
@@ -292,7 +295,7 @@ def fmodel_maps(model, refl, result: FmodelResult, fill_missing: bool = True, sf
             f_calc[new] = model_f_calc(model, crystal, hkl_all[new], sf_method)
             if np.any(result.f_mask != 0):
                 f_mask[new] = model_f_mask(model, crystal, hkl_all[new], refl.d_min)[0]
-    fm = np.asarray(f_model_jit(jnp.asarray(f_calc), jnp.asarray(f_mask), jnp.asarray(reciprocal_vectors(hkl_all, crystal)), result.scales))
+    fm = f_model(f_calc, f_mask, reciprocal_vectors(hkl_all, crystal), jax.tree_util.tree_map(np.asarray, result.scales))
     bins = np.zeros(len(hkl_all), np.int32)
     bins[obs_pos] = np.asarray(sig_a.bins)
     bins[new] = _expand_bins(sig_a, refl.d, d_all[new])

@@ -9,14 +9,15 @@ The fit of the scales, mask and σA around it lives in :mod:`jaxrefine.problem.f
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
+from ..core.device import array_module
 from .scaling import Scales, k_total
 from .solvent import bulk_solvent
 
 
 def f_model(f_calc, f_mask, s_cart, scales: Scales):
-    """k_total(s) · (F_calc + k_sol exp(−B_sol s²/4) F_mask); pure JAX.
+    """k_total(s) · (F_calc + k_sol exp(−B_sol s²/4) F_mask); pure JAX, or numpy when no argument is a JAX array
+    (:func:`jaxrefine.core.device.array_module`: host code, no program).
 
     Args:
         f_calc: (n,) complex atomic-model structure factors.
@@ -27,8 +28,9 @@ def f_model(f_calc, f_mask, s_cart, scales: Scales):
     Returns:
         (n,) complex F_model.
     """
-    s_cart = jnp.asarray(s_cart)
-    s2 = jnp.sum(s_cart**2, axis=1)
+    xp = array_module(f_calc, f_mask, s_cart, scales)
+    s_cart = xp.asarray(s_cart)
+    s2 = xp.sum(s_cart**2, axis=1)
     return k_total(scales, s_cart) * (f_calc + bulk_solvent(f_mask, scales.k_sol, scales.b_sol, s2))
 
 

@@ -7,7 +7,7 @@ k_total(h) = k_overall · exp(−¼ sᵀ B_cart s),   s = reciprocal-lattice vec
 J. Appl. Cryst. 35, 477 for the symmetry constraints on B_cart). B_cart here holds the isotropic
 part too (B_iso = trace/3); B11 B22 B33 B12 B13 B23 in Å².
 
-Fitting (outside jit, numpy + small jitted Jacobians): a grid search over (k_sol, B_sol) with
+Fitting (outside jit, numpy float64; the grid search of large data sets one compiled program): a grid search over (k_sol, B_sol) with
 k_overall and B_cart from a log-linear least-squares fit at each point, then Levenberg–Marquardt
 on Σ_work (|F_obs| − |F_model|)² over all parameters together, alternating with a
 resolution-dependent isotropic scale k_iso(s²) (piecewise linear in s², linear least squares;
@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..core.device import array_module
-from ..core.restraint_terms import pad_edge_rows
 from .solvent import bulk_solvent_factor
 
 K_SOL_GRID = np.arange(0.0, 0.61, 0.05)  # e/Å³ relative to the mask; typical 0.3–0.45 (Fokine & Urzhumtsev 2002)
@@ -34,10 +33,9 @@ K_SOL_BOUNDS = (0.0, 1.5)
 K_ISO_RANGE = (0.05, 20.0)  # the resolution-dependent scale is clipped here (a node fitted on few, weak reflections)
 # Levenberg–Marquardt of the joint scale fit (Marquardt 1963): damping λ·diag(JᵀJ), ×10 on a rejected
 # step and ÷10 on an accepted one; stop when an accepted step gains less than LM_REL_TOL of the cost.
-# The residuals are float32 where the refinement is (x64 off): their squares are summed in float64 on the
-# host, and LM_REL_TOL sits above what float32 residuals resolve (~1e-7 relative).  At 1e-9 with the sum
-# in float32 (noise ~1e-5 relative on 94k reflections) every fit ran its 30 steps on rounding noise
-# (4iid: 64 cost evaluations per LM, 0.37 s of a 0.70 s scale fit).
+# The residuals are numpy float64 on the host (until session 34 they were float32 programs, and LM_REL_TOL was
+# set above what float32 resolves, ~1e-7 relative: at 1e-9 with a float32 sum every fit ran its 30 steps on rounding
+# noise, 4iid: 64 cost evaluations per LM, 0.37 s of a 0.70 s scale fit); the tolerance was kept.
 LM_LAMBDA_START = 1e-3
 LM_LAMBDA_MIN = 1e-9
 LM_MAX_ITER = 30  # accepted steps
@@ -112,11 +110,13 @@ def aniso_quadratic(s_cart):
 
 
 def k_total(scales: Scales, s_cart):
-    """k_overall · k_iso(s²) · exp(−¼ sᵀ B_cart s) per reflection; s_cart (n, 3) Å⁻¹ -> (n,)."""
-    k = scales.k_overall * jnp.exp(-0.25 * aniso_quadratic(s_cart) @ scales.b_aniso)
+    """k_overall · k_iso(s²) · exp(−¼ sᵀ B_cart s) per reflection; s_cart (n, 3) Å⁻¹ -> (n,) (numpy for numpy
+    arguments, :func:`jaxrefine.core.device.array_module`)."""
+    xp = array_module(scales, s_cart)
+    k = scales.k_overall * xp.exp(-0.25 * aniso_quadratic(s_cart) @ scales.b_aniso)
     if scales.k_iso is not None:
-        s2 = jnp.sum(jnp.asarray(s_cart) ** 2, axis=1)
-        k = k * jnp.interp(s2, scales.k_iso_s2, scales.k_iso)
+        s2 = xp.sum(xp.asarray(s_cart) ** 2, axis=1)
+        k = k * xp.interp(s2, scales.k_iso_s2, scales.k_iso)
     return k
 
 
@@ -177,42 +177,59 @@ def _loglinear_design(q, basis):
     return np.hstack([np.ones((q.shape[0], 1)), -0.25 * q @ basis.T])
 
 
-def _amp_model(x, f_calc, f_mask, q, s2, basis):
+class _ScaleFitData(NamedTuple):
+    """The work set of a joint scale fit (numpy, float64): F_obs, F_calc, F_mask, s², the (n, m) anisotropy
+    design q · basisᵀ and the k_iso(s²) multiplier of the round."""
+    fo: np.ndarray
+    fc: np.ndarray
+    fm: np.ndarray
+    s2: np.ndarray
+    qb: np.ndarray
+    mult: np.ndarray
+
+
+def _amp_pieces(x, d: _ScaleFitData):
+    """(|F_model| / k_iso, k exp(−¼ qb·p), F_calc + bulk, |F_calc + bulk|, exp(−B_sol s²/4)) at x = [k, p, k_sol, B_sol]."""
     k, p, k_sol, b_sol = x[0], x[1:-2], x[-2], x[-1]
-    f = f_calc + bulk_solvent_factor(k_sol, b_sol, s2) * f_mask
-    f_abs = jnp.sqrt(f.real**2 + f.imag**2 + 1e-30)
-    return k * jnp.exp(-0.25 * q @ (basis.T @ p)) * f_abs
+    e_sol = bulk_solvent_factor(1.0, b_sol, d.s2)
+    f = d.fc + (k_sol * e_sol) * d.fm
+    f_abs = np.sqrt(f.real**2 + f.imag**2 + 1e-30)
+    k_aniso = k * np.exp(-0.25 * (d.qb @ p))
+    return k_aniso * f_abs, k_aniso, f, f_abs, e_sol
 
 
-_amp_model_jit = jax.jit(_amp_model)  # host code: one program, not one per operation
+def _lm_residuals(x, d: _ScaleFitData):
+    """(n,) F_obs − k_iso |F_model| of the work set (numpy float64: on the host no program is compiled or loaded;
+    jitted, the residuals and their Jacobian were three small programs, ~70 ms of a warm run to trace and load)."""
+    return d.fo - d.mult * _amp_pieces(x, d)[0]
 
 
-@jax.jit
-def _lm_pieces(x, f_obs, f_calc, f_mask, q, s2, basis, w, mult):
-    r_fun = lambda xx: jnp.sqrt(w) * (f_obs - mult * _amp_model(xx, f_calc, f_mask, q, s2, basis))  # noqa: E731
-    r = r_fun(x)
-    jac = jax.jacfwd(r_fun)(x)
-    return r, jac
+def _lm_pieces(x, d: _ScaleFitData):
+    """(residuals (n,), Jacobian (n, m + 3)) of :func:`_lm_residuals` at x, the Jacobian analytic: with
+    F = F_calc + k_sol e F_mask, e = exp(−B_sol s²/4), ∂|F|/∂θ = Re(F* ∂F/∂θ) / |F|."""
+    amp, k_aniso, f, f_abs, e_sol = _amp_pieces(x, d)
+    k_sol = x[-2]
+    d_abs_d_ksol = (f.conj() * (e_sol * d.fm)).real / f_abs
+    d_amp = np.empty((len(amp), len(x)))
+    d_amp[:, 0] = amp / x[0]
+    d_amp[:, 1:-2] = -0.25 * amp[:, None] * d.qb
+    d_amp[:, -2] = k_aniso * d_abs_d_ksol
+    d_amp[:, -1] = k_aniso * d_abs_d_ksol * (-k_sol * d.s2 / 4.0)
+    return d.fo - d.mult * amp, -d.mult[:, None] * d_amp
 
 
-@jax.jit
-def _lm_residuals(x, f_obs, f_calc, f_mask, q, s2, basis, w, mult):
-    return jnp.sqrt(w) * (f_obs - mult * _amp_model(x, f_calc, f_mask, q, s2, basis))
-
-
-def _lm_cost(x, *args):
-    """Σ w (F_obs − mult |F_model|)², the squares summed in float64 (see LM_REL_TOL)."""
-    r = np.asarray(_lm_residuals(x, *args), np.float64)
+def _lm_cost(x, d: _ScaleFitData):
+    """Σ (F_obs − k_iso |F_model|)² over the work set."""
+    r = _lm_residuals(x, d)
     return float(r @ r)
 
 
-def _levenberg_marquardt(x, args, n_iter=LM_MAX_ITER, fix_solvent=False):
+def _levenberg_marquardt(x, data: _ScaleFitData, n_iter=LM_MAX_ITER, fix_solvent=False):
     lam = LM_LAMBDA_START
-    cost = _lm_cost(x, *args)
+    cost = _lm_cost(x, data)
     for _ in range(n_iter):
-        r, jac = (np.asarray(v) for v in _lm_pieces(x, *args))
+        r, jac = _lm_pieces(x, data)
         if fix_solvent:
-            jac = jac.copy()
             jac[:, -2:] = 0.0
         jtj = jac.T @ jac
         g = jac.T @ r
@@ -224,7 +241,7 @@ def _levenberg_marquardt(x, args, n_iter=LM_MAX_ITER, fix_solvent=False):
             x_new[-2] = np.clip(x_new[-2], *K_SOL_BOUNDS)
             x_new[-1] = np.clip(x_new[-1], *B_SOL_BOUNDS)
             x_new[0] = max(x_new[0], 1e-6 * abs(x[0]) + 1e-12)
-            c_new = _lm_cost(x_new, *args)
+            c_new = _lm_cost(x_new, data)
             if c_new < cost:
                 improved = True
                 rel = (cost - c_new) / max(cost, 1e-300)
@@ -299,30 +316,18 @@ def _solvent_grid_search(fo, fc, fm, qw, s2w, basis, k_sol_grid, b_sol_grid, com
     return np.concatenate([[k], basis @ b6, [k_sol, b_sol]])
 
 
-def _joint_refinement(x, fo, fc, fm, qw, s2w, basis, refine, use_solvent, resolution_scale, n_macro, size=None):
+def _joint_refinement(x, fo, fc, fm, qw, s2w, basis, refine, use_solvent, resolution_scale, n_macro):
     """Rounds of (Levenberg–Marquardt of all scale parameters, resolution-dependent k_iso fit) from
-    the grid-search start ``x``; the work set's arrays padded to ``size`` rows for the compiled programs (None: not
-    padded).  Returns (x, k_iso nodes or None, k_iso values or None)."""
-    n = len(fo)
-    mult = np.ones_like(fo)
+    the grid-search start ``x``, in numpy float64.  Returns (x, k_iso nodes or None, k_iso values or None)."""
+    data = _ScaleFitData(np.asarray(fo, float), np.asarray(fc, complex), np.asarray(fm, complex),
+                         np.asarray(s2w, float), np.asarray(qw, float) @ np.asarray(basis, float).T, np.ones(len(fo)))
     nodes = vals = None
-    # the work set padded (weight 0, values copied from its last reflection) to the length of the arrays it was taken
-    # from: a refinement's reflections are padded to a bucket size (jaxrefine.problem.problem.XrayData), so the
-    # programs are shared by the datasets that share the problem's.  device_put, not jnp.asarray: jnp.asarray of a
-    # numpy array is a one-operation program per shape
-    size = max(size or n, n)
-    w = np.zeros(size)
-    w[:n] = 1.0
-    fo_j, fc_j, fm_j, q_j, s2_j, basis_j, w_j = (jax.device_put(a) for a in (
-        *(pad_edge_rows(a, size) for a in (fo, fc, fm, qw, s2w)), basis, w))
     for _ in range(n_macro if resolution_scale else 1):
         if refine:
-            x, _ = _levenberg_marquardt(x, (fo_j, fc_j, fm_j, q_j, s2_j, basis_j, w_j, jax.device_put(pad_edge_rows(mult, size))),
-                                        fix_solvent=not use_solvent)
+            x, _ = _levenberg_marquardt(np.asarray(x, float), data, fix_solvent=not use_solvent)
         if resolution_scale:
-            amp = np.asarray(_amp_model_jit(jax.device_put(x), fc_j, fm_j, q_j, s2_j, basis_j))[:n]
-            nodes, vals = fit_k_iso(fo, amp, s2w)
-            mult = _hat_interpolate(s2w, nodes, vals)
+            nodes, vals = fit_k_iso(fo, _amp_pieces(x, data)[0], s2w)
+            data = data._replace(mult=_hat_interpolate(s2w, nodes, vals))
     return x, nodes, vals
 
 
@@ -373,8 +378,7 @@ def fit_scales(
     basis = aniso_basis(crystal)
     fo, fc, fm, qw, s2w = f_obs[work], f_calc[work], f_mask[work], q[work], s2[work]
     x = _solvent_grid_search(fo, fc, fm, qw, s2w, basis, k_sol_grid, b_sol_grid)
-    x, nodes, vals = _joint_refinement(x, fo, fc, fm, qw, s2w, basis, refine, use_solvent, resolution_scale, n_macro,
-                                       size=len(f_obs))
+    x, nodes, vals = _joint_refinement(x, fo, fc, fm, qw, s2w, basis, refine, use_solvent, resolution_scale, n_macro)
     b_cart = basis.T @ x[1:-2]
     return Scales(
         k_overall=jax.device_put(x[0]),
