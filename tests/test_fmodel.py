@@ -567,7 +567,7 @@ def test_rfactors_reports_the_refinements_r(pdb_id):
     from jaxrefine.problem import build_setup
     from jaxrefine.problem.fmodel import fmodel_statistics
     from jaxrefine.problem.problem import observed
-    from jaxrefine.problem.xray_state import f_model_of_jit
+    from jaxrefine.problem.xray_state import f_model_on_host
 
     from conftest import monomer_dir
 
@@ -575,7 +575,7 @@ def test_rfactors_reports_the_refinements_r(pdb_id):
     st = fmodel_statistics(model, refl)
     s = build_setup(None, None, load_config(None, [f"model.monlib={monomer_dir()}", "refine.adp=iso"]), model=model, refl=refl)
     x = s.problem.xray
-    fo, fm, work = observed(x, x.f_obs, f_model_of_jit(s.params, s.problem, s.state), x.work)  # without the pads
+    fo, fm, work = observed(x, x.f_obs, f_model_on_host(s.params, s.problem, s.state), x.work)  # without the pads
     keep = fo > 0
     ours = r_factors(fo[keep], fm[keep], ~work[keep])
     assert ours["r_work"] == pytest.approx(st["r_work"], abs=1e-3) and ours["r_free"] == pytest.approx(st["r_free"], abs=1e-3)

@@ -147,8 +147,7 @@ def fit_scales_and_sigma_a(f_obs, sig_f_obs, f_calc, f_mask, s_cart, work, sigma
     f_obs = np.asarray(f_obs)
     scales = fit_scales(f_obs, np.asarray(f_calc), np.asarray(f_mask), np.asarray(s_cart), np.asarray(work), crystal,
                         use_solvent=use_solvent, resolution_scale=resolution_scale)
-    # F_model in numpy (host arrays: no program; jitted it was traced and loaded once more per run, beside
-    # f_model_of_jit's own program for the device arrays of the reports)
+    # F_model in numpy (host arrays: no program; jitted it was one more program to trace and load per run)
     fm = f_model(np.asarray(f_calc), np.asarray(f_mask), np.asarray(s_cart), jax.tree_util.tree_map(np.asarray, scales))
     sigma_a = estimate_sigma_a(f_obs, np.asarray(fm), np.asarray(sigma_a_use), np.asarray(bins), np.asarray(centric),
                                np.asarray(epsilon), np.asarray(sig_f_obs))

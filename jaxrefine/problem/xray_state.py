@@ -15,7 +15,7 @@ from ..core.cache import call_exported
 from ..core.device import on_device
 from ..core.restraint_terms import pad_edge_rows
 from ..io.model import Model
-from ..xray.fmodel import f_model, f_model_jit
+from ..xray.fmodel import f_model
 from ..xray.scaling import K_ISO_MAX_NODES, Scales
 from ..xray.structure_factors import structure_factors
 from ..xray.adp import b_eq
@@ -144,10 +144,14 @@ def f_calc_of_jit(params: Params, problem: Problem):
     return call_exported(_f_calc_of_compiled, (params, problem), {}, "f_calc_of")
 
 
-def f_model_of_jit(params: Params, problem: Problem, state: XrayState):
-    """:func:`f_model_of` for host code, as two compiled programs: F_calc (the one the state refits and the maps
-    use too) and the cheap scaling.  One program per use compiled F_calc three times (cold 5kzb: 0.7-0.8 s each)."""
-    return f_model_jit(f_calc_of_jit(params, problem), state.f_mask, problem.xray.s_cart, state.scales)
+def f_model_on_host(params: Params, problem: Problem, state: XrayState) -> np.ndarray:
+    """:func:`f_model_of` for host code: F_calc by its compiled program (the one the state refits and the maps use
+    too), the scaling in numpy ((n_refl,) complex numpy array; every caller reads it on the host).  The scaling as a
+    program of its own was traced and loaded once more per run (~40 ms of a warm 5e5z run); one program per use
+    compiled F_calc three times (cold 5kzb: 0.7-0.8 s each)."""
+    host = lambda a: np.asarray(a)  # noqa: E731
+    return f_model(host(f_calc_of_jit(params, problem)), host(state.f_mask), host(problem.xray.s_cart),
+                   jax.tree_util.tree_map(host, state.scales))
 
 
 # ----------------------------------------------------------------------------- state updates

@@ -28,7 +28,7 @@ from ..problem.params import Params
 from ..problem.problem import Problem, Setup, XrayState
 from ..problem.setup import build_setup, choose_strategy, uses_rigid_bodies, with_rigid_bodies
 from ..problem.riding import riding_problem
-from ..problem.xray_state import (current_model_arrays, f_model_of_jit, mask_moved, model_of, moved_beyond, refit_xray_state,
+from ..problem.xray_state import (current_model_arrays, f_model_on_host, mask_moved, model_of, moved_beyond, refit_xray_state,
                                   refresh_neighbours)
 from ..xray.targets import ml_amplitude_target
 from . import weights as wmod
@@ -257,7 +257,7 @@ def _weight_trials(weights, params, problem, state, settings: LoopSettings, n_st
                                  settings.optimizer, settings.learning_rate, settings.converge_rtol)
     out = []
     for w, p, trial_state in zip(weights, moved, trial_states):
-        fm = f_model_of_jit(p, problem, trial_state)  # one F_calc for the trial's R-free and likelihood
+        fm = f_model_on_host(p, problem, trial_state)  # one F_calc for the trial's R-free and likelihood
         st = cycle_statistics(0, p, problem, trial_state, time.perf_counter(), f_model=fm)
         nll = float(_free_nll(fm, problem, trial_state))
         out.append(((p, trial_state), wmod.WeightTrial(w, nll, st.r_free, st.rms_bond, st.rms_angle)))

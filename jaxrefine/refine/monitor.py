@@ -14,7 +14,7 @@ import numpy as np
 from ..core import timing
 from ..problem.params import Params
 from ..problem.problem import Problem, XrayState, observed
-from ..problem.xray_state import current_model_arrays, f_model_of_jit
+from ..problem.xray_state import current_model_arrays, f_model_on_host
 from ..restraints import geometry_report
 from ..xray.stats import r_factors
 
@@ -49,7 +49,7 @@ def cycle_statistics(cycle: int, params: Params, problem: Problem, state: XraySt
     model, for the RMS shifts (same atoms; None or other atoms: shifts 0).  ``arrays``: (xyz, B) of the parameters
     where the caller has them (:func:`current_model_arrays`; computed here when None)."""
     with timing.section("r_factors"):
-        fm = f_model_of_jit(params, problem, state) if f_model is None else f_model
+        fm = f_model_on_host(params, problem, state) if f_model is None else f_model
         x = problem.xray
         r = r_factors(*observed(x, x.f_obs, fm, x.free))
     xyz, b = current_model_arrays(params, problem)[:2] if arrays is None else arrays

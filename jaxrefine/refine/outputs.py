@@ -22,7 +22,7 @@ from ..io.writers import write_json, write_model, write_mtz, write_text
 from ..xray.maps import map_coefficients
 from ..problem.adp_model import adp_ncs_statistics, statistics_lines
 from ..problem.problem import observed, observed_sigma_a
-from ..problem.xray_state import current_model_arrays, current_u_aniso, f_model_of_jit, written_adps
+from ..problem.xray_state import current_model_arrays, current_u_aniso, f_model_on_host, written_adps
 from .engine import RefinementResult
 
 log = logging.getLogger("jaxrefine")
@@ -136,7 +136,7 @@ def write_outputs(result: RefinementResult, setup, out_dir, argv=None) -> dict:
     if cfg.output.write_pdb:
         write_model(out_model, os.path.join(out_dir, "refined.pdb"), **updates)
     x = problem.xray
-    fo, fm, centric, epsilon = observed(x, x.f_obs, f_model_of_jit(params, problem, result.state), x.centric, x.epsilon)
+    fo, fm, centric, epsilon = observed(x, x.f_obs, f_model_on_host(params, problem, result.state), x.centric, x.epsilon)
     two, one = map_coefficients(fo, fm, observed_sigma_a(x, result.state.sigma_a), centric, epsilon)
     write_mtz(os.path.join(out_dir, "maps.mtz"), refl.crystal, refl.hkl, {
         "FP": ("F", refl.f_obs), "SIGFP": ("Q", refl.sig_f_obs), "FREE": ("I", np.where(refl.free, 0, 1)),

@@ -277,7 +277,7 @@ def remove_bad_waters_hook(params: WaterConfig = WaterConfig(), told: list | Non
         if "xyz" not in ctx.blocks or not (setup.model.kind == "water").any() or not waters_apply(ctx, params, told):
             return ctx
         from ..problem.problem import observed, observed_sigma_a
-        from ..problem.xray_state import current_model_arrays, f_model_of_jit
+        from ..problem.xray_state import current_model_arrays, f_model_on_host
         from .density import maps_of_f_model
 
         # the atoms as they are now (the arrays bad_waters reads) and maps phased by the current F_calc with the
@@ -286,7 +286,7 @@ def remove_bad_waters_hook(params: WaterConfig = WaterConfig(), told: list | Non
         model_now = setup.model.with_arrays(xyz_cart=xyz, b_iso=b_iso, occ=occ)
         # the check reads the 2mFo−DFc map alone: no difference map (5orl: 1.6 -> 1.2 s over 5 cycles)
         x = problem.xray
-        maps = maps_of_f_model(setup.refl, observed(x, f_model_of_jit(params_now, problem, ctx.state)),
+        maps = maps_of_f_model(setup.refl, observed(x, f_model_on_host(params_now, problem, ctx.state)),
                                observed_sigma_a(x, ctx.state.sigma_a), difference=False)
         bad = bad_waters(model_now, maps, params) & (occ > 0)
         labels = []
@@ -313,7 +313,7 @@ def pick_waters_hook(params: WaterConfig = WaterConfig(), remove: bool = True, t
         if "xyz" not in ctx.blocks or ctx.last or not waters_apply(ctx, params, told):
             return ctx
         from ..problem.problem import observed, observed_sigma_a
-        from ..problem.xray_state import f_model_of_jit, model_of
+        from ..problem.xray_state import f_model_on_host, model_of
         from .density import maps_of_f_model
 
         setup, problem = ctx.setup, ctx.problem
@@ -323,7 +323,7 @@ def pick_waters_hook(params: WaterConfig = WaterConfig(), remove: bool = True, t
         # the maps of the refinement's F_model (scales and σA refitted at the end of the cycle): no F_calc of its own
         # for the live atoms (another shape each round: 0.5 s of compiling a round on 4xof)
         x = problem.xray
-        maps = maps_of_f_model(setup.refl, observed(x, f_model_of_jit(ctx.params, problem, ctx.state)),
+        maps = maps_of_f_model(setup.refl, observed(x, f_model_on_host(ctx.params, problem, ctx.state)),
                                observed_sigma_a(x, ctx.state.sigma_a))
         ch = water_changes(model_now, setup.refl, params, maps=maps, remove=remove)
         removed = np.zeros(model_all.n_atoms, bool)

@@ -8,8 +8,6 @@ The fit of the scales, mask and σA around it lives in :mod:`jaxrefine.problem.f
 """
 from __future__ import annotations
 
-import jax
-
 from ..core.device import array_module
 from .scaling import Scales, k_total
 from .solvent import bulk_solvent
@@ -33,6 +31,3 @@ def f_model(f_calc, f_mask, s_cart, scales: Scales):
     s2 = xp.sum(s_cart**2, axis=1)
     return k_total(scales, s_cart) * (f_calc + bulk_solvent(f_mask, scales.k_sol, scales.b_sol, s2))
 
-
-# host code (scale fits, reports, maps) calls this: one compiled program instead of one per operation
-f_model_jit = jax.jit(f_model)
