@@ -7,7 +7,6 @@ float64, gemmi (solvent mask, F of a grid), servalcat's R-factors of the deposit
 from __future__ import annotations
 
 import json
-from unittest import mock
 
 import gemmi
 import jax
@@ -477,32 +476,6 @@ def test_mask_equals_gemmis_float_grid_mask_at_refinement_spacing():
     ref = np.array(grid, copy=False)
     assert ours.dtype == np.uint8 and ours.flags.c_contiguous and 0.6 < ours.mean() < 0.9
     assert np.array_equal(ours, ref.astype(np.uint8))
-
-
-MASK_REFERENCE_SPACING = 0.4  # Å: the reference mask's grid for the step test below
-MASK_STEP_SLACK = 1.2  # the chosen step's F_mask error at most this × that of servalcat's 0.6 Å grid
-
-
-def test_mask_grid_step_at_low_resolution_is_as_accurate_as_servalcats():
-    """At 3.2 Å (5kzb) the mask's grid step is d_min / 4 = 0.8 Å (cctbx's grid_step_factor), not 0.6 Å: its F_mask
-    at d > 6 Å (where the bulk solvent counts) is as close to a 0.4 Å grid's as the 0.6 Å grid's is (both ~5 %: the
-    binary mask's own discretisation), while d_min / 3 (1.07 Å) is ~20 % off.  Below 2.4 Å the step stays 0.6 Å,
-    and never coarser than the Nyquist step d_min / 2."""
-    from jaxrefine.io.mask import mask_spacing
-    from jaxrefine.problem.fmodel import model_f_mask
-
-    assert mask_spacing(2.0) == 0.6 and abs(mask_spacing(1.0) - 0.5) < 1e-5 and mask_spacing(3.2) == 0.8
-    model, refl = _load("5kzb", hydrogens=False)
-    cr, low = refl.crystal, np.asarray(refl.d) > 6.0
-
-    def f_mask(spacing):
-        with mock.patch("jaxrefine.io.mask.mask_spacing", lambda d: spacing):
-            return model_f_mask(model, cr, refl.hkl, refl.d_min)[0][low]
-
-    ref = f_mask(MASK_REFERENCE_SPACING)
-    err = {s: np.linalg.norm(f_mask(s) - ref) / np.linalg.norm(ref) for s in (0.6, mask_spacing(refl.d_min))}
-    assert mask_spacing(refl.d_min) > 0.75  # 3.2 Å: the coarser step is taken
-    assert err[mask_spacing(refl.d_min)] < MASK_STEP_SLACK * err[0.6], err
 
 
 def r_check(pdb_id: str, r_work: float, r_free: float) -> None:

@@ -15,26 +15,13 @@ from .crystal_io import gemmi_cell, gemmi_space_group
 RADII_SETS = {"refmac": gemmi.AtomicRadiiSet.Refmac, "vdw": gemmi.AtomicRadiiSet.VanDerWaals, "cctbx": gemmi.AtomicRadiiSet.Cctbx}
 
 
-# The mask's grid step: d_min / MASK_GRID_STEP_FACTOR (cctbx's mmtbx.masks, grid_step_factor = 4), but no finer than
-# MASK_SPACING_MIN Å (servalcat's and gemmi's min(0.6 Å, d_min / 2)) and no coarser than the data's Nyquist step.
-# Below 2.4 Å the step is servalcat's; at 3.2 Å (5kzb) 0.8 Å instead of 0.6 Å: 2.3 instead of 5.5 million points,
-# the mask 0.16 -> 0.06 s a build and R-free 0.2502 -> 0.2480 (1va7, 2.9 Å: 0.2714 -> 0.2700; benchmarks/README.md).
-MASK_GRID_STEP_FACTOR = 4.0
-MASK_SPACING_MIN = 0.6
-
-
-def mask_spacing(d_min: float) -> float:
-    """The solvent mask's grid step (Å) for data to ``d_min`` Å (see MASK_GRID_STEP_FACTOR)."""
-    return min(max(MASK_SPACING_MIN, d_min / MASK_GRID_STEP_FACTOR), d_min / 2.0 - 1e-6)
-
-
-def mask_grid_shape(crystal, d_min: float, spacing: float | None = None) -> tuple:
+def mask_grid_shape(crystal, d_min: float, spacing: float = 0.6) -> tuple:
     """FFT-friendly grid (nu, nv, nw) for a cell, compatible with the space-group symmetry.
 
-    The spacing is :func:`mask_spacing` of ``d_min`` (``spacing``: ``min(spacing, d_min / 2)`` Å instead)
-    rounded up to sizes with small prime factors that the symmetry operators map onto the grid.
+    The spacing is ``min(spacing, d_min / 2)`` Å (Nyquist for data to d_min) rounded up to
+    sizes with small prime factors that the symmetry operators map onto the grid.
     """
-    spacing = mask_spacing(d_min) if spacing is None else min(spacing, d_min / 2.0 - 1e-6)
+    spacing = min(spacing, d_min / 2.0 - 1e-6)
     key = (tuple(float(v) for v in crystal.cell), crystal.space_group, spacing)
     if key not in _GRID_SHAPES:  # gemmi's size search took 13-27 ms, and the mask is rebuilt every macrocycle
         grid = gemmi.FloatGrid()
