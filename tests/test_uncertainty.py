@@ -411,3 +411,58 @@ def test_gauss_newton_matrix_from_explicit_jacobians(minimum, dense, caplog):
     ratio = unc_g.sigma_r / unc_h.sigma_r
     assert GN_RATIO[0] < np.median(ratio) < GN_RATIO[1], np.median(ratio)
     assert U.spearman(unc_g.sigma_r, unc_h.sigma_r) > COUPLED_SPEARMAN
+
+
+PC_RTOL = 1e-9  # the preconditioner's matrix against an explicit Jacobian (jax.jacfwd), float64
+PC_SOLUTION_RTOL = 1e-2  # CG to PROBE_CG_TOL with either preconditioner: the same solution to this (relative norm)
+
+
+@pytest.mark.slow
+def test_bonded_preconditioner_from_an_explicit_jacobian(minimum, monkeypatch):
+    """The CG preconditioner M = per-atom blocks + off-diagonal atom blocks of 2 w_A J_bᵀ J_b: J_b from the coloured
+    forward products equals jax.jacfwd's of the bonded geometry residuals, and CG with M reaches the solution that
+    CG with the inverse blocks reaches, in fewer curvature products."""
+    setup, params, ps = minimum
+    wp = U.weighted_problem(ps)
+    crystal = setup.model.crystal
+    n = params.xyz_frac.shape[0]
+    comp = U.active_components(params, ps)
+    colours = U.colour_atoms(np.asarray(params.xyz_frac) @ np.asarray(crystal.orth).T, crystal)
+    blocks = U.hessian_blocks(params, wp, "ml", colours, curvature="gauss-newton")
+    m, n_left = U.preconditioner_matrix(blocks, comp, params, wp, colours)
+    assert n_left == 0
+    jac = np.asarray(jax.jacfwd(lambda u: U._bonded_residuals(u, params, wp))(U._zeros(params)))[..., :3]
+    jac = jac.reshape(len(jac), 3 * n)
+    g = 2.0 * float(wp[1].w_a) * jac.T @ jac
+    ref = np.zeros((n, 4, n, 4))
+    ref[:, :3, :, :3] = g.reshape(n, 3, n, 3)
+    idx = np.arange(n)
+    ref[idx, :, idx, :] = blocks
+    keep = comp.reshape(-1)
+    ref = ref.reshape(4 * n, 4 * n) * keep[:, None] * keep[None, :]
+    ref[np.arange(4 * n), np.arange(4 * n)] = np.where(keep, np.diagonal(ref), 1.0)
+    assert np.abs(g).max() > 0 and np.count_nonzero(m.toarray()) > 16 * n  # off-diagonal blocks are there
+    np.testing.assert_allclose(m.toarray(), ref, rtol=0, atol=PC_RTOL * np.abs(ref).max())
+
+    products = [0]
+    hvp = U.hvp_batch
+
+    def counted(*args, **kwargs):
+        products[0] += 1
+        return hvp(*args, **kwargs)
+
+    monkeypatch.setattr(U, "hvp_batch", counted)
+    rng = np.random.default_rng(0)
+    rhs = rng.choice([-1.0, 1.0], size=(U.HVP_BATCH, n, 4)) * comp
+    basis = U.floating_origin(crystal)
+    m_inv, _ = U._invert_active_blocks(blocks, comp)
+    out = {}
+    for name, pc in (("blocks", m_inv), ("bonded", U.sparse_preconditioner(blocks, comp, params, wp, colours))):
+        products[0] = 0
+        x, res = U.solve(rhs, params, wp, pc, basis, comp, tol=U.PROBE_CG_TOL, curvature="gauss-newton",
+                         norm="preconditioned")
+        assert res.max() < U.PROBE_CG_TOL
+        out[name] = (x, products[0])
+    (x_b, n_b), (x_s, n_s) = out["blocks"], out["bonded"]
+    assert np.linalg.norm(x_s - x_b) < PC_SOLUTION_RTOL * np.linalg.norm(x_b)
+    assert n_s < n_b, (n_s, n_b)

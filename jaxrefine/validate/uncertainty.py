@@ -359,6 +359,118 @@ def invert_blocks(blocks):
     return np.einsum("nij,nj,nkj->nik", v, 1.0 / w, v), int(bad.sum())
 
 
+# ------------------------------------------------------------------ the CG preconditioner
+# The per-atom blocks alone leave the probing solves ill-conditioned where bonds tie atoms together: a bond is ~100×
+# stiffer along itself than the X-ray term moves an atom, so a residue moves as a body far more easily than its atoms
+# do alone, which per-atom blocks cannot see (4iid: ~150 CG iterations a batch, 4xof 33).  The preconditioner M adds
+# the off-diagonal atom blocks of the bonded geometry's Gauss–Newton matrix 2 w_A J_bᵀ J_b (bonds, angles, torsions,
+# planes, chirals: the non-bonded contacts join distant residues, which fills the factors 50× and gained nothing) to
+# the exact per-atom blocks of the curvature, and is factorised once (sparse LU): 4iid 36 iterations a batch
+# (factors 1.6 M non-zeros, 0.1 s), 4xof 14, the same variances to 0.2 % (benchmarks/README.md, session 34).
+JVP_COLOURS = 16  # colours whose forward products (3 each) are evaluated together for the bonded Jacobian
+
+
+def bonded_rows_atoms(restraints) -> np.ndarray:
+    """(n_rows, k) atoms of each row of :func:`jaxrefine.restraints.geometry.geometry_residuals` without the
+    non-bonded pairs (bonds, angles, torsions, one row per plane atom slot, chirals), -1 padded."""
+    pl = np.where(np.asarray(restraints.plane.atom_mask) > 0, np.asarray(restraints.plane.idx), -1)
+    blocks = [np.asarray(restraints.bond.idx), np.asarray(restraints.angle.idx), np.asarray(restraints.torsion.idx),
+              np.repeat(pl, pl.shape[1], axis=0), np.asarray(restraints.chiral.idx)]  # a plane row: all its atoms
+    k = max(b.shape[1] for b in blocks)
+    return np.concatenate([np.pad(b.reshape(len(b), -1), ((0, 0), (0, k - b.shape[1])), constant_values=-1)
+                           for b in blocks]).astype(np.int64)
+
+
+def _bonded_residuals(u, params, ps):
+    from ..problem.params import atom_xyz
+    from ..restraints.geometry import geometry_residuals
+
+    problem, _ = ps
+    xyz = atom_xyz(shifted_params(u, params, ps), problem.maps)[0]
+    return geometry_residuals(xyz, problem.restraints, None, problem.geo_weights)
+
+
+@jax.jit
+def _bonded_jvps(tangents, params, ps):
+    return jax.vmap(lambda t: jax.jvp(lambda u: _bonded_residuals(u, params, ps), (_zeros(params),), (t,))[1])(tangents)
+
+
+def bonded_jacobian(params, ps, colours):
+    """(J (n_rows, 3n) scipy sparse, number of rows left out): the Jacobian of the bonded geometry residuals with
+    respect to the atoms' Cartesian shifts, from one forward product per colour and axis (a row's atoms are within
+    the colouring distance, so each has its own colour; a row with two atoms of one colour is left out)."""
+    import scipy.sparse as sparse
+
+    n = params.xyz_frac.shape[0]
+    colours = np.asarray(colours)
+    n_col = int(colours.max()) + 1
+    atoms = bonded_rows_atoms(ps[0].restraints)
+    col = np.where(atoms >= 0, colours[np.maximum(atoms, 0)], -1)
+    first = np.ones(atoms.shape, bool)  # an atom listed twice in a row counts once
+    clash = np.zeros(len(atoms), bool)
+    for m in range(1, atoms.shape[1]):
+        same = atoms[:, :m] == atoms[:, m:m + 1]
+        first[:, m] = ~same.any(1)
+        clash |= ((col[:, :m] == col[:, m:m + 1]) & ~same & (col[:, m:m + 1] >= 0)).any(1)
+    r, m = np.nonzero((atoms >= 0) & (col >= 0) & first & ~clash[:, None])
+    a, c = atoms[r, m], col[r, m]
+    vals = np.zeros((len(r), 3))
+    per = JVP_COLOURS
+    for c0 in range(0, n_col, per):  # the products of a few colours at a time (4iid: 246k rows each)
+        tangents = np.zeros((3 * per, n, 4))
+        for c1 in range(c0, min(c0 + per, n_col)):
+            for k in range(3):
+                tangents[3 * (c1 - c0) + k, colours == c1, k] = 1.0
+        jv = np.asarray(_bonded_jvps(jnp.asarray(tangents, params.xyz_frac.dtype), params, ps), float).reshape(per, 3, -1)
+        sel = (c >= c0) & (c < c0 + per)
+        vals[sel] = jv[c[sel] - c0, :, r[sel]]
+    rows = np.repeat(r, 3)
+    cols = (3 * a[:, None] + np.arange(3)).reshape(-1)
+    vals = vals.reshape(-1)
+    keep = vals != 0
+    return sparse.csr_matrix((vals[keep], (rows[keep], cols[keep])), shape=(len(atoms), 3 * n)), int(clash.sum())
+
+
+def preconditioner_matrix(blocks, comp, params, ps, colours):
+    """(M (4n, 4n) scipy sparse, rows left out of J_b): the per-atom blocks (n, 4, 4) of the curvature with the
+    off-diagonal atom blocks of 2 w_A J_bᵀ J_b (:func:`bonded_jacobian`; ``ps``'s w_A), in the order (atom, x y z B);
+    held components (``comp`` False) get a unit diagonal and nothing else."""
+    import scipy.sparse as sparse
+
+    n = blocks.shape[0]
+    j_b, n_left = bonded_jacobian(params, ps, colours)
+    g = (2.0 * float(ps[1].w_a) * (j_b.T @ j_b)).tocoo()
+    off = (g.row // 3) != (g.col // 3)
+    rows, cols = 4 * (g.row[off] // 3) + g.row[off] % 3, 4 * (g.col[off] // 3) + g.col[off] % 3
+    flat = np.asarray(comp, bool).reshape(-1)
+    ok = flat[rows] & flat[cols]
+    b = blocks * (comp[:, :, None] & comp[:, None, :])
+    idx = np.arange(4)
+    b[:, idx, idx] = np.where(comp, b[:, idx, idx], 1.0)
+    bi = np.broadcast_to(4 * np.arange(n)[:, None, None] + idx[None, :, None], b.shape).reshape(-1)
+    bj = np.broadcast_to(4 * np.arange(n)[:, None, None] + idx[None, None, :], b.shape).reshape(-1)
+    m = sparse.coo_matrix((np.concatenate([b.reshape(-1), g.data[off][ok]]),
+                           (np.concatenate([bi, rows[ok]]), np.concatenate([bj, cols[ok]]))), shape=(4 * n, 4 * n))
+    return m.tocsc(), n_left
+
+
+def sparse_preconditioner(blocks, comp, params, ps, colours):
+    """z = M⁻¹ v for a batch v (k, n, 4) (:func:`preconditioner_matrix`, factorised once by SuperLU), or None
+    where M cannot be factorised (the caller keeps the inverse blocks)."""
+    from scipy.sparse.linalg import splu
+
+    m, n_left = preconditioner_matrix(blocks, comp, params, ps, colours)
+    try:
+        lu = splu(m, permc_spec="MMD_AT_PLUS_A")
+    except RuntimeError as err:  # exactly singular
+        log.warning("uncertainty: the bonded preconditioner is singular (%s); per-atom blocks instead", err)
+        return None
+    if n_left:
+        log.info("uncertainty: %d restraint rows with two atoms of one colour left out of the preconditioner", n_left)
+    n = blocks.shape[0]
+    return lambda v: lu.solve(np.asarray(v, float).reshape(len(v), 4 * n).T).T.reshape(len(v), n, 4)
+
+
 def dense_hessian(params, problem, target: str = "ml", batch: int = HVP_BATCH, curvature: str = "exact") -> np.ndarray:
     """The whole Hessian (n, 4, n, 4) at the parameters (zero shifts), one HVP per parameter, symmetrised (or its
     Gauss–Newton matrix: ``curvature``)."""
@@ -432,7 +544,8 @@ def solve(rhs, params, problem, m_inv, basis, active, target: str = "ml", tol: f
     whose plain residuals differ by their units).
 
     Args:
-        m_inv: (n, 4, 4) inverse blocks (the preconditioner); basis: (k, 3) floating-origin directions.
+        m_inv: (n, 4, 4) inverse blocks, or a callable z = M⁻¹ v of a batch (k, n, 4) (the preconditioner:
+            :func:`sparse_preconditioner`); basis: (k, 3) floating-origin directions.
 
     Returns:
         (x (k, n, 4), relative residuals (k,)).
@@ -441,7 +554,7 @@ def solve(rhs, params, problem, m_inv, basis, active, target: str = "ml", tol: f
     keep = np.asarray(active, float)
     keep = keep[:, None] if keep.ndim == 1 else keep
     basis = np.asarray(basis, float)
-    m_inv = np.asarray(m_inv, float)
+    m_inv = m_inv if callable(m_inv) else np.asarray(m_inv, float)
     dtype = params.xyz_frac.dtype
 
     def p_(v):
@@ -457,7 +570,7 @@ def solve(rhs, params, problem, m_inv, basis, active, target: str = "ml", tol: f
         return p_(out)
 
     def m_(v):
-        return p_(np.einsum("nij,knj->kni", m_inv, p_(v)))
+        return p_(m_inv(p_(v)) if callable(m_inv) else np.einsum("nij,knj->kni", m_inv, p_(v)))
 
     dot = lambda u, v: np.sum(u * v, axis=(1, 2))  # noqa: E731
     b = p_(b)
@@ -573,11 +686,13 @@ def atom_uncertainties(params, problem, crystal, target: str = "ml", weights: st
     basis = floating_origin(crystal)
     say(f"uncertainty: {int(active.sum())} atoms, {n_col} colours ({cutoff:g} Å), {4 * n_col} matrix-vector products "
         f"for the blocks of the {'Gauss–Newton matrix' if curvature == 'gauss-newton' else 'Hessian'}" + (f", floating origin along {len(basis)} direction(s)" if len(basis) else ""))
-    m_inv, n_bad = _invert_active_blocks(hessian_blocks(params, prob, target, colours, curvature=curvature), comp)
+    blocks = hessian_blocks(params, prob, target, colours, curvature=curvature)
+    m_inv, n_bad = _invert_active_blocks(blocks, comp)
     cov = m_inv.copy()
     res_max = 0.0
     if coupled:
         say(f"uncertainty: coupled estimate, {4 * n_col} preconditioned CG solves")
+        pc = sparse_preconditioner(blocks, comp, params, prob, colours)
         rng = np.random.default_rng(seed)
         signs = rng.choice([-1.0, 1.0], size=n)
         probes = [(c, k) for c in range(n_col) for k in range(4)]
@@ -588,8 +703,8 @@ def atom_uncertainties(params, problem, crystal, target: str = "ml", weights: st
             vs = np.zeros((HVP_BATCH, n, 4))
             for j, (c, k) in enumerate(chunk):
                 vs[j, colours == c, k] = signs[colours == c]
-            x, res = solve(vs[: len(chunk)] * comp, params, prob, m_inv, basis, comp, target=target, tol=PROBE_CG_TOL,
-                           curvature=curvature, norm="preconditioned")
+            x, res = solve(vs[: len(chunk)] * comp, params, prob, m_inv if pc is None else pc, basis, comp, target=target,
+                           tol=PROBE_CG_TOL, curvature=curvature, norm="preconditioned")
             res_max = max(res_max, float(np.max(res)))
             for j, (c, k) in enumerate(chunk):
                 sel = colours == c
@@ -695,10 +810,13 @@ _r_free_jit = jax.jit(r_free_of)
 
 
 def _preconditioner(params, problem, crystal, target, cutoff):
+    """(the CG preconditioner of the implicit derivatives' solves: :func:`sparse_preconditioner` of the exact Hessian's
+    blocks, or their inverses; floating-origin directions)."""
     xyz = np.asarray(params.xyz_frac, float) @ np.asarray(crystal.orth, float).T
-    blocks = hessian_blocks(params, problem, target, colour_atoms(xyz, crystal, cutoff))
-    m_inv, _ = invert_blocks(blocks)
-    return m_inv, floating_origin(crystal)
+    colours = colour_atoms(xyz, crystal, cutoff)
+    blocks = hessian_blocks(params, problem, target, colours)
+    pc = sparse_preconditioner(blocks, np.ones(blocks.shape[:2], bool), params, problem, colours)
+    return invert_blocks(blocks)[0] if pc is None else pc, floating_origin(crystal)
 
 
 def implicit_derivative(phi_grads, name, params, problem, crystal, target: str = "ml", cutoff: float = COLOUR_CUTOFF,
