@@ -7,11 +7,11 @@ k_total(h) = k_overall · exp(−¼ sᵀ B_cart s),   s = reciprocal-lattice vec
 J. Appl. Cryst. 35, 477 for the symmetry constraints on B_cart). B_cart here holds the isotropic
 part too (B_iso = trace/3); B11 B22 B33 B12 B13 B23 in Å².
 
-Fitting (outside jit, numpy float64; the grid search of large data sets one compiled program): a grid search over (k_sol, B_sol) with
-k_overall and B_cart from a log-linear least-squares fit at each point, then Levenberg–Marquardt
-on Σ_work (|F_obs| − |F_model|)² over all parameters together, alternating with a
-resolution-dependent isotropic scale k_iso(s²) (piecewise linear in s², linear least squares;
-the binned k_isotropic of Afonine et al. 2013) that absorbs what the smooth model misses.
+Fitting (outside jit, numpy float64; the grid search of large data sets one compiled program): a grid
+search over (k_sol, B_sol) with k_overall and B_cart from a log-linear least-squares fit at each point,
+then Levenberg–Marquardt on Σ_work (|F_obs| − |F_model|)² over all parameters together, alternating with
+a resolution-dependent isotropic scale k_iso(s²) (piecewise linear in s², linear least squares; the
+binned k_isotropic of Afonine et al. 2013) that absorbs what the smooth model misses.
 """
 from __future__ import annotations
 
@@ -189,7 +189,8 @@ class _ScaleFitData(NamedTuple):
 
 
 def _amp_pieces(x, d: _ScaleFitData):
-    """(|F_model| / k_iso, k exp(−¼ qb·p), F_calc + bulk, |F_calc + bulk|, exp(−B_sol s²/4)) at x = [k, p, k_sol, B_sol]."""
+    """(|F_model| / k_iso, k exp(−¼ qb·p), F_calc + bulk, |F_calc + bulk|, exp(−B_sol s²/4)) at
+    x = [k, p, k_sol, B_sol]."""
     k, p, k_sol, b_sol = x[0], x[1:-2], x[-2], x[-1]
     e_sol = bulk_solvent_factor(1.0, b_sol, d.s2)
     f = d.fc + (k_sol * e_sol) * d.fm
