@@ -466,3 +466,17 @@ def test_bonded_preconditioner_from_an_explicit_jacobian(minimum, monkeypatch):
     (x_b, n_b), (x_s, n_s) = out["blocks"], out["bonded"]
     assert np.linalg.norm(x_s - x_b) < PC_SOLUTION_RTOL * np.linalg.norm(x_b)
     assert n_s < n_b, (n_s, n_b)
+
+
+def test_bonded_rows_atoms_with_empty_restraint_families():
+    """The preconditioner's row layout (bonds, angles, torsions, one row per plane atom slot, chirals) holds when a
+    family has no rows (a model without chiral centres or torsions): -1 pads, a plane row lists the plane's atoms."""
+    from jaxrefine.core.restraint_terms import AdpTerm, AngleTerm, BondTerm, ChiralTerm, PlaneTerm, Restraints, TorsionTerm
+
+    z, e = np.zeros, lambda k: np.zeros((0, k), int)  # noqa: E731
+    r = Restraints(BondTerm(np.array([[0, 1]]), z(1), z(1), np.ones(1)), AngleTerm(e(3), z(0), z(0), z(0)),
+                   TorsionTerm(e(4), z(0), z(0), z(0), z(0)), PlaneTerm(np.array([[0, 1, 2]]), np.array([[1, 1, 0]]), z(1), np.ones(1)),
+                   ChiralTerm(e(4), z(0), z(0), z(0), z(0)), AdpTerm(e(2), z(0), z(0)), z(3), z(3), z(3), z(3))
+    rows = U.bonded_rows_atoms(r)
+    assert rows.shape == (1 + 3, 4)  # the torsions' width; three slots of the one plane
+    np.testing.assert_array_equal(rows, [[0, 1, -1, -1]] * 4)

@@ -377,8 +377,7 @@ def bonded_rows_atoms(restraints) -> np.ndarray:
     blocks = [np.asarray(restraints.bond.idx), np.asarray(restraints.angle.idx), np.asarray(restraints.torsion.idx),
               np.repeat(pl, pl.shape[1], axis=0), np.asarray(restraints.chiral.idx)]  # a plane row: all its atoms
     k = max(b.shape[1] for b in blocks)
-    return np.concatenate([np.pad(b.reshape(len(b), -1), ((0, 0), (0, k - b.shape[1])), constant_values=-1)
-                           for b in blocks]).astype(np.int64)
+    return np.concatenate([np.pad(b, ((0, 0), (0, k - b.shape[1])), constant_values=-1) for b in blocks]).astype(np.int64)
 
 
 def _bonded_residuals(u, params, ps):
