@@ -149,9 +149,8 @@ def f_model_on_host(params: Params, problem: Problem, state: XrayState) -> np.nd
     too), the scaling in numpy ((n_refl,) complex numpy array; every caller reads it on the host).  The scaling as a
     program of its own was traced and loaded once more per run (~40 ms of a warm 5e5z run); one program per use
     compiled F_calc three times (cold 5kzb: 0.7-0.8 s each)."""
-    host = lambda a: np.asarray(a)  # noqa: E731
-    return f_model(host(f_calc_of_jit(params, problem)), host(state.f_mask), host(problem.xray.s_cart),
-                   jax.tree_util.tree_map(host, state.scales))
+    return f_model(np.asarray(f_calc_of_jit(params, problem)), np.asarray(state.f_mask), np.asarray(problem.xray.s_cart),
+                   jax.tree_util.tree_map(np.asarray, state.scales))
 
 
 # ----------------------------------------------------------------------------- state updates

@@ -443,9 +443,8 @@ def preconditioner_matrix(blocks, comp, params, ps, colours):
     rows, cols = 4 * (g.row[off] // 3) + g.row[off] % 3, 4 * (g.col[off] // 3) + g.col[off] % 3
     flat = np.asarray(comp, bool).reshape(-1)
     ok = flat[rows] & flat[cols]
-    b = blocks * (comp[:, :, None] & comp[:, None, :])
+    b = _held_as_unit(blocks, comp)
     idx = np.arange(4)
-    b[:, idx, idx] = np.where(comp, b[:, idx, idx], 1.0)
     bi = np.broadcast_to(4 * np.arange(n)[:, None, None] + idx[None, :, None], b.shape).reshape(-1)
     bj = np.broadcast_to(4 * np.arange(n)[:, None, None] + idx[None, None, :], b.shape).reshape(-1)
     m = sparse.coo_matrix((np.concatenate([b.reshape(-1), g.data[off][ok]]),
@@ -622,13 +621,18 @@ class Uncertainties(NamedTuple):
     info: dict
 
 
-def _invert_active_blocks(blocks, comp):
-    """(inverse blocks, number not positive definite) of the (n, 4, 4) Hessian blocks with the held components
-    (``comp`` False) given a unit row and column (their esd is NaN in :func:`_uncertainties_of`)."""
+def _held_as_unit(blocks, comp):
+    """The (n, 4, 4) blocks with the held components (``comp`` False) given a unit row and column."""
     blocks = blocks * (comp[:, :, None] & comp[:, None, :])
     idx = np.arange(4)
     blocks[:, idx, idx] = np.where(comp, blocks[:, idx, idx], 1.0)
-    return invert_blocks(blocks)
+    return blocks
+
+
+def _invert_active_blocks(blocks, comp):
+    """(inverse blocks, number not positive definite) of the (n, 4, 4) Hessian blocks with the held components
+    (``comp`` False) given a unit row and column (their esd is NaN in :func:`_uncertainties_of`)."""
+    return invert_blocks(_held_as_unit(blocks, comp))
 
 
 def _uncertainties_of(cov, m_inv, comp, info) -> Uncertainties:
@@ -808,14 +812,14 @@ _grad_r_free = jax.jit(jax.grad(r_free_of))
 _r_free_jit = jax.jit(r_free_of)
 
 
-def _preconditioner(params, problem, crystal, target, cutoff):
-    """(the CG preconditioner of the implicit derivatives' solves: :func:`sparse_preconditioner` of the exact Hessian's
-    blocks, or their inverses; floating-origin directions)."""
+def _preconditioner(params, problem, crystal, target, cutoff, comp):
+    """(the CG preconditioner of the implicit derivatives' solves over the ``comp`` (n, 4) components:
+    :func:`sparse_preconditioner` of the exact Hessian's blocks, or their inverses; floating-origin directions)."""
     xyz = np.asarray(params.xyz_frac, float) @ np.asarray(crystal.orth, float).T
     colours = colour_atoms(xyz, crystal, cutoff)
     blocks = hessian_blocks(params, problem, target, colours)
-    pc = sparse_preconditioner(blocks, np.ones(blocks.shape[:2], bool), params, problem, colours)
-    return invert_blocks(blocks)[0] if pc is None else pc, floating_origin(crystal)
+    pc = sparse_preconditioner(blocks, comp, params, problem, colours)
+    return _invert_active_blocks(blocks, comp)[0] if pc is None else pc, floating_origin(crystal)
 
 
 def implicit_derivative(phi_grads, name, params, problem, crystal, target: str = "ml", cutoff: float = COLOUR_CUTOFF,
@@ -847,7 +851,7 @@ def implicit_derivative(phi_grads, name, params, problem, crystal, target: str =
         b = np.asarray(_project(jnp.asarray(rhs), jnp.asarray(basis))) * keep if len(basis) else rhs
         res = np.sqrt((r ** 2).sum((1, 2))) / np.maximum(np.sqrt((b ** 2).sum((1, 2))), 1e-300)
     else:
-        m_inv, basis = _preconditioner(params, problem, crystal, target, cutoff)
+        m_inv, basis = _preconditioner(params, problem, crystal, target, cutoff, comp)
         u, res = solve(rhs, params, problem, m_inv, basis, comp, target=target)
         n_neg = 0
     if n_neg or np.max(res) > IMPLICIT_RESIDUAL_WARN:
