@@ -98,10 +98,10 @@ def prepare_minimiser(fun, x0, args, method: str = "lbfgs", learning_rate=0.01, 
 @partial(jax.jit, static_argnames=("fun", "method"))
 def _minimise_jit(x0, args, n_steps, learning_rate, rtol, *, fun, method: str):
     """The compiled body of :func:`minimise_with_stats`."""
+    if method == "lbfgs":  # one call site: the objective traced straight into its linearisation
+        return lbfgs_loop(jax.value_and_grad(lambda x: fun(x, *args)), x0, n_steps, rtol)
     # one jitted objective shared by every call site: traced and differentiated once
     f = jax.jit(lambda x: fun(x, *args))
-    if method == "lbfgs":
-        return lbfgs_loop(jax.value_and_grad(f), x0, n_steps, rtol)
     opt = make_optimizer(method, learning_rate)
     value_and_grad = jax.value_and_grad(f)
 
