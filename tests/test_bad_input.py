@@ -412,6 +412,52 @@ def test_signal_ends_the_run_cleanly(base, tmp_path, sig):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prev"]
 
 
+def test_a_signal_in_the_middle_of_a_log_write_is_logged_after_it():
+    """The first SIGINT/SIGTERM's notice when the signal arrives while the main thread is inside a log record's
+    write (Python runs the handler between that thread's bytecodes): logged once the write is done, with no
+    "reentrant call" logging error and its traceback (seen once in CI as a failure of the test above)."""
+    import io
+    import logging
+
+    from jaxrefine.refine.run import _SignalGuard
+
+    guard = _SignalGuard()  # not entered: no handler of the process is replaced; the handler is called as a signal would
+    written = []
+
+    class Raw(io.RawIOBase):
+        fired = False
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            if not Raw.fired:  # the signal arrives while the buffered stream flushes the first record
+                Raw.fired = True
+                guard._handle(signal.SIGTERM, None)
+            written.append(bytes(b))
+            return len(b)
+
+    handler = logging.StreamHandler(io.TextIOWrapper(io.BufferedWriter(Raw()), encoding="utf-8"))
+    errors = []
+    handler.handleError = lambda record: errors.append(sys.exc_info()[1])
+    log = logging.getLogger("jaxrefine")
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        log.info("a record being written")
+        guard._wait_for_notice()
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    text = b"".join(written).decode()
+    assert errors == []
+    assert text.splitlines() == ["a record being written",
+                                 "SIGTERM received: stopping at the end of this step (again to stop at once)"]
+    with pytest.raises(KeyboardInterrupt, match="interrupted .SIGTERM. before the first cycle; nothing written"):
+        guard.check()
+
+
 @pytest.mark.slow
 def test_a_run_replaces_the_old_results_together(base, tmp_path, capsys):
     """A successful run (no flag column: the free set is generated) replaces the old results as a

@@ -57,10 +57,13 @@ class _SignalGuard:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
+    NOTICE_WAIT_S = 2.0  # how long a safe point waits for the notice's thread to log it
+
     def __init__(self):
         self.signum = None
         self.cycle = None
         self._old = {}
+        self._notice = None  # the thread that logs the first signal's notice
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -71,18 +74,31 @@ class _SignalGuard:
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
+        self._wait_for_notice()  # before the caller's last line
         return False
 
     def _handle(self, signum, frame):
         if self.signum is not None:
             raise Interrupted(signum, self.cycle)
         self.signum = signum
-        log.warning("%s received: stopping at the end of this step (again to stop at once)", signal.Signals(signum).name)
+        # Logged by a thread of its own: the handler runs between two bytecodes of the main thread, which may be
+        # in the middle of writing a log record, and writing to the same buffered stream from here raises
+        # "reentrant call" (printed as a "--- Logging error ---" traceback).  The thread waits for the log
+        # handler's lock instead, which the interrupted write releases.
+        self._notice = threading.Thread(
+            target=log.warning, args=("%s received: stopping at the end of this step (again to stop at once)",
+                                      signal.Signals(signum).name), name="jaxrefine-signal-notice", daemon=True)
+        self._notice.start()
+
+    def _wait_for_notice(self):
+        if self._notice is not None:
+            self._notice.join(self.NOTICE_WAIT_S)
 
     def check(self, cycle=None):
         if cycle is not None:
             self.cycle = cycle
         if self.signum is not None:
+            self._wait_for_notice()
             raise Interrupted(self.signum, self.cycle)
 
 
