@@ -6,6 +6,7 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -442,6 +443,48 @@ print(n0, calls)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split("\n")[-2] == "0 [0, 0]", out.stdout + out.stderr
+
+
+def test_the_heap_is_trimmed_while_a_block_runs_and_not_after(monkeypatch):
+    """core.heap.trimming calls malloc_trim(0) every interval on a thread of its own while its block runs, stops
+    when the block ends (an exception included), and starts no thread where the C library has no malloc_trim."""
+    from jaxrefine.core import heap
+
+    calls = []
+    monkeypatch.setattr(heap, "_malloc_trim", lambda: (lambda pad: calls.append(pad)))
+    with pytest.raises(RuntimeError):
+        with heap.trimming(0.01):
+            time.sleep(0.2)
+            raise RuntimeError("the block fails")
+    n = len(calls)
+    assert n >= 3 and set(calls) == {0}
+    time.sleep(0.05)
+    assert len(calls) == n  # stopped with the block
+    monkeypatch.setattr(heap, "_malloc_trim", lambda: None)
+    threads = threading.active_count()
+    with heap.trimming(0.01):
+        assert threading.active_count() == threads
+
+
+def test_a_program_prepared_in_the_background_compiles_while_the_heap_is_trimmed(tmp_path, monkeypatch, restore_jax_cache):
+    """prepare_exported's compilation runs inside core.heap.trimming (the cold run's peak memory, session 35)."""
+    import contextlib
+
+    inside = []
+
+    @contextlib.contextmanager
+    def recording():
+        inside.append("enter")
+        yield
+        inside.append("exit")
+
+    monkeypatch.setattr(cache, "trimming", recording)
+    cache.enable_compilation_cache(str(tmp_path / "c"))
+    cache._exported.clear()
+    x, w = jax.numpy.arange(3.0), jax.numpy.ones(3)
+    future = cache.prepare_exported(_weighted_sum_jit, (x, w), {"power": 7}, "test")
+    assert future is not None and future.result(timeout=120) is not None
+    assert inside == ["enter", "exit"]
 
 
 def test_trim_heap_calls_the_c_library_where_it_has_one():

@@ -31,7 +31,7 @@ import threading
 import jax
 
 from ..errors import ConfigError
-from .heap import trim_after_compilations
+from .heap import trim_after_compilations, trimming
 
 log = logging.getLogger("jaxrefine")
 
@@ -459,7 +459,8 @@ def prepare_exported(jitted, args: tuple, static: dict, name: str):
         try:
             entry = _load_or_export(jitted, treedef, leaves, static, os.path.join(folder, key + ".pkl"))
             if entry is not None:
-                compiled = jax.jit(entry[0].call).lower(*leaves).compile()
+                with trimming():  # the compilation's freed memory back to the system as it goes (core/heap.py)
+                    compiled = jax.jit(entry[0].call).lower(*leaves).compile()
                 _exported_call[key] = entry[0].call
                 entry = (compiled, entry[1])
             _exported[key] = entry
