@@ -461,9 +461,8 @@ def test_the_heap_is_trimmed_while_a_block_runs_and_not_after(monkeypatch):
     time.sleep(0.05)
     assert len(calls) == n  # stopped with the block
     monkeypatch.setattr(heap, "_malloc_trim", lambda: None)
-    threads = threading.active_count()
-    with heap.trimming(0.01):
-        assert threading.active_count() == threads
+    with heap.trimming(0.01):  # by name: other tests' daemon threads may start or end meanwhile
+        assert not any(t.name == "jaxrefine-trim" for t in threading.enumerate())
 
 
 def test_a_program_prepared_in_the_background_compiles_while_the_heap_is_trimmed(tmp_path, monkeypatch, restore_jax_cache):
