@@ -15,6 +15,7 @@ be within the same tolerance of max(deposited, servalcat).
 """
 from __future__ import annotations
 
+import threading
 import time
 
 import jax
@@ -472,7 +473,8 @@ def test_mask_is_rebuilt_only_once_atoms_have_moved(small_setup, monkeypatch):
 
     asked = []
     real = engine.refit_xray_state
-    monkeypatch.setattr(engine, "refit_xray_state", lambda *a, rebuild_mask: asked.append(rebuild_mask) or real(*a, rebuild_mask=rebuild_mask))
+    monkeypatch.setattr(engine, "refit_xray_state",
+                        lambda *a, rebuild_mask, **kw: asked.append(rebuild_mask) or real(*a, rebuild_mask=rebuild_mask, **kw))
     cfg = _cfg("refine.precision=float64", "refine.steps_xyz=3", "refine.steps_b=2")
     refine(small_setup._replace(config=cfg), n_cycles=2, strategy="b")
     assert asked == [False, False]
@@ -481,6 +483,66 @@ def test_mask_is_rebuilt_only_once_atoms_have_moved(small_setup, monkeypatch):
     run = refine(build_setup(None, None, cfg, model=shaken, refl=small_setup.refl), n_cycles=1, strategy="xyz")
     assert mask_moved(engine.current_model_arrays(run.params, run.problem)[0], np.asarray(shaken.xyz_cart))
     assert asked == [True]
+
+
+def test_mask_is_started_beside_the_b_block_at_the_final_coordinates(small_setup, monkeypatch):
+    """A cycle whose B block follows its coordinate block (refine.joint_xyz_b off) starts the solvent mask on a thread
+    once the coordinates are final (xray_state.start_f_mask), and the cycle's refit uses it; a joint cycle has no such
+    moment (nothing started), and a mask built at other coordinates than the refit's is not used.  (5e5z has no bulk
+    solvent: what the mask holds is tested on 5kzb below.)"""
+    from jaxrefine.problem import xray_state as xs
+    from jaxrefine.refine import engine
+
+    seen, used = [], []
+    real_refit, real_pending = engine.refit_xray_state, xs._pending_f_mask
+
+    def spy(*a, rebuild_mask, pending=None):
+        seen.append(pending)
+        return real_refit(*a, rebuild_mask=rebuild_mask, pending=pending)
+
+    monkeypatch.setattr(engine, "refit_xray_state", spy)
+    monkeypatch.setattr(xs, "_pending_f_mask", lambda *a: used.append(real_pending(*a)) or used[-1])
+    built_on, real_build = [], xs.solvent_f_mask
+    monkeypatch.setattr(xs, "solvent_f_mask", lambda *a, **k: built_on.append(threading.current_thread().name) or real_build(*a, **k))
+    shaken = shake(small_setup.model, 0.3, seed=2)
+    for joint in ("off", "on"):
+        cfg = _cfg("refine.precision=float64", "refine.steps_xyz=3", "refine.steps_b=2", f"refine.joint_xyz_b={joint}")
+        setup = build_setup(None, None, cfg, model=shaken, refl=small_setup.refl)
+        seen.clear(), used.clear(), built_on.clear()
+        run = refine(setup, n_cycles=1, strategy="xyz_b")
+        (pending,) = seen
+        if joint == "on":
+            assert pending is None
+            continue
+        xyz = engine.current_model_arrays(run.params, run.problem)[0]
+        np.testing.assert_array_equal(pending.xyz, xyz)
+        assert len(used) == 1 and used[0] is pending.future.result()  # the refit took it
+        assert built_on == ["jaxrefine-mask"]  # and built no mask of its own
+        assert real_pending(pending._replace(xyz=xyz + 1e-3), xyz) is None
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("refine-5kzb")  # the deposited 5kzb problem, compiled once in that unit
+def test_mask_started_ahead_is_the_mask_of_its_coordinates():
+    """start_f_mask on its thread gives the F_mask that solvent_f_mask gives on the caller's, and a refit with it the
+    same state as a refit that builds the mask itself (5kzb: bulk solvent, moved atoms)."""
+    from jaxrefine.problem import xray_state as xs
+
+    model, refl = _inputs("5kzb")
+    setup = build_setup(None, None, _cfg("refine.n_cycles=1"), model=model, refl=refl)
+    p, prob, state = setup.params, setup.problem, setup.state
+    moved = p._replace(xyz_frac=p.xyz_frac + jnp.asarray(np.random.default_rng(5).normal(0, 2e-3, p.xyz_frac.shape),
+                                                         p.xyz_frac.dtype))
+    xyz = xs.current_model_arrays(moved, prob)[0]
+    pending = xs.start_f_mask(setup, prob, state, xyz)
+    built = np.asarray(xs.solvent_f_mask(setup.model, setup.refl, xyz, setup.config.solvent.r_probe,
+                                         setup.config.solvent.r_shrink, state.f_mask.dtype, n_refl=prob.xray.f_obs.shape[0]))
+    np.testing.assert_array_equal(np.asarray(pending.future.result()), built)
+    assert np.abs(built - np.asarray(state.f_mask)).max() > 1e-3 * np.abs(built).max()  # the atoms moved: another mask
+    ahead, _ = xs.refit_xray_state(setup, prob, state, moved, pending=pending)
+    here, _ = xs.refit_xray_state(setup, prob, state, moved)
+    for a, b in zip(jax.tree_util.tree_leaves(ahead), jax.tree_util.tree_leaves(here)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_convergence_rule_needs_small_shifts_settled_weight_and_three_cycles():

@@ -7,6 +7,10 @@ The fit itself is :func:`jaxrefine.problem.fmodel.fit_scales_and_sigma_a`, share
 """
 from __future__ import annotations
 
+import concurrent.futures
+import threading
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -163,12 +167,50 @@ def solvent_f_mask(model: Model, refl, xyz_cart, r_probe: float, r_shrink: float
     return on_device(f_mask, dtype)
 
 
+class PendingMask(NamedTuple):
+    """A solvent mask's F being built on a background thread (:func:`start_f_mask`)."""
+    xyz: np.ndarray  # (n, 3) Å: the coordinates it is built at
+    future: concurrent.futures.Future  # of the (n_refl,) complex F_mask (:func:`solvent_f_mask`)
+
+
+def start_f_mask(setup, problem: Problem, state: XrayState, xyz) -> PendingMask:
+    """Start :func:`solvent_f_mask` at the coordinates ``xyz`` ((n, 3) Å) on a thread of its own, for a later
+    :func:`refit_xray_state` at the same coordinates.  The refinement starts it once a macrocycle's coordinates are
+    final and only ADPs or occupancies remain to be minimised (below 2.5 Å the coordinate and B blocks of 1va7 and 5kzb):
+    gemmi builds the mask on the core the B block's program leaves idle (5kzb: 0.17 s a cycle on its 5.5-million-point
+    grid)."""
+    solvent = setup.config.solvent
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    xyz = np.array(xyz, float)
+
+    def work():
+        try:
+            future.set_result(solvent_f_mask(setup.model, setup.refl, xyz, solvent.r_probe, solvent.r_shrink,
+                                             state.f_mask.dtype, n_refl=problem.xray.f_obs.shape[0]))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, which builds the mask itself
+            future.set_exception(exc)
+
+    threading.Thread(target=work, name="jaxrefine-mask", daemon=True).start()
+    return PendingMask(xyz, future)
+
+
+def _pending_f_mask(pending: PendingMask | None, xyz):
+    """The F_mask of ``pending`` where it was built at exactly ``xyz`` and without error, else None."""
+    if pending is None or pending.xyz.shape != np.shape(xyz) or not np.array_equal(pending.xyz, xyz):
+        return None
+    try:
+        return pending.future.result()
+    except Exception:  # noqa: BLE001 - the caller builds it on its own thread and meets the error there
+        return None
+
+
 def update_xray_state(setup, problem: Problem, state: XrayState, params: Params, rebuild_mask: bool = True) -> XrayState:
     """:func:`refit_xray_state`'s new state."""
     return refit_xray_state(setup, problem, state, params, rebuild_mask)[0]
 
 
-def refit_xray_state(setup, problem: Problem, state: XrayState, params: Params, rebuild_mask: bool = True):
+def refit_xray_state(setup, problem: Problem, state: XrayState, params: Params, rebuild_mask: bool = True,
+                     pending: PendingMask | None = None):
     """(new :class:`XrayState`, (n_refl,) complex F_model with it): rebuild the solvent mask (F_mask), refit the
     scales on the work set (grid search and joint fit: started from the previous cycle's scales instead, 5orl's
     k_sol/B_sol stayed in the shaken start's basin, 0.367/22 Å² against 0.445/36 Å², and R-free ended 0.007 higher)
@@ -180,6 +222,8 @@ def refit_xray_state(setup, problem: Problem, state: XrayState, params: Params, 
         problem, state, params: the current refinement (``problem`` may differ from
             ``setup.problem``, e.g. waters switched off).
         rebuild_mask: False keeps ``state.f_mask`` (``solvent.update_every``).
+        pending: a mask started by :func:`start_f_mask`: used when it was built at the current coordinates (else
+            the mask is built here).
 
     The F_model of the fit is returned for the cycle's statistics, which computed F_calc again (4iid: 0.1 s a cycle).
     """
@@ -189,7 +233,10 @@ def refit_xray_state(setup, problem: Problem, state: XrayState, params: Params, 
     # dispatched before the mask is built: XLA computes F_calc on its own thread while gemmi builds the mask on this
     # one (5orl: 60 ms of F_calc beside a 0.15 s mask)
     f_calc = f_calc_of_jit(params, problem)
-    if rebuild_mask:
+    ahead = _pending_f_mask(pending, xyz) if rebuild_mask else None
+    if ahead is not None:
+        f_mask = ahead
+    elif rebuild_mask:
         solvent = setup.config.solvent
         f_mask = solvent_f_mask(setup.model, setup.refl, xyz, solvent.r_probe, solvent.r_shrink, state.f_mask.dtype,
                                 n_refl=x.f_obs.shape[0])

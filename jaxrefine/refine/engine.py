@@ -29,7 +29,7 @@ from ..problem.problem import Problem, Setup, XrayState
 from ..problem.setup import build_setup, choose_strategy, uses_rigid_bodies, with_rigid_bodies
 from ..problem.riding import riding_problem
 from ..problem.xray_state import (current_model_arrays, f_model_on_host, mask_moved, model_of, moved_beyond, refit_xray_state,
-                                  refresh_neighbours)
+                                  refresh_neighbours, start_f_mask)
 from ..xray.targets import ml_amplitude_target
 from . import weights as wmod
 from ..core.cache import enable_compilation_cache
@@ -296,7 +296,11 @@ def describe_gauss_newton(settings: LoopSettings, params: Params) -> str:
     return f"gauss-newton: {n_gn} steps of the {what} per macrocycle, then {n_lbfgs} L-BFGS steps ({why})"
 
 
-def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSettings, scan: bool = False, calibration=None):
+MOVING_BLOCKS = ("xyz", "rigid")  # the blocks that move atoms (the others: ADPs, occupancies)
+
+
+def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSettings, scan: bool = False, calibration=None,
+                    coordinates_final=None):
     """One macrocycle's minimisation: each block of ``blocks`` in turn, or coordinates and B together
     (``settings.joint``: one minimisation of the coordinate block's steps, B shifts scaled by
     ``settings.b_scale``; the occupancies too when the cycle refines them).  With ``scan`` the coordinate block
@@ -304,17 +308,22 @@ def _minimise_cycle(blocks, params, problem, state, setup, settings: LoopSetting
     (:func:`jaxrefine.refine.weights.scan_w_a`; its trials move coordinates only, the rest of the cycle's
     steps are joint) and the state returned carries the chosen w_A.  Returns (params, state, settled, calibration):
     ``settled`` is True when a scan kept the current w_A; ``calibration`` that of the Gauss-Newton steps (measured
-    in the first cycle that takes them, then handed back in)."""
+    in the first cycle that takes them, then handed back in).  ``coordinates_final(params)`` is called once, before
+    the first block after which no block moves atoms (a B block after the coordinates), e.g. to build the solvent
+    mask meanwhile."""
     settled = False
     joint = settings.joint and "xyz" in blocks and "b" in blocks
     # occupancies in the joint minimisation (4xof, altloc occupancies reset to 0.5: R-free 0.1783 with 133 F
     # evaluations, as a separate 10-step block after it with 152; fixed at 0.5: 0.1809): no steps of their own
     joint_blocks = _joint_blocks(blocks, params) if joint else ("xyz", "b")
-    for block in blocks:
+    for i, block in enumerate(blocks):
         if block == "occ" and params.occ_raw.shape[0] == 0:
             continue
         if joint and block in joint_blocks[1:]:  # refined with the coordinates
             continue
+        if coordinates_final is not None and not any(b in MOVING_BLOCKS for b in blocks[i:]):
+            coordinates_final(params)
+            coordinates_final = None
         if block == "xyz" and (scan or joint):
             n_steps = settings.steps["xyz"]
             if scan:
@@ -413,9 +422,16 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
         if cycle > 1:  # the mask, scales and σA were refreshed at the end of the previous cycle
             with timing.section("neighbours"):
                 state, nb_built_at = refresh_neighbours(setup, problem, state, params, nb_built_at)
+        ahead = []  # the mask started once the cycle's coordinates are final (start_f_mask)
+
+        def mask_ahead(p, cycle=cycle, problem=problem, state=state, mask_at=mask_at, ahead=ahead):
+            xyz_final = current_model_arrays(p, problem)[0]
+            if cycle % settings.mask_every == 0 and mask_moved(xyz_final, mask_at):
+                ahead.append(start_f_mask(setup, problem, state, xyz_final))
+
         with timing.section("optimise"):
             params, state, settled, gn_calibration = _minimise_cycle(blocks, params, problem, state, setup, settings,
-                                                                     scanning, gn_calibration)
+                                                                     scanning, gn_calibration, mask_ahead)
         scanning = scanning and not settled
         xyz = current_model_arrays(params, problem)[0]
         if ("xyz" in blocks or "rigid" in blocks) and moved_beyond(xyz, riding_at, REBUILD_SHIFT):  # riding H re-placed
@@ -430,7 +446,8 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
         xyz, b_now, _ = current_model_arrays(params, problem)  # after the actions (they may move atoms)
         rebuild_mask = cycle % settings.mask_every == 0 and mask_moved(xyz, mask_at)
         with timing.section("xray_state"):  # mask, scales, σA
-            state, f_model = refit_xray_state(setup, problem, state, params, rebuild_mask=rebuild_mask)
+            state, f_model = refit_xray_state(setup, problem, state, params, rebuild_mask=rebuild_mask,
+                                              pending=ahead[0] if ahead else None)
         mask_at = xyz if rebuild_mask else mask_at
         st = cycle_statistics(cycle, params, problem, state, t0, f_model=f_model, since=previous, arrays=(xyz, b_now))
         previous = (xyz, b_now)
