@@ -55,7 +55,7 @@ def test_scan_w_a_runs_every_trial_and_returns_the_kept_result():
 
     def run_trials(weights):  # a fake minimisation: the likelihood is best at w = 0.2, bonds loosen as w falls
         seen.extend(weights)
-        return [(f"params@{w:g}", _trial(w, (np.log(w) - np.log(0.2)) ** 2, 0.001 / w)) for w in weights]
+        return [(f"params@{w:g}", _trial(w, 10 * (np.log(w) - np.log(0.2)) ** 2, 0.001 / w)) for w in weights]
 
     result, trial, line = wmod.scan_w_a(0.1, run_trials)
     assert seen == wmod.scan_weights(0.1)
@@ -75,3 +75,19 @@ def test_scan_settles_when_it_keeps_the_current_weight():
     kept = _trial(0.1, 10.0, 0.005)
     assert wmod.scan_settled(0.1, kept)
     assert not wmod.scan_settled(0.05, kept) and not wmod.scan_settled(0.2, kept)
+
+
+def test_scan_keeps_the_current_weight_unless_a_trial_beats_it_by_more_than_the_margin():
+    """Free-set -log-likelihood differences within SCAN_KEEP_MARGIN do not move w_A (and so the scan settles); a larger
+    gain does; an ineligible current weight does not count."""
+    m = wmod.SCAN_KEEP_MARGIN
+    trials = [_trial(0.05, 1000.0, 0.006), _trial(0.1, 1000.0 - 0.9 * m, 0.005), _trial(0.2, 1000.0 - 0.9 * m - 0.8 * m, 0.004)]
+    assert wmod.choose_trial(trials) == 2  # without the current weight: the lowest
+    k = wmod.choose_trial(trials, 0.1)
+    assert k == 1 and f"within {m:g} of the lowest" in wmod.describe_scan(trials, k)
+    assert wmod.scan_settled(0.1, trials[k])
+    trials[2] = _trial(0.2, 1000.0 - 0.9 * m - 1.1 * m, 0.004)
+    assert wmod.choose_trial(trials, 0.1) == 2
+    trials[1] = _trial(0.1, 1000.0 - 0.9 * m, 0.005, angle=2.5)  # beyond the limits: not kept for being current
+    trials[2] = _trial(0.2, 1000.0 - 0.9 * m - 0.5 * m, 0.004)
+    assert wmod.choose_trial(trials, 0.1) == 2 and "(lowest free" in wmod.describe_scan(trials, 2)
