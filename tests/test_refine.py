@@ -545,6 +545,37 @@ def test_mask_started_ahead_is_the_mask_of_its_coordinates():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_host_f_calc_is_computed_once_for_the_same_parameters_and_problem(small_setup, monkeypatch):
+    """f_calc_of_jit keeps the last F_calc with its (immutable) parameter and problem objects: the water check that
+    removes nothing hands the cycle back as it is, and the state's refit after it computes no F_calc of its own.
+    Other parameters, another call in between, or parameters of numpy arrays (mutable) compute it again."""
+    from jaxrefine.problem import xray_state as xs
+    from jaxrefine.refine.engine import CycleContext
+
+    calls = []
+    real = xs.call_exported
+    monkeypatch.setattr(xs, "call_exported", lambda fn, args, static, name: calls.append(name) or real(fn, args, static, name))
+    monkeypatch.setattr(xs, "_LAST_F_CALC", [])  # not the setup's
+    p, prob, state = small_setup.params, small_setup.problem, small_setup.state
+    first = xs.f_calc_of_jit(p, prob)
+    assert xs.f_calc_of_jit(p, prob) is first and calls == ["f_calc_of"]
+    other = p._replace(b_raw=p.b_raw + 1.0)
+    assert not np.allclose(np.asarray(xs.f_calc_of_jit(other, prob)), np.asarray(first))
+    np.testing.assert_array_equal(np.asarray(xs.f_calc_of_jit(p, prob)), np.asarray(first))
+    assert len(calls) == 3
+    mutable = jax.tree_util.tree_map(np.asarray, p)
+    xs.f_calc_of_jit(mutable, prob), xs.f_calc_of_jit(mutable, prob)
+    assert len(calls) == 5
+
+    (check,) = water_hooks(small_setup.config)["after_minimise"]
+    assert (small_setup.model.kind == "water").any()
+    ctx = CycleContext(1, False, ("xyz", "b"), small_setup, p, prob, state)
+    calls.clear()
+    assert check(ctx) is ctx  # the deposited waters sit in density: none removed
+    xs.refit_xray_state(small_setup, prob, state, p, rebuild_mask=False)
+    assert calls == ["f_calc_of"]
+
+
 def test_convergence_rule_needs_small_shifts_settled_weight_and_three_cycles():
     """monitor.converged: every condition of the stop rule can veto it on its own."""
     from jaxrefine.refine.monitor import CycleStats, converged

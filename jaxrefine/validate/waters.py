@@ -289,6 +289,8 @@ def remove_bad_waters_hook(params: WaterConfig = WaterConfig(), told: list | Non
         maps = maps_of_f_model(setup.refl, observed(x, f_model_on_host(params_now, problem, ctx.state)),
                                observed_sigma_a(x, ctx.state.sigma_a), difference=False)
         bad = bad_waters(model_now, maps, params) & (occ > 0)
+        if not bad.any():  # the same problem object: the state's refit reuses this F_calc (f_calc_of_jit)
+            return ctx
         labels = []
         for i in np.nonzero(bad)[0]:
             m = setup.model
