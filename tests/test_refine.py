@@ -501,6 +501,8 @@ def test_mask_is_started_beside_the_b_block_at_the_final_coordinates(small_setup
         return real_refit(*a, rebuild_mask=rebuild_mask, pending=pending)
 
     monkeypatch.setattr(engine, "refit_xray_state", spy)
+    assert not xs.mask_ahead_pays(small_setup)  # 5e5z's small grid: not started ahead by default
+    monkeypatch.setattr(xs, "MASK_AHEAD_MIN_POINTS", 0)
     monkeypatch.setattr(xs, "_pending_f_mask", lambda *a: used.append(real_pending(*a)) or used[-1])
     built_on, real_build = [], xs.solvent_f_mask
     monkeypatch.setattr(xs, "solvent_f_mask", lambda *a, **k: built_on.append(threading.current_thread().name) or real_build(*a, **k))
@@ -530,6 +532,7 @@ def test_mask_started_ahead_is_the_mask_of_its_coordinates():
 
     model, refl = _inputs("5kzb")
     setup = build_setup(None, None, _cfg("refine.n_cycles=1"), model=model, refl=refl)
+    assert xs.mask_ahead_pays(setup)  # 5.5 million points
     p, prob, state = setup.params, setup.problem, setup.state
     moved = p._replace(xyz_frac=p.xyz_frac + jnp.asarray(np.random.default_rng(5).normal(0, 2e-3, p.xyz_frac.shape),
                                                          p.xyz_frac.dtype))

@@ -29,7 +29,7 @@ from ..problem.problem import Problem, Setup, XrayState
 from ..problem.setup import build_setup, choose_strategy, uses_rigid_bodies, with_rigid_bodies
 from ..problem.riding import riding_problem
 from ..problem.xray_state import (current_model_arrays, f_model_on_host, mask_moved, model_of, moved_beyond, refit_xray_state,
-                                  refresh_neighbours, start_f_mask)
+                                  mask_ahead_pays, refresh_neighbours, start_f_mask)
 from ..xray.targets import ml_amplitude_target
 from . import weights as wmod
 from ..core.cache import enable_compilation_cache
@@ -426,7 +426,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
 
         def mask_ahead(p, cycle=cycle, problem=problem, state=state, mask_at=mask_at, ahead=ahead):
             xyz_final = current_model_arrays(p, problem)[0]
-            if cycle % settings.mask_every == 0 and mask_moved(xyz_final, mask_at):
+            if cycle % settings.mask_every == 0 and mask_moved(xyz_final, mask_at) and mask_ahead_pays(setup):
                 ahead.append(start_f_mask(setup, problem, state, xyz_final))
 
         with timing.section("optimise"):
