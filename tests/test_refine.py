@@ -538,6 +538,9 @@ def test_mask_started_ahead_is_the_mask_of_its_coordinates():
                                                          p.xyz_frac.dtype))
     xyz = xs.current_model_arrays(moved, prob)[0]
     pending = xs.start_f_mask(setup, prob, state, xyz)
+    assert xs._MASK_EXIT_WAIT  # a process that ends meanwhile waits for it (XLA on a thread at exit can crash)
+    xs._wait_for_masks()
+    assert pending.future.done() and pending.future not in xs._MASKS_RUNNING
     built = np.asarray(xs.solvent_f_mask(setup.model, setup.refl, xyz, setup.config.solvent.r_probe,
                                          setup.config.solvent.r_shrink, state.f_mask.dtype, n_refl=prob.xray.f_obs.shape[0]))
     np.testing.assert_array_equal(np.asarray(pending.future.result()), built)

@@ -7,6 +7,7 @@ The fit itself is :func:`jaxrefine.problem.fmodel.fit_scales_and_sigma_a`, share
 """
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import threading
 from typing import NamedTuple
@@ -212,8 +213,21 @@ def start_f_mask(setup, problem: Problem, state: XrayState, xyz) -> PendingMask:
         except BaseException as exc:  # noqa: BLE001 - handed to the caller, which builds the mask itself
             future.set_exception(exc)
 
+    if not _MASKS_RUNNING and not _MASK_EXIT_WAIT:  # a process that ends meanwhile (an error, an interrupt) lets it
+        atexit.register(_wait_for_masks)  # finish first: XLA code on a thread at interpreter exit can crash
+        _MASK_EXIT_WAIT.append(True)
+    _MASKS_RUNNING.add(future)
+    future.add_done_callback(_MASKS_RUNNING.discard)
     threading.Thread(target=work, name="jaxrefine-mask", daemon=True).start()
     return PendingMask(xyz, future)
+
+
+_MASKS_RUNNING: set = set()  # futures of start_f_mask not done yet
+_MASK_EXIT_WAIT: list = []  # [True] once _wait_for_masks is registered with atexit
+
+
+def _wait_for_masks(timeout: float = 60.0) -> None:
+    concurrent.futures.wait(list(_MASKS_RUNNING), timeout=timeout)
 
 
 def _pending_f_mask(pending: PendingMask | None, xyz):
