@@ -199,9 +199,9 @@ class PendingMask(NamedTuple):
 def start_f_mask(setup, problem: Problem, state: XrayState, xyz) -> PendingMask:
     """Start :func:`solvent_f_mask` at the coordinates ``xyz`` ((n, 3) Å) on a thread of its own, for a later
     :func:`refit_xray_state` at the same coordinates.  The refinement starts it once a macrocycle's coordinates are
-    final and only ADPs or occupancies remain to be minimised (below 2.5 Å the coordinate and B blocks of 1va7 and 5kzb):
-    gemmi builds the mask on the core the B block's program leaves idle (5kzb: 0.17 s a cycle on its 5.5-million-point
-    grid)."""
+    final and only ADPs or occupancies remain to be minimised (at 2.5 Å and worse, where a B block follows the
+    coordinate block) and the grid is large enough (:func:`mask_ahead_pays`): gemmi builds the mask on the core the B
+    block's program leaves idle (5kzb: 0.17 s a cycle on its 5.5-million-point grid)."""
     solvent = setup.config.solvent
     future: concurrent.futures.Future = concurrent.futures.Future()
     xyz = np.array(xyz, float)
