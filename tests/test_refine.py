@@ -528,6 +528,7 @@ def test_mask_is_started_beside_the_b_block_at_the_final_coordinates(small_setup
 def test_mask_started_ahead_is_the_mask_of_its_coordinates():
     """start_f_mask on its thread gives the F_mask that solvent_f_mask gives on the caller's, and a refit with it the
     same state as a refit that builds the mask itself (5kzb: bulk solvent, moved atoms)."""
+    from jaxrefine.core import background
     from jaxrefine.problem import xray_state as xs
 
     model, refl = _inputs("5kzb")
@@ -538,9 +539,9 @@ def test_mask_started_ahead_is_the_mask_of_its_coordinates():
                                                          p.xyz_frac.dtype))
     xyz = xs.current_model_arrays(moved, prob)[0]
     pending = xs.start_f_mask(setup, prob, state, xyz)
-    assert xs._MASK_EXIT_WAIT  # a process that ends meanwhile waits for it (XLA on a thread at exit can crash)
-    xs._wait_for_masks()
-    assert pending.future.done() and pending.future not in xs._MASKS_RUNNING
+    assert pending.future in background._running  # a process that ends meanwhile waits for it (core/background.py)
+    background.wait_for_all()
+    assert pending.future.done() and pending.future not in background._running
     built = np.asarray(xs.solvent_f_mask(setup.model, setup.refl, xyz, setup.config.solvent.r_probe,
                                          setup.config.solvent.r_shrink, state.f_mask.dtype, n_refl=prob.xray.f_obs.shape[0]))
     np.testing.assert_array_equal(np.asarray(pending.future.result()), built)

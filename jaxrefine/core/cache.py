@@ -23,7 +23,6 @@ of older jaxrefine versions do not fill the disk.
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
 import logging
 import os
 import threading
@@ -31,6 +30,7 @@ import threading
 import jax
 
 from ..errors import ConfigError
+from . import background
 from .heap import trim_after_compilations, trimming
 
 log = logging.getLogger("jaxrefine")
@@ -420,8 +420,6 @@ _pending: dict = {}  # key -> Future of a background preparation (prepare_export
 _exported_call: dict = {}  # key -> Exported.call of the programs prepared in the background
 _called: set = set()  # keys call_exported has run in this process
 _first_call: dict = {}  # key -> Lock held by the thread making a program's first call
-_pending_at_exit: list = []  # [True] once _wait_for_preparations is registered with atexit
-EXIT_WAIT_S = 120.0
 
 
 def _aval(x):
@@ -449,12 +447,6 @@ def prepare_exported(jitted, args: tuple, static: dict, name: str):
     leaves, treedef = jax.tree_util.tree_flatten(args)
     leaves = [_aval(x) for x in leaves]
     key = _export_key(name, static, treedef, leaves)
-    with _lock:
-        if key in _exported or key in _pending:
-            return None
-        future = concurrent.futures.Future()
-        _pending[key] = future
-
     def work():
         try:
             entry = _load_or_export(jitted, treedef, leaves, static, os.path.join(folder, key + ".pkl"))
@@ -464,22 +456,18 @@ def prepare_exported(jitted, args: tuple, static: dict, name: str):
                 _exported_call[key] = entry[0].call
                 entry = (compiled, entry[1])
             _exported[key] = entry
-            future.set_result(key)
+            return key
         except Exception as exc:  # the caller compiles as if nothing had been prepared
             log.debug("preparing %s in the background failed (%s)", name, exc)
-            future.set_result(None)
+            return None
 
-    if not _pending_at_exit:  # a process that ends meanwhile (an error later in the setup) lets it finish first:
-        atexit.register(_wait_for_preparations)  # XLA code and callbacks on a thread at interpreter exit can crash
-        _pending_at_exit.append(True)
-    threading.Thread(target=work, name=f"jaxrefine-prepare-{name}", daemon=True).start()
-    return future
-
-
-def _wait_for_preparations() -> None:
     with _lock:
-        futures = list(_pending.values())
-    concurrent.futures.wait(futures, timeout=EXIT_WAIT_S)
+        if key in _exported or key in _pending:
+            return None
+        # waited for by a process that ends meanwhile (an error later in the setup): core/background.py
+        future = background.start(work, f"prepare-{name}")
+        _pending[key] = future
+    return future
 
 
 def _load_or_export(jitted, treedef, leaves, static: dict, path: str):

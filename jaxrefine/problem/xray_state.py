@@ -7,15 +7,14 @@ The fit itself is :func:`jaxrefine.problem.fmodel.fit_scales_and_sigma_a`, share
 """
 from __future__ import annotations
 
-import atexit
 import concurrent.futures
-import threading
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..core import background
 from ..core.cache import call_exported
 from ..core.device import on_device
 from ..core.restraint_terms import pad_edge_rows
@@ -203,36 +202,15 @@ def start_f_mask(setup, problem: Problem, state: XrayState, xyz) -> PendingMask:
     coordinate block) and the grid is large enough (:func:`mask_ahead_pays`): gemmi builds the mask on the core the B
     block's program leaves idle (5kzb: 0.17 s a cycle on its 5.5-million-point grid)."""
     solvent = setup.config.solvent
-    future: concurrent.futures.Future = concurrent.futures.Future()
     xyz = np.array(xyz, float)
-
-    def work():
-        try:
-            future.set_result(solvent_f_mask(setup.model, setup.refl, xyz, solvent.r_probe, solvent.r_shrink,
-                                             state.f_mask.dtype, n_refl=problem.xray.f_obs.shape[0]))
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller, which builds the mask itself
-            future.set_exception(exc)
-
-    if not _MASKS_RUNNING and not _MASK_EXIT_WAIT:  # a process that ends meanwhile (an error, an interrupt) lets it
-        atexit.register(_wait_for_masks)  # finish first: XLA code on a thread at interpreter exit can crash
-        _MASK_EXIT_WAIT.append(True)
-    _MASKS_RUNNING.add(future)
-    future.add_done_callback(_MASKS_RUNNING.discard)
-    threading.Thread(target=work, name="jaxrefine-mask", daemon=True).start()
+    future = background.start(lambda: solvent_f_mask(setup.model, setup.refl, xyz, solvent.r_probe, solvent.r_shrink,
+                                                     state.f_mask.dtype, n_refl=problem.xray.f_obs.shape[0]), "mask")
     return PendingMask(xyz, future)
-
-
-_MASKS_RUNNING: set = set()  # futures of start_f_mask not done yet
-_MASK_EXIT_WAIT: list = []  # [True] once _wait_for_masks is registered with atexit
-
-
-def _wait_for_masks(timeout: float = 60.0) -> None:
-    concurrent.futures.wait(list(_MASKS_RUNNING), timeout=timeout)
 
 
 def _pending_f_mask(pending: PendingMask | None, xyz):
     """The F_mask of ``pending`` where it was built at exactly ``xyz`` and without error, else None."""
-    if pending is None or pending.xyz.shape != np.shape(xyz) or not np.array_equal(pending.xyz, xyz):
+    if pending is None or not np.array_equal(pending.xyz, xyz):
         return None
     try:
         return pending.future.result()

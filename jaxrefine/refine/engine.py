@@ -424,7 +424,7 @@ def refine(setup: Setup, n_cycles: int | None = None, strategy: str | None = Non
                 state, nb_built_at = refresh_neighbours(setup, problem, state, params, nb_built_at)
         ahead = []  # the mask started once the cycle's coordinates are final (start_f_mask)
 
-        def mask_ahead(p, cycle=cycle, problem=problem, state=state, mask_at=mask_at, ahead=ahead):
+        def mask_ahead(p):  # called inside this cycle's _minimise_cycle: the loop's current names
             xyz_final = current_model_arrays(p, problem)[0]
             if cycle % settings.mask_every == 0 and mask_moved(xyz_final, mask_at) and mask_ahead_pays(setup):
                 ahead.append(start_f_mask(setup, problem, state, xyz_final))
