@@ -127,33 +127,31 @@ def add_boxes(padded, grid_shape: tuple, start, vals, rows: tuple):
     Returns:
         the padded grid with the boxes added.
     """
-    dims = lax.ScatterDimensionNumbers(
-        update_window_dims=(2,), inserted_window_dims=(0, 1), scatter_dims_to_operand_dims=(0, 1, 2)
-    )
-    index = _row_index(start, grid_shape, rows)
-    return lax.scatter_add(padded, index, vals, dims, mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+    # the grid flattened and one index per row (its first point): three index columns per row were an (m, n_rows, 3)
+    # array in every evaluation (4iid's largest class: 18 MB)
+    dims = lax.ScatterDimensionNumbers(update_window_dims=(2,), inserted_window_dims=(), scatter_dims_to_operand_dims=(0,))
+    index = _row_index(start, grid_shape, rows, padded.shape[-1])[..., None]
+    flat = lax.scatter_add(padded.reshape(-1), index, vals, dims, mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+    return flat.reshape(padded.shape)
 
 
-def _row_index(start, grid_shape: tuple, rows: tuple):
-    """(m, n_rows, 3) grid index of the first point of each box row (wrapped along a and b)."""
+def _row_index(start, grid_shape: tuple, rows: tuple, n_c: int):
+    """(m, n_rows) position of the first point of each box row in the flattened (na, nb, n_c) padded grid (wrapped
+    along a and b)."""
     na, nb, nc = grid_shape
-    m, n_rows = start.shape[0], len(rows)
     ox = jnp.asarray(np.array([r[0] for r in rows]), start.dtype)
     oy = jnp.asarray(np.array([r[1] for r in rows]), start.dtype)
-    return jnp.stack(
-        [
-            (start[:, 0, None] + ox[None]) % na,
-            (start[:, 1, None] + oy[None]) % nb,
-            jnp.broadcast_to((start[:, 2] % nc)[:, None], (m, n_rows)),
-        ],
-        axis=-1,
-    )
+    a = (start[:, 0, None] + ox[None]) % na
+    b = (start[:, 1, None] + oy[None]) % nb
+    return (a * nb + b) * n_c + (start[:, 2] % nc)[:, None]
 
 
 def _read_rows(grid, index, bz: int):
-    """The transpose of add_boxes: (m, n_rows, bz) values of a padded grid on the box rows."""
-    dims = lax.GatherDimensionNumbers(offset_dims=(2,), collapsed_slice_dims=(0, 1), start_index_map=(0, 1, 2))
-    return lax.gather(grid, index, dims, slice_sizes=(1, 1, bz), mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+    """The transpose of add_boxes: (m, n_rows, bz) values of a padded grid on the box rows (``index`` from
+    :func:`_row_index`)."""
+    dims = lax.GatherDimensionNumbers(offset_dims=(2,), collapsed_slice_dims=(), start_index_map=(0,))
+    return lax.gather(grid.reshape(-1), index[..., None], dims, slice_sizes=(bz,),
+                      mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
 # ------------------------------------------------------------------- spreading with its own VJP
@@ -166,9 +164,23 @@ def _read_rows(grid, index, bz: int):
 @partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def spread_boxes(padded, p, metric, weight, grid_shape: tuple, box: tuple, rows: tuple, z_coupled: bool):
     """``padded`` plus the Gaussians of :func:`gaussian_boxes` added with :func:`add_boxes` (same
-    arguments); differentiable wrt ``padded``, ``p``, ``metric`` and ``weight`` by a hand-written rule."""
-    start, vals = gaussian_boxes(p, metric, weight, box, rows, z_coupled)
-    return add_boxes(padded, grid_shape, start, vals, rows)
+    arguments); differentiable wrt ``padded``, ``p``, ``metric`` and ``weight`` by a hand-written rule.  Large
+    classes are added in chunks of atoms (:func:`_n_chunks`), so that only one chunk's values exist at a time."""
+    n_chunks = _n_chunks(p.shape[0], len(rows) * box[2], FORWARD_CHUNK_POINTS, FORWARD_CHUNK_ABOVE)
+    if n_chunks <= 1:
+        start, vals = gaussian_boxes(p, metric, weight, box, rows, z_coupled)
+        return add_boxes(padded, grid_shape, start, vals, rows)
+    size = -(-p.shape[0] // n_chunks)
+    # the last chunk filled up with copies of the last atom at zero weight (they add zeros)
+    p, metric = (_pad_edge(x, n_chunks * size) for x in (p, metric))
+    weight = jnp.pad(weight, [(0, n_chunks * size - weight.shape[0])] + [(0, 0)] * (weight.ndim - 1))
+
+    def add_chunk(i, grid):
+        part = lambda x: lax.dynamic_slice_in_dim(x, i * size, size)  # noqa: E731
+        start, vals = gaussian_boxes(part(p), part(metric), part(weight), box, rows, z_coupled)
+        return add_boxes(grid, grid_shape, start, vals, rows)
+
+    return lax.fori_loop(0, n_chunks, add_chunk, padded)
 
 
 def _spread_fwd(padded, p, metric, weight, grid_shape, box, rows, z_coupled):
@@ -187,19 +199,34 @@ def _centred(n: int):
 # smaller classes gained nothing).  On an accelerator the whole class is one product.
 CHUNK_ABOVE = 2**20
 CHUNK_POINTS = 2**18
+# The forward pass of classes above FORWARD_CHUNK_ABOVE points, for memory: one class's values are an (m, rows, bz)
+# array (4iid's largest: 59 MB of its Gauss-Newton program's 202 MB of temporaries, 93 MB with chunks of 2**21 points;
+# peak RSS of a warm 4iid run 754 -> 571-586 MB at the same time).  Smaller classes stay in one pass: 1l2h's largest
+# (2.3 M points) in chunks of 2**20 made its minimisations ~15 % slower.
+FORWARD_CHUNK_ABOVE = 2**22
+FORWARD_CHUNK_POINTS = 2**21
+
+
+def _n_chunks(m: int, points: int, chunk_points: int = CHUNK_POINTS, above: int = CHUNK_ABOVE) -> int:
+    """Chunks of atoms for a class of ``m`` atoms with ``points`` box points each (see CHUNK_ABOVE)."""
+    return -(-m * points // chunk_points) if m * points > above and jax.default_backend() == "cpu" else 1
+
+
+def _pad_edge(x, n: int):
+    """``x`` filled up to ``n`` rows with copies of its last row."""
+    return jnp.pad(x, [(0, n - x.shape[0])] + [(0, 0)] * (x.ndim - 1), mode="edge")
 
 
 def _spread_bwd(grid_shape, box, rows, z_coupled, res, g):
     p, metric, weight = res
-    m, points = p.shape[0], len(rows) * box[2]
-    n_chunks = -(-m * points // CHUNK_POINTS) if m * points > CHUNK_ABOVE and jax.default_backend() == "cpu" else 1
+    m = p.shape[0]
+    n_chunks = _n_chunks(m, len(rows) * box[2])
     if n_chunks <= 1:
         d_p, d_metric, d_weight = _box_gradients(p, metric, weight, g, grid_shape, box, rows, z_coupled)
     else:
         size = -(-m // n_chunks)
-        pad = lambda x: jnp.pad(x, [(0, n_chunks * size - m)] + [(0, 0)] * (x.ndim - 1), mode="edge")  # noqa: E731
         out = lax.map(lambda a: _box_gradients(*a, g, grid_shape, box, rows, z_coupled),
-                      tuple(pad(x).reshape((n_chunks, size) + x.shape[1:]) for x in (p, metric, weight)))
+                      tuple(_pad_edge(x, n_chunks * size).reshape((n_chunks, size) + x.shape[1:]) for x in (p, metric, weight)))
         d_p, d_metric, d_weight = (x.reshape((n_chunks * size,) + x.shape[2:])[:m] for x in out)
     return g, d_p.astype(p.dtype), d_metric.astype(metric.dtype), d_weight.astype(weight.dtype)
 
@@ -208,7 +235,7 @@ def _box_gradients(p, metric, weight, g, grid_shape, box, rows, z_coupled):
     """The spreading's gradients wrt (p, metric, weight) of the atoms given, from the cotangent grid g."""
     starts, offs = zip(*(box_offsets(p[:, a], box[a]) for a in range(3)))
     start = jnp.stack(starts, axis=1)
-    gw = _read_rows(g, _row_index(start, grid_shape, rows), box[2])  # (m, r, bz)
+    gw = _read_rows(g, _row_index(start, grid_shape, rows, g.shape[-1]), box[2])  # (m, r, bz)
     ox = np.array([r[0] for r in rows])
     oy = np.array([r[1] for r in rows])
     dx, dy, dz = offs[0][:, ox], offs[1][:, oy], offs[2]  # (m, r), (m, r), (m, bz)
