@@ -386,7 +386,7 @@ def test_point_reads_and_their_transpose_match_indexing():
 def test_spreading_temporaries_one_class_at_a_time(monkeypatch):
     """The gradient's temporary memory: the box classes of a model are spread one after the other (XLA's CPU
     scheduler had computed every class's values before the first scatter: 4iid's Gauss–Newton program 313 -> 202 MB),
-    and classes above FORWARD_CHUNK_ABOVE points in chunks of atoms (-> 93 MB).  Three classes of 1,500 atoms; each
+    and classes above FORWARD_CHUNK_ABOVE points in chunks of atoms (-> 95 MB).  Three classes of 1,500 atoms; each
     measure is compared with the program compiled without it, so a later XLA that orders them by itself shows here."""
     from jaxrefine.xray import fft_grid
     from jaxrefine.xray import structure_factors as sf_module

@@ -203,7 +203,7 @@ def _centred(n: int):
 CHUNK_ABOVE = 2**20
 CHUNK_POINTS = 2**18
 # The forward pass of classes above FORWARD_CHUNK_ABOVE points, for memory: one class's values are an (m, rows, bz)
-# array (4iid's largest: 59 MB of its Gauss-Newton program's 202 MB of temporaries, 93 MB with chunks of 2**21 points;
+# array (4iid's largest: 59 MB of its Gauss-Newton program's 202 MB of temporaries, 95 MB with chunks of 2**21 points;
 # peak RSS of a warm 4iid run 754 -> 571-586 MB at the same time).  Smaller classes stay in one pass: 1l2h's largest
 # (2.3 M points) in chunks of 2**20 made its minimisations ~15 % slower.
 FORWARD_CHUNK_ABOVE = 2**22
