@@ -525,7 +525,7 @@ def test_mask_is_started_beside_the_b_block_at_the_final_coordinates(small_setup
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("refine-5kzb")  # the deposited 5kzb problem, compiled once in that unit
-def test_mask_started_ahead_is_the_mask_of_its_coordinates():
+def test_mask_started_ahead_is_the_mask_of_its_coordinates(monkeypatch):
     """start_f_mask on its thread gives the F_mask that solvent_f_mask gives on the caller's, and a refit with it the
     same state as a refit that builds the mask itself (5kzb: bulk solvent, moved atoms)."""
     from jaxrefine.core import background
@@ -538,8 +538,12 @@ def test_mask_started_ahead_is_the_mask_of_its_coordinates():
     moved = p._replace(xyz_frac=p.xyz_frac + jnp.asarray(np.random.default_rng(5).normal(0, 2e-3, p.xyz_frac.shape),
                                                          p.xyz_frac.dtype))
     xyz = xs.current_model_arrays(moved, prob)[0]
+    started = []
+    start = background.start
+    monkeypatch.setattr(background, "start", lambda fn, name: started.append(start(fn, name)) or started[-1])
     pending = xs.start_f_mask(setup, prob, state, xyz)
-    assert pending.future in background._running  # a process that ends meanwhile waits for it (core/background.py)
+    # through background.start: a process that ends meanwhile waits for it (core/background.py, tests/test_background.py)
+    assert started == [pending.future]
     background.wait_for_all()
     assert pending.future.done() and pending.future not in background._running
     built = np.asarray(xs.solvent_f_mask(setup.model, setup.refl, xyz, setup.config.solvent.r_probe,

@@ -15,6 +15,7 @@ import threading
 EXIT_WAIT_S = 120.0
 _running: set = set()  # futures of start() not done yet
 _registered: list = []  # [True] once wait_for_all is registered with atexit
+_lock = threading.Lock()  # start() may be called from several threads (the registration above happens once)
 
 
 def start(fn, name: str) -> concurrent.futures.Future:
@@ -28,15 +29,23 @@ def start(fn, name: str) -> concurrent.futures.Future:
         except BaseException as exc:  # noqa: BLE001 - handed to whoever asks the Future
             future.set_exception(exc)
 
-    if not _registered:
-        atexit.register(wait_for_all)
-        _registered.append(True)
-    _running.add(future)
-    future.add_done_callback(_running.discard)
+    with _lock:
+        if not _registered:
+            atexit.register(wait_for_all)
+            _registered.append(True)
+        _running.add(future)
+    future.add_done_callback(_finished)
     threading.Thread(target=work, name=f"jaxrefine-{name}", daemon=True).start()
     return future
 
 
+def _finished(future) -> None:
+    with _lock:
+        _running.discard(future)
+
+
 def wait_for_all(timeout: float = EXIT_WAIT_S) -> None:
     """Wait up to ``timeout`` seconds for every :func:`start` still running."""
-    concurrent.futures.wait(list(_running), timeout=timeout)
+    with _lock:
+        pending = list(_running)
+    concurrent.futures.wait(pending, timeout=timeout)
