@@ -538,9 +538,13 @@ def test_mask_started_ahead_is_the_mask_of_its_coordinates(monkeypatch):
     moved = p._replace(xyz_frac=p.xyz_frac + jnp.asarray(np.random.default_rng(5).normal(0, 2e-3, p.xyz_frac.shape),
                                                          p.xyz_frac.dtype))
     xyz = xs.current_model_arrays(moved, prob)[0]
-    started = []
-    start = background.start
-    monkeypatch.setattr(background, "start", lambda fn, name: started.append(start(fn, name)) or started[-1])
+    started, start = [], background.start
+
+    def recorded_start(fn, name):
+        started.append(start(fn, name))
+        return started[-1]
+
+    monkeypatch.setattr(background, "start", recorded_start)
     pending = xs.start_f_mask(setup, prob, state, xyz)
     # through background.start: a process that ends meanwhile waits for it (core/background.py, tests/test_background.py)
     assert started == [pending.future]
